@@ -1,0 +1,221 @@
+"""Load a latent diffusion model (Stable Diffusion through diffusers), or build one offline.
+
+Everything downstream takes a :class:`~diffusers.StableDiffusionImg2ImgPipeline` and uses its components
+(``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``). Three sources give one:
+
+- a Hub model id or a local diffusers folder (``load_ldm("CompVis/stable-diffusion-v1-4")``);
+- ``"tiny"``: :func:`tiny_ldm`, a Stable-Diffusion-shaped model with seeded random weights, for tests and
+  the offline demo;
+- ``"random-sd14"``: :func:`random_sd14_ldm`, the full SD-1.4 architecture with random weights, for speed
+  benchmarks where no checkpoint can be downloaded (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .presets import TAKAGI2023
+
+TINY = "tiny"
+RANDOM_SD14 = "random-sd14"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fp16 on GPU (as the paper's pipeline ran), fp32 on CPU (where fp16 is slow or unsupported)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def ddim_scheduler() -> DDIMScheduler:
+    """The DDIM scheduler of Stable Diffusion v1 (``scaled_linear`` betas, eta 0 at call time)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer over the 256 byte symbols with no merges, built without any Hub file.
+
+    It tokenizes like CLIP's (lower-casing, BOS/EOS, padding to 77), one token per character.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def _assemble(unet_config: dict, vae_config: dict, text_config: dict, seed: int) -> StableDiffusionImg2ImgPipeline:
+    tokenizer = byte_level_clip_tokenizer()
+    text_config = dict(
+        text_config,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # fork_rng: building a model must not move the caller's global RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config, scaling_factor=TAKAGI2023.vae_scaling_factor)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
+    """A Stable-Diffusion-shaped img2img pipeline with seeded random weights, built in about a second on CPU.
+
+    Same geometry as SD-1.x where it matters to the code: the VAE downsamples by 8 into 4 latent channels
+    with scaling factor 0.18215 (so z of a 320 px image is 4 x 40 x 40), the UNet is cross-attention
+    conditioned on 77 tokens, the text encoder is a CLIPTextModel (hidden size 32, so c is 77 x 32).
+    """
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    text = dict(
+        vocab_size=514,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+    )
+    return _assemble(unet, vae, text, seed)
+
+
+def random_sd14_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
+    """The full Stable Diffusion v1.4 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text 123M), random weights.
+
+    For speed benchmarks only: compute and memory match the real checkpoint, the images do not.
+    """
+    unet = dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+    text = dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    return _assemble(unet, vae, text, seed)
+
+
+def load_ldm(
+    model_id_or_dir: str = TAKAGI2023.model_id,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> StableDiffusionImg2ImgPipeline:
+    """Load a Stable Diffusion img2img pipeline with the paper's DDIM scheduler.
+
+    Args:
+        model_id_or_dir: a Hub model id, a local diffusers folder, ``"tiny"`` or ``"random-sd14"``.
+        device: defaults to CUDA when available, else CPU.
+        dtype: defaults to fp16 on CUDA and fp32 on CPU.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if model_id_or_dir == TINY:
+        pipe = tiny_ldm()
+    elif model_id_or_dir == RANDOM_SD14:
+        pipe = random_sd14_ldm()
+    else:
+        try:
+            # The safety checker belongs to text-to-image serving, not to reconstruction research.
+            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+                model_id_or_dir, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except (OSError, ValueError) as err:
+            raise OSError(_load_error(model_id_or_dir, err)) from err
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def _load_error(model_id_or_dir: str, err: Exception) -> str:
+    if Path(model_id_or_dir).exists():
+        return f"{model_id_or_dir!r} is a folder but not a diffusers Stable Diffusion model: {err}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    if offline:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return (
+            f"model {model_id_or_dir!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
+            "set, so it cannot be downloaded. Download it once with network access (unset HF_HUB_OFFLINE), "
+            "point --model at a local diffusers folder, or use --model tiny for the offline model."
+        )
+    return (
+        f"could not load model {model_id_or_dir!r} (not a local folder, and the Hub download failed): {err}. "
+        "Check the model id, your network and HF_TOKEN for gated models, or use --model tiny offline."
+    )

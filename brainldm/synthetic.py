@@ -1,0 +1,418 @@
+"""The offline world: a small Natural Scenes Dataset in NSD's real files, formats and paths.
+
+``write_nsd_tree(root)`` writes what :mod:`brainldm.nsd` reads (see ``shared/PAPER.md``):
+
+- ``nsd_expdesign.mat`` with 1-based ``masterordering``, ``subjectim`` (8 x images per subject) and ``sharedix``;
+- ``nsd_stim_info_merged.csv`` (``nsdId`` 0-based, ``cocoId``, ``shared1000``, ``subjectS_repR`` 1-based trials);
+- ``nsd_stimuli.hdf5`` with ``imgBrick`` (n_images x H x W x 3 uint8), pictures of smooth shapes on gradients;
+- COCO caption JSONs split into train2017 / val2017, captions describing each picture;
+- per subject, ``nsdgeneral`` and ``streams`` ROI NIfTIs (-1 outside the brain) and one gzipped int16 NIfTI of
+  betas per session (percent signal change x 300, X x Y x Z x trials), optionally with its HDF5 twin.
+
+Responses are planted: ``early`` voxels respond linearly to the image's z features, ``ventral`` voxels to its
+c features (both computed with the given LDM, ``tiny_ldm()`` by default), every other voxel only to noise.
+The returned :class:`SyntheticNSD` carries the planted weights and features, so tests can check recovery.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import scipy.io
+
+from . import nsd
+
+REPS = 3  # NSD shows every image three times
+COLOURS = {
+    "red": (200, 40, 40),
+    "orange": (235, 140, 30),
+    "yellow": (235, 215, 60),
+    "green": (60, 160, 70),
+    "blue": (50, 90, 200),
+    "purple": (130, 60, 160),
+    "pink": (235, 150, 180),
+    "brown": (120, 80, 45),
+    "white": (235, 235, 230),
+    "black": (25, 25, 30),
+    "grey": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "striped disc", "ring")
+SKIES = ("sky", "sunset", "field", "wall", "sea")
+
+
+@dataclass
+class SyntheticNSD:
+    """What :func:`write_nsd_tree` wrote, and the ground truth it planted.
+
+    Attributes:
+        root: the NSD root folder.
+        subjects: subjects with betas and ROIs (1-based).
+        n_sessions, trials_per_session, grid_shape: the betas' layout.
+        n_images: images in ``imgBrick`` (the stand-in for NSD's 73k).
+        shared: 0-based ids of the shared images (``sharedix - 1``).
+        trial_images: subject -> (n_trials,) 0-based image id of every trial (trial t is volume
+            ``t % trials_per_session`` of session ``t // trials_per_session + 1``).
+        captions: 0-based image id -> its captions as written (with COCO's stray whitespace).
+        feature_ids: 0-based ids of the images whose features were computed (all images any subject saw).
+        z, c: planted features of ``feature_ids`` (n, *z_shape) and (n, *c_shape), float32.
+        weights: subject -> {"z": (z_dim, n_early), "c": (c_dim, n_ventral)} planted weights on standardised
+            features (``(f - feature_mean) / feature_std``, flattened).
+        voxels: subject -> {"early": (n_early, 3), "ventral": (n_ventral, 3)} ijk of the responsive voxels,
+            in the column order of ``weights``.
+        snr: variance of the planted signal over variance of the noise, per responsive voxel.
+    """
+
+    root: Path
+    subjects: tuple[int, ...]
+    n_sessions: int
+    trials_per_session: int
+    grid_shape: tuple[int, int, int]
+    n_images: int
+    shared: np.ndarray
+    trial_images: dict[int, np.ndarray]
+    captions: dict[int, list[str]]
+    feature_ids: np.ndarray
+    z: np.ndarray
+    c: np.ndarray
+    feature_mean: dict[str, np.ndarray] = field(default_factory=dict)
+    feature_std: dict[str, np.ndarray] = field(default_factory=dict)
+    weights: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    voxels: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    snr: float = 1.0
+
+    def features(self, nsd_ids: np.ndarray | list[int], name: str) -> np.ndarray:
+        """Planted features (``"z"`` or ``"c"``) of the given 0-based image ids, in that order."""
+        rows = {nsd_id: i for i, nsd_id in enumerate(self.feature_ids.tolist())}
+        return getattr(self, name)[[rows[int(i)] for i in nsd_ids]]
+
+    def planted_signal(self, subject: int, nsd_ids: np.ndarray | list[int], name: str) -> np.ndarray:
+        """The noiseless planted response (unit variance over images) of ``name`` voxels -> (n, n_voxels)."""
+        f = self.features(nsd_ids, name).reshape(len(nsd_ids), -1)
+        f = (f - self.feature_mean[name]) / self.feature_std[name]
+        return f @ self.weights[subject][name]
+
+
+def write_nsd_tree(
+    root: str | Path,
+    subjects: tuple[int, ...] | list[int] = (1,),
+    n_sessions: int = 3,
+    trials_per_session: int = 30,
+    n_shared: int = 6,
+    grid_shape: tuple[int, int, int] = (12, 14, 10),
+    image_size: int = 64,
+    snr: float = 4.0,
+    cortex_thickness: float = 0.45,
+    write_hdf5: bool = False,
+    ldm=None,
+    seed: int = 0,
+) -> SyntheticNSD:
+    """Write a small NSD tree under ``root`` with planted responses. Returns what was written and planted.
+
+    Each subject sees ``ceil(n_sessions * trials_per_session / 3)`` images three times each (the last ones
+    fewer if the trial count is not a multiple of 3), ``n_shared`` of them shared by all eight subjects, in
+    one ``masterordering`` common to all subjects, as in NSD. ``ldm`` computes the planted z and c features;
+    it defaults to ``brainldm.ldm.tiny_ldm()``.
+    """
+    from .features import encode_c, encode_z  # the LDM is only needed here
+
+    root = Path(root)
+    subjects = tuple(int(s) for s in subjects)
+    if not subjects or any(not 1 <= s <= nsd.N_SUBJECTS for s in subjects):
+        raise ValueError(f"subjects must be in 1..{nsd.N_SUBJECTS}, got {subjects}")
+    n_trials = n_sessions * trials_per_session
+    per_subject = -(-n_trials // REPS)
+    n_unique = per_subject - n_shared
+    if n_sessions < 1 or trials_per_session < 1 or n_shared < 1 or n_unique < 1:
+        raise ValueError(
+            f"need >= 1 session, trial and shared image, and more images per subject ({per_subject}) "
+            f"than shared images ({n_shared}); got n_sessions={n_sessions}, "
+            f"trials_per_session={trials_per_session}, n_shared={n_shared}"
+        )
+    rng = np.random.default_rng(seed)
+    rois = {s: _draw_rois(rng, grid_shape, cortex_thickness) for s in subjects}  # validates the grid first
+
+    # Image ids: NSD's 73k list, here n_shared + 8 * n_unique pictures; the shared ones spread through it.
+    n_images = n_shared + nsd.N_SUBJECTS * n_unique
+    order = rng.permutation(n_images)
+    shared = np.sort(order[:n_shared])
+    unique = order[n_shared:].reshape(nsd.N_SUBJECTS, n_unique)
+    # subjectim: each subject's list, shared images first (as in NSD), 1-based ids
+    subjectim = np.concatenate([np.tile(shared, (nsd.N_SUBJECTS, 1)), unique], axis=1) + 1
+    masterordering = rng.permutation(np.repeat(np.arange(per_subject), REPS))[:n_trials] + 1
+    trial_images = {s: subjectim[s - 1, masterordering - 1] - 1 for s in range(1, nsd.N_SUBJECTS + 1)}
+
+    images, captions = zip(*(_draw_picture(rng, image_size) for _ in range(n_images)))
+    coco_ids = rng.choice(np.arange(9, 600_000), size=n_images, replace=False)
+    coco_split = np.where(rng.random(n_images) < 0.9, "train2017", "val2017")
+
+    _write_expdesign(root, masterordering, subjectim, shared + 1)
+    _write_stim_info(root, coco_ids, coco_split, shared, trial_images)
+    _write_stimuli(root, np.stack(images))
+    _write_captions(root, coco_ids, coco_split, captions, rng)
+
+    # Planted features for every image a written subject saw
+    if ldm is None:
+        from .ldm import tiny_ldm
+
+        ldm = tiny_ldm()
+    feature_ids = np.unique(np.concatenate([trial_images[s] for s in subjects]))
+    z = encode_z(ldm, [images[i] for i in feature_ids]).numpy()
+    c = encode_c(ldm, [[cap.strip() for cap in captions[i]] for i in feature_ids]).numpy()
+    flat = {"z": z.reshape(len(z), -1), "c": c.reshape(len(c), -1)}
+    mean = {k: v.mean(0) for k, v in flat.items()}
+    std = {k: np.maximum(v.std(0), 1e-3 * v.std()) for k, v in flat.items()}
+    standardised = {k: (v - mean[k]) / std[k] for k, v in flat.items()}
+    rows = {nsd_id: i for i, nsd_id in enumerate(feature_ids.tolist())}
+
+    truth = SyntheticNSD(
+        root=root,
+        subjects=subjects,
+        n_sessions=n_sessions,
+        trials_per_session=trials_per_session,
+        grid_shape=tuple(grid_shape),
+        n_images=n_images,
+        shared=shared,
+        trial_images={s: trial_images[s] for s in subjects},
+        captions={i: list(caps) for i, caps in enumerate(captions)},
+        feature_ids=feature_ids,
+        z=z,
+        c=c,
+        feature_mean=mean,
+        feature_std=std,
+        snr=snr,
+    )
+    affine = np.diag([1.8, 1.8, 1.8, 1.0])
+    affine[:3, 3] = -0.9 * np.asarray(grid_shape)
+    for subject in subjects:
+        nsdgeneral, streams = rois[subject]
+        for name, volume in (("nsdgeneral", nsdgeneral), ("streams", streams)):
+            _save_nifti(nsd.roi_path(root, subject, name), volume.astype(np.int16), affine)
+        truth.voxels[subject] = {}
+        truth.weights[subject] = {}
+        signal, responsive = [], []
+        for name, roi in (("z", "early"), ("c", "ventral")):
+            ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
+            weights = rng.standard_normal((flat[name].shape[1], len(ijk))).astype(np.float32)
+            response = standardised[name] @ weights
+            weights /= response.std(0, keepdims=True)  # unit signal variance per voxel over images
+            truth.voxels[subject][roi] = ijk
+            truth.weights[subject][name] = weights
+            signal.append(standardised[name] @ weights)
+            responsive.append(ijk)
+        trial_rows = np.array([rows[i] for i in trial_images[subject].tolist()])
+        _write_betas(
+            root,
+            subject,
+            rng,
+            nsdgeneral >= 0,
+            np.concatenate(responsive),
+            np.concatenate(signal, axis=1),
+            trial_rows,
+            n_sessions,
+            trials_per_session,
+            snr,
+            affine,
+            write_hdf5,
+        )
+    return truth
+
+
+# --- pictures and captions ---------------------------------------------------------------------------------
+
+
+def _draw_picture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[str]]:
+    """A picture of two or three soft-edged shapes on a textured gradient, and five captions describing it."""
+    names = list(COLOURS)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    sky, ground = rng.choice(names, size=2, replace=False)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = np.clip(0.5 + (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)), 0, 1)[..., None]
+    image = (1 - t) * np.array(COLOURS[sky]) + t * np.array(COLOURS[ground])
+    # low-frequency texture, so no region is flat
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 2 * np.pi)
+        image += rng.uniform(5, 20) * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
+    described = []
+    for _ in range(int(rng.integers(2, 4))):
+        shape, colour = rng.choice(SHAPES), rng.choice(names)
+        cx, cy = rng.uniform(0.2, 0.8, size=2)
+        r = rng.uniform(0.1, 0.3)
+        dx, dy = xx - cx, yy - cy
+        if shape == "square":
+            distance = np.maximum(np.abs(dx), np.abs(dy)) - r
+        elif shape == "triangle":
+            distance = np.maximum(np.maximum(-dy - r / 2, dy * 0.5 + dx * 0.87 - r / 2), dy * 0.5 - dx * 0.87 - r / 2)
+        elif shape == "ring":
+            distance = np.abs(np.hypot(dx, dy) - r) - r / 3
+        else:
+            distance = np.hypot(dx, dy) - r
+        mask = 1 / (1 + np.exp(distance * size / 1.5))  # soft, anti-aliased edge
+        fill = np.array(COLOURS[colour], dtype=float) * np.ones_like(image)
+        if shape == "striped disc":
+            fill *= (0.75 + 0.25 * np.sign(np.sin(2 * np.pi * 8 * (dx + dy))))[..., None]
+        image = image * (1 - mask[..., None]) + fill * mask[..., None]
+        described.append((colour, shape, "left" if cx < 0.5 else "right"))
+    picture = np.clip(image, 0, 255).astype(np.uint8)
+    scene = rng.choice(SKIES)
+    (c1, s1, p1), (c2, s2, _) = described[0], described[1]
+    captions = [
+        f"A {c1} {s1} and a {c2} {s2} in front of a {sky} {scene}.",
+        f"a {c1} {s1} on the {p1} of the picture",
+        f"{c2.capitalize()} {s2} next to a {c1} {s1}. ",
+        f"There are {len(described)} shapes against a {sky} and {ground} background.",
+        f"An abstract image of a {s1} and a {s2}.\n",
+    ]
+    return picture, captions[: int(rng.integers(4, 6))]
+
+
+# --- NSD files -----------------------------------------------------------------------------------------------
+
+
+def _write_expdesign(root: Path, masterordering: np.ndarray, subjectim: np.ndarray, sharedix: np.ndarray) -> None:
+    path = nsd.expdesign_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # MATLAB wrote these as doubles holding 1-based indices
+    scipy.io.savemat(
+        path,
+        {
+            "masterordering": masterordering[None, :].astype(np.float64),
+            "subjectim": subjectim.astype(np.float64),
+            "sharedix": sharedix[None, :].astype(np.float64),
+        },
+    )
+
+
+def _write_stim_info(
+    root: Path, coco_ids: np.ndarray, coco_split: np.ndarray, shared: np.ndarray, trial_images: dict[int, np.ndarray]
+) -> None:
+    n = len(coco_ids)
+    table = pd.DataFrame(
+        {
+            "cocoId": coco_ids,
+            "cocoSplit": coco_split,
+            "nsdId": np.arange(n),
+            "shared1000": np.isin(np.arange(n), shared),
+        }
+    )
+    for subject, images in trial_images.items():
+        reps = np.zeros((n, REPS), dtype=np.int64)
+        seen = np.zeros(n, dtype=int)
+        for trial, image in enumerate(images):
+            reps[image, seen[image]] = trial + 1
+            seen[image] += 1
+        table[f"subject{subject}"] = (seen > 0).astype(int)
+        for r in range(REPS):
+            table[f"subject{subject}_rep{r}"] = reps[:, r]
+    path = nsd.stim_info_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path)  # NSD's file carries the unnamed pandas index as its first column
+
+
+def _write_stimuli(root: Path, images: np.ndarray) -> None:
+    path = nsd.stimuli_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("imgBrick", data=images, chunks=(1, *images.shape[1:]))
+
+
+def _write_captions(
+    root: Path, coco_ids: np.ndarray, coco_split: np.ndarray, captions: tuple[list[str], ...], rng
+) -> None:
+    annotation_id = int(rng.integers(1, 1000))
+    for split in nsd.COCO_SPLITS:
+        keep = np.flatnonzero(coco_split == split)
+        annotations = []
+        for i in keep:
+            for caption in captions[i]:
+                annotations.append({"image_id": int(coco_ids[i]), "id": annotation_id, "caption": caption})
+                annotation_id += 1
+        document = {
+            "info": {"description": "brainldm synthetic COCO-style captions", "year": 2017},
+            "images": [{"id": int(coco_ids[i]), "file_name": f"{int(coco_ids[i]):012d}.jpg"} for i in keep],
+            "annotations": annotations,
+        }
+        path = nsd.captions_path(root, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document))
+
+
+def _draw_rois(rng, grid_shape, thickness: float) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipsoid brain; ROI labels on its outer shell, by position (early at the posterior pole)."""
+    centre = (np.asarray(grid_shape) - 1) / 2
+    radii = 0.45 * np.asarray(grid_shape)
+    u = (np.indices(grid_shape).transpose(1, 2, 3, 0) - centre) / radii
+    radius = np.linalg.norm(u, axis=-1)
+    x, y, z = np.abs(u[..., 0]), u[..., 1], u[..., 2]
+    brain = radius <= 1
+    shell = brain & (radius > 1 - thickness)
+    streams = np.where(brain, 0, -1)
+    bands = [
+        (1, y < -0.55),
+        (2, (-0.55 <= y) & (y < -0.35) & (z < 0)),
+        (3, (-0.55 <= y) & (y < -0.35) & (z >= 0) & (x > 0.5)),
+        (4, (-0.55 <= y) & (y < -0.35) & (z >= 0) & (x <= 0.5)),
+        (5, (-0.35 <= y) & (y < 0.1) & (z < -0.1)),
+        (6, (-0.35 <= y) & (y < 0.1) & (z >= -0.1) & (x > 0.5)),
+        (7, (-0.35 <= y) & (y < 0.1) & (z >= -0.1) & (x <= 0.5)),
+    ]
+    for label, where in reversed(bands):
+        streams[shell & where] = label
+    # nsdgeneral mostly covers the streams, misses a few of their voxels and reaches a little beyond them
+    nsdgeneral = np.where(brain, 0, -1)
+    nsdgeneral[(streams > 0) & (rng.random(grid_shape) > 0.05)] = 1
+    nsdgeneral[shell & (0.1 <= y) & (y < 0.3)] = 1
+    for label in (nsd.STREAM_IDS["early"], nsd.STREAM_IDS["ventral"]):
+        if not (streams == label).any():
+            raise ValueError(f"grid {tuple(grid_shape)} is too small to hold a {nsd.STREAMS[label]!r} ROI")
+    return nsdgeneral, streams
+
+
+def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def _write_betas(
+    root,
+    subject,
+    rng,
+    brain,
+    responsive_ijk,
+    signal,
+    trial_rows,
+    n_sessions,
+    trials_per_session,
+    snr,
+    affine,
+    write_hdf5,
+) -> None:
+    """One gzipped int16 NIfTI per session; responsive voxels carry their planted signal plus noise.
+
+    ``signal`` is (n_feature_images, n_responsive); ``trial_rows[t]`` is the row of trial t's image in it.
+    """
+    brain_ijk = np.argwhere(brain)
+    # responsive voxels are inside the brain; find their rows among the brain voxels
+    flat_index = np.ravel_multi_index(brain_ijk.T, brain.shape)
+    rows = np.searchsorted(flat_index, np.ravel_multi_index(responsive_ijk.T, brain.shape))
+    noise_sd = 1.0 / np.sqrt(snr)
+    amplitude = 1.5  # percent signal change per unit response
+    baseline = rng.normal(0.0, 1.0, size=len(brain_ijk))
+    for session in range(1, n_sessions + 1):
+        trials = np.arange((session - 1) * trials_per_session, session * trials_per_session)
+        response = rng.normal(0.0, noise_sd, size=(len(trials), len(brain_ijk))).astype(np.float32)
+        response[:, rows] += signal[trial_rows[trials]]
+        drift = rng.normal(0.0, 0.5)  # a session-wide offset, as z-scoring within sessions expects
+        psc = baseline + drift + amplitude * response
+        volume = np.zeros((*brain.shape, trials_per_session), dtype=np.int16)
+        volume[tuple(brain_ijk.T)] = np.clip(np.round(psc * nsd.BETAS_SCALE), -32768, 32767).astype(np.int16).T
+        _save_nifti(nsd.betas_path(root, subject, session), volume, affine)
+        if write_hdf5:
+            with h5py.File(nsd.betas_path(root, subject, session, ".hdf5"), "w") as f:
+                # MATLAB-written: h5py sees the axes reversed
+                f.create_dataset("betas", data=volume.transpose(3, 2, 1, 0))

@@ -1,0 +1,62 @@
+"""tiny_ldm is a Stable-Diffusion-shaped, seeded, offline model; load_ldm fails clearly offline."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from brainldm.ldm import load_ldm, tiny_ldm
+from brainldm.presets import TAKAGI2023
+
+
+def test_tiny_ldm_runs_a_64px_img2img_on_cpu(tiny):
+    image = torch.rand(1, 3, 64, 64)
+
+    def run():
+        return tiny(
+            prompt="a red circle",
+            image=image,
+            strength=0.8,
+            num_inference_steps=10,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    out = run()
+    assert out.shape == (1, 64, 64, 3)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, run())
+
+
+def test_tiny_ldm_has_stable_diffusion_geometry(tiny):
+    assert isinstance(tiny.scheduler, DDIMScheduler)
+    assert tiny.vae.config.scaling_factor == TAKAGI2023.vae_scaling_factor
+    assert tiny.tokenizer.model_max_length == 77
+    with torch.no_grad():
+        z = tiny.vae.encode(torch.zeros(1, 3, 320, 320)).latent_dist.mean
+        ids = tiny.tokenizer("a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        c = tiny.text_encoder(ids)[0]
+    assert z.shape == (1, 4, 40, 40)
+    assert c.shape == (1, 77, tiny.unet.config.cross_attention_dim)
+
+
+def test_tiny_ldm_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = tiny_ldm(seed=0), tiny_ldm(seed=0), tiny_ldm(seed=1)
+    assert torch.equal(torch.rand(1), expected)
+    wa, wb, wc = (p.unet.conv_in.weight for p in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_load_ldm_tiny_is_fp32_on_cpu():
+    pipe = load_ldm("tiny", device="cpu")
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+
+
+def test_load_ldm_offline_and_not_cached_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
+        load_ldm("someone/not-a-cached-model", device="cpu")
