@@ -110,6 +110,7 @@ def write_nsd_tree(
     cortex_thickness: float = 0.45,
     write_hdf5: bool = False,
     ldm=None,
+    features: str = "ldm",
     seed: int = 0,
 ) -> SyntheticNSD:
     """Write a small NSD tree under ``root`` with planted responses. Returns what was written and planted.
@@ -117,10 +118,11 @@ def write_nsd_tree(
     Each subject sees ``ceil(n_sessions * trials_per_session / 3)`` images three times each (the last ones
     fewer if the trial count is not a multiple of 3), ``n_shared`` of them shared by all eight subjects, in
     one ``masterordering`` common to all subjects, as in NSD. ``ldm`` computes the planted z and c features;
-    it defaults to ``brainldm.ldm.tiny_ldm()``.
+    it defaults to ``brainldm.ldm.tiny_ldm()``. ``features="random"`` plants 16-dimensional Gaussian features
+    instead (no LDM; for benchmarks at NSD's full size, where only the file sizes matter).
     """
-    from .features import encode_c, encode_z  # the LDM is only needed here
-
+    if features not in ("ldm", "random"):
+        raise ValueError(f"features must be 'ldm' or 'random', got {features!r}")
     root = Path(root)
     subjects = tuple(int(s) for s in subjects)
     if not subjects or any(not 1 <= s <= nsd.N_SUBJECTS for s in subjects):
@@ -157,13 +159,16 @@ def write_nsd_tree(
     _write_captions(root, coco_ids, coco_split, captions, rng)
 
     # Planted features for every image a written subject saw
-    if ldm is None:
+    feature_ids = np.unique(np.concatenate([trial_images[s] for s in subjects]))
+    if features == "random":
+        z, c = (rng.standard_normal((len(feature_ids), 16)).astype(np.float32) for _ in range(2))
+    else:
+        from .features import encode_c, encode_z
         from .ldm import tiny_ldm
 
-        ldm = tiny_ldm()
-    feature_ids = np.unique(np.concatenate([trial_images[s] for s in subjects]))
-    z = encode_z(ldm, [images[i] for i in feature_ids]).numpy()
-    c = encode_c(ldm, [[cap.strip() for cap in captions[i]] for i in feature_ids]).numpy()
+        ldm = ldm or tiny_ldm()
+        z = encode_z(ldm, [images[i] for i in feature_ids]).numpy()
+        c = encode_c(ldm, [[cap.strip() for cap in captions[i]] for i in feature_ids]).numpy()
     flat = {"z": z.reshape(len(z), -1), "c": c.reshape(len(c), -1)}
     mean = {k: v.mean(0) for k, v in flat.items()}
     std = {k: np.maximum(v.std(0), 1e-3 * v.std()) for k, v in flat.items()}
@@ -402,13 +407,13 @@ def _write_betas(
     rows = np.searchsorted(flat_index, np.ravel_multi_index(responsive_ijk.T, brain.shape))
     noise_sd = 1.0 / np.sqrt(snr)
     amplitude = 1.5  # percent signal change per unit response
-    baseline = rng.normal(0.0, 1.0, size=len(brain_ijk))
+    baseline = rng.normal(0.0, 1.0, size=len(brain_ijk)).astype(np.float32)
     for session in range(1, n_sessions + 1):
         trials = np.arange((session - 1) * trials_per_session, session * trials_per_session)
-        response = rng.normal(0.0, noise_sd, size=(len(trials), len(brain_ijk))).astype(np.float32)
+        response = rng.standard_normal((len(trials), len(brain_ijk)), dtype=np.float32) * np.float32(noise_sd)
         response[:, rows] += signal[trial_rows[trials]]
-        drift = rng.normal(0.0, 0.5)  # a session-wide offset, as z-scoring within sessions expects
-        psc = baseline + drift + amplitude * response
+        drift = np.float32(rng.normal(0.0, 0.5))  # a session-wide offset, as z-scoring within sessions expects
+        psc = baseline + drift + np.float32(amplitude) * response
         volume = np.zeros((*brain.shape, trials_per_session), dtype=np.int16)
         volume[tuple(brain_ijk.T)] = np.clip(np.round(psc * nsd.BETAS_SCALE), -32768, 32767).astype(np.int16).T
         _save_nifti(nsd.betas_path(root, subject, session), volume, affine)
