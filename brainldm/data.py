@@ -479,3 +479,23 @@ def load_trials(source: str | Path, subject: int, split: str) -> datasets.Datase
 def load_voxels(source: str | Path, subject: int) -> VoxelTable:
     """The subject's voxel table (see :class:`VoxelTable`), from a local dataset folder or a Hub dataset repo."""
     return VoxelTable.load(subject_dir(source, subject) / VOXELS_FILE)
+
+
+class SubjectStimuli:
+    """The unique images a subject saw, across splits: ``nsd_ids`` and ``stimuli[nsd_id] -> (image, captions)``."""
+
+    def __init__(self, source: str | Path, subject: int, splits: tuple[str, ...] = SPLITS):
+        self._rows: dict[int, tuple[datasets.Dataset, int]] = {}
+        for split in splits:
+            table = load_trials(source, subject, split).select_columns(["nsd_id", "image", "captions"])
+            for row, nsd_id in enumerate(table["nsd_id"]):
+                self._rows.setdefault(int(nsd_id), (table, row))
+        self.nsd_ids = sorted(self._rows)
+
+    def __len__(self) -> int:
+        return len(self.nsd_ids)
+
+    def __getitem__(self, nsd_id: int) -> tuple[Image.Image, list[str]]:
+        table, row = self._rows[int(nsd_id)]
+        item = table[row]
+        return item["image"], item["captions"]

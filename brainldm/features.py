@@ -6,13 +6,20 @@ from it, so SD-1.x (z 4x40x40, c 77x768), SD-2.x and ``tiny_ldm`` go through the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
 from .presets import TAKAGI2023
+from .validation import InputError, oneline
 
 ImageLike = Image.Image | np.ndarray
 
@@ -25,7 +32,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(
+        raise InputError(
             f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got an array of shape {array.shape}"
         )
     if array.shape[-1] == 1:
@@ -35,7 +42,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
         if np.issubdtype(array.dtype, np.floating) and array.size and 0.0 <= array.min() and array.max() <= 1.0:
             array = np.round(array * 255.0)
         else:
-            raise ValueError(f"expected uint8 pixels or floats in [0, 1], got dtype {array.dtype}")
+            raise InputError(f"expected uint8 pixels or floats in [0, 1], got dtype {array.dtype}")
         array = array.astype(np.uint8)
     return array
 
@@ -79,8 +86,338 @@ def encode_c(ldm, captions: Sequence[Sequence[str]]) -> torch.Tensor:
     """c: for each image, the mean over its captions of :func:`encode_prompts` -> (n_images, 77, hidden)."""
     for i, caps in enumerate(captions):
         if isinstance(caps, str) or len(caps) == 0:
-            raise ValueError(f"image {i} has no captions (expected a non-empty list of strings, got {caps!r})")
+            raise InputError(f"image {i} has no captions (expected a non-empty list of strings, got {caps!r})")
     flat = [cap for caps in captions for cap in caps]
     embeddings = encode_prompts(ldm, flat)
     sizes = [len(caps) for caps in captions]
     return torch.stack([chunk.mean(0) for chunk in embeddings.split(sizes)])
+
+
+# --- feature specs -------------------------------------------------------------------------------------------
+
+UNET_BLOCKS = ("down0", "down1", "down2", "down3", "mid", "up0", "up1", "up2", "up3")
+REDUCTIONS = ("mean", "flatten")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature space, named as on the command line.
+
+    - ``z``: VAE latent of the image; ``c``: mean CLIP text embedding of its captions.
+    - ``zc@S``: the final latent of an img2img run from z, conditioned on c, at strength S (at z's resolution,
+      so ``zc@S`` has z's shape and tends to z as S -> 0).
+    - ``unet.BLOCK@S#K``: the output of U-Net block BLOCK (down0..down3, mid, up0..up3) at the K-th denoising step
+      (1-based, of the steps the img2img run at strength S actually runs), conditional branch, reduced by the
+      store's ``unet_reduce`` (spatial ``mean`` -> channels, or ``flatten``).
+    """
+
+    kind: str
+    strength: float | None = None
+    block: str | None = None
+    step: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> FeatureSpec:
+        text = text.strip()
+        try:
+            if text in ("z", "c"):
+                return cls(text)
+            if text.startswith("zc@"):
+                return cls("zc", strength=_strength(text[3:]))
+            if text.startswith("unet."):
+                block, rest = text[5:].split("@")
+                strength, step = rest.split("#")
+                if block not in UNET_BLOCKS:
+                    raise ValueError(f"unknown U-Net block {block!r}; expected one of {UNET_BLOCKS}")
+                if int(step) < 1:
+                    raise ValueError("the step is 1-based")
+                return cls("unet", strength=_strength(strength), block=block, step=int(step))
+        except ValueError as err:
+            raise InputError(f"bad feature {text!r}: {err}") from err
+        raise InputError(f"unknown feature {text!r}; expected z, c, zc@STRENGTH or unet.BLOCK@STRENGTH#STEP")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "zc":
+            return f"zc@{self.strength:g}"
+        if self.kind == "unet":
+            return f"unet.{self.block}@{self.strength:g}#{self.step}"
+        return self.kind
+
+
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {value}")
+    return value
+
+
+def parse_features(text: str) -> list[FeatureSpec]:
+    """``"z,c,zc@0.5"`` -> specs, in order, without duplicates."""
+    specs = {}
+    for part in text.split(","):
+        if part.strip():
+            spec = FeatureSpec.parse(part)
+            specs[spec.name] = spec
+    if not specs:
+        raise InputError("no features given; e.g. --features z,c")
+    return list(specs.values())
+
+
+def steps_run(num_inference_steps: int, strength: float) -> int:
+    """How many denoising steps img2img runs at a strength (as diffusers defines it)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def check_step(spec: FeatureSpec, num_inference_steps: int) -> None:
+    """A U-Net tap must name a step that its img2img run actually runs."""
+    n_steps = steps_run(num_inference_steps, spec.strength)
+    if spec.step > n_steps:
+        raise InputError(
+            f"{spec.name}: at strength {spec.strength:g} img2img runs only {n_steps} of {num_inference_steps} steps"
+        )
+
+
+# --- zc and U-Net taps: one img2img run per strength ---------------------------------------------------------
+
+
+def image_generators(nsd_ids: Sequence[int], seed: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, nsd_id): the noise of an image does not depend on its batch."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in nsd_ids]
+
+
+@torch.no_grad()
+def empty_prompt_embedding(ldm) -> torch.Tensor:
+    """The text embedding of "" (1, 77, hidden): classifier-free guidance's unconditional branch."""
+    return encode_prompts(ldm, [""])
+
+
+@torch.no_grad()
+def img2img_latents(
+    ldm,
+    z: torch.Tensor,
+    c: torch.Tensor,
+    nsd_ids: Sequence[int],
+    strength: float,
+    num_inference_steps: int = TAKAGI2023.num_inference_steps,
+    guidance_scale: float = TAKAGI2023.guidance_scale,
+    seed: int = TAKAGI2023.seed,
+    taps: Sequence[FeatureSpec] = (),
+    unet_reduce: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run diffusers' img2img from latents z (n, 4, h, w) conditioned on c (n, 77, hidden).
+
+    Returns the final latents zc (n, 4, h, w) and, for each U-Net tap spec, its activations (n, ...), float32 CPU.
+    """
+    device, dtype = ldm.unet.device, ldm.unet.dtype
+    for spec in taps:
+        check_step(spec, num_inference_steps)
+    recorded: dict[str, torch.Tensor] = {}
+    step = {"k": 0}
+    hooks = []
+    by_block: dict[str, dict[int, str]] = {}
+    for spec in taps:
+        by_block.setdefault(spec.block, {})[spec.step] = spec.name
+
+    def block_module(block: str):
+        if block == "mid":
+            return ldm.unet.mid_block
+        blocks = getattr(ldm.unet, f"{block[:-1]}_blocks")
+        if int(block[-1]) >= len(blocks):
+            raise InputError(f"unet.{block}: this U-Net has {len(blocks)} {block[:-1]} blocks (0..{len(blocks) - 1})")
+        return blocks[int(block[-1])]
+
+    for block, wanted in by_block.items():
+
+        def hook(module, args, output, wanted=wanted):
+            if step["k"] in wanted:
+                hidden = output[0] if isinstance(output, tuple) else output
+                hidden = hidden.chunk(2)[1] if guidance_scale > 1 else hidden  # the conditional branch
+                hidden = hidden.float().mean(dim=(2, 3)) if unet_reduce == "mean" else hidden.float().flatten(1)
+                recorded[wanted[step["k"]]] = hidden.cpu()
+
+        hooks.append(block_module(block).register_forward_hook(hook))
+    hooks.append(ldm.unet.register_forward_pre_hook(lambda module, args: step.__setitem__("k", step["k"] + 1)))
+    try:
+        latents = ldm(
+            image=z.to(device=device, dtype=dtype),
+            prompt_embeds=c.to(device=device, dtype=dtype),
+            negative_prompt_embeds=empty_prompt_embedding(ldm).expand(len(c), -1, -1).to(device=device, dtype=dtype),
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=image_generators(nsd_ids, seed),
+            output_type="latent",
+        ).images
+    finally:
+        for h in hooks:
+            h.remove()
+    return latents.float().cpu(), recorded
+
+
+# --- the feature store: safetensors shards keyed by nsd_id ---------------------------------------------------
+
+
+class FeatureStore:
+    """Features of one space for many images, as ``ROOT/NAME/shard-*.safetensors`` keyed by ``nsd_id``.
+
+    Each shard holds ``nsd_id`` (n,) and ``features`` (n, ...); ``config.json`` records how they were computed,
+    so a store is never silently extended with features of another model or setting. Shards are written to a
+    temporary name and renamed, so a killed run leaves only whole shards, and a rerun computes only what is missing.
+    """
+
+    def __init__(self, root: str | Path, name: str, config: dict | None = None):
+        self.folder = Path(root) / name
+        self.name = name
+        config_path = self.folder / "config.json"
+        if config_path.exists():
+            stored = json.loads(config_path.read_text())
+            if config is not None and stored != config:
+                changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+                raise InputError(
+                    f"{self.folder} holds {name} features computed with other settings ({', '.join(changed)}: "
+                    f"{[stored.get(k) for k in changed]} there, {[config.get(k) for k in changed]} now); "
+                    "use another --out folder or delete that one"
+                )
+            self.config = stored
+        elif config is None:
+            raise InputError(f"no {name} features in {Path(root)} (no {config_path}); run scripts/extract_features.py")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = config_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(config, indent=2))
+            tmp.replace(config_path)
+            self.config = config
+        self._index: dict[int, tuple[Path, int]] | None = None
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.folder.glob("shard-*.safetensors"))
+
+    @property
+    def index(self) -> dict[int, tuple[Path, int]]:
+        """nsd_id -> (shard, row)."""
+        if self._index is None:
+            self._index = {}
+            for shard in self._shards():
+                for row, nsd_id in enumerate(_read_tensor(shard, "nsd_id").tolist()):
+                    self._index[nsd_id] = (shard, row)
+        return self._index
+
+    def missing(self, nsd_ids: Sequence[int]) -> list[int]:
+        return [int(i) for i in nsd_ids if int(i) not in self.index]
+
+    def write(self, nsd_ids: Sequence[int], features: torch.Tensor | np.ndarray) -> Path:
+        """Add one shard of features (n, ...) for ``nsd_ids`` (n,)."""
+        number = len(self._shards())
+        path = self.folder / f"shard-{number:05d}.safetensors"
+        tmp = self.folder / f".shard-{number:05d}.tmp"
+        tensors = {
+            "nsd_id": np.asarray(nsd_ids, dtype=np.int64),
+            "features": np.ascontiguousarray(np.asarray(features, dtype=np.float32)),
+        }
+        save_file(tensors, str(tmp), metadata={"feature": self.name})
+        tmp.replace(path)
+        for row, nsd_id in enumerate(tensors["nsd_id"].tolist()):
+            self.index[nsd_id] = (path, row)
+        return path
+
+    def load(self, nsd_ids: Sequence[int]) -> np.ndarray:
+        """Features of ``nsd_ids`` in that order -> (n, ...) float32. Every id must be present."""
+        missing = self.missing(nsd_ids)
+        if missing:
+            raise InputError(
+                f"{self.name} features are missing for {len(missing)} of {len(nsd_ids)} images (e.g. nsd_id "
+                f"{missing[0]}) in {self.folder}; run scripts/extract_features.py for this subject"
+            )
+        rows_by_shard: dict[Path, list[int]] = {}
+        for position, nsd_id in enumerate(nsd_ids):
+            rows_by_shard.setdefault(self.index[int(nsd_id)][0], []).append(position)
+        out = None
+        for shard, positions in rows_by_shard.items():
+            block = _read_tensor(shard, "features")
+            if out is None:
+                out = np.empty((len(nsd_ids), *block.shape[1:]), dtype=np.float32)
+            out[positions] = block[[self.index[int(nsd_ids[p])][1] for p in positions]]
+        return out if out is not None else np.empty((0,), dtype=np.float32)
+
+
+def _read_tensor(shard: Path, key: str) -> np.ndarray:
+    try:
+        with safe_open(str(shard), framework="numpy") as f:
+            return f.get_tensor(key)
+    except Exception as err:  # safetensors raises several types for a truncated or foreign file
+        raise InputError(f"could not read feature shard {shard}: {oneline(err)}; delete it and rerun") from err
+
+
+def load_features(root: str | Path, name: str, nsd_ids: Sequence[int]) -> np.ndarray:
+    """Stored features ``name`` (e.g. ``"z"``) of ``nsd_ids`` -> (n, ...) float32."""
+    return FeatureStore(root, name).load(nsd_ids)
+
+
+# --- extraction ----------------------------------------------------------------------------------------------
+
+
+def extract_features(
+    ldm,
+    model_id: str,
+    nsd_ids: Sequence[int],
+    get_item,
+    specs: Sequence[FeatureSpec],
+    out: str | Path,
+    batch_size: int = 8,
+    num_inference_steps: int = TAKAGI2023.num_inference_steps,
+    guidance_scale: float = TAKAGI2023.guidance_scale,
+    seed: int = TAKAGI2023.seed,
+    unet_reduce: str = "mean",
+    progress: bool = True,
+) -> dict[str, FeatureStore]:
+    """Compute the missing features of ``nsd_ids`` in batches and store them under ``out``.
+
+    Args:
+        ldm: a diffusers Stable Diffusion pipeline (see :func:`brainldm.ldm.load_ldm`).
+        model_id: recorded with the features, so stores of different models never mix.
+        nsd_ids: unique image ids.
+        get_item: ``nsd_id -> (image, captions)``.
+        specs: the feature spaces (see :class:`FeatureSpec`).
+    Returns:
+        name -> FeatureStore.
+    """
+    if unet_reduce not in REDUCTIONS:
+        raise InputError(f"unet_reduce must be one of {REDUCTIONS}, got {unet_reduce!r}")
+    common = {"model": model_id, "z_image_size": TAKAGI2023.z_image_size}
+    run = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
+    stores = {}
+    for spec in specs:
+        config = dict(common, feature=spec.name)
+        if spec.kind in ("zc", "unet"):
+            config.update(run, strength=spec.strength)
+        if spec.kind == "unet":
+            config["unet_reduce"] = unet_reduce
+            check_step(spec, num_inference_steps)
+        stores[spec.name] = FeatureStore(out, spec.name, config)
+
+    todo = sorted({i for store in stores.values() for i in store.missing(nsd_ids)})
+    bar = tqdm(total=len(todo), desc="features", unit="image", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        images, captions = zip(*(get_item(i) for i in batch))
+        need = {name for name, store in stores.items() if store.missing(batch)}
+        z = encode_z(ldm, images) if need - {"c"} else None
+        c = encode_c(ldm, captions) if need - {"z"} else None
+        computed = {"z": z, "c": c}
+        strengths = sorted({stores[n].config["strength"] for n in need if "strength" in stores[n].config})
+        for strength in strengths:
+            wanted = [s for s in specs if s.name in need and s.strength == strength]
+            taps = [s for s in wanted if s.kind == "unet"]
+            zc, recorded = img2img_latents(
+                ldm, z, c, batch, strength, num_inference_steps, guidance_scale, seed, taps, unet_reduce
+            )
+            computed.update(recorded)
+            computed[f"zc@{strength:g}"] = zc
+        for name in need:
+            store = stores[name]
+            rows = [k for k, i in enumerate(batch) if i in set(store.missing(batch))]
+            store.write([batch[k] for k in rows], computed[name][rows])
+        bar.update(len(batch))
+    bar.close()
+    return stores

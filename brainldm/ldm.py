@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .presets import TAKAGI2023
 
 TINY = "tiny"
+TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
 
 
@@ -102,10 +103,11 @@ def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        # cross-attention at the lower resolution only: attention over 40x40 tokens would dominate CPU time
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=4,
         norm_num_groups=16,
@@ -129,7 +131,15 @@ def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
         num_hidden_layers=2,
         projection_dim=32,
     )
-    return _assemble(unet, vae, text, seed)
+    pipe = _assemble(unet, vae, text, seed)
+    # Random weights give latents ~25x smaller than SD's; rescale the latent map (and its inverse in the decoder)
+    # so scaled z has SD's unit variance and noise levels mean the same as in Stable Diffusion.
+    with torch.no_grad():
+        channels = vae["latent_channels"]
+        pipe.vae.quant_conv.weight[:channels] *= TINY_LATENT_GAIN
+        pipe.vae.quant_conv.bias[:channels] *= TINY_LATENT_GAIN
+        pipe.vae.post_quant_conv.weight /= TINY_LATENT_GAIN
+    return pipe
 
 
 def random_sd14_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
@@ -200,7 +210,10 @@ def load_ldm(
             raise OSError(_load_error(model_id_or_dir, err)) from err
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    # Cast the models one by one: DiffusionPipeline.to(dtype) warns about fp32-only modules these models lack.
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.to(device=device, dtype=dtype)
+    return pipe
 
 
 def _load_error(model_id_or_dir: str, err: Exception) -> str:
