@@ -210,9 +210,9 @@ def load_ldm(
             raise OSError(_load_error(model_id_or_dir, err)) from err
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-    # Cast the models one by one: DiffusionPipeline.to(dtype) warns about fp32-only modules these models lack.
+    # nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules on every dtype cast, even with none
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        model.to(device=device, dtype=dtype)
+        torch.nn.Module.to(model, device=device, dtype=dtype)
     return pipe
 
 
