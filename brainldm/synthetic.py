@@ -111,6 +111,7 @@ def write_nsd_tree(
     write_hdf5: bool = False,
     ldm=None,
     features: str = "ldm",
+    n_components: int = 32,
     seed: int = 0,
 ) -> SyntheticNSD:
     """Write a small NSD tree under ``root`` with planted responses. Returns what was written and planted.
@@ -119,7 +120,8 @@ def write_nsd_tree(
     fewer if the trial count is not a multiple of 3), ``n_shared`` of them shared by all eight subjects, in
     one ``masterordering`` common to all subjects, as in NSD. ``ldm`` computes the planted z and c features;
     it defaults to ``brainldm.ldm.tiny_ldm()``. ``features="random"`` plants 16-dimensional Gaussian features
-    instead (no LDM; for benchmarks at NSD's full size, where only the file sizes matter).
+    instead (no LDM; for benchmarks at NSD's full size, where only the file sizes matter). Each responsive voxel
+    is a random mixture of the leading ``n_components`` principal components of its feature space.
     """
     if features not in ("ldm", "random"):
         raise ValueError(f"features must be 'ldm' or 'random', got {features!r}")
@@ -173,6 +175,12 @@ def write_nsd_tree(
     mean = {k: v.mean(0) for k, v in flat.items()}
     std = {k: np.maximum(v.std(0), 1e-3 * v.std()) for k, v in flat.items()}
     standardised = {k: (v - mean[k]) / std[k] for k, v in flat.items()}
+    # Voxels see the features through their leading principal components (a smooth, low-dimensional tuning,
+    # as real voxels pool over many feature dimensions), so the brain holds what a decoder can recover.
+    components = {}
+    for k, v in standardised.items():
+        _, _, vt = np.linalg.svd(v, full_matrices=False)
+        components[k] = vt[: min(n_components, len(vt))].T.astype(np.float32)  # (dim, K)
     rows = {nsd_id: i for i, nsd_id in enumerate(feature_ids.tolist())}
 
     truth = SyntheticNSD(
@@ -203,7 +211,8 @@ def write_nsd_tree(
         signal, responsive = [], []
         for name, roi in (("z", "early"), ("c", "ventral")):
             ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
-            weights = rng.standard_normal((flat[name].shape[1], len(ijk))).astype(np.float32)
+            mixing = rng.standard_normal((components[name].shape[1], len(ijk))).astype(np.float32)
+            weights = components[name] @ mixing
             response = standardised[name] @ weights
             weights /= response.std(0, keepdims=True)  # unit signal variance per voxel over images
             truth.voxels[subject][roi] = ijk

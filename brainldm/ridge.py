@@ -1,0 +1,222 @@
+"""Ridge regression with the penalty chosen per target by (grouped) k-fold cross-validation, in torch.
+
+Solver functions take and return tensors and hold no state; :class:`RidgeCV` validates input, calls them and
+stores the fitted attributes (scikit-learn style). The work per fold is one eigendecomposition of the training
+Gram matrix (``X^T X`` when n_samples >= n_features, else ``X X^T``), reused for every alpha and every batch of
+targets: with ``X = eigenbasis``, the ridge prediction for any alpha is ``L diag(1 / (e + alpha)) R``, where L and
+R do not depend on alpha. Targets are processed in batches, so Y can be far larger than GPU memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .presets import TAKAGI2023
+from .validation import InputError, check_finite
+
+SCORINGS = ("correlation", "mse")
+
+
+# --- pure functions ------------------------------------------------------------------------------------------
+
+
+def make_folds(n_samples: int, cv: int, groups: Sequence | None = None, seed: int = 0) -> list[np.ndarray]:
+    """k folds of validation indices. Samples sharing a group are always in the same fold."""
+    groups = np.arange(n_samples) if groups is None else np.asarray(groups)
+    if len(groups) != n_samples:
+        raise InputError(f"groups has {len(groups)} entries for {n_samples} samples")
+    unique, inverse = np.unique(groups, return_inverse=True)
+    if not 2 <= cv <= len(unique):
+        raise InputError(f"cv must be between 2 and the number of groups ({len(unique)}), got {cv}")
+    fold_of_group = np.empty(len(unique), dtype=np.int64)
+    fold_of_group[np.random.default_rng(seed).permutation(len(unique))] = np.arange(len(unique)) % cv
+    fold = fold_of_group[inverse]
+    return [np.flatnonzero(fold == k) for k in range(cv)]
+
+
+def correlation_score(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
+    """Pearson r per column (target) between (n, T) tensors -> (T,). A constant column scores 0."""
+    yt = y_true - y_true.mean(0)
+    yp = y_pred - y_pred.mean(0)
+    denominator = (yt.norm(dim=0) * yp.norm(dim=0)).clamp_min(torch.finfo(yt.dtype).tiny)
+    return (yt * yp).sum(0) / denominator
+
+
+def neg_mse_score(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
+    """Negative mean squared error per column -> (T,), so that higher is better for every scoring."""
+    return -((y_true - y_pred) ** 2).mean(0)
+
+
+def gram_eigh(X: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of X's smaller Gram matrix -> (form, eigenvalues, eigenvectors).
+
+    ``primal``: X^T X = V diag(e) V^T (n_samples >= n_features); ``dual``: X X^T = U diag(e) U^T.
+    """
+    primal = X.shape[0] >= X.shape[1]
+    gram = X.T @ X if primal else X @ X.T
+    e, vectors = torch.linalg.eigh(gram)
+    return ("primal" if primal else "dual"), e.clamp_min(0), vectors
+
+
+def ridge_factors(
+    X_train: torch.Tensor, Y_train: torch.Tensor, X_eval: torch.Tensor | None, decomposition
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) such that the ridge prediction at X_eval, for any alpha, is ``L @ (R / (e + alpha)[:, None])``.
+
+    With ``X_eval=None``, L is the map from the eigenbasis back to features, so ``L @ (R / (e + alpha))`` is the
+    coefficient matrix (n_features, n_targets) itself.
+    """
+    form, _, vectors = decomposition
+    if form == "primal":
+        right = vectors.T @ (X_train.T @ Y_train)
+        left = vectors if X_eval is None else X_eval @ vectors
+    else:
+        right = vectors.T @ Y_train
+        left = X_train.T @ vectors if X_eval is None else (X_eval @ X_train.T) @ vectors
+    return left, right
+
+
+def ridge_cv_scores(
+    X: torch.Tensor,
+    Y: torch.Tensor | np.ndarray,
+    alphas: torch.Tensor,
+    folds: list[np.ndarray],
+    scoring: str = "correlation",
+    target_batch_size: int = 4096,
+) -> torch.Tensor:
+    """Mean validation score over folds for every alpha and target -> (n_alphas, n_targets), on X's device.
+
+    X (n_samples, n_features) lives on the compute device; Y (n_samples, n_targets) may stay on the CPU and is
+    moved one target batch at a time. Each fold's training data are centred on their own means (intercept).
+    """
+    score = correlation_score if scoring == "correlation" else neg_mse_score
+    n, n_targets = Y.shape
+    scores = torch.zeros(len(alphas), n_targets, device=X.device, dtype=X.dtype)
+    for validation in folds:
+        train = np.setdiff1d(np.arange(n), validation)
+        train_t = torch.from_numpy(train).to(X.device)
+        X_mean = X[train_t].mean(0)
+        X_train, X_val = X[train_t] - X_mean, X[torch.from_numpy(validation).to(X.device)] - X_mean
+        decomposition = gram_eigh(X_train)
+        e = decomposition[1]
+        for start in range(0, n_targets, target_batch_size):
+            Y_batch = _to(Y[:, start : start + target_batch_size], X)
+            Y_mean = Y_batch[train_t].mean(0)
+            left, right = ridge_factors(X_train, Y_batch[train_t] - Y_mean, X_val, decomposition)
+            for a, alpha in enumerate(alphas):
+                prediction = left @ (right / (e + alpha)[:, None]) + Y_mean
+                scores[a, start : start + target_batch_size] += score(Y_batch[validation], prediction)
+    return scores / len(folds)
+
+
+def solve_ridge(
+    X: torch.Tensor,
+    Y: torch.Tensor | np.ndarray,
+    alphas: torch.Tensor,
+    target_batch_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge with an intercept and one alpha per target (n_targets,) -> coef (n_features, n_targets), intercept.
+
+    One eigendecomposition for all targets; coef and intercept are returned on the CPU.
+    """
+    X_mean = X.mean(0)
+    X_centred = X - X_mean
+    decomposition = gram_eigh(X_centred)
+    e = decomposition[1]
+    n_targets = Y.shape[1]
+    coef = torch.empty(X.shape[1], n_targets, dtype=X.dtype)
+    intercept = torch.empty(n_targets, dtype=X.dtype)
+    for start in range(0, n_targets, target_batch_size):
+        stop = min(start + target_batch_size, n_targets)
+        Y_batch = _to(Y[:, start:stop], X)
+        Y_mean = Y_batch.mean(0)
+        left, right = ridge_factors(X_centred, Y_batch - Y_mean, None, decomposition)
+        weights = left @ (right / (e[:, None] + alphas[start:stop].to(X)[None, :]))
+        coef[:, start:stop] = weights.cpu()
+        intercept[start:stop] = (Y_mean - X_mean @ weights).cpu()
+    return coef, intercept
+
+
+def _to(array, like: torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+    return tensor.to(device=like.device, dtype=like.dtype)
+
+
+# --- the estimator -------------------------------------------------------------------------------------------
+
+
+class RidgeCV:
+    """Ridge regression, alpha chosen per target by k-fold cross-validation (optionally grouped).
+
+    Args:
+        alphas: candidate penalties (all > 0). Default: the preset's.
+        cv: number of folds.
+        scoring: ``"correlation"`` (Pearson r on each validation fold, the default) or ``"mse"``.
+        device: where to compute (default: CUDA when available). Y stays on the CPU between target batches.
+        dtype: compute dtype (float32 default; float64 for tight agreement with float64 solvers).
+        target_batch_size: targets per batch; lower it if GPU memory runs out.
+        random_state: seed of the fold assignment.
+
+    Attributes (after ``fit``):
+        coef_: (n_features, n_targets) CPU tensor.  intercept_: (n_targets,).
+        best_alphas_: (n_targets,) chosen alpha per target.  cv_scores_: (n_alphas, n_targets) mean CV score.
+    """
+
+    def __init__(
+        self,
+        alphas: Sequence[float] = TAKAGI2023.alphas,
+        cv: int = TAKAGI2023.cv_folds,
+        scoring: str = "correlation",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        target_batch_size: int = 4096,
+        random_state: int = 0,
+    ):
+        self.alphas = alphas
+        self.cv = cv
+        self.scoring = scoring
+        self.device = device
+        self.dtype = dtype
+        self.target_batch_size = target_batch_size
+        self.random_state = random_state
+
+    def fit(self, X, Y, groups: Sequence | None = None) -> RidgeCV:
+        """Fit on X (n_samples, n_features) and Y (n_samples, n_targets); ``groups`` keeps samples together in CV."""
+        alphas = np.asarray(self.alphas, dtype=np.float64).ravel()
+        if alphas.size == 0 or not np.all(alphas > 0):
+            raise InputError(f"alphas must all be > 0, got {alphas.tolist()}")
+        if self.scoring not in SCORINGS:
+            raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+            raise InputError(
+                f"expected X (n_samples, n_features) and Y (n_samples, n_targets), got {X.shape}, {Y.shape}"
+            )
+        check_finite("X", X)
+        check_finite("Y", Y)
+        device = (
+            torch.device(self.device) if self.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        X_t = _to(X, torch.empty(0, device=device, dtype=self.dtype))
+        alphas_t = torch.as_tensor(alphas, device=device, dtype=self.dtype)
+
+        folds = make_folds(X.shape[0], self.cv, groups, self.random_state)
+        scores = ridge_cv_scores(X_t, Y, alphas_t, folds, self.scoring, self.target_batch_size)
+        best = scores.argmax(0)
+        self.cv_scores_ = scores.cpu()
+        self.best_alphas_ = alphas_t[best].cpu()
+        self.coef_, self.intercept_ = solve_ridge(X_t, Y, alphas_t[best], self.target_batch_size)
+        return self
+
+    def predict(self, X):
+        """X (n_samples, n_features) -> (n_samples, n_targets); numpy in, numpy out."""
+        if not hasattr(self, "coef_"):
+            raise InputError("this RidgeCV is not fitted yet; call fit first")
+        is_numpy = isinstance(X, np.ndarray)
+        X_t = torch.as_tensor(X, dtype=self.coef_.dtype)
+        if X_t.shape[-1] != self.coef_.shape[0]:
+            raise InputError(f"X has {X_t.shape[-1]} features but the model was fit on {self.coef_.shape[0]}")
+        prediction = X_t @ self.coef_ + self.intercept_
+        return prediction.numpy() if is_numpy else prediction

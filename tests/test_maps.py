@@ -1,0 +1,188 @@
+"""SubjectMaps: recovery of planted features, exact round trips, the Hub doors, compact forms, clear errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from brainldm import maps as maps_module
+from brainldm.data import load_trials, load_voxels
+from brainldm.features import load_features
+from brainldm.maps import SubjectMaps, fit_subject_maps, reduced_rank
+from brainldm.metrics import two_way_identification
+from brainldm.validation import InputError
+
+
+def _test_betas(world, subject=1):
+    test = load_trials(world.data, subject, "test").with_format("numpy")
+    return np.asarray(test["betas"]), np.asarray(test["nsd_id"])
+
+
+def test_planted_z_and_c_are_recovered_at_high_snr(decoding_world):
+    scores = decoding_world.maps.config["scores"]
+    assert scores["z"]["identification"] >= 0.95
+    assert scores["c"]["identification"] >= 0.95
+    # and the reported score is what predict gives
+    betas, ids = _test_betas(decoding_world)
+    z, c = decoding_world.maps.predict(betas)
+    assert z.shape == (len(ids), 4, 40, 40) and c.shape == (len(ids), 77, 32)
+    true_z = load_features(decoding_world.features, "z", ids)
+    assert np.mean(two_way_identification(z.numpy(), true_z)) == pytest.approx(scores["z"]["identification"])
+
+
+def test_save_and_load_round_trip_exactly(decoding_world, tmp_path):
+    maps = decoding_world.maps
+    maps.save_pretrained(tmp_path / "m")
+    loaded = SubjectMaps.from_pretrained(tmp_path / "m")
+    assert loaded.config == maps.config
+    for name in ("z", "c"):
+        for field in ("weight", "intercept", "mean", "std", "voxels", "ijk", "best_alphas"):
+            assert torch.equal(getattr(getattr(loaded, name), field), getattr(getattr(maps, name), field))
+    betas, _ = _test_betas(decoding_world)
+    for a, b in zip(loaded.predict(betas), maps.predict(betas)):
+        assert torch.equal(a, b)
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == maps.config
+
+
+def test_from_pretrained_works_offline_from_the_hub_cache(decoding_world, tmp_path):
+    decoding_world.maps.save_pretrained(tmp_path / "m")
+    cache = tmp_path / "cache"
+    repo = cache / "models--someone--brainldm-subj01"
+    commit = "1" * 40
+    shutil.copytree(tmp_path / "m", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = SubjectMaps.from_pretrained("someone/brainldm-subj01", cache_dir=cache)  # HF_HUB_OFFLINE=1 in tests
+    assert loaded.config == decoding_world.maps.config
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE=1 the maps must already be in the Hugging Face cache"):
+        SubjectMaps.from_pretrained("someone/not-cached", cache_dir=cache)
+
+
+def test_model_card_carries_the_metadata(decoding_world, tmp_path):
+    maps = SubjectMaps(decoding_world.maps.z, decoding_world.maps.c, dict(decoding_world.maps.config))
+    maps.config.update(model_id="CompVis/stable-diffusion-v1-4", data="someone/nsd-trials")
+    maps.save_pretrained(tmp_path / "m")
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    assert card.data.library_name == "brainldm"
+    assert card.data.base_model == "CompVis/stable-diffusion-v1-4"
+    assert card.data.datasets == ["someone/nsd-trials"]
+    assert set(card.data.metrics) == {"pearsonr", "accuracy"}
+    assert "SubjectMaps.from_pretrained" in card.text and "2-way identification" in card.text
+
+
+def test_push_to_hub_uploads_the_folder(decoding_world, monkeypatch, tmp_path):
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            uploaded["private"] = private
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploaded["files"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
+
+    monkeypatch.setattr(maps_module, "HfApi", FakeApi)
+    url = decoding_world.maps.push_to_hub("someone/maps", private=True)
+    assert url.endswith("someone/maps") and uploaded == {
+        "private": True,
+        "files": ["README.md", "config.json", "maps.safetensors"],
+    }
+
+
+def test_compact_maps_keep_decoding_and_shrink(decoding_world, tmp_path):
+    full = decoding_world.maps
+    compact = fit_subject_maps(
+        decoding_world.data, decoding_world.features, 1, c_rank=24, z_rank=24, storage_dtype="float16", device="cpu"
+    )
+    assert compact.c.rank == 24 and compact.nbytes < full.nbytes / 4
+    for name in ("z", "c"):
+        assert compact.config["scores"][name]["pattern_r"] >= 0.99 * full.config["scores"][name]["pattern_r"]
+    compact.save_pretrained(tmp_path / "c")
+    loaded = SubjectMaps.from_pretrained(tmp_path / "c")
+    betas, _ = _test_betas(decoding_world)
+    torch.testing.assert_close(loaded.predict(betas)[1], compact.predict(betas)[1], atol=2e-2, rtol=2e-2)
+    assert (tmp_path / "c" / "maps.safetensors").stat().st_size < 0.3 * full.nbytes
+
+
+def test_reduced_rank_is_exact_at_full_rank_and_beats_plain_svd():
+    rng = np.random.default_rng(0)
+    X = torch.from_numpy(rng.standard_normal((200, 15)) * np.linspace(0.1, 5, 15))
+    W = torch.from_numpy(rng.standard_normal((15, 40)))
+    left, right = reduced_rank(W, X.T @ X, 15)
+    torch.testing.assert_close(left @ right, W)
+    left, right = reduced_rank(W, X.T @ X, 4)
+    u, s, vt = torch.linalg.svd(W, full_matrices=False)
+    svd = (u[:, :4] * s[:4]) @ vt[:4]
+    assert torch.linalg.norm(X @ (W - left @ right)) < torch.linalg.norm(X @ (W - svd))
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_betas_of_another_subject_are_refused(decoding_world):
+    betas, _ = _test_betas(decoding_world, subject=2)
+    with pytest.raises(InputError, match="fitted on subject 1's voxel table"):
+        decoding_world.maps.predict(betas, voxels=load_voxels(decoding_world.data, 2))
+    with pytest.raises(InputError, match="are these betas from another subject"):
+        decoding_world.maps.predict(betas[:, :-1])
+
+
+def test_features_missing_for_some_images(decoding_world, tmp_path):
+    partial = tmp_path / "features"
+    shutil.copytree(decoding_world.features, partial)
+    shards = sorted((partial / "c").glob("shard-*.safetensors"))
+    shards[0].unlink()  # the first shards hold subject 1 images
+    with pytest.raises(InputError, match="c features are missing for"):
+        fit_subject_maps(decoding_world.data, partial, 1, device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign"])
+def test_corrupt_or_foreign_safetensors_are_named(decoding_world, tmp_path, damage):
+    decoding_world.maps.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "maps.safetensors"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        match = "truncated or not a safetensors file"
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(2)}, str(path))
+        match = "not brainldm subject maps"
+    with pytest.raises(InputError, match=match):
+        SubjectMaps.from_pretrained(tmp_path / "m")
+
+
+def test_nan_betas_and_bad_alphas_are_refused(decoding_world):
+    betas, _ = _test_betas(decoding_world)
+    betas = betas.copy()
+    betas[0, 5] = np.nan
+    with pytest.raises(InputError, match="betas contains 1 NaN"):
+        decoding_world.maps.predict(betas)
+    with pytest.raises(InputError, match="alphas must all be > 0"):
+        fit_subject_maps(decoding_world.data, decoding_world.features, 1, alphas=[1.0, 0.0], device="cpu")
+
+
+def test_fit_maps_script_writes_loadable_maps(decoding_world, tmp_path):
+    args = ["--data", str(decoding_world.data), "--features", str(decoding_world.features), "--subject", "2"]
+    run = subprocess.run(
+        [sys.executable, "scripts/fit_maps.py", *args, "--out", str(tmp_path / "w"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "2-way identification" in run.stdout
+    assert SubjectMaps.from_pretrained(tmp_path / "w").subject == 2
+    bad = subprocess.run(
+        [sys.executable, "scripts/fit_maps.py", *args, "--out", str(tmp_path / "x"), "--alphas", "1,-2"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("error: alphas must all be > 0")
+    assert not (tmp_path / "x").exists()

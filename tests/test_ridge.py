@@ -1,0 +1,118 @@
+"""RidgeCV: exact ridge solutions, per-target alpha by grouped CV, batching, and clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge
+from sklearn.linear_model import RidgeCV as SklearnRidgeCV
+
+from brainldm.ridge import RidgeCV, make_folds
+from brainldm.validation import InputError
+
+
+def _problem(n=240, p=30, t=6, seed=0, noise=1.0):
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((n, p)) * 2 + 0.5).astype(np.float32)
+    W = rng.standard_normal((p, t)).astype(np.float32)
+    Y = (X @ W + noise * rng.standard_normal((n, t)) * 6 + 3).astype(np.float32)
+    return X, Y
+
+
+@pytest.mark.parametrize("n, p", [(200, 40), (40, 120)])  # primal (n >= p) and dual (n < p) forms
+@pytest.mark.parametrize("alpha", [0.5, 50.0, 5000.0])
+def test_matches_sklearn_ridge_with_intercept_at_a_fixed_alpha(n, p, alpha):
+    X, Y = _problem(n, p)
+    ours = RidgeCV(alphas=[alpha], cv=2, device="cpu").fit(X, Y)
+    theirs = Ridge(alpha=alpha, fit_intercept=True).fit(X.astype(np.float64), Y.astype(np.float64))
+    X_new = np.random.default_rng(1).standard_normal((25, p)).astype(np.float32)
+    expected = theirs.predict(X_new.astype(np.float64))
+    assert np.abs(ours.predict(X_new) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_cv_scores_equal_brute_force_refits_per_fold():
+    X, Y = _problem(n=150, p=12, t=4, noise=3.0)
+    alphas = [0.1, 10.0, 1000.0]
+    groups = np.repeat(np.arange(50), 3)
+    model = RidgeCV(alphas=alphas, cv=3, device="cpu", dtype=torch.float64).fit(X, Y, groups=groups)
+    folds = make_folds(len(X), 3, groups, seed=0)
+    expected = np.zeros((len(alphas), Y.shape[1]))
+    for validation in folds:
+        train = np.setdiff1d(np.arange(len(X)), validation)
+        for a, alpha in enumerate(alphas):
+            pred = Ridge(alpha=alpha).fit(X[train], Y[train]).predict(X[validation])
+            for t in range(Y.shape[1]):
+                expected[a, t] += np.corrcoef(pred[:, t], Y[validation, t])[0, 1] / len(folds)
+    np.testing.assert_allclose(model.cv_scores_.numpy(), expected, atol=1e-6)
+    np.testing.assert_array_equal(model.best_alphas_.numpy(), np.asarray(alphas)[expected.argmax(0)])
+
+
+def test_alpha_is_chosen_per_target():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 20)).astype(np.float32)
+    clean = X @ rng.standard_normal(20).astype(np.float32)  # no noise: wants the smallest penalty
+    noise = rng.standard_normal(300).astype(np.float32)  # nothing to learn: wants the largest
+    model = RidgeCV(alphas=[1e-2, 1e1, 1e6], cv=5, scoring="mse", device="cpu").fit(X, np.stack([clean, noise], 1))
+    assert model.best_alphas_.tolist() == pytest.approx([1e-2, 1e6])
+
+
+def test_groups_never_straddle_folds():
+    groups = np.repeat(np.arange(40), 3)[np.random.default_rng(0).permutation(120)]
+    folds = make_folds(120, 5, groups)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(120))
+    for k, fold in enumerate(folds):
+        others = np.concatenate([f for j, f in enumerate(folds) if j != k])
+        assert not set(groups[fold]) & set(groups[others])
+
+
+def test_target_batches_do_not_change_the_result():
+    X, Y = _problem(t=10, noise=2.0)
+    one = RidgeCV(alphas=[1.0, 100.0, 1e4], device="cpu").fit(X, Y)
+    batched = RidgeCV(alphas=[1.0, 100.0, 1e4], device="cpu", target_batch_size=3).fit(X, Y)
+    torch.testing.assert_close(one.coef_, batched.coef_)
+    torch.testing.assert_close(one.cv_scores_, batched.cv_scores_)
+
+
+def test_held_out_correlation_at_least_sklearn_ridgecv():
+    rng = np.random.default_rng(3)
+    latent = rng.standard_normal((300, 10)).astype(np.float32)
+    mixing = rng.standard_normal((10, 80)).astype(np.float32)
+    readout = rng.standard_normal((10, 40)).astype(np.float32)
+    images = np.repeat(np.arange(200), 3)
+    X = latent[images] @ mixing + 3 * rng.standard_normal((600, 80)).astype(np.float32)
+    Y = latent[images] @ readout + 2 * rng.standard_normal((600, 40)).astype(np.float32)
+    X_test, Y_test = (
+        latent[200:] @ mixing + 3 * rng.standard_normal((100, 80)).astype(np.float32),
+        latent[200:] @ readout,
+    )
+    alphas = np.logspace(-1, 5, 8)
+    ours = RidgeCV(alphas=alphas, device="cpu").fit(X, Y, groups=images).predict(X_test)
+    theirs = SklearnRidgeCV(alphas=alphas, alpha_per_target=True).fit(X, Y).predict(X_test)
+
+    def mean_r(pred):
+        return np.mean([np.corrcoef(pred[:, t], Y_test[:, t])[0, 1] for t in range(Y.shape[1])])
+
+    assert mean_r(ours) >= mean_r(theirs)
+
+
+@pytest.mark.parametrize("alphas", [[0.0, 1.0], [-1.0], []])
+def test_non_positive_alphas_are_rejected(alphas):
+    X, Y = _problem()
+    with pytest.raises(InputError, match="alphas must all be > 0"):
+        RidgeCV(alphas=alphas, device="cpu").fit(X, Y)
+
+
+@pytest.mark.parametrize("where", ["X", "Y"])
+def test_nan_input_is_rejected(where):
+    X, Y = _problem()
+    (X if where == "X" else Y)[3, 2] = np.nan
+    with pytest.raises(InputError, match=f"{where} contains 1 NaN"):
+        RidgeCV(device="cpu").fit(X, Y)
+
+
+def test_predict_before_fit_and_wrong_width_are_errors():
+    X, Y = _problem()
+    with pytest.raises(InputError, match="not fitted"):
+        RidgeCV().predict(X)
+    model = RidgeCV(alphas=[1.0], device="cpu").fit(X, Y)
+    with pytest.raises(InputError, match="X has 29 features but the model was fit on 30"):
+        model.predict(X[:, 1:])
