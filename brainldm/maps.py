@@ -28,7 +28,7 @@ from .data import VoxelTable, load_trials, load_voxels
 from .features import FeatureStore
 from .metrics import dimension_correlation, pattern_correlation, two_way_identification
 from .presets import TAKAGI2023
-from .ridge import RidgeCV
+from .ridge import RidgeCV, reduced_rank
 from .validation import InputError, check_finite, oneline
 
 WEIGHTS_FILE = "maps.safetensors"
@@ -102,21 +102,6 @@ class LinearMap:
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> LinearMap:
         get = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         return cls(**get)
-
-
-def reduced_rank(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rank-r map closest to ``weight`` in training predictions: argmin ||X (W - A B)||_F -> (A, B).
-
-    ``gram`` is X^T X of the (standardised) training data. The rows of B span the top-r right singular vectors
-    of X W, so X A B is the best rank-r approximation of the training predictions X W.
-    """
-    e, v = torch.linalg.eigh(gram)
-    sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T
-    m = sqrt_gram @ weight  # X W and S W have the same right singular vectors and values
-    lam, q = torch.linalg.eigh(m @ m.T)
-    lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
-    right = (q.T @ m) / lam.clamp_min(torch.finfo(m.dtype).tiny).sqrt()[:, None]
-    return weight @ right.T, right
 
 
 def fit_linear_map(

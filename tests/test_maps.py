@@ -13,8 +13,9 @@ from huggingface_hub import ModelCard
 from brainldm import maps as maps_module
 from brainldm.data import load_trials, load_voxels
 from brainldm.features import load_features
-from brainldm.maps import SubjectMaps, fit_subject_maps, reduced_rank
+from brainldm.maps import SubjectMaps, fit_subject_maps
 from brainldm.metrics import two_way_identification
+from brainldm.ridge import reduced_rank
 from brainldm.validation import InputError
 
 

@@ -1,0 +1,287 @@
+"""Reconstruction: from decoded (z, c) to the paper's three images, Xz, Xc and Xzc.
+
+``Reconstructor(ldm)(z, c)`` reads top to bottom as the method (Takagi & Nishimoto, CVPR 2023, sec. 3.3):
+
+1. Xz: decode z with the VAE (a 320 px image for SD-1.x) and upsample it to the output size (512).
+2. Xc: generate from c alone (text-to-image from pure noise), classifier-free guidance against "".
+3. Xzc: img2img: re-encode Xz at 512, noise it to ``strength``, DDIM-denoise conditioned on c with guidance.
+
+Steps 2 and 3 are diffusers' own pipelines (StableDiffusionPipeline / StableDiffusionImg2ImgPipeline) built on
+the LDM's components, so the sampler is diffusers', not a re-implementation. Noise is seeded per sample
+(``seed + sample``), so an image's reconstruction does not depend on the batch it ran in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .features import empty_prompt_embedding
+from .presets import TAKAGI2023
+from .validation import InputError, check_finite
+
+
+@dataclass
+class Reconstruction:
+    """Images as uint8 arrays. Xz: (n, H, W, 3); Xc and Xzc: (n, num_samples, H, W, 3)."""
+
+    Xz: np.ndarray
+    Xc: np.ndarray
+    Xzc: np.ndarray
+
+
+class Reconstructor:
+    """Turns predicted (z, c) into Xz, Xc and Xzc with a Stable Diffusion img2img pipeline's components."""
+
+    def __init__(self, ldm, output_size: int = TAKAGI2023.output_size):
+        self.img2img = ldm
+        # the safety checker belongs to public text-to-image serving; reconstructions are research outputs
+        components = dict(ldm.components, safety_checker=None, feature_extractor=None)
+        self.txt2img = StableDiffusionPipeline(**components, requires_safety_checker=False)
+        self.txt2img.set_progress_bar_config(disable=True)
+        self.output_size = output_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.img2img.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img2img.unet.dtype
+
+    def check_inputs(self, z, c, strength: float, num_inference_steps: int, num_samples: int) -> None:
+        vae, unet = self.img2img.vae, self.img2img.unet
+        if z.ndim != 4 or z.shape[1] != vae.config.latent_channels:
+            raise InputError(
+                f"z must be (n, {vae.config.latent_channels}, h, w) for this LDM, got {tuple(z.shape)}; "
+                "were the maps fitted for another model?"
+            )
+        expected_c = (self.img2img.tokenizer.model_max_length, unet.config.cross_attention_dim)
+        if c.ndim != 3 or tuple(c.shape[1:]) != expected_c:
+            raise InputError(
+                f"c must be (n, {expected_c[0]}, {expected_c[1]}) for this LDM, got {tuple(c.shape)}; "
+                "were the maps fitted for another model?"
+            )
+        if len(z) != len(c):
+            raise InputError(f"z and c hold different numbers of items ({len(z)} and {len(c)})")
+        if not 0 < strength <= 1:
+            raise InputError(f"strength must be in (0, 1], got {strength}")
+        if num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if num_samples < 1:
+            raise InputError(f"num_samples must be >= 1, got {num_samples}")
+        if int(num_inference_steps * strength) < 1:
+            raise InputError(
+                f"strength {strength} x {num_inference_steps} steps runs no denoising step; raise either of them"
+            )
+        check_finite("z", z)
+        check_finite("c", c)
+
+    @torch.no_grad()
+    def decode_z(self, z: torch.Tensor) -> torch.Tensor:
+        """Xz as a tensor in [-1, 1]: the VAE decode of z, upsampled to the output size -> (n, 3, size, size)."""
+        vae = self.img2img.vae
+        image = vae.decode(z.to(self.device, self.dtype) / vae.config.scaling_factor).sample
+        if image.shape[-1] != self.output_size:
+            image = F.interpolate(image.float(), size=self.output_size, mode="bicubic", align_corners=False)
+        return image.clamp(-1, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        z: torch.Tensor,
+        c: torch.Tensor,
+        strength: float = TAKAGI2023.strength,
+        guidance_scale: float = TAKAGI2023.guidance_scale,
+        num_inference_steps: int = TAKAGI2023.num_inference_steps,
+        seed: int = TAKAGI2023.seed,
+        num_samples: int = 1,
+        include_xc: bool = True,
+    ) -> Reconstruction:
+        """Reconstruct n images from z (n, 4, h, w) and c (n, 77, hidden).
+
+        Returns Xz once per image and num_samples of Xc and Xzc. ``include_xc=False`` skips Xc (a full-length
+        generation) when only Xzc is wanted; Xc is then returned empty.
+        """
+        z, c = torch.as_tensor(z), torch.as_tensor(c)
+        self.check_inputs(z, c, strength, num_inference_steps, num_samples)
+        n = len(z)
+
+        # 1. Xz
+        xz = self.decode_z(z)
+
+        # every (image, sample) pair is one item of the diffusion batch; its noise depends on its sample only
+        xz_items = ((xz + 1) / 2).repeat_interleave(num_samples, dim=0).to(self.dtype)  # diffusers wants [0, 1]
+        c_items = c.to(self.device, self.dtype).repeat_interleave(num_samples, dim=0)
+        uncond = empty_prompt_embedding(self.img2img).to(self.device, self.dtype).expand(len(c_items), -1, -1)
+
+        def generators() -> list[torch.Generator]:
+            return [torch.Generator().manual_seed(seed + s) for _ in range(n) for s in range(num_samples)]
+
+        # 2. Xc: text-to-image from c alone
+        if include_xc:
+            xc = self.txt2img(
+                prompt_embeds=c_items,
+                negative_prompt_embeds=uncond,
+                height=self.output_size,
+                width=self.output_size,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators(),
+                output_type="np",
+            ).images
+        else:
+            xc = np.zeros((0, self.output_size, self.output_size, 3), dtype=np.float32)
+
+        # 3. Xzc: img2img from Xz, conditioned on c
+        xzc = self.img2img(
+            image=xz_items,
+            prompt_embeds=c_items,
+            negative_prompt_embeds=uncond,
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators(),
+            output_type="np",
+        ).images
+
+        size = self.output_size
+        return Reconstruction(
+            Xz=to_uint8((xz.float().permute(0, 2, 3, 1).cpu().numpy() + 1) / 2),
+            Xc=to_uint8(xc).reshape(n if include_xc else 0, num_samples, size, size, 3),
+            Xzc=to_uint8(xzc).reshape(n, num_samples, size, size, 3),
+        )
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] -> uint8."""
+    return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+# --- test-set runs: PNGs per trial, resumable, sharded over processes ----------------------------------------
+
+
+def trial_folder(out: str | Path, subject: int, split: str, row: int) -> Path:
+    return Path(out) / f"subj{subject:02d}" / f"{split}-{row:05d}"
+
+
+def is_done(folder: Path) -> bool:
+    """meta.json is written last, so its presence means the trial's images are complete."""
+    return (folder / "meta.json").exists()
+
+
+def reconstruct_trials(
+    reconstructor: Reconstructor,
+    maps,
+    data: str | Path,
+    subject: int,
+    out: str | Path,
+    split: str = "test",
+    rows: Sequence[int] | None = None,
+    num_samples: int = 1,
+    batch_size: int = 1,
+    strength: float = TAKAGI2023.strength,
+    guidance_scale: float = TAKAGI2023.guidance_scale,
+    num_inference_steps: int = TAKAGI2023.num_inference_steps,
+    seed: int = TAKAGI2023.seed,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> list[Path]:
+    """Reconstruct trials of a split into ``OUT/subjNN/<split>-<row>/`` (original, Xz, Xc_k, Xzc_k PNGs, meta.json).
+
+    The requested rows are sharded by position over ``num_processes`` before anything is skipped, so concurrent
+    processes never share a trial; each skips its finished trials (resume). Returns this process's folders.
+    """
+    from .data import load_trials, load_voxels
+
+    trials = load_trials(data, subject, split)
+    rows = list(range(len(trials))) if rows is None else [int(r) for r in rows]
+    bad = [r for r in rows if not 0 <= r < len(trials)]
+    if bad:
+        raise InputError(f"trial {bad[0]} is out of range: the {split} split of subject {subject} has {len(trials)}")
+    voxels = load_voxels(data, subject)
+    maps.check_voxels(voxels)
+    mine = rows[process_index::num_processes]
+    todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
+    log = Path(out) / f"subj{subject:02d}" / f"done.process{process_index}.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc=f"reconstruct [{process_index}]", unit="image", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        items = trials.select(batch)
+        z, c = maps.predict(np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device)
+        result = reconstructor(
+            z, c, strength, guidance_scale, num_inference_steps, seed=seed, num_samples=num_samples
+        )  # fmt: skip
+        for k, row in enumerate(batch):
+            item = items[k]
+            images = {"original": np.asarray(item["image"].convert("RGB")), "Xz": result.Xz[k]}
+            for s in range(num_samples):
+                images[f"Xc_{s}"] = result.Xc[k, s]
+                images[f"Xzc_{s}"] = result.Xzc[k, s]
+            meta = {
+                "subject": subject,
+                "split": split,
+                "row": row,
+                "nsd_id": int(item["nsd_id"]),
+                "captions": item["captions"],
+                "num_samples": num_samples,
+                "strength": strength,
+                "guidance_scale": guidance_scale,
+                "num_inference_steps": num_inference_steps,
+                "seed": seed,
+                "model_id": maps.model_id,
+                "process_index": process_index,
+            }
+            _write_trial(trial_folder(out, subject, split, row), images, meta)
+            with log.open("a") as f:
+                f.write(f"{row}\n")
+        bar.update(len(batch))
+    bar.close()
+    return [trial_folder(out, subject, split, r) for r in mine]
+
+
+def _write_trial(folder: Path, images: dict[str, np.ndarray], meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        tmp = folder / f".{name}.tmp.png"
+        Image.fromarray(image).save(tmp)
+        tmp.replace(folder / f"{name}.png")
+    tmp = folder / ".meta.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(folder / "meta.json")
+
+
+def load_trial_images(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, {name: image}) of a finished trial folder."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    images = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))}
+    return meta, images
+
+
+def write_contact_sheet(folders: Sequence[Path], path: str | Path, max_rows: int = 12) -> Path:
+    """One row per trial: original, Xz, then Xc and Xzc for each sample."""
+    from .viz import contact_sheet
+
+    rows, titles, columns = [], [], []
+    for folder in [f for f in folders if is_done(f)][:max_rows]:
+        meta, images = load_trial_images(folder)
+        samples = range(meta["num_samples"])
+        columns = ["original", "Xz"] + [f"Xc {s}" for s in samples] + [f"Xzc {s}" for s in samples]
+        keys = ["original", "Xz"] + [f"Xc_{s}" for s in samples] + [f"Xzc_{s}" for s in samples]
+        rows.append([images[k] for k in keys])
+        titles.append(f"nsd {meta['nsd_id']}")
+    if not rows:
+        raise InputError("no finished reconstructions to put on a contact sheet")
+    return contact_sheet(rows, path, column_titles=columns, row_titles=titles)

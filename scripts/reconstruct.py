@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Reconstruct seen images from a subject's test trials: original, Xz, Xc and Xzc PNGs plus a contact sheet.
+
+Rerunning skips finished trials. Data-parallel over GPUs and nodes with accelerate (the trial list is sharded):
+  accelerate launch --multi_gpu --num_processes 4 scripts/reconstruct.py --maps weights/subj01 --data DATA \
+      --subject 1 --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_rows(text: str | None) -> list[int] | None:
+    """'0:10' (a slice) or '3,7,9' (a list) -> row indices; None for all."""
+    if not text:
+        return None
+    if ":" in text:
+        start, stop = text.split(":")
+        return list(range(int(start or 0), int(stop)))
+    return [int(t) for t in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from brainldm.presets import TAKAGI2023
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--maps", required=True, help="SubjectMaps: local folder or Hub model repo id")
+    parser.add_argument("--data", required=True, help="prepared dataset: local folder or Hub dataset repo id")
+    parser.add_argument("--subject", type=int, required=True)
+    parser.add_argument("--split", default="test", choices=["test", "train"])
+    parser.add_argument("--trials", help="rows of the split: '0:10' or '3,7,9' (default: all)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--samples", type=int, default=1, help=f"samples per image (paper: {TAKAGI2023.num_samples})")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per diffusion batch")
+    parser.add_argument("--model", help="LDM id or folder (default: the one the maps were fitted for)")
+    parser.add_argument("--strength", type=float, default=TAKAGI2023.strength)
+    parser.add_argument("--guidance", type=float, default=TAKAGI2023.guidance_scale)
+    parser.add_argument("--steps", type=int, default=TAKAGI2023.num_inference_steps)
+    parser.add_argument("--seed", type=int, default=TAKAGI2023.seed)
+    args = parser.parse_args(argv)
+
+    import torch
+    from accelerate import PartialState
+
+    from brainldm.ldm import load_ldm
+    from brainldm.maps import SubjectMaps
+    from brainldm.reconstruct import Reconstructor, reconstruct_trials, write_contact_sheet
+    from brainldm.validation import InputError
+
+    # cpu=True lets accelerate form a multi-process CPU group (gloo) when launched without GPUs
+    state = PartialState(cpu=not torch.cuda.is_available())
+    try:
+        maps = SubjectMaps.from_pretrained(args.maps)
+        if maps.subject != args.subject:
+            raise InputError(f"--maps are subject {maps.subject}'s but --subject is {args.subject}")
+        ldm = load_ldm(args.model or maps.model_id, device=state.device)
+        folders = reconstruct_trials(
+            Reconstructor(ldm),
+            maps,
+            args.data,
+            args.subject,
+            args.out,
+            split=args.split,
+            rows=parse_rows(args.trials),
+            num_samples=args.samples,
+            batch_size=args.batch_size,
+            strength=args.strength,
+            guidance_scale=args.guidance,
+            num_inference_steps=args.steps,
+            seed=args.seed,
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            progress=True,
+        )
+    except (InputError, OSError) as err:
+        sys.exit(f"error: {err}")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        from pathlib import Path
+
+        subject_dir = Path(args.out) / f"subj{args.subject:02d}"
+        every = sorted(subject_dir.glob(f"{args.split}-*"))
+        sheet = write_contact_sheet(every, subject_dir / "contact_sheet.png")
+        print(f"{len(every)} reconstructions in {subject_dir}; contact sheet: {sheet}")
+    else:
+        print(f"process {state.process_index}: {len(folders)} trials")
+
+
+if __name__ == "__main__":
+    main()
