@@ -136,9 +136,11 @@ def voxel_table_from_rois(root: str | Path, subject: int) -> VoxelTable:
 
 def zscore_sessionwise(betas: np.ndarray) -> np.ndarray:
     """z-score each voxel (column) over the session's trials (rows); a constant voxel gives 0, never NaN."""
+    betas = betas.astype(np.float64)  # float32 rounding would give a constant voxel a tiny, nonzero std
     mean = betas.mean(axis=0, keepdims=True)
     std = betas.std(axis=0, keepdims=True)
-    return ((betas - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    constant = std <= 1e-9 * np.maximum(np.abs(mean), 1.0)
+    return ((betas - mean) / np.where(constant, 1.0, std)).astype(np.float32) * ~constant
 
 
 def _png(image: np.ndarray) -> dict:

@@ -234,17 +234,20 @@ def _load_error(model_id_or_dir: str, err: Exception) -> str:
     )
 
 
-def optimize_ldm(ldm: StableDiffusionImg2ImgPipeline, compile: bool = False) -> StableDiffusionImg2ImgPipeline:
-    """Speed-ups that keep results (up to float rounding): fused QKV projections, channels_last convolutions,
-    and, with ``compile=True``, ``torch.compile`` of the UNet (minutes of compilation, then faster steps).
+def optimize_ldm(
+    ldm: StableDiffusionImg2ImgPipeline, channels_last: bool = False, compile_mode: str | None = None
+) -> StableDiffusionImg2ImgPipeline:
+    """Speed-ups that keep results up to float rounding: fused QKV projections always; optionally channels_last
+    convolutions and ``torch.compile`` of the UNet (``compile_mode`` e.g. ``"reduce-overhead"``, which adds CUDA
+    graphs; compilation takes a minute or more per batch shape, then each step is faster).
 
     Attention already runs through PyTorch's scaled_dot_product_attention (diffusers' default processor).
     """
     ldm.unet.fuse_qkv_projections()
     ldm.vae.fuse_qkv_projections()
-    if ldm.unet.device.type == "cuda":  # channels_last helps cuDNN convolutions, not CPU kernels
+    if channels_last:
         ldm.unet.to(memory_format=torch.channels_last)
         ldm.vae.to(memory_format=torch.channels_last)
-    if compile:
-        ldm.unet = torch.compile(ldm.unet, fullgraph=True)
+    if compile_mode:
+        ldm.unet = torch.compile(ldm.unet, mode=compile_mode, fullgraph=True)
     return ldm

@@ -223,25 +223,48 @@ def betas_shape(root: str | Path, subject: int, session: int) -> tuple[int, ...]
 def read_betas(root: str | Path, subject: int, session: int, ijk: np.ndarray) -> np.ndarray:
     """One session's betas at voxels ``ijk`` (n_voxels, 3) -> (n_trials, n_voxels) float32 percent signal change.
 
-    Reads the ``.hdf5`` twin when present (faster: no gunzip; h5py sees its axes reversed), else the NIfTI.
-    Memory: one session's int16 volume at a time.
+    Reads the ``.hdf5`` twin when present (no gunzip; h5py sees its axes reversed), else the NIfTI. Either way it
+    streams one block of volumes at a time, so memory stays at a few volumes, not the session's 1 GB.
     """
     path = betas_path(root, subject, session, ".hdf5")
     try:
         if path.is_file():
-            with h5py.File(path, "r") as f:
-                data = f["betas"][:]  # (trials, Z, Y, X)
-            values = data[:, ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+            values = _read_hdf5_betas(path, ijk)
         else:
             path = betas_path(root, subject, session)
-            proxy = nib.load(path).dataobj
-            data = proxy.get_unscaled()  # (X, Y, Z, trials) int16: 1 GB for a full session; never as float64
-            values = data[ijk[:, 0], ijk[:, 1], ijk[:, 2]].T
-            if (proxy.slope, proxy.inter) != (1.0, 0.0):
-                values = values * np.float32(proxy.slope) + np.float32(proxy.inter)
+            values = _read_nifti_betas(path, ijk)
     except Exception as err:
         raise InputError(
             f"could not read betas from {path}: {oneline(err)}; the file may be truncated or corrupt: download it again"
         ) from err
-    del data
-    return values.astype(np.float32) / np.float32(BETAS_SCALE)
+    return values / np.float32(BETAS_SCALE)
+
+
+def _read_nifti_betas(path: Path, ijk: np.ndarray) -> np.ndarray:
+    """Stream a (X, Y, Z, T) NIfTI volume by volume: NIfTI is column-major, so each volume is contiguous."""
+    proxy = nib.load(path).dataobj  # the header: where the data start, their dtype and scaling
+    shape, dtype = proxy.shape, proxy.dtype
+    n_voxels = int(np.prod(shape[:3]))
+    flat = np.ravel_multi_index(tuple(ijk.T), shape[:3], order="F")
+    slope, inter = proxy.slope, proxy.inter
+    values = np.empty((shape[3], len(ijk)), dtype=np.float32)
+    with nib.openers.ImageOpener(path) as f:
+        f.seek(proxy.offset)
+        for t in range(shape[3]):
+            chunk = f.read(n_voxels * dtype.itemsize)
+            if len(chunk) != n_voxels * dtype.itemsize:
+                raise OSError(f"the file ends at volume {t + 1} of {shape[3]}")
+            values[t] = np.frombuffer(chunk, dtype=dtype)[flat]
+    if (slope, inter) != (1.0, 0.0):
+        values = values * np.float32(slope) + np.float32(inter)
+    return values
+
+
+def _read_hdf5_betas(path: Path, ijk: np.ndarray, block: int = 32) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        data = f["betas"]  # (T, Z, Y, X)
+        values = np.empty((data.shape[0], len(ijk)), dtype=np.float32)
+        for start in range(0, data.shape[0], block):
+            volumes = data[start : start + block]
+            values[start : start + len(volumes)] = volumes[:, ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+    return values

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark reconstruction: seconds per Xzc at 512 x 512 (50 DDIM steps x strength 0.8 = 40 run, guidance 5).
 
-Ours (brainldm Reconstructor: Xz decode + img2img, fp16, fused QKV, channels_last, optional torch.compile) against
+Ours (brainldm Reconstructor: Xz decode + img2img, fp16, fused QKV; variants with channels_last, torch.compile) against
 stock diffusers StableDiffusionImg2ImgPipeline in fp32 and fp16, at batch 1 and batched, in one run. On a GPU use
 --model random-sd14 (the SD-1.4 architecture with random weights: speed does not depend on the weights); on CPU
 the default --model tiny.
@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (default: 2)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strength", type=float, default=0.8)
-    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    parser.add_argument(
+        "--variants",
+        default="eager",
+        help="comma-separated: eager, channels_last, compile (reduce-overhead), compile-max (max-autotune)",
+    )
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock diffusers rows")
     args = parser.parse_args(argv)
 
     import torch
@@ -75,8 +80,14 @@ def main(argv: list[str] | None = None) -> None:
 
             rows.append((label, n, timed(run) / n))
 
-    def ours(dtype: torch.dtype, label: str, compile: bool) -> None:
-        ldm = optimize_ldm(load_ldm(args.model, device=device, dtype=dtype), compile=compile)
+    def ours(dtype: torch.dtype, label: str, variant: str) -> None:
+        options = {
+            "eager": {},
+            "channels_last": {"channels_last": True},
+            "compile": {"compile_mode": "reduce-overhead"},
+            "compile-max": {"compile_mode": "max-autotune"},
+        }[variant]
+        ldm = optimize_ldm(load_ldm(args.model, device=device, dtype=dtype), **options)
         reconstructor = Reconstructor(ldm)
         for n in (int(b) for b in args.batch_sizes.split(",")):
             z, c = inputs(ldm, n)
@@ -88,12 +99,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((label, n, seconds / n))
 
     half = torch.float16 if gpu else torch.float32
-    stock(torch.float32, "diffusers img2img, fp32", [int(b) for b in args.fp32_batch_sizes.split(",")])
-    if gpu:
-        stock(half, "diffusers img2img, fp16", [int(b) for b in args.batch_sizes.split(",")])
-    ours(half, f"brainldm Reconstructor, {'fp16' if gpu else 'fp32'}", compile=False)
-    if args.compile:
-        ours(half, "brainldm Reconstructor + torch.compile", compile=True)
+    if not args.no_stock:
+        stock(torch.float32, "diffusers img2img, fp32", [int(b) for b in args.fp32_batch_sizes.split(",")])
+        if gpu:
+            stock(half, "diffusers img2img, fp16", [int(b) for b in args.batch_sizes.split(",")])
+    for variant in args.variants.split(","):
+        ours(half, f"brainldm Reconstructor, {'fp16' if gpu else 'fp32'}, {variant}", variant)
 
     print("| pipeline | batch | seconds per Xzc | images/s |")
     print("|---|---|---|---|")
