@@ -1,0 +1,137 @@
+"""Reconstructor and test-set runs: shapes, seeds, strength, conditioning, batching, resume, sharding, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from brainldm.features import steps_run
+from brainldm.reconstruct import Reconstructor, reconstruct_trials
+from brainldm.validation import InputError
+
+FAST = dict(num_inference_steps=5, guidance_scale=5.0)
+
+
+@pytest.fixture(scope="module")
+def reconstructor(tiny):
+    return Reconstructor(tiny, output_size=64)
+
+
+@pytest.fixture(scope="module")
+def zc():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 4, 40, 40, generator=g), torch.randn(3, 77, 32, generator=g)
+
+
+def test_outputs_have_the_documented_shapes(reconstructor, zc):
+    out = reconstructor(*zc, num_samples=2, **FAST)
+    assert out.Xz.shape == (3, 64, 64, 3) and out.Xz.dtype == np.uint8
+    assert out.Xc.shape == out.Xzc.shape == (3, 2, 64, 64, 3)
+
+
+def test_the_same_seed_gives_the_same_images_and_another_seed_does_not(reconstructor, zc):
+    a = reconstructor(*zc, seed=3, **FAST)
+    b = reconstructor(*zc, seed=3, **FAST)
+    c = reconstructor(*zc, seed=4, **FAST)
+    np.testing.assert_array_equal(a.Xzc, b.Xzc)
+    np.testing.assert_array_equal(a.Xc, b.Xc)
+    assert not np.array_equal(a.Xzc, c.Xzc)
+    np.testing.assert_array_equal(a.Xz, c.Xz)  # Xz is a plain decode: no noise
+
+
+@pytest.mark.parametrize("strength, steps", [(0.8, 10), (0.3, 10), (1.0, 4)])
+def test_strength_sets_the_number_of_denoising_steps(reconstructor, zc, strength, steps):
+    calls = []
+    hook = reconstructor.img2img.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        reconstructor(*zc, strength=strength, num_inference_steps=steps, include_xc=False)
+    finally:
+        hook.remove()
+    assert len(calls) == steps_run(steps, strength) == min(int(steps * strength), steps)
+
+
+def test_xzc_differs_from_xz_and_depends_on_c(reconstructor, zc):
+    z, c = zc
+    out = reconstructor(z, c, **FAST)
+    other = reconstructor(z, torch.roll(c, 1, dims=0), **FAST)
+    assert np.abs(out.Xzc[:, 0].astype(int) - out.Xz).mean() > 5
+    assert not np.array_equal(out.Xzc, other.Xzc)
+    np.testing.assert_array_equal(out.Xz, other.Xz)
+
+
+def test_a_batch_equals_its_items_run_one_by_one(reconstructor, zc):
+    z, c = zc
+    batch = reconstructor(z, c, num_samples=2, **FAST)
+    for i in range(len(z)):
+        alone = reconstructor(z[i : i + 1], c[i : i + 1], num_samples=2, **FAST)
+        for name in ("Xz", "Xc", "Xzc"):
+            difference = np.abs(getattr(batch, name)[i].astype(int) - getattr(alone, name)[0]).max()
+            assert difference <= 2, name  # uint8 rounding of float summation-order differences only
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(z=torch.zeros(1, 3, 40, 40)), "z must be \\(n, 4, h, w\\)"),
+        (dict(c=torch.zeros(1, 77, 768)), "c must be \\(n, 77, 32\\).*another model"),
+        (dict(strength=0.0), "strength must be in \\(0, 1\\]"),
+        (dict(strength=1.5), "strength must be in \\(0, 1\\]"),
+        (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+        (dict(z=torch.full((1, 4, 40, 40), float("nan"))), "z contains"),
+        (dict(c=torch.full((1, 77, 32), float("nan"))), "c contains"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(reconstructor, change, match):
+    args = dict(z=torch.zeros(1, 4, 40, 40), c=torch.zeros(1, 77, 32), strength=0.8, num_inference_steps=5)
+    args.update(change)
+    with pytest.raises(InputError, match=match):
+        reconstructor(**args)
+
+
+# --- test-set runs --------------------------------------------------------------------------------------------
+
+
+def test_trials_are_written_and_a_rerun_skips_finished_ones(decoding_world, reconstructor, tmp_path, monkeypatch):
+    maps, data = decoding_world.maps, decoding_world.data
+    folders = reconstruct_trials(reconstructor, maps, data, 1, tmp_path, rows=[0, 3], progress=False, **FAST)
+    for folder in folders:
+        assert {p.name for p in folder.iterdir()} == {"original.png", "Xz.png", "Xc_0.png", "Xzc_0.png", "meta.json"}
+    meta = json.loads((folders[1] / "meta.json").read_text())
+    assert meta["row"] == 3 and meta["split"] == "test" and meta["num_inference_steps"] == 5
+
+    shutil.rmtree(folders[0])  # as if killed before trial 0 finished
+    done = []
+    real_call = Reconstructor.__call__
+    monkeypatch.setattr(Reconstructor, "__call__", lambda self, z, c, *a, **k: done.append(len(z)) or real_call(
+        self, z, c, *a, **k))  # fmt: skip
+    reconstruct_trials(reconstructor, maps, data, 1, tmp_path, rows=[0, 3], progress=False, **FAST)
+    assert done == [1]  # only trial 0 again
+
+
+def test_out_of_range_trials_and_maps_of_another_subject_are_refused(decoding_world, reconstructor, tmp_path):
+    with pytest.raises(InputError, match="trial 99 is out of range"):
+        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 1, tmp_path, rows=[99], **FAST)
+    with pytest.raises(InputError, match="fitted on subject 1's voxel table"):
+        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 2, tmp_path, rows=[0], **FAST)
+
+
+def test_two_processes_under_accelerate_cover_every_trial_exactly_once(decoding_world, tmp_path):
+    decoding_world.maps.save_pretrained(tmp_path / "maps")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "scripts/reconstruct.py", "--maps", str(tmp_path / "maps"), "--data", str(decoding_world.data),
+        "--subject", "1", "--trials", "0:7", "--steps", "2", "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    subject = tmp_path / "out" / "subj01"
+    per_process = [[int(line) for line in (subject / f"done.process{k}.txt").read_text().split()] for k in range(2)]
+    assert all(per_process)  # both processes worked
+    assert sorted(per_process[0] + per_process[1]) == list(range(7))  # every trial exactly once
+    assert sorted(json.loads((f / "meta.json").read_text())["row"] for f in subject.glob("test-*")) == list(range(7))
+    assert (subject / "contact_sheet.png").exists()
