@@ -1,0 +1,137 @@
+"""brainldm demo: reconstruct what an NSD subject saw from their fMRI (Takagi & Nishimoto, CVPR 2023).
+
+Run `python app.py` (see --help). Sources come from flags or environment variables:
+  BRAINLDM_MAPS   fitted maps: a folder of subjNN/ map folders (default: weights/), or a Hub repo id pattern
+                  such as "user/brainldm-subj{subject:02d}"
+  BRAINLDM_DATA   the prepared trials dataset: a folder or a Hub dataset repo id
+  BRAINLDM_MODEL  the LDM (default: the one the maps were fitted for)
+With no maps or data, the app runs the offline demo on a synthetic subject with a random-weight model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import gradio as gr
+import spaces
+
+from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, offline_sources
+from brainldm.presets import TAKAGI2023
+from brainldm.validation import InputError
+
+CONCURRENCY_LIMIT = 2  # reconstructions running at once (one GPU)
+QUEUE_SIZE = 64
+
+
+def resolve_sources(maps: str | None, data: str | None, model: str | None, subjects: str | None) -> Sources:
+    maps = maps or os.environ.get("BRAINLDM_MAPS") or "weights"
+    data = data or os.environ.get("BRAINLDM_DATA")
+    model = model or os.environ.get("BRAINLDM_MODEL")
+    if subjects:
+        chosen = [int(s) for s in subjects.split(",")]
+    elif "{subject" in maps:
+        chosen = list(TAKAGI2023.subjects)
+    else:
+        chosen = find_subjects(maps) if os.path.isdir(maps) else [1]
+    if not data or not chosen:
+        return offline_sources()
+    return Sources(maps=maps, data=data, model=model, subjects=chosen)
+
+
+def build_demo(backend: DemoBackend) -> gr.Blocks:
+    sources = backend.sources
+
+    def load_subject(subject):
+        try:
+            items = backend.gallery(subject)
+        except (InputError, OSError) as err:
+            raise gr.Error(str(err)) from err
+        return items, 0, f"Subject {subject}: {len(items)} test images. Pick one, then press Reconstruct."
+
+    def pick(evt: gr.SelectData):
+        return evt.index
+
+    @spaces.GPU
+    def reconstruct(subject, trial, strength, guidance, steps, seed, samples, progress=gr.Progress(track_tqdm=True)):
+        try:
+            out = backend.reconstruct(subject, trial, strength, guidance, steps, seed, samples)
+        except (InputError, OSError) as err:
+            raise gr.Error(str(err)) from err
+        q = out["quality"]
+        report = (
+            f"| | r with the true features | identification rank (of {q['n_candidates']}) |\n|---|---|---|\n"
+            f"| z (image latent) | {q['z_r']:.3f} | {q['z_rank']} |\n"
+            f"| c (caption embedding) | {q['c_r']:.3f} | {q['c_rank']} |\n\n"
+            f"Captions: {' / '.join(out['captions'])}"
+        )
+        return out["presented"], out["Xz"], out["Xc"], out["Xzc"], report
+
+    def cortical(subject):
+        figures = backend.cortical_maps(subject)
+        note = "" if figures else "No cortical maps saved for this subject yet (scripts/encoding.py writes them)."
+        return figures, note
+
+    with gr.Blocks(title="brainldm: images from brain activity") as demo:
+        gr.Markdown(
+            "# brainldm: high-resolution image reconstruction from brain activity\n"
+            "Linear maps turn a subject's fMRI (NSD) into Stable Diffusion's image latent **z** and caption "
+            "embedding **c**; **Xz** decodes z, **Xc** generates from c, **Xzc** is img2img from Xz guided by c "
+            "(Takagi & Nishimoto, CVPR 2023)."
+        )
+        if sources.offline:
+            gr.Markdown(OFFLINE_BANNER, elem_id="offline-banner")
+        with gr.Tab("Reconstruct"):
+            with gr.Row():
+                subject = gr.Dropdown(sources.subjects, value=sources.subjects[0], label="Subject")
+                trial = gr.Number(0, precision=0, label="Test trial", minimum=0)
+                status = gr.Markdown()
+            gallery = gr.Gallery(label="Test images (click one)", columns=8, height=260, allow_preview=False)
+            with gr.Row():
+                strength = gr.Slider(0.05, 1.0, TAKAGI2023.strength, step=0.05, label="Noise strength")
+                guidance = gr.Slider(1, 15, TAKAGI2023.guidance_scale, step=0.5, label="Guidance")
+                steps = gr.Slider(10, 100, TAKAGI2023.num_inference_steps, step=1, label="DDIM steps")
+                seed = gr.Number(TAKAGI2023.seed, precision=0, label="Seed")
+                samples = gr.Slider(1, 5, 1, step=1, label="Samples")
+            run = gr.Button("Reconstruct", variant="primary")
+            with gr.Row():
+                presented = gr.Image(label="Presented image", height=320, elem_id="presented")
+                xz = gr.Image(label="Xz (from z)", height=320, elem_id="xz")
+                xc = gr.Gallery(label="Xc (from c)", columns=1, height=320, object_fit="contain", elem_id="xc")
+                xzc = gr.Gallery(label="Xzc (z and c)", columns=1, height=320, object_fit="contain", elem_id="xzc")
+            quality = gr.Markdown(label="Decoding quality")
+        with gr.Tab("Cortical maps"):
+            figures = gr.Gallery(label="Decoding / encoding accuracy on cortex", columns=2)
+            figures_note = gr.Markdown()
+
+        subject.change(load_subject, subject, [gallery, trial, status], api_name="load_subject")
+        demo.load(load_subject, subject, [gallery, trial, status], api_visibility="private")
+        gallery.select(pick, None, trial, api_visibility="private")
+        run.click(
+            reconstruct,
+            [subject, trial, strength, guidance, steps, seed, samples],
+            [presented, xz, xc, xzc, quality],
+            api_name="reconstruct",
+        )
+        subject.change(cortical, subject, [figures, figures_note], api_name="cortical_maps")
+        demo.load(cortical, subject, [figures, figures_note], api_visibility="private")
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--maps", help="fitted maps (default: $BRAINLDM_MAPS or weights/)")
+    parser.add_argument("--data", help="prepared trials dataset (default: $BRAINLDM_DATA)")
+    parser.add_argument("--model", help="LDM id or folder (default: $BRAINLDM_MODEL or the maps' model)")
+    parser.add_argument("--subjects", help="comma-separated subjects to offer (default: those with maps)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args(argv)
+    backend = DemoBackend(resolve_sources(args.maps, args.data, args.model, args.subjects), device=args.device)
+    build_demo(backend).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

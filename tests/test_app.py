@@ -1,0 +1,142 @@
+"""The Gradio app: every endpoint through gradio_client, errors shown not fatal, concurrency, a real browser."""
+
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+import app as app_module
+from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources
+
+SCREENSHOT = Path(__file__).resolve().parents[1] / "outputs" / "app_screenshot.png"
+FAST = dict(strength=0.8, guidance=5.0, steps=10, seed=42)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sources(decoding_world, tmp_path_factory):
+    weights = tmp_path_factory.mktemp("weights")
+    decoding_world.maps.save_pretrained(weights / "subj01")
+    # subject 2's folder holds subject 1's maps: the "maps and data of different subjects" case
+    decoding_world.maps.save_pretrained(weights / "subj02")
+    return Sources(maps=str(weights), data=str(decoding_world.data), model="tiny", subjects=[1, 2, 5])
+
+
+@pytest.fixture(scope="module")
+def server(sources):
+    demo = app_module.build_demo(DemoBackend(sources, device="cpu"))
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def test_endpoints_are_the_documented_ones(client):
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert endpoints == {"/load_subject", "/reconstruct", "/cortical_maps"}
+
+
+def test_load_subject_lists_the_test_images_with_captions(client, decoding_world):
+    gallery, trial, status = client.predict(1, api_name="/load_subject")
+    assert len(gallery) == 20 and trial == 0 and "20 test images" in status
+    assert gallery[0]["caption"]
+
+
+def test_reconstruct_returns_the_four_images_and_decoding_quality(client):
+    presented, xz, xc, xzc, report = client.predict(1, 3, *FAST.values(), 2, api_name="/reconstruct")
+    assert Path(presented).exists() and Path(xz).exists()
+    assert len(xc) == len(xzc) == 2
+    assert "identification rank (of 20)" in report and "z (image latent)" in report
+
+
+def test_cortical_maps_tab_says_when_there_are_none(client):
+    figures, note = client.predict(1, api_name="/cortical_maps")
+    assert figures == [] and "No cortical maps" in note
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda c: c.predict(1, 99, *FAST.values(), 1, api_name="/reconstruct"), "trial 99 is out of range"),
+        (lambda c: c.predict(5, api_name="/load_subject"), "subj05 has no maps.safetensors|not a local folder"),
+        (lambda c: c.predict(2, api_name="/load_subject"), "maps found for subject 2 are subject 1's"),
+    ],
+)
+def test_bad_input_is_a_visible_error_and_the_app_stays_up(client, call, match):
+    with pytest.raises(Exception, match=match):
+        call(client)
+    gallery, _, _ = client.predict(1, api_name="/load_subject")  # still serving
+    assert len(gallery) == 20
+
+
+def test_twenty_concurrent_requests_all_complete(server):
+    def one(k):
+        return Client(server, verbose=False).predict(1, k % 20, 0.5, 5.0, 10, k, 1, api_name="/reconstruct")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert len(results) == 20 and all(Path(r[3][0]["image"]).exists() for r in results)
+    assert time.perf_counter() - start < 300
+
+
+def test_a_real_browser_picks_a_trial_moves_strength_and_sees_four_images(server):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed; the README's install command installs it")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(server)
+        page.wait_for_selector("text=Pick one, then press Reconstruct", timeout=60_000)
+        page.locator(".thumbnail-item").nth(5).click()
+        trial = page.get_by_label("Test trial")
+        page.wait_for_function("() => document.querySelector('input[aria-label=\"Test trial\"]').value === '5'")
+        assert trial.input_value() == "5"
+        strength = page.get_by_label("number input for Noise strength")
+        strength.fill("0.5")
+        strength.press("Enter")
+        assert page.get_by_label("number input for Noise strength").input_value() == "0.5"
+        page.get_by_label("number input for DDIM steps").fill("10")
+        page.get_by_label("number input for DDIM steps").press("Enter")
+        page.get_by_role("button", name="Reconstruct").click()
+        for element in ("#presented img", "#xz img", "#xc img", "#xzc img"):
+            page.wait_for_selector(element, timeout=120_000)
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeypatch):
+    for name in ("BRAINLDM_MAPS", "BRAINLDM_DATA", "BRAINLDM_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no weights/ here
+    sources = app_module.resolve_sources(None, None, None, None)
+    assert sources.offline and sources.model == "tiny" and sources.subjects == [1, 2]
+    backend = DemoBackend(sources, device="cpu")
+    demo = app_module.build_demo(backend)
+    assert any(getattr(block, "value", None) == OFFLINE_BANNER for block in demo.blocks.values())
+    out = backend.reconstruct(1, 0, num_inference_steps=10)
+    assert out["Xzc"][0].shape == (512, 512, 3) and out["quality"]["z_rank"] >= 1
