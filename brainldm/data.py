@@ -49,8 +49,9 @@ VOXELS_FILE = "voxels.safetensors"
 INFO_FILE = "info.json"
 
 
-def subject_name(subject: int) -> str:
-    return f"subj{int(subject):02d}"
+def subject_name(subject: int, whole_brain: bool = False) -> str:
+    """The subject's folder and config name: ``subj01``, or ``subj01-wholebrain`` for every in-brain voxel."""
+    return f"subj{int(subject):02d}" + ("-wholebrain" if whole_brain else "")
 
 
 # --- the voxel table -----------------------------------------------------------------------------------------
@@ -112,15 +113,16 @@ class VoxelTable:
             raise InputError(f"could not read the voxel table {path}: {err}") from err
 
 
-def voxel_table_from_rois(root: str | Path, subject: int) -> VoxelTable:
-    """Stored voxels of a subject: every voxel with nsdgeneral == 1 or streams > 0, in C order of the grid."""
+def voxel_table_from_rois(root: str | Path, subject: int, whole_brain: bool = False) -> VoxelTable:
+    """Stored voxels of a subject, in C order of the grid: every voxel with nsdgeneral == 1 or streams > 0, or
+    with ``whole_brain`` every voxel inside the brain (ROI labels >= 0), for whole-brain encoding models."""
     general, streams = nsd.read_roi(root, subject, "nsdgeneral"), nsd.read_roi(root, subject, "streams")
     if general.shape != streams.shape:
         raise InputError(
             f"nsdgeneral {general.shape} and streams {streams.shape} ROIs of subject {subject} differ in grid"
         )
     g, s = np.asarray(general.dataobj), np.asarray(streams.dataobj)
-    ijk = np.argwhere((g == 1) | (s > 0))
+    ijk = np.argwhere(((g >= 0) | (s >= 0)) if whole_brain else ((g == 1) | (s > 0)))
     return VoxelTable(
         subject=subject,
         ijk=ijk,
@@ -162,6 +164,7 @@ def prepare_subject(
     zscore: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    whole_brain: bool = False,
 ) -> Path:
     """Build ``OUT/subjNN`` from raw NSD: the train and test splits as Parquet shards, plus the voxel table.
 
@@ -175,16 +178,17 @@ def prepare_subject(
         sessions: use the first ``sessions`` sessions (default: all the subject's consecutive sessions).
         zscore: z-score each voxel within each session (the default); else raw percent signal change.
         overwrite: rebuild ``OUT/subjNN`` if it exists.
+        whole_brain: store every in-brain voxel (as ``OUT/subjNN-wholebrain``), for the encoding analysis.
     Returns:
         The subject folder.
     """
     out = Path(out)
-    final = out / subject_name(subject)
+    final = out / subject_name(subject, whole_brain)
     if final.exists() and not overwrite:
         raise InputError(f"{final} already exists; pass --overwrite to rebuild it")
     created_out = not out.exists()
     try:
-        return _prepare_subject(nsd_root, subject, out, sessions, zscore, progress)
+        return _prepare_subject(nsd_root, subject, out, sessions, zscore, progress, whole_brain)
     except InputError:
         # bad input leaves nothing behind; a kill (any other exception) keeps finished sessions for a resume
         shutil.rmtree(out / f".{final.name}.partial", ignore_errors=True)
@@ -193,8 +197,8 @@ def prepare_subject(
         raise
 
 
-def _prepare_subject(nsd_root, subject: int, out: Path, sessions, zscore: bool, progress: bool) -> Path:
-    name = subject_name(subject)
+def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progress: bool, whole_brain: bool) -> Path:
+    name = subject_name(subject, whole_brain)
     final = out / name
 
     # Everything is validated before any betas are read.
@@ -209,7 +213,7 @@ def _prepare_subject(nsd_root, subject: int, out: Path, sessions, zscore: bool, 
             else f"--sessions must be >= 1, got {sessions}"
         )
     used = available[: sessions or len(available)]
-    voxels = voxel_table_from_rois(nsd_root, subject)
+    voxels = voxel_table_from_rois(nsd_root, subject, whole_brain)
     shapes = [nsd.betas_shape(nsd_root, subject, s) for s in used]
     for session, shape in zip(used, shapes):
         if tuple(shape[:3]) != voxels.grid_shape:
@@ -230,6 +234,7 @@ def _prepare_subject(nsd_root, subject: int, out: Path, sessions, zscore: bool, 
         "subject": subject,
         "sessions": used,
         "zscore": zscore,
+        "whole_brain": whole_brain,
         "n_voxels": len(voxels),
     }
     work = out / f".{name}.partial"
@@ -348,7 +353,7 @@ def _write_json(path: Path, obj) -> None:
 def write_dataset_card(out: str | Path) -> Path:
     """(Re)write ``OUT/README.md``: one config per prepared subject, split sizes, columns and NSD's terms."""
     out = Path(out)
-    subjects = sorted(p.name for p in out.glob("subj[0-9][0-9]") if (p / INFO_FILE).exists())
+    subjects = sorted(p.name for p in out.glob("subj[0-9][0-9]*") if (p / INFO_FILE).exists())
     card = dataset_card({name: json.loads((out / name / INFO_FILE).read_text()) for name in subjects})
     card.save(out / "README.md")
     return out / "README.md"
@@ -399,6 +404,7 @@ Columns: `nsd_id` (0-based 73k id), `coco_id`, `image` (the stimulus as stored i
 over the subject's stored voxels: nsdgeneral or any `streams` ROI; percent signal change, z-scored per voxel
 within each session unless the table says otherwise). `subjNN/voxels.safetensors` holds the voxel table
 (ijk in the func1pt8mm grid, affine, nsdgeneral and streams labels); load it with `brainldm.data.load_voxels`.
+`subjNN-wholebrain` configs hold every voxel inside the brain instead (for whole-brain encoding models).
 
 ```python
 from brainldm.data import load_trials, load_voxels
@@ -409,9 +415,11 @@ voxels = load_voxels("REPO_ID", subject=1)
     return DatasetCard(content)
 
 
-def push_to_hub(out: str | Path, subject: int, repo_id: str, private: bool = False, token: str | None = None) -> str:
+def push_to_hub(
+    out: str | Path, subject: int, repo_id: str, private: bool = False, token: str | None = None, whole_brain=False
+) -> str:
     """Upload ``OUT/subjNN`` to a Hub dataset repo (as config ``subjNN``) and refresh its dataset card."""
-    folder = Path(out) / subject_name(subject)
+    folder = Path(out) / subject_name(subject, whole_brain)
     if not (folder / INFO_FILE).exists():
         raise InputError(f"{folder} is not a prepared subject; run scripts/prepare_nsd.py first")
     api = HfApi(token=token)
@@ -443,13 +451,13 @@ def push_to_hub(out: str | Path, subject: int, repo_id: str, private: bool = Fal
 # --- loading -------------------------------------------------------------------------------------------------
 
 
-def subject_dir(source: str | Path, subject: int) -> Path:
+def subject_dir(source: str | Path, subject: int, whole_brain: bool = False) -> Path:
     """The local folder of a subject: ``SOURCE/subjNN`` for a local dataset, else its Hub snapshot in the cache."""
-    name = subject_name(subject)
+    name = subject_name(subject, whole_brain)
     if Path(source).is_dir():
         folder = Path(source) / name
         if not (folder / INFO_FILE).exists():
-            found = sorted(p.name for p in Path(source).glob("subj[0-9][0-9]"))
+            found = sorted(p.name for p in Path(source).glob("subj[0-9][0-9]*"))
             raise InputError(f"no prepared {name} in {source} (found: {found or 'none'}); run scripts/prepare_nsd.py")
         return folder
     try:
@@ -465,22 +473,23 @@ def subject_dir(source: str | Path, subject: int) -> Path:
     return folder
 
 
-def load_trials(source: str | Path, subject: int, split: str) -> datasets.Dataset:
+def load_trials(source: str | Path, subject: int, split: str, whole_brain: bool = False) -> datasets.Dataset:
     """One subject's ``train`` or ``test`` split as a :class:`datasets.Dataset`.
 
     ``source`` is a folder written by ``scripts/prepare_nsd.py`` or a Hub dataset repo id (downloaded through
-    the Hugging Face cache, so ``HF_HUB_OFFLINE=1`` works once it is cached).
+    the Hugging Face cache, so ``HF_HUB_OFFLINE=1`` works once it is cached). ``whole_brain`` loads the
+    whole-brain variant (``scripts/prepare_nsd.py --whole-brain``).
     """
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
-    folder = subject_dir(source, subject)
+    folder = subject_dir(source, subject, whole_brain)
     files = sorted(str(p) for p in folder.glob(f"{split}-*.parquet"))
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, features=FEATURES)
 
 
-def load_voxels(source: str | Path, subject: int) -> VoxelTable:
+def load_voxels(source: str | Path, subject: int, whole_brain: bool = False) -> VoxelTable:
     """The subject's voxel table (see :class:`VoxelTable`), from a local dataset folder or a Hub dataset repo."""
-    return VoxelTable.load(subject_dir(source, subject) / VOXELS_FILE)
+    return VoxelTable.load(subject_dir(source, subject, whole_brain) / VOXELS_FILE)
 
 
 class SubjectStimuli:

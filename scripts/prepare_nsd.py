@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, help="use the first K sessions (default: all)")
     parser.add_argument("--no-zscore", action="store_true", help="keep raw percent signal change")
     parser.add_argument("--overwrite", action="store_true", help="rebuild OUT/subjNN if it exists")
+    parser.add_argument(
+        "--whole-brain", action="store_true", help="store every in-brain voxel (OUT/subjNN-wholebrain), for encoding"
+    )
     parser.add_argument("--push", metavar="REPO_ID", help="upload to this Hub dataset repo when done")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
@@ -34,10 +37,12 @@ def main(argv: list[str] | None = None) -> None:
             sessions=args.sessions,
             zscore=not args.no_zscore,
             overwrite=args.overwrite,
+            whole_brain=args.whole_brain,
         )
         print(f"wrote {folder}")
         if args.push:
-            print(f"pushed to {push_to_hub(args.out, args.subject, args.push, private=args.private)}")
+            url = push_to_hub(args.out, args.subject, args.push, private=args.private, whole_brain=args.whole_brain)
+            print(f"pushed to {url}")
     except InputError as err:
         sys.exit(f"error: {err}")
 

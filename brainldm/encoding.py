@@ -1,0 +1,227 @@
+"""Voxel-wise encoding models: which LDM features predict which parts of cortex (the paper's second half).
+
+For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.features`):
+
+1. PCA to at most 6,400 dimensions, fit on the unique training images only (:func:`fit_pca`);
+2. ridge from the components to every voxel, alpha per voxel by CV grouped by image (:class:`brainldm.ridge.RidgeCV`);
+3. Pearson r between predicted and measured test responses (betas averaged over repetitions);
+4. a one-sided p-value per voxel against the null of r between independent Gaussian vectors of the test length,
+   and Benjamini-Hochberg FDR (:func:`significance`);
+5. per-ROI summaries over NSD's ``streams`` labels.
+
+:func:`run_encoding` does all of it for one subject and writes r maps as NIfTI, summaries as JSON/CSV and figures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+
+from . import nsd
+from .presets import TAKAGI2023
+from .ridge import RidgeCV
+from .validation import InputError
+
+# --- pure functions ------------------------------------------------------------------------------------------
+
+
+def fit_pca(features: np.ndarray, n_components: int = TAKAGI2023.n_pca, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of (n_samples, n_features) -> (mean (n_features,), components (n_features, k)), k <= n_components.
+
+    Uses the smaller Gram matrix, so 9,000 images x 59,136 features costs a 9,000 x 9,000 eigendecomposition.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device).reshape(len(features), -1)
+    mean = x.mean(0)
+    x = x - mean
+    primal = x.shape[0] >= x.shape[1]
+    e, vectors = torch.linalg.eigh(x.T @ x if primal else x @ x.T)
+    e, vectors = e.flip(0), vectors.flip(1)
+    # components: at most n_components, and only directions the data actually vary in
+    k = min(n_components, int((e > e[0] * 1e-6).sum()))
+    e, vectors = e[:k], vectors[:, :k]
+    components = vectors if primal else (x.T @ vectors) / e.sqrt()
+    return mean.cpu().numpy(), components.cpu().numpy()
+
+
+def pca_transform(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    return (np.asarray(features, dtype=np.float32).reshape(len(features), -1) - mean) @ components
+
+
+def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r per column of two (n, V) arrays -> (V,); a constant column gives 0."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    denominator = np.sqrt((a**2).sum(0) * (b**2).sum(0))
+    return np.where(denominator > 0, (a * b).sum(0) / np.where(denominator > 0, denominator, 1), 0.0)
+
+
+def one_sided_p(r: np.ndarray, n: int) -> np.ndarray:
+    """P(R >= r) for the Pearson r of two independent Gaussian vectors of length n (as scipy's pearsonr)."""
+    null = scipy.stats.beta(n / 2 - 1, n / 2 - 1, loc=-1, scale=2)
+    return null.sf(np.asarray(r, dtype=np.float64))
+
+
+def significance(r: np.ndarray, n: int, q: float = TAKAGI2023.fdr_q) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(p, Benjamini-Hochberg adjusted p, significant mask at FDR q) for per-voxel r over n test images."""
+    p = one_sided_p(r, n)
+    adjusted = scipy.stats.false_discovery_control(p, method="bh")
+    return p, adjusted, adjusted < q
+
+
+def roi_summary(r: np.ndarray, significant: np.ndarray, streams: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per ``streams`` ROI: voxel count, mean r and the fraction of voxels significant."""
+    summary = {}
+    for label, name in nsd.STREAMS.items():
+        mask = streams == label
+        if mask.any():
+            summary[name] = {
+                "n_voxels": int(mask.sum()),
+                "mean_r": float(r[mask].mean()),
+                "fraction_significant": float(significant[mask].mean()),
+            }
+    return summary
+
+
+# --- one feature space ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodingResult:
+    """One feature space's encoding model, scored per voxel on the test split."""
+
+    feature: str
+    r: np.ndarray  # (n_voxels,)
+    p: np.ndarray
+    p_fdr: np.ndarray
+    significant: np.ndarray
+    best_alphas: np.ndarray
+    n_components: int
+    n_test: int
+    rois: dict
+
+
+def fit_encoding(
+    train_features: np.ndarray,
+    train_betas: np.ndarray,
+    train_ids: np.ndarray,
+    test_features: np.ndarray,
+    test_betas: np.ndarray,
+    streams: np.ndarray,
+    feature: str = "",
+    n_components: int = TAKAGI2023.n_pca,
+    alphas: Sequence[float] = TAKAGI2023.alphas,
+    cv: int = TAKAGI2023.cv_folds,
+    q: float = TAKAGI2023.fdr_q,
+    device=None,
+) -> EncodingResult:
+    """Fit and score one feature space. Features are per trial (n, ...); PCA is fit on unique training images."""
+    _, first = np.unique(train_ids, return_index=True)
+    mean, components = fit_pca(train_features[first], n_components, device)
+    ridge = RidgeCV(alphas=alphas, cv=cv, device=device)
+    ridge.fit(pca_transform(train_features, mean, components), train_betas, groups=train_ids)
+    prediction = ridge.predict(pca_transform(test_features, mean, components))
+    r = pearson_columns(prediction, np.asarray(test_betas, dtype=np.float32))
+    p, p_fdr, significant = significance(r, len(test_betas), q)
+    return EncodingResult(
+        feature=feature,
+        r=r.astype(np.float32),
+        p=p,
+        p_fdr=p_fdr,
+        significant=significant,
+        best_alphas=ridge.best_alphas_.numpy(),
+        n_components=components.shape[1],
+        n_test=len(test_betas),
+        rois=roi_summary(r, significant, streams),
+    )
+
+
+# --- a subject: every feature space, files and figures -------------------------------------------------------
+
+
+def run_encoding(
+    data: str | Path,
+    features: str | Path,
+    subject: int,
+    names: Sequence[str],
+    out: str | Path,
+    whole_brain: bool = True,
+    n_components: int = TAKAGI2023.n_pca,
+    alphas: Sequence[float] = TAKAGI2023.alphas,
+    cv: int = TAKAGI2023.cv_folds,
+    q: float = TAKAGI2023.fdr_q,
+    device=None,
+    progress: bool = True,
+) -> dict[str, EncodingResult]:
+    """Encoding models of every feature space in ``names`` for one subject; writes maps, summaries and figures.
+
+    Writes into ``out``: ``r_<feature>.nii.gz`` (r where FDR-significant, 0 elsewhere), ``summary.json`` and
+    ``summary.csv`` (per feature and ROI), and PNG figures (see :mod:`brainldm.viz`). Uses the whole-brain
+    dataset when ``whole_brain`` (``scripts/prepare_nsd.py --whole-brain``), else the stored ROI voxels.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import load_trials, load_voxels
+    from .features import FeatureStore
+
+    out = Path(out)
+    voxels = load_voxels(data, subject, whole_brain)
+    train = load_trials(data, subject, "train", whole_brain).select_columns(["nsd_id", "betas"]).with_format("numpy")
+    test = load_trials(data, subject, "test", whole_brain).select_columns(["nsd_id", "betas"]).with_format("numpy")
+    train_ids, test_ids = np.asarray(train["nsd_id"]), np.asarray(test["nsd_id"])
+    if len(test_ids) < 4:
+        raise InputError(f"subject {subject} has {len(test_ids)} test images; encoding needs at least 4")
+    train_betas, test_betas = np.asarray(train["betas"]), np.asarray(test["betas"])
+    stores = {name: FeatureStore(features, name) for name in names}  # fails early on a missing feature space
+
+    results = {}
+    for name in tqdm(names, desc="encoding", unit="feature", disable=not progress):
+        store = stores[name]
+        results[name] = fit_encoding(
+            store.load(train_ids), train_betas, train_ids, store.load(test_ids), test_betas, voxels.streams,
+            feature=name, n_components=n_components, alphas=alphas, cv=cv, q=q, device=device,
+        )  # fmt: skip
+    write_results(results, voxels, out)
+    return results
+
+
+def write_results(results: dict[str, EncodingResult], voxels, out: str | Path) -> list[Path]:
+    """r maps (NIfTI), summary.json / summary.csv and the comparison figures; returns the figure paths."""
+    import nibabel as nib
+
+    from . import viz
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, result in results.items():
+        volume = voxels.to_volume(np.where(result.significant, result.r, 0.0), fill=0.0)
+        nib.save(nib.Nifti1Image(volume, voxels.affine), out / f"r_{safe_name(name)}.nii.gz")
+        for roi, stats in result.rois.items():
+            rows.append({"feature": name, "roi": roi, **stats})
+    summary = {
+        name: {
+            "n_components": res.n_components,
+            "n_test": res.n_test,
+            "mean_r": float(res.r.mean()),
+            "fraction_significant": float(res.significant.mean()),
+            "rois": res.rois,
+        }
+        for name, res in results.items()
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
+    return viz.encoding_figures(results, voxels, out)
+
+
+def safe_name(feature: str) -> str:
+    """A feature name as a file name: ``zc@0.5`` -> ``zc-0.5``, ``unet.mid@0.8#10`` -> ``unet.mid-0.8-step10``."""
+    return feature.replace("@", "-").replace("#", "-step")

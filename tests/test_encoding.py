@@ -1,0 +1,143 @@
+"""Encoding models: planted z -> early and c -> ventral are found, p-values and FDR are right, figures written."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from brainldm.data import SubjectStimuli, load_trials, load_voxels, prepare_subject
+from brainldm.encoding import fit_pca, one_sided_p, run_encoding, significance
+from brainldm.features import extract_features, parse_features
+from brainldm.validation import InputError
+
+
+@pytest.fixture(scope="module")
+def encoded(decoding_world, tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoding")
+    prepare_subject(decoding_world.tree.root, 1, root / "trials", whole_brain=True, progress=False)
+    stimuli = SubjectStimuli(decoding_world.data, 1)  # the same images as the whole-brain dataset's
+    specs = parse_features("z,c,zc@0.3,zc@0.9,unet.mid@0.3#1,unet.mid@0.3#3,unet.up0@0.3#3")
+    extract_features(
+        tiny,
+        "tiny",
+        stimuli.nsd_ids,
+        stimuli.__getitem__,
+        specs,
+        root / "features",
+        num_inference_steps=10,
+        progress=False,
+    )
+    results = run_encoding(
+        root / "trials", root / "features", 1, [s.name for s in specs], root / "out", device="cpu", progress=False
+    )
+    return root, results, load_voxels(root / "trials", 1, whole_brain=True)
+
+
+def test_whole_brain_mode_stores_every_in_brain_voxel(decoding_world, encoded):
+    import nibabel as nib
+
+    from brainldm import nsd
+
+    root, _, voxels = encoded
+    streams = np.asarray(nib.load(nsd.roi_path(decoding_world.tree.root, 1, "streams")).dataobj)
+    np.testing.assert_array_equal(voxels.ijk, np.argwhere(streams >= 0))
+    assert len(voxels) > len(load_voxels(decoding_world.data, 1))
+    whole = np.asarray(load_trials(root / "trials", 1, "test", whole_brain=True).with_format("numpy")["betas"])
+    roi = np.asarray(load_trials(decoding_world.data, 1, "test").with_format("numpy")["betas"])
+    stored = load_voxels(decoding_world.data, 1)
+    rows = [int(np.flatnonzero((voxels.ijk == v).all(1))[0]) for v in stored.ijk[:20]]
+    np.testing.assert_allclose(whole[:, rows], roi[:, :20], atol=1e-6)  # same betas for the shared voxels
+
+
+def test_early_voxels_prefer_z_and_ventral_voxels_prefer_c(encoded):
+    _, results, voxels = encoded
+    early, ventral = voxels.roi("early"), voxels.roi("ventral")
+    z, c = results["z"].r, results["c"].r
+    assert np.mean(z[early] > c[early]) > 0.9
+    assert np.mean(c[ventral] > z[ventral]) > 0.9
+    assert results["z"].rois["early"]["mean_r"] > 0.5 and results["c"].rois["ventral"]["mean_r"] > 0.5
+
+
+def test_empirical_fdr_over_null_voxels_is_at_most_q(encoded):
+    _, results, voxels = encoded
+    null = ~np.isin(voxels.streams, [1, 5])  # no planted response at all
+    # FDR is an expectation: pool the discoveries of the four feature spaces (four experiments on this brain)
+    pooled = [results[name] for name in ("z", "c", "zc@0.3", "zc@0.9")]
+    discoveries = sum(int(r.significant.sum()) for r in pooled)
+    false = sum(int((r.significant & null).sum()) for r in pooled)
+    assert discoveries > 100
+    assert false / discoveries <= 0.05
+
+
+def test_p_values_equal_scipy_one_sided_pearsonr():
+    rng = np.random.default_rng(0)
+    n = 37
+    for _ in range(20):
+        x = rng.standard_normal(n)
+        y = rng.standard_normal(n) + rng.uniform(-1, 1) * x
+        expected = scipy.stats.pearsonr(x, y, alternative="greater").pvalue
+        r = np.corrcoef(x, y)[0, 1]
+        assert abs(one_sided_p(r, n) - expected) < 1e-6
+
+
+def test_fdr_is_benjamini_hochberg():
+    r = np.array([0.9, 0.5, 0.3, 0.1, -0.2, 0.05])
+    p, adjusted, significant = significance(r, 20, q=0.05)
+    np.testing.assert_allclose(adjusted, scipy.stats.false_discovery_control(p, method="bh"))
+    np.testing.assert_array_equal(significant, adjusted < 0.05)
+
+
+@pytest.mark.parametrize("rank, expected", [(None, 29), (5, 5)])
+def test_pca_keeps_the_components_the_data_have_and_spans_them(rank, expected):
+    rng = np.random.default_rng(0)
+    features = (
+        rng.standard_normal((30, 200))
+        if rank is None
+        else rng.standard_normal((30, rank)) @ rng.standard_normal((rank, 200))
+    )
+    mean, components = fit_pca(features, n_components=6400, device="cpu")
+    assert components.shape == (200, expected)
+    np.testing.assert_allclose(components.T @ components, np.eye(expected), atol=1e-3)
+    centred = features - mean
+    np.testing.assert_allclose(centred @ components @ components.T, centred, atol=1e-3)
+    assert fit_pca(features, n_components=3, device="cpu")[1].shape == (200, 3)
+
+
+def test_noise_sweep_moves_zc_away_from_z(encoded):
+    _, results, voxels = encoded
+    early = voxels.roi("early")
+    assert results["zc@0.3"].r[early].mean() > results["zc@0.9"].r[early].mean()
+
+
+def test_maps_summaries_and_figures_are_written(encoded):
+    import json
+
+    import nibabel as nib
+
+    root, results, voxels = encoded
+    out = root / "out"
+    for name in ("z", "c", "zc-0.3", "zc-0.9"):
+        assert nib.load(out / f"r_{name}.nii.gz").shape == voxels.grid_shape
+        assert (out / f"map_{name}.png").stat().st_size > 5_000
+    sweeps = ("sweep_noise.png", "sweep_steps_mid_0.3.png", "sweep_layers_0.3_3.png")
+    for figure in ("compare_winner.png", "compare_rois.png", *sweeps):
+        assert (out / figure).stat().st_size > 5_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["z"]["rois"]["early"]["fraction_significant"] > 0.5
+    assert "feature,roi,n_voxels,mean_r,fraction_significant" in (out / "summary.csv").read_text()
+
+
+def test_encoding_script_and_its_errors(encoded, tmp_path):
+    root, _, _ = encoded
+    args = [sys.executable, "scripts/encoding.py", "--data", str(root / "trials"), "--features", str(root / "features")]
+    run = subprocess.run([*args, "--subject", "1", "--names", "z", "--out", str(tmp_path / "o"), "--device", "cpu"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "best ROI early" in run.stdout
+    missing = subprocess.run([*args, "--subject", "1", "--names", "zc@0.5", "--out", str(tmp_path / "m")],
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 1 and "no zc@0.5 features" in missing.stderr
+    with pytest.raises(InputError, match="no prepared subj02-wholebrain"):
+        run_encoding(root / "trials", root / "features", 2, ["z"], tmp_path / "x", progress=False)
