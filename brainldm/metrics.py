@@ -48,3 +48,55 @@ def identification_rank(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Rank (1 = best) of each item's own target among all targets, by correlation with its prediction -> (n,)."""
     r = correlation_matrix(pred, true)
     return 1 + (r > np.diag(r)[:, None]).sum(1)
+
+
+# --- image metrics -------------------------------------------------------------------------------------------
+
+EVAL_SIZE = 425  # NSD's stimulus size: PixCorr and SSIM compare images at 425 x 425
+
+
+def _resize(image: np.ndarray, size: int = EVAL_SIZE) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+
+
+def pixcorr(reconstruction: np.ndarray, original: np.ndarray) -> float:
+    """Pearson r between all pixel values (RGB, 425 x 425) of a reconstruction and its original."""
+    a = _resize(reconstruction).astype(np.float64).ravel()
+    b = _resize(original).astype(np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def ssim(reconstruction: np.ndarray, original: np.ndarray) -> float:
+    """SSIM of the grayscale images at 425 x 425 (Gaussian weights, sigma 1.5, data range 1), as later papers."""
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    a = rgb2gray(_resize(reconstruction) / 255.0)
+    b = rgb2gray(_resize(original) / 255.0)
+    return float(
+        structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
+    )
+
+
+def correlation_distance(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """1 - Pearson r between each item's reconstruction and original features -> (n,) (lower is better)."""
+    return 1.0 - pattern_correlation(pred, true)
+
+
+def retrieval_top1(brain: np.ndarray, image: np.ndarray, pool: int = 300, draws: int = 30, seed: int = 0) -> dict:
+    """Top-1 retrieval among ``pool`` random items (MindEye's protocol), both directions, averaged over draws.
+
+    brain -> image: is each brain embedding's best-correlated image embedding its own? image -> brain likewise.
+    """
+    n = len(brain)
+    pool = min(pool, n)
+    rng = np.random.default_rng(seed)
+    forward, backward = [], []
+    for _ in range(draws):
+        idx = rng.choice(n, size=pool, replace=False)
+        r = correlation_matrix(brain[idx], image[idx])
+        forward.append(np.mean(r.argmax(1) == np.arange(pool)))
+        backward.append(np.mean(r.argmax(0) == np.arange(pool)))
+    return {"brain_to_image": float(np.mean(forward)), "image_to_brain": float(np.mean(backward)), "pool": pool}

@@ -197,7 +197,8 @@ def reconstruct_trials(
     num_processes: int = 1,
     progress: bool = True,
 ) -> list[Path]:
-    """Reconstruct trials of a split into ``OUT/subjNN/<split>-<row>/`` (original, Xz, Xc_k, Xzc_k PNGs, meta.json).
+    """Reconstruct trials of a split into ``OUT/subjNN/<split>-<row>/``: original, Xz, Xc_k and Xzc_k PNGs, the
+    decoded z.npy and c.npy (fp16), and meta.json.
 
     The requested rows are sharded by position over ``num_processes`` before anything is skipped, so concurrent
     processes never share a trial; each skips its finished trials (resume). Returns this process's folders.
@@ -243,7 +244,8 @@ def reconstruct_trials(
                 "model_id": maps.model_id,
                 "process_index": process_index,
             }
-            _write_trial(trial_folder(out, subject, split, row), images, meta)
+            arrays = {"z": z[k].cpu().numpy(), "c": c[k].cpu().numpy()}  # the decoded features, for retrieval
+            _write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
             with log.open("a") as f:
                 f.write(f"{row}\n")
         bar.update(len(batch))
@@ -251,12 +253,16 @@ def reconstruct_trials(
     return [trial_folder(out, subject, split, r) for r in mine]
 
 
-def _write_trial(folder: Path, images: dict[str, np.ndarray], meta: dict) -> None:
+def _write_trial(folder: Path, images: dict[str, np.ndarray], arrays: dict[str, np.ndarray], meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in images.items():
         tmp = folder / f".{name}.tmp.png"
         Image.fromarray(image).save(tmp)
         tmp.replace(folder / f"{name}.png")
+    for name, array in arrays.items():
+        tmp = folder / f".{name}.tmp.npy"
+        np.save(tmp, array.astype(np.float16))
+        tmp.replace(folder / f"{name}.npy")
     tmp = folder / ".meta.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(folder / "meta.json")

@@ -99,7 +99,8 @@ def test_trials_are_written_and_a_rerun_skips_finished_ones(decoding_world, reco
     maps, data = decoding_world.maps, decoding_world.data
     folders = reconstruct_trials(reconstructor, maps, data, 1, tmp_path, rows=[0, 3], progress=False, **FAST)
     for folder in folders:
-        assert {p.name for p in folder.iterdir()} == {"original.png", "Xz.png", "Xc_0.png", "Xzc_0.png", "meta.json"}
+        names = {"original.png", "Xz.png", "Xc_0.png", "Xzc_0.png", "z.npy", "c.npy", "meta.json"}
+        assert {p.name for p in folder.iterdir()} == names
     meta = json.loads((folders[1] / "meta.json").read_text())
     assert meta["row"] == 3 and meta["split"] == "test" and meta["num_inference_steps"] == 5
 

@@ -1,0 +1,297 @@
+"""The standard reconstruction metrics table (as in Takagi & Nishimoto, Brain-Diffuser, MindEye, MindEye2).
+
+Low-level: PixCorr and SSIM (:mod:`brainldm.metrics`). High-level: 2-way identification in AlexNet layer 2 and 5,
+InceptionV3 and CLIP ViT-L/14 feature spaces (chance 50%), and EffNet-B1 and SwAV correlation distance (lower is
+better). Feature models load lazily through their usual loaders (torchvision / torch.hub for the CNNs,
+transformers for CLIP); a metric whose model cannot be loaded is reported as unavailable, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .metrics import correlation_distance, pixcorr, retrieval_top1, ssim, two_way_identification
+from .reconstruct import is_done, load_trial_images
+
+Extractor = Callable[[list[np.ndarray]], np.ndarray]
+
+# name: (column title, kind); identification is higher-better (%), distance lower-better
+METRICS = {
+    "pixcorr": ("PixCorr", "pixel"),
+    "ssim": ("SSIM", "pixel"),
+    "alexnet2": ("Alex(2)", "identification"),
+    "alexnet5": ("Alex(5)", "identification"),
+    "inception": ("Incep", "identification"),
+    "clip": ("CLIP", "identification"),
+    "effnet": ("Eff", "distance"),
+    "swav": ("SwAV", "distance"),
+}
+CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+# Published subject-averaged figures on NSD's shared test images, quoted (not computed here) for comparison, as
+# reported in MindEye2 (Scotti et al., ICML 2024), Table 1. Check against the paper before citing them.
+REFERENCE_ROWS = {
+    "Takagi & Nishimoto 2023 (quoted)": [0.246, 0.410, 0.789, 0.856, 0.838, 0.821, 0.811, 0.504],
+    "Brain-Diffuser 2023 (quoted)": [0.254, 0.356, 0.942, 0.962, 0.872, 0.915, 0.775, 0.423],
+    "MindEye2 2024 (quoted)": [0.322, 0.431, 0.961, 0.986, 0.954, 0.930, 0.619, 0.344],
+}
+
+
+# --- feature extractors, loaded lazily -----------------------------------------------------------------------
+
+
+def _imagenet_batch(images: list[np.ndarray], size: int, device) -> torch.Tensor:
+    from PIL import Image
+
+    x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR)) for im in images])
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return ((x - mean) / std).to(device)
+
+
+def torchvision_extractor(name: str, device="cpu") -> Extractor:
+    """AlexNet layer 2 / 5, InceptionV3 avgpool or EffNet-B1 avgpool, with torchvision's ImageNet weights."""
+    import torchvision  # only when these metrics are asked for (there is no CPU torchvision wheel everywhere)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    if name in ("alexnet2", "alexnet5"):
+        model = torchvision.models.alexnet(weights="DEFAULT")
+        node, size = ("features.4" if name == "alexnet2" else "features.11"), 224
+    elif name == "inception":
+        model = torchvision.models.inception_v3(weights="DEFAULT")
+        node, size = "avgpool", 299
+    else:
+        model = torchvision.models.efficientnet_b1(weights="DEFAULT")
+        node, size = "avgpool", 255
+    extractor = create_feature_extractor(model.eval().to(device), return_nodes=[node])
+
+    @torch.no_grad()
+    def extract(images):
+        return extractor(_imagenet_batch(images, size, device))[node].flatten(1).cpu().numpy()
+
+    return extract
+
+
+def swav_extractor(device="cpu") -> Extractor:
+    """SwAV ResNet-50 avgpool features through torch.hub (needs the hub cache or network)."""
+    model = torch.hub.load("facebookresearch/swav:main", "resnet50").eval().to(device)
+    model.fc = torch.nn.Identity()
+
+    @torch.no_grad()
+    def extract(images):
+        return model(_imagenet_batch(images, 224, device)).cpu().numpy()
+
+    return extract
+
+
+def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extractor:
+    """CLIP image embeddings (ViT-L/14 by default; any transformers CLIP vision model, e.g. a tiny one in tests)."""
+    if model is None:
+        from transformers import CLIPVisionModelWithProjection
+
+        model = CLIPVisionModelWithProjection.from_pretrained(model_id)
+    model = model.eval().to(device)
+    size = model.config.image_size
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+
+    @torch.no_grad()
+    def extract(images):
+        from PIL import Image
+
+        x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images])
+        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255) - mean) / std
+        out = model(pixel_values=x.to(device))
+        embedding = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+        return embedding.cpu().numpy()
+
+    return extract
+
+
+def load_extractors(names: Sequence[str], overrides: dict[str, Extractor] | None = None, device="cpu"):
+    """(extractors, unavailable reasons) for the feature metrics among ``names``."""
+    extractors, unavailable = dict(overrides or {}), {}
+    for name in names:
+        if METRICS[name][1] == "pixel" or name in extractors:
+            continue
+        try:
+            if name == "clip":
+                extractors[name] = clip_extractor(device=device)
+            elif name == "swav":
+                extractors[name] = swav_extractor(device)
+            else:
+                extractors[name] = torchvision_extractor(name, device)
+        except Exception as err:  # an import, a download or a cache miss: say which, keep the other metrics
+            unavailable[name] = f"{err.__class__.__name__}: {' '.join(str(err).split())[:300]}"
+    return extractors, unavailable
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+
+def load_subject_reconstructions(folder: Path) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    trials = [load_trial_images(f) for f in sorted(folder.glob("*-*")) if f.is_dir() and is_done(f)]
+    if len(trials) < 2:
+        raise ValueError(f"{folder} holds {len(trials)} finished reconstructions; metrics need at least 2")
+    return trials
+
+
+def score_images(
+    originals: list[np.ndarray], reconstructions: list[np.ndarray], names: Sequence[str], extractors: dict
+) -> dict[str, float]:
+    """Each available metric of ``names`` for one set of reconstructions (a float per metric)."""
+    scores = {}
+    for name in names:
+        kind = METRICS[name][1]
+        if kind == "pixel":
+            metric = pixcorr if name == "pixcorr" else ssim
+            scores[name] = float(np.mean([metric(r, o) for r, o in zip(reconstructions, originals)]))
+        elif name in extractors:
+            pred, true = extractors[name](reconstructions), extractors[name](originals)
+            value = two_way_identification(pred, true) if kind == "identification" else correlation_distance(pred, true)
+            scores[name] = float(np.mean(value))
+    return scores
+
+
+def evaluate(
+    recon: str | Path,
+    names: Sequence[str] = tuple(METRICS),
+    kinds: Sequence[str] = ("Xz", "Xc", "Xzc"),
+    extractors: dict[str, Extractor] | None = None,
+    features: str | Path | None = None,
+    device="cpu",
+) -> dict:
+    """Metrics of every subject in a ``scripts/reconstruct.py`` output folder, and their average over subjects.
+
+    Returns {"subjects": {subj: {row: {metric: value}}}, "average": {row: {metric: value}}, "unavailable": {...},
+    "retrieval": {subj: ...}}. Rows are the kinds (sample 0) plus, where several samples exist, Takagi's protocol:
+    each metric averaged over the samples of each image.
+    """
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {list(METRICS)}")
+    extractors, unavailable = load_extractors(names, extractors, device)
+    folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
+    if not folders:
+        raise ValueError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
+    results = {"subjects": {}, "unavailable": unavailable, "retrieval": {}}
+    for folder in folders:
+        trials = load_subject_reconstructions(folder)
+        originals = [images["original"] for _, images in trials]
+        rows = {}
+        for kind in kinds:
+            samples = min(meta["num_samples"] for meta, _ in trials) if kind != "Xz" else 1
+            key = kind if kind == "Xz" else f"{kind}_0"
+            rows[kind] = score_images(originals, [images[key] for _, images in trials], names, extractors)
+            if samples > 1:
+                per_sample = [
+                    score_images(originals, [images[f"{kind}_{s}"] for _, images in trials], names, extractors)
+                    for s in range(samples)
+                ]
+                rows[f"{kind}, mean of {samples} samples (Takagi)"] = {
+                    n: float(np.mean([p[n] for p in per_sample])) for n in per_sample[0]
+                }
+        results["subjects"][folder.name] = rows
+        if features is not None:
+            results["retrieval"][folder.name] = _retrieval(folder, trials, features)
+    rows = {row for subject in results["subjects"].values() for row in subject}
+    results["average"] = {
+        row: {
+            n: float(np.mean([s[row][n] for s in results["subjects"].values() if row in s and n in s[row]]))
+            for n in names
+            if any(row in s and n in s[row] for s in results["subjects"].values())
+        }
+        for row in sorted(rows)
+    }
+    return results
+
+
+def _retrieval(folder: Path, trials, features) -> dict:
+    """Retrieval between predicted (brain) and true (image) z and c, where trials saved their predictions."""
+    from .features import load_features
+
+    if not all((folder / f"{t[0]['split']}-{t[0]['row']:05d}" / "z.npy").exists() for t in trials):
+        return {}
+    out = {}
+    ids = [meta["nsd_id"] for meta, _ in trials]
+    for name in ("z", "c"):
+        brain = np.stack([np.load(folder / f"{m['split']}-{m['row']:05d}" / f"{name}.npy") for m, _ in trials])
+        out[name] = retrieval_top1(brain.astype(np.float32), load_features(features, name, ids))
+    return out
+
+
+# --- the table and the plot ----------------------------------------------------------------------------------
+
+
+def _format(name: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if METRICS[name][1] == "identification" else f"{value:.3f}"
+
+
+def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
+    """A markdown table laid out like the published ones, with the quoted reference rows at the bottom."""
+    arrows = {"pixel": "↑", "identification": "↑", "distance": "↓"}
+    header = "| Method | " + " | ".join(f"{METRICS[n][0]} {arrows[METRICS[n][1]]}" for n in names) + " |"
+    lines = [header, "|---" * (len(names) + 1) + "|"]
+    for subject, rows in results["subjects"].items():
+        for row, scores in rows.items():
+            lines.append(f"| {subject} {row} | " + " | ".join(_format(n, scores.get(n)) for n in names) + " |")
+    if len(results["subjects"]) > 1:
+        for row, scores in results["average"].items():
+            lines.append(f"| **average** {row} | " + " | ".join(_format(n, scores.get(n)) for n in names) + " |")
+    for label, values in REFERENCE_ROWS.items():
+        quoted = dict(zip(METRICS, values))
+        lines.append(f"| *{label}* | " + " | ".join(_format(n, quoted[n]) for n in names) + " |")
+    text = "\n".join(lines)
+    if results["unavailable"]:
+        text += "\n\nUnavailable metrics (their models could not be loaded):\n" + "\n".join(
+            f"- {METRICS[n][0]}: {reason}" for n, reason in results["unavailable"].items()
+        )
+    text += "\n\nRows in italics are published figures quoted for comparison (MindEye2, Table 1), not computed here."
+    return text
+
+
+def metrics_plot(results: dict, path: str | Path) -> Path:
+    """One panel per metric: the subject-averaged value of each row; chance (50%) drawn for identification."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["average"]
+    names = [n for n in METRICS if any(n in scores for scores in rows.values())]
+    figure, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        labels = [row for row in rows if name in rows[row]]
+        ax.bar(range(len(labels)), [rows[row][name] for row in labels], color="tab:blue")
+        ax.set_xticks(range(len(labels)), [row.split(",")[0] + ("*" if "," in row else "") for row in labels])
+        ax.set_title(METRICS[name][0], fontsize=9)
+        if METRICS[name][1] == "identification":
+            ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+            ax.set_ylim(0, 1)
+    figure.suptitle("reconstruction metrics (average over subjects; * = mean over samples)", fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(results: dict, out: str | Path, names: Sequence[str] = tuple(METRICS)) -> dict[str, Path]:
+    """metrics.json, metrics.md and metrics.png in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out / "metrics.md").write_text(metrics_table(results, names) + "\n")
+    return {
+        "json": out / "metrics.json",
+        "table": out / "metrics.md",
+        "plot": metrics_plot(results, out / "metrics.png"),
+    }

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Evaluate reconstructions with the standard metrics: PixCorr, SSIM, 2-way identification (AlexNet 2/5, Inception,
+CLIP), EffNet-B1 and SwAV distance; per subject and averaged; plus Takagi's protocol (mean over samples).
+
+Writes OUT/metrics.json, OUT/metrics.md (a table laid out like the published ones, with quoted reference rows)
+and OUT/metrics.png. A metric whose model cannot be loaded is listed as unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from brainldm.evaluate import METRICS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recon", required=True, help="output folder of scripts/reconstruct.py")
+    parser.add_argument("--out", required=True, help="where the metrics go")
+    parser.add_argument("--metrics", default="all", help=f"comma-separated from {','.join(METRICS)} (default: all)")
+    parser.add_argument("--kinds", default="Xz,Xc,Xzc", help="which reconstructions to score (default: all three)")
+    parser.add_argument("--features", help="feature folder with true z and c: adds brain/image retrieval top-1")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    from brainldm.evaluate import evaluate, metrics_table, write_report
+
+    names = list(METRICS) if args.metrics == "all" else [m.strip() for m in args.metrics.split(",")]
+    try:
+        results = evaluate(args.recon, names, args.kinds.split(","), features=args.features, device=args.device)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    paths = write_report(results, args.out, names)
+    print(metrics_table(results, names))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+
+
+if __name__ == "__main__":
+    main()

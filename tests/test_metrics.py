@@ -1,0 +1,125 @@
+"""Metrics: identification math, PixCorr/SSIM against direct calls, the table, and an end-to-end evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+from skimage.color import rgb2gray
+from skimage.metrics import structural_similarity
+
+from brainldm.evaluate import METRICS, REFERENCE_ROWS, clip_extractor, evaluate, metrics_table, write_report
+from brainldm.metrics import (
+    correlation_distance,
+    identification_rank,
+    pixcorr,
+    retrieval_top1,
+    ssim,
+    two_way_identification,
+)
+
+
+def test_identical_features_identify_perfectly():
+    features = np.random.default_rng(0).standard_normal((30, 50))
+    assert two_way_identification(features, features).mean() == 1.0
+    assert (identification_rank(features, features) == 1).all()
+
+
+def test_unrelated_features_identify_at_chance():
+    rng = np.random.default_rng(1)
+    accuracy = two_way_identification(rng.standard_normal((400, 64)), rng.standard_normal((400, 64))).mean()
+    assert abs(accuracy - 0.5) < 0.03
+
+
+def test_identification_worked_by_hand():
+    true = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    pred = np.array([[0.9, 0.1, 0.0], [0.8, 0.3, 0.0], [0.1, 0.0, 0.9]])
+    # r(pred_i, true_j) by hand: pred_0 is closest to true_0; pred_1 is closer to true_0 than to its own true_1
+    # (r = 0.95 vs 0.05, so it beats only true_2); pred_2 is closest to true_2
+    np.testing.assert_allclose(two_way_identification(pred, true), [1.0, 0.5, 1.0])
+    np.testing.assert_array_equal(identification_rank(pred, true), [1, 2, 1])
+
+
+def test_pixcorr_and_ssim_match_direct_numpy_and_skimage_calls():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (425, 425, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    assert pixcorr(a, b) == pytest.approx(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+    expected = structural_similarity(
+        rgb2gray(a / 255.0), rgb2gray(b / 255.0), gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=1.0,
+    )  # fmt: skip
+    assert ssim(a, b) == pytest.approx(expected)
+    assert ssim(a, a) == pytest.approx(1.0) and pixcorr(a, a) == pytest.approx(1.0)
+
+
+def test_correlation_distance_and_retrieval():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 20))
+    np.testing.assert_allclose(correlation_distance(x, x), 0.0, atol=1e-12)
+    perfect = retrieval_top1(x, x, pool=30, draws=5)
+    assert perfect["brain_to_image"] == perfect["image_to_brain"] == 1.0 and perfect["pool"] == 30
+    assert retrieval_top1(x, rng.standard_normal((50, 20)), pool=30, draws=20)["brain_to_image"] < 0.2
+
+
+def test_table_lays_out_rows_unavailable_metrics_and_quoted_references():
+    results = {
+        "subjects": {"subj01": {"Xzc": {"pixcorr": 0.1, "ssim": 0.3, "clip": 0.75}}},
+        "average": {"Xzc": {"pixcorr": 0.1, "ssim": 0.3, "clip": 0.75}},
+        "unavailable": {"alexnet2": "ModuleNotFoundError: No module named 'torchvision'"},
+        "retrieval": {},
+    }
+    table = metrics_table(results)
+    lines = table.splitlines()
+    assert lines[0] == "| Method | PixCorr ↑ | SSIM ↑ | Alex(2) ↑ | Alex(5) ↑ | Incep ↑ | CLIP ↑ | Eff ↓ | SwAV ↓ |"
+    assert "| subj01 Xzc | 0.100 | 0.300 | n/a | n/a | n/a | 75.0% | n/a | n/a |" in lines
+    assert all(f"*{label}*" in table for label in REFERENCE_ROWS)
+    assert "Alex(2): ModuleNotFoundError: No module named 'torchvision'" in table
+    assert "not computed here" in table
+
+
+@pytest.fixture(scope="module")
+def reconstructions(decoding_world, tiny, tmp_path_factory):
+    from brainldm.reconstruct import Reconstructor, reconstruct_trials
+
+    out = tmp_path_factory.mktemp("recon")
+    reconstructor = Reconstructor(tiny, output_size=64)
+    reconstruct_trials(
+        reconstructor, decoding_world.maps, decoding_world.data, 1, out, rows=range(8), num_samples=2,
+        num_inference_steps=5, progress=False,
+    )  # fmt: skip
+    return out
+
+
+def test_end_to_end_evaluation_with_a_tiny_clip(reconstructions, decoding_world, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    tiny_clip = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8)
+    )  # fmt: skip
+    names = ["pixcorr", "ssim", "clip", "alexnet2", "swav"]
+    results = evaluate(
+        reconstructions, names, extractors={"clip": clip_extractor(tiny_clip)}, features=decoding_world.features
+    )
+    rows = results["subjects"]["subj01"]
+    assert set(rows) == {"Xz", "Xc", "Xzc", "Xc, mean of 2 samples (Takagi)", "Xzc, mean of 2 samples (Takagi)"}
+    for scores in rows.values():
+        assert set(scores) >= {"pixcorr", "ssim", "clip"}
+        assert -1 <= scores["pixcorr"] <= 1 and 0 <= scores["clip"] <= 1
+    # models that cannot load here are reported with a reason, never dropped silently
+    for name in ("alexnet2", "swav"):
+        assert name not in rows["Xzc"] and results["unavailable"][name]
+    retrieval = results["retrieval"]["subj01"]
+    assert set(retrieval) == {"z", "c"} and retrieval["c"]["pool"] == 8
+    assert retrieval["c"]["brain_to_image"] >= 0.75  # the planted c is decodable: retrieval far above 1/8
+    paths = write_report(results, tmp_path, names)
+    assert json.loads(paths["json"].read_text())["subjects"]["subj01"]["Xz"]["ssim"] == rows["Xz"]["ssim"]
+    assert paths["plot"].stat().st_size > 5_000 and "| subj01 Xzc |" in paths["table"].read_text()
+
+
+def test_evaluate_refuses_unknown_metrics_and_empty_folders(tmp_path):
+    with pytest.raises(ValueError, match="unknown metric 'fid'"):
+        evaluate(tmp_path, ["fid"])
+    with pytest.raises(ValueError, match="no subjNN folders"):
+        evaluate(tmp_path, ["pixcorr"])
+    assert set(METRICS) == {"pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav"}
