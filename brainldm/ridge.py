@@ -62,16 +62,20 @@ def gram_eigh(X: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
 
 
 def ridge_factors(
-    X_train: torch.Tensor, Y_train: torch.Tensor, X_eval: torch.Tensor | None, decomposition
+    X_train: torch.Tensor,
+    Y_train: torch.Tensor | None,
+    X_eval: torch.Tensor | None,
+    decomposition,
+    cross: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, R) such that the ridge prediction at X_eval, for any alpha, is ``L @ (R / (e + alpha)[:, None])``.
 
     With ``X_eval=None``, L is the map from the eigenbasis back to features, so ``L @ (R / (e + alpha))`` is the
-    coefficient matrix (n_features, n_targets) itself.
+    coefficient matrix (n_features, n_targets) itself. ``cross`` may pass ``X_train.T @ Y_train`` if known.
     """
     form, _, vectors = decomposition
     if form == "primal":
-        right = vectors.T @ (X_train.T @ Y_train)
+        right = vectors.T @ (X_train.T @ Y_train if cross is None else cross)
         left = vectors if X_eval is None else X_eval @ vectors
     else:
         right = vectors.T @ Y_train
@@ -91,24 +95,41 @@ def ridge_cv_scores(
 
     X (n_samples, n_features) lives on the compute device; Y (n_samples, n_targets) may stay on the CPU and is
     moved one target batch at a time. Each fold's training data are centred on their own means (intercept).
+    The folds' eigendecompositions are computed once and reused for every target batch and alpha.
     """
-    score = correlation_score if scoring == "correlation" else neg_mse_score
     n, n_targets = Y.shape
-    scores = torch.zeros(len(alphas), n_targets, device=X.device, dtype=X.dtype)
+    device = X.device
+    fold_state = []
     for validation in folds:
-        train = np.setdiff1d(np.arange(n), validation)
-        train_t = torch.from_numpy(train).to(X.device)
-        X_mean = X[train_t].mean(0)
-        X_train, X_val = X[train_t] - X_mean, X[torch.from_numpy(validation).to(X.device)] - X_mean
-        decomposition = gram_eigh(X_train)
-        e = decomposition[1]
-        for start in range(0, n_targets, target_batch_size):
-            Y_batch = _to(Y[:, start : start + target_batch_size], X)
-            Y_mean = Y_batch[train_t].mean(0)
-            left, right = ridge_factors(X_train, Y_batch[train_t] - Y_mean, X_val, decomposition)
-            for a, alpha in enumerate(alphas):
-                prediction = left @ (right / (e + alpha)[:, None]) + Y_mean
-                scores[a, start : start + target_batch_size] += score(Y_batch[validation], prediction)
+        train = torch.from_numpy(np.setdiff1d(np.arange(n), validation)).to(device)
+        X_mean = X[train].mean(0)
+        fold_state.append((train, torch.from_numpy(validation).to(device), X_mean, gram_eigh(X[train] - X_mean)))
+    scores = torch.zeros(len(alphas), n_targets, device=device, dtype=X.dtype)
+    for start in range(0, n_targets, target_batch_size):
+        Y_batch = _to(Y[:, start : start + target_batch_size], X)
+        cross_all = X.T @ Y_batch  # X^T Y once per batch; each fold subtracts its validation rows
+        for train, validation, X_mean, decomposition in fold_state:
+            X_train, X_val, Y_val = X[train] - X_mean, X[validation] - X_mean, Y_batch[validation]
+            Y_mean = (Y_batch.sum(0) - Y_val.sum(0)) / len(train)
+            if decomposition[0] == "primal":  # (X_tr - mean)^T (Y_tr - mean) from the batch-wide product
+                cross = cross_all - X[validation].T @ Y_val - len(train) * torch.outer(X_mean, Y_mean)
+                left, right = ridge_factors(X_train, None, X_val, decomposition, cross)
+            else:
+                left, right = ridge_factors(X_train, Y_batch[train] - Y_mean, X_val, decomposition)
+            e = decomposition[1]
+            block = scores[:, start : start + target_batch_size]
+            if scoring == "correlation":
+                # centred predictions and targets: the intercept cancels, and Y's statistics are computed once
+                left = left - left.mean(0)
+                y = Y_val - Y_val.mean(0)
+                y_norm = y.norm(dim=0)
+                for a, alpha in enumerate(alphas):
+                    p = left @ (right / (e + alpha)[:, None])
+                    denominator = (y_norm * p.norm(dim=0)).clamp_min(torch.finfo(p.dtype).tiny)
+                    block[a] += (y * p).sum(0) / denominator
+            else:
+                for a, alpha in enumerate(alphas):
+                    block[a] += neg_mse_score(Y_val, left @ (right / (e + alpha)[:, None]) + Y_mean)
     return scores / len(folds)
 
 
