@@ -416,7 +416,12 @@ voxels = load_voxels("REPO_ID", subject=1)
 
 
 def push_to_hub(
-    out: str | Path, subject: int, repo_id: str, private: bool = False, token: str | None = None, whole_brain=False
+    out: str | Path,
+    subject: int,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    whole_brain: bool = False,
 ) -> str:
     """Upload ``OUT/subjNN`` to a Hub dataset repo (as config ``subjNN``) and refresh its dataset card."""
     folder = Path(out) / subject_name(subject, whole_brain)

@@ -148,12 +148,7 @@ class SubjectMaps:
     Use :func:`fit_subject_maps` to make one, :meth:`from_pretrained` to load one, :meth:`predict` to decode.
     """
 
-    def __init__(
-        self,
-        z: LinearMap,
-        c: LinearMap,
-        config: dict,
-    ):
+    def __init__(self, z: LinearMap, c: LinearMap, config: dict):
         self.z = z
         self.c = c
         self.config = config
