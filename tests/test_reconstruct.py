@@ -121,10 +121,15 @@ def test_out_of_range_trials_and_maps_of_another_subject_are_refused(decoding_wo
 
 
 def test_two_processes_under_accelerate_cover_every_trial_exactly_once(decoding_world, tmp_path):
+    import socket
+
     decoding_world.maps.save_pretrained(tmp_path / "maps")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
         "scripts/reconstruct.py", "--maps", str(tmp_path / "maps"), "--data", str(decoding_world.data),
         "--subject", "1", "--trials", "0:7", "--steps", "2", "--out", str(tmp_path / "out"),
     ]  # fmt: skip
