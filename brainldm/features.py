@@ -407,17 +407,16 @@ def extract_features(
         computed = {"z": z, "c": c}
         strengths = sorted({stores[n].config["strength"] for n in need if "strength" in stores[n].config})
         for strength in strengths:
-            wanted = [s for s in specs if s.name in need and s.strength == strength]
-            taps = [s for s in wanted if s.kind == "unet"]
+            taps = [s for s in specs if s.name in need and s.kind == "unet" and s.strength == strength]
             zc, recorded = img2img_latents(
                 ldm, z, c, batch, strength, num_inference_steps, guidance_scale, seed, taps, unet_reduce
             )
             computed.update(recorded)
             computed[f"zc@{strength:g}"] = zc
         for name in need:
-            store = stores[name]
-            rows = [k for k, i in enumerate(batch) if i in set(store.missing(batch))]
-            store.write([batch[k] for k in rows], computed[name][rows])
+            missing = set(stores[name].missing(batch))
+            rows = [k for k, i in enumerate(batch) if i in missing]
+            stores[name].write([batch[k] for k in rows], computed[name][rows])
         bar.update(len(batch))
     bar.close()
     return stores
