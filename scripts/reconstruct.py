@@ -39,12 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=TAKAGI2023.guidance_scale)
     parser.add_argument("--steps", type=int, default=TAKAGI2023.num_inference_steps)
     parser.add_argument("--seed", type=int, default=TAKAGI2023.seed)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (GPU: ~3.5x faster per image)"
+    )
     args = parser.parse_args(argv)
 
     import torch
     from accelerate import PartialState
 
-    from brainldm.ldm import load_ldm
+    from brainldm.ldm import load_ldm, optimize_ldm
     from brainldm.maps import SubjectMaps
     from brainldm.reconstruct import Reconstructor, reconstruct_trials, write_contact_sheet
     from brainldm.validation import InputError
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         if maps.subject != args.subject:
             raise InputError(f"--maps are subject {maps.subject}'s but --subject is {args.subject}")
         ldm = load_ldm(args.model or maps.model_id, device=state.device)
+        ldm = optimize_ldm(ldm, compile_mode="reduce-overhead" if args.compile else None)
         folders = reconstruct_trials(
             Reconstructor(ldm),
             maps,

@@ -63,6 +63,15 @@ def test_xzc_differs_from_xz_and_depends_on_c(reconstructor, zc):
     np.testing.assert_array_equal(out.Xz, other.Xz)
 
 
+def test_speed_ups_keep_the_results(zc):
+    from brainldm.ldm import optimize_ldm, tiny_ldm
+
+    plain = Reconstructor(tiny_ldm(), output_size=64)(*zc, **FAST)
+    fused = Reconstructor(optimize_ldm(tiny_ldm(), channels_last=True), output_size=64)(*zc, **FAST)
+    for name in ("Xz", "Xc", "Xzc"):
+        assert np.abs(getattr(plain, name).astype(int) - getattr(fused, name)).max() <= 2, name
+
+
 def test_a_batch_equals_its_items_run_one_by_one(reconstructor, zc):
     z, c = zc
     batch = reconstructor(z, c, num_samples=2, **FAST)
