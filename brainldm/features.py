@@ -57,13 +57,17 @@ def images_to_tensor(images: Sequence[ImageLike], size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_z(ldm, images: Sequence[ImageLike], image_size: int = TAKAGI2023.z_image_size) -> torch.Tensor:
+def encode_z(ldm, images: Sequence[ImageLike], image_size: int | None = None) -> torch.Tensor:
     """z: the VAE latent mean of each image at ``image_size``, times the VAE scaling factor.
+
+    ``image_size`` defaults to the LDM's z size (320 for SD-1.x, see :func:`brainldm.ldm.ldm_sizes`).
 
     Returns a float32 CPU tensor (n, latent_channels, image_size / 8, image_size / 8): (n, 4, 40, 40) for SD-1.x.
     """
+    from .ldm import ldm_sizes
+
     vae = ldm.vae
-    x = images_to_tensor(images, image_size).to(device=vae.device, dtype=vae.dtype)
+    x = images_to_tensor(images, image_size or ldm_sizes(ldm)[0]).to(device=vae.device, dtype=vae.dtype)
     z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     return z.float().cpu()
 
@@ -384,7 +388,9 @@ def extract_features(
     """
     if unet_reduce not in REDUCTIONS:
         raise InputError(f"unet_reduce must be one of {REDUCTIONS}, got {unet_reduce!r}")
-    common = {"model": model_id, "z_image_size": TAKAGI2023.z_image_size}
+    from .ldm import ldm_sizes
+
+    common = {"model": model_id, "z_image_size": ldm_sizes(ldm)[0]}
     run = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
     stores = {}
     for spec in specs:

@@ -35,6 +35,15 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def ldm_sizes(ldm, preset=TAKAGI2023) -> tuple[int, int]:
+    """(z_image_size, output_size) of an LDM: its native output size (the U-Net's sample size times the VAE's
+    downsampling factor: 512 for SD-1.x, 128 for ``toy``) and z's image size at the paper's proportion of it
+    (320 of 512), so sizes travel with the model."""
+    factor = 2 ** (len(ldm.vae.config.block_out_channels) - 1)
+    output_size = int(ldm.unet.config.sample_size) * factor
+    return output_size * preset.z_image_size // preset.output_size, output_size
+
+
 def ddim_scheduler() -> DDIMScheduler:
     """The DDIM scheduler of Stable Diffusion v1 (``scaled_linear`` betas, eta 0 at call time)."""
     return DDIMScheduler(
@@ -100,7 +109,7 @@ def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
     conditioned on 77 tokens, the text encoder is a CLIPTextModel (hidden size 32, so c is 77 x 32).
     """
     unet = dict(
-        sample_size=8,
+        sample_size=64,  # SD-1.x's 512 px output (the weights do not depend on it)
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .features import empty_prompt_embedding
+from .ldm import ldm_sizes
 from .presets import TAKAGI2023
 from .validation import InputError, check_finite
 
@@ -42,13 +43,16 @@ class Reconstruction:
 class Reconstructor:
     """Turns predicted (z, c) into Xz, Xc and Xzc with a Stable Diffusion img2img pipeline's components."""
 
-    def __init__(self, ldm, output_size: int = TAKAGI2023.output_size):
+    def __init__(self, ldm, output_size: int | None = None):
+        """``output_size`` defaults to the LDM's own (512 for SD-1.x, see :func:`brainldm.ldm.ldm_sizes`)."""
         self.img2img = ldm
         # the safety checker belongs to public text-to-image serving; reconstructions are research outputs
         components = dict(ldm.components, safety_checker=None, feature_extractor=None)
         self.txt2img = StableDiffusionPipeline(**components, requires_safety_checker=False)
         self.txt2img.set_progress_bar_config(disable=True)
-        self.output_size = output_size
+        z_image_size, native_size = ldm_sizes(ldm)
+        self.output_size = output_size or native_size
+        self.z_image_size = z_image_size
 
     @property
     def device(self) -> torch.device:

@@ -151,7 +151,7 @@ def write_nsd_tree(
     masterordering = rng.permutation(np.repeat(np.arange(per_subject), REPS))[:n_trials] + 1
     trial_images = {s: subjectim[s - 1, masterordering - 1] - 1 for s in range(1, nsd.N_SUBJECTS + 1)}
 
-    images, captions = zip(*(_draw_picture(rng, image_size) for _ in range(n_images)))
+    images, captions = zip(*(draw_picture(rng, image_size) for _ in range(n_images)))
     coco_ids = rng.choice(np.arange(9, 600_000), size=n_images, replace=False)
     coco_split = np.where(rng.random(n_images) < 0.9, "train2017", "val2017")
 
@@ -240,7 +240,7 @@ def write_nsd_tree(
 # --- pictures and captions ---------------------------------------------------------------------------------
 
 
-def _draw_picture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[str]]:
+def draw_picture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[str]]:
     """A picture of two or three soft-edged shapes on a textured gradient, and five captions describing it."""
     names = list(COLOURS)
     yy, xx = np.mgrid[0:size, 0:size] / size

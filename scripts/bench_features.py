@@ -25,13 +25,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from brainldm.features import encode_c, encode_z
     from brainldm.ldm import load_ldm
-    from brainldm.synthetic import _draw_picture
+    from brainldm.synthetic import draw_picture
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     ldm = load_ldm(args.model, device=args.device, dtype=dtype)
     device = ldm.unet.device
     rng = np.random.default_rng(0)
-    pictures = [_draw_picture(rng, 425) for _ in range(args.images)]  # NSD stimuli are 425 x 425
+    pictures = [draw_picture(rng, 425) for _ in range(args.images)]  # NSD stimuli are 425 x 425
     images = [p for p, _ in pictures]
     captions = [(caps * 2)[:5] for _, caps in pictures]
 

@@ -22,10 +22,10 @@ from brainldm.validation import InputError
 
 @pytest.fixture(scope="module")
 def pictures():
-    from brainldm.synthetic import _draw_picture
+    from brainldm.synthetic import draw_picture
 
     rng = np.random.default_rng(0)
-    return [_draw_picture(rng, 48) for _ in range(5)]  # (image, captions) pairs
+    return [draw_picture(rng, 48) for _ in range(5)]  # (image, captions) pairs
 
 
 def test_z_and_c_shapes_come_from_the_model(tiny, pictures):
