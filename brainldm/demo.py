@@ -6,7 +6,7 @@ library calls as the scripts (``SubjectMaps.from_pretrained``, ``load_trials``, 
 Sources: ``maps`` is a local folder holding ``subjNN/`` map folders (``weights/`` by default), a single map folder,
 or a Hub repo id pattern such as ``"user/brainldm-subj{subject:02d}"``; ``data`` is a prepared dataset folder or
 Hub dataset repo id. With neither available, :func:`offline_sources` builds a synthetic subject and fits its maps
-at start-up, with the random-weight ``tiny`` LDM.
+at start-up, with the trained offline LDM ``toy``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from .validation import InputError
 
 OFFLINE_BANNER = (
     "**Offline demo.** No fitted maps or NSD data were found, so this runs on a *synthetic* subject (brainldm's "
-    "offline world: NSD-format files with planted responses) whose maps were fitted at start-up, and on `tiny`, a "
-    "Stable-Diffusion-shaped model with **random weights**. The pipeline is the real one; the images are not "
-    "meaningful. Point `BRAINLDM_MAPS` and `BRAINLDM_DATA` at fitted maps and a prepared NSD dataset for real "
-    "reconstructions."
+    "offline world: NSD-format files with planted responses) whose maps were fitted at start-up, and on `toy`, a "
+    "small Stable-Diffusion-shaped model trained on the offline world's pictures of shapes. The pipeline is the "
+    "real one. Point `BRAINLDM_MAPS` and `BRAINLDM_DATA` at fitted maps and a prepared NSD dataset for "
+    "reconstructions of what NSD subjects saw."
 )
 
 
@@ -68,27 +68,25 @@ def maps_location(maps: str, subject: int) -> str:
 
 
 def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = (1, 2)) -> Sources:
-    """Build the offline world: a synthetic NSD tree, its trials dataset, tiny-LDM features and fitted maps."""
+    """Build the offline world: a synthetic NSD tree, its trials dataset, toy-LDM features and fitted maps."""
     from .data import SubjectStimuli, prepare_subject
     from .features import extract_features, parse_features
-    from .ldm import tiny_ldm
     from .maps import fit_subject_maps
     from .synthetic import write_nsd_tree
 
     root = Path(root or tempfile.mkdtemp(prefix="brainldm-offline-"))
-    ldm = tiny_ldm()
-    tree = write_nsd_tree(
-        root / "nsd", subjects=subjects, n_sessions=6, trials_per_session=45, n_shared=20, snr=100.0, ldm=ldm, seed=1
-    )
+    ldm = load_ldm("toy", device="cpu")
+    tree = write_nsd_tree(root / "nsd", subjects=subjects, n_sessions=6, trials_per_session=45, n_shared=20, ldm=ldm,
+                          seed=1)
     for subject in subjects:
         prepare_subject(tree.root, subject, root / "trials", progress=False)
         stimuli = SubjectStimuli(root / "trials", subject)
         extract_features(
-            ldm, "tiny", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features", progress=False
+            ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features", progress=False
         )
         maps = fit_subject_maps(root / "trials", root / "features", subject, device="cpu")
         maps.save_pretrained(root / "weights" / f"subj{subject:02d}")
-    return Sources(str(root / "weights"), str(root / "trials"), "tiny", list(subjects), offline=True)
+    return Sources(str(root / "weights"), str(root / "trials"), "toy", list(subjects), offline=True)
 
 
 class Subject:

@@ -114,6 +114,21 @@ def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extr
     return extract
 
 
+def toy_clip_extractor(device="cpu") -> Extractor:
+    """The ``toy`` model's CLIP vision tower: the offline stand-in for CLIP ViT-L/14 on reconstructions by ``toy``
+    (its own contrastive image space, so it scores the meaning of toy pictures; not comparable with published CLIP)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from .toy import TOY_DIR
+
+    return clip_extractor(CLIPVisionModelWithProjection.from_pretrained(TOY_DIR / "image_encoder"), device=device)
+
+
+def recon_model_ids(recon: str | Path) -> set[str]:
+    """The LDMs that made the finished reconstructions under a ``scripts/reconstruct.py`` output folder."""
+    return {json.loads(p.read_text()).get("model_id") for p in Path(recon).glob("subj[0-9][0-9]/*/meta.json")}
+
+
 def load_extractors(names: Sequence[str], overrides: dict[str, Extractor] | None = None, device="cpu"):
     """(extractors, unavailable reasons) for the feature metrics among ``names``."""
     extractors, unavailable = dict(overrides or {}), {}
@@ -176,11 +191,16 @@ def evaluate(
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; choose from {list(METRICS)}")
+    stand_ins = {}
+    if "clip" in names and not (extractors and "clip" in extractors) and recon_model_ids(recon) == {"toy"}:
+        # offline world: CLIP ViT-L/14 can't be downloaded and would not know toy pictures; toy has its own tower
+        extractors = dict(extractors or {}, clip=toy_clip_extractor(device))
+        stand_ins["clip"] = "the toy model's CLIP vision tower (offline stand-in for CLIP ViT-L/14)"
     extractors, unavailable = load_extractors(names, extractors, device)
     folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
     if not folders:
         raise ValueError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
-    results = {"subjects": {}, "unavailable": unavailable, "retrieval": {}}
+    results = {"subjects": {}, "unavailable": unavailable, "stand_ins": stand_ins, "retrieval": {}}
     for folder in folders:
         trials = load_subject_reconstructions(folder)
         originals = [images["original"] for _, images in trials]
@@ -238,7 +258,10 @@ def _format(name: str, value: float | None) -> str:
 def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
     """A markdown table laid out like the published ones, with the quoted reference rows at the bottom."""
     arrows = {"pixel": "↑", "identification": "↑", "distance": "↓"}
-    header = "| Method | " + " | ".join(f"{METRICS[n][0]} {arrows[METRICS[n][1]]}" for n in names) + " |"
+    stand_ins = results.get("stand_ins", {})
+    header = "| Method | " + " | ".join(
+        f"{METRICS[n][0]}{'*' if n in stand_ins else ''} {arrows[METRICS[n][1]]}" for n in names
+    ) + " |"
     lines = [header, "|---" * (len(names) + 1) + "|"]
     for subject, rows in results["subjects"].items():
         for row, scores in rows.items():
@@ -250,6 +273,8 @@ def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
         quoted = dict(zip(METRICS, values))
         lines.append(f"| *{label}* | " + " | ".join(_format(n, quoted[n]) for n in names) + " |")
     text = "\n".join(lines)
+    for name, what in stand_ins.items():
+        text += f"\n\n\\* {METRICS[name][0]} here is computed with {what}."
     if results["unavailable"]:
         text += "\n\nUnavailable metrics (their models could not be loaded):\n" + "\n".join(
             f"- {METRICS[n][0]}: {reason}" for n, reason in results["unavailable"].items()

@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .presets import TAKAGI2023
 
 TINY = "tiny"
+TOY = "toy"
 TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
 
@@ -199,12 +200,17 @@ def load_ldm(
     """Load a Stable Diffusion img2img pipeline with the paper's DDIM scheduler.
 
     Args:
-        model_id_or_dir: a Hub model id, a local diffusers folder, ``"tiny"`` or ``"random-sd14"``.
+        model_id_or_dir: a Hub model id, a local diffusers folder, ``"toy"`` (the trained offline model,
+            :mod:`brainldm.toy`), ``"tiny"`` or ``"random-sd14"``.
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to fp16 on CUDA and fp32 on CPU.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if model_id_or_dir == TOY:
+        from .toy import TOY_DIR
+
+        model_id_or_dir = str(TOY_DIR)  # a diffusers folder inside the package: the same path a Hub id takes
     if model_id_or_dir == TINY:
         pipe = tiny_ldm()
     elif model_id_or_dir == RANDOM_SD14:
@@ -220,8 +226,9 @@ def load_ldm(
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
     # nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules on every dtype cast, even with none
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        torch.nn.Module.to(model, device=device, dtype=dtype)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "image_encoder", None)):
+        if model is not None:
+            torch.nn.Module.to(model, device=device, dtype=dtype)
     return pipe
 
 

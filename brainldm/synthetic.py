@@ -10,7 +10,7 @@
   betas per session (percent signal change x 300, X x Y x Z x trials), optionally with its HDF5 twin.
 
 Responses are planted: ``early`` voxels respond linearly to the image's z features, ``ventral`` voxels to its
-c features (both computed with the given LDM, ``tiny_ldm()`` by default), every other voxel only to noise.
+c features (both computed with the given LDM, the trained ``toy`` model by default), every other voxel only to noise.
 The returned :class:`SyntheticNSD` carries the planted weights and features, so tests can check recovery.
 """
 
@@ -105,7 +105,7 @@ def write_nsd_tree(
     trials_per_session: int = 30,
     n_shared: int = 6,
     grid_shape: tuple[int, int, int] = (12, 14, 10),
-    image_size: int = 64,
+    image_size: int = 128,
     snr: float = 4.0,
     cortex_thickness: float = 0.45,
     write_hdf5: bool = False,
@@ -119,7 +119,8 @@ def write_nsd_tree(
     Each subject sees ``ceil(n_sessions * trials_per_session / 3)`` images three times each (the last ones
     fewer if the trial count is not a multiple of 3), ``n_shared`` of them shared by all eight subjects, in
     one ``masterordering`` common to all subjects, as in NSD. ``ldm`` computes the planted z and c features;
-    it defaults to ``brainldm.ldm.tiny_ldm()``. ``features="random"`` plants 16-dimensional Gaussian features
+    it defaults to ``load_ldm("toy")``, the trained offline model (pictures are drawn at ``image_size``, 128 px: toy's
+    output size). ``features="random"`` plants 16-dimensional Gaussian features
     instead (no LDM; for benchmarks at NSD's full size, where only the file sizes matter). Each responsive voxel
     is a random mixture of the leading ``n_components`` principal components of its feature space.
     """
@@ -166,9 +167,9 @@ def write_nsd_tree(
         z, c = (rng.standard_normal((len(feature_ids), 16)).astype(np.float32) for _ in range(2))
     else:
         from .features import encode_c, encode_z
-        from .ldm import tiny_ldm
+        from .ldm import load_ldm
 
-        ldm = ldm or tiny_ldm()
+        ldm = ldm or load_ldm("toy", device="cpu")
         z = encode_z(ldm, [images[i] for i in feature_ids]).numpy()
         c = encode_c(ldm, [[cap.strip() for cap in captions[i]] for i in feature_ids]).numpy()
     flat = {"z": z.reshape(len(z), -1), "c": c.reshape(len(c), -1)}

@@ -45,25 +45,25 @@ class ToyConfig:
 
     seed: int = 0
     image_size: int = 128  # output size; z is encoded at 5/8 of it, as SD's 320 of 512
-    n_train: int = 10_000
+    n_train: int = 20_000
     n_heldout: int = 128
     # CLIP pair
     text_hidden: int = 128
     vision_size: int = 64
-    clip_steps: int = 1000
-    clip_batch: int = 128
+    clip_steps: int = 1500
+    clip_batch: int = 256
     clip_lr: float = 1e-3
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64, 64)
-    vae_steps: int = 1500
-    vae_batch: int = 16
+    vae_steps: int = 3000
+    vae_batch: int = 32
     vae_crop: int = 64
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
     # U-Net
     unet_channels: tuple[int, ...] = (32, 64, 128)
-    unet_steps: int = 4000
-    unet_batch: int = 32
+    unet_steps: int = 4500
+    unet_batch: int = 256
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1
     ema_decay: float = 0.999

@@ -1,0 +1,125 @@
+"""`toy`, the trained offline LDM: it loads like any diffusers model, keeps pictures, follows captions, and makes
+the paper's pattern show end to end (z gives layout, c gives meaning, zc both). Its training script runs and resumes.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainldm import toy
+from brainldm.evaluate import toy_clip_extractor
+from brainldm.features import encode_c, encode_z
+from brainldm.ldm import ldm_sizes, load_ldm
+from brainldm.metrics import pixcorr, two_way_identification
+from brainldm.reconstruct import Reconstructor
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(num_inference_steps=20, guidance_scale=5.0)
+
+
+@pytest.fixture(scope="module")
+def ldm():
+    return load_ldm("toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    """Pictures and captions the model never saw (training draws from other seeds)."""
+    return toy.draw_pairs(12, seed=424242, size=128, workers=1)
+
+
+@pytest.fixture(scope="module")
+def clip_features():
+    extract = toy_clip_extractor()
+    return lambda images: extract(list(images))
+
+
+def test_toy_is_a_small_diffusers_folder_with_its_sizes_and_card():
+    files = [p for p in toy.TOY_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25e6
+    assert all(p.suffix != ".bin" for p in files)  # safetensors only
+    index = json.loads((toy.TOY_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionImg2ImgPipeline" and index["image_encoder"][1]
+    card = (toy.TOY_DIR / "README.md").read_text()
+    assert "train_toy_ldm.py" in card and "PixCorr" in card
+
+
+def test_sizes_travel_with_the_model(ldm, tiny):
+    assert ldm_sizes(ldm) == (80, 128)  # the paper's 320 of 512
+    assert ldm_sizes(tiny) == (320, 512)
+    recon = Reconstructor(ldm)
+    assert (recon.z_image_size, recon.output_size) == (80, 128)
+
+
+def test_scaled_latents_have_unit_variance(ldm, heldout):
+    z = encode_z(ldm, list(heldout[0]))
+    assert z.shape == (12, 4, 10, 10)
+    assert 0.7 < float(z.std()) < 1.4
+
+
+def test_vae_round_trip_keeps_the_pictures(ldm, heldout):
+    pictures = heldout[0]
+    z = encode_z(ldm, list(pictures), image_size=128)
+    with torch.no_grad():
+        out = ldm.vae.decode(z / ldm.vae.config.scaling_factor).sample
+    back = ((out.clamp(-1, 1) + 1) * 127.5 + 0.5).byte().permute(0, 2, 3, 1).numpy()
+    scores = [pixcorr(a, b) for a, b in zip(back, pictures)]
+    assert np.mean(scores) >= 0.9
+    # colour survives: per-channel means of the round trip track the originals'
+    assert np.abs(back.mean((1, 2)) - pictures.mean((1, 2))).mean() < 12
+
+
+def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, clip_features):
+    pictures, captions = heldout
+    recon = Reconstructor(ldm)
+    z, c = encode_z(ldm, list(pictures)), encode_c(ldm, captions)
+    guided = recon(z, c, **FAST).Xc[:, 0]
+    truth = clip_features(pictures)
+    assert two_way_identification(clip_features(guided), truth).mean() >= 0.8
+    shuffled = recon(z, torch.roll(c, 1, dims=0), **FAST).Xc[:, 0]  # another picture's caption
+    assert two_way_identification(clip_features(shuffled), truth).mean() < 0.65
+
+
+def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
+    """From true z and c: Xz keeps the layout (pixels), Xc the meaning (toy-CLIP), Xzc both."""
+    pictures, captions = heldout
+    out = Reconstructor(ldm)(encode_z(ldm, list(pictures)), encode_c(ldm, captions), **FAST)
+    xz, xc, xzc = out.Xz, out.Xc[:, 0], out.Xzc[:, 0]
+
+    def pixels(images):
+        return np.stack(images).reshape(len(images), -1)
+
+    def mean_pixcorr(images):
+        return np.mean([pixcorr(a, b) for a, b in zip(images, pictures)])
+
+    assert two_way_identification(pixels(xz), pixels(pictures)).mean() >= 0.9
+    assert mean_pixcorr(xzc) > mean_pixcorr(xc) + 0.2
+    truth = clip_features(pictures)
+    assert two_way_identification(clip_features(xzc), truth).mean() >= 0.8
+
+
+def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tmp_path):
+    out, work = tmp_path / "toy", tmp_path / "work"
+    args = [sys.executable, str(ROOT / "scripts" / "train_toy_ldm.py"), "--out", str(out), "--work", str(work),
+            "--n-train", "48", "--eval-pairs", "4", "--clip-steps", "2", "--clip-batch", "8", "--vae-steps", "2",
+            "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4"]  # fmt: skip
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert torch.load(work / "unet.pt", weights_only=True)["step"] == 3
+    trained = load_ldm(str(out), device="cpu")
+    assert ldm_sizes(trained) == (80, 128)
+    assert (out / "README.md").is_file() and json.loads((out / "training.json").read_text())["scores"]
+    # a rerun resumes from the checkpoints: no phase trains again, so no checkpoint is rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")}
+    assert set(stamps) == {"clip.pt", "vae.pt", "latents.pt", "unet.pt"}
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")} == stamps
+    # other settings into the same checkpoints are refused, not mixed
+    other = subprocess.run([*args[:-1], "8"], capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "other settings" in other.stderr
