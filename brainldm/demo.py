@@ -72,12 +72,12 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
     from .data import SubjectStimuli, prepare_subject
     from .features import extract_features, parse_features
     from .maps import fit_subject_maps
-    from .synthetic import write_nsd_tree
+    from .synthetic import OFFLINE_SNR, write_nsd_tree
 
     root = Path(root or tempfile.mkdtemp(prefix="brainldm-offline-"))
     ldm = load_ldm("toy", device="cpu")
-    tree = write_nsd_tree(root / "nsd", subjects=subjects, n_sessions=6, trials_per_session=45, n_shared=20, ldm=ldm,
-                          seed=1)
+    tree = write_nsd_tree(root / "nsd", subjects=subjects, n_sessions=6, trials_per_session=45, n_shared=20, snr=OFFLINE_SNR,
+                          ldm=ldm, seed=1)
     for subject in subjects:
         prepare_subject(tree.root, subject, root / "trials", progress=False)
         stimuli = SubjectStimuli(root / "trials", subject)

@@ -8,6 +8,8 @@ import time
 
 
 def main(argv: list[str] | None = None) -> None:
+    from brainldm.synthetic import OFFLINE_SNR
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="NSD root folder to write")
     parser.add_argument("--subjects", default="1", help="comma-separated subjects, e.g. 1,2 (default: 1)")
@@ -16,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=int, default=6, help="images shared by all subjects (default: 6)")
     parser.add_argument("--grid", default="12,14,10", help="betas grid X,Y,Z (default: 12,14,10)")
     parser.add_argument("--image-size", type=int, default=128, help="stimulus size in pixels (default: 128, toy's output size)")
-    parser.add_argument("--snr", type=float, default=4.0, help="planted signal-to-noise variance ratio")
+    parser.add_argument("--snr", type=float, default=OFFLINE_SNR,
+                        help=f"planted signal-to-noise variance ratio (default: {OFFLINE_SNR}, about as hard as NSD)")
     parser.add_argument("--hdf5", action="store_true", help="also write the .hdf5 twin of each betas file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
