@@ -342,5 +342,5 @@ def test_trial_to_image_mapping_on_other_tree_shapes(tmp_path, tiny, shape):
         for nsd_id, trials in zip(split["nsd_id"], split["trials"]):
             assert all(images[t - 1] == nsd_id for t in trials)
     assert len(train) + sum(test["n_reps"]) == shape["n_sessions"] * shape["trials_per_session"]
-    assert np.asarray(test[0]["image"]).shape == (shape.get("image_size", 64),) * 2 + (3,)
+    assert np.asarray(test[0]["image"]).shape == (shape.get("image_size", 128),) * 2 + (3,)  # write_nsd_tree default
     assert load_voxels(tmp_path / "out", 3).grid_shape == shape["grid_shape"]
