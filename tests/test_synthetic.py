@@ -50,7 +50,7 @@ def test_stim_info_matches_expdesign(nsd_tree):
 def test_stimuli_are_natural_looking_uint8_pictures(nsd_tree):
     with h5py.File(nsd.stimuli_path(nsd_tree.root)) as f:
         brick = f["imgBrick"]
-        assert brick.shape == (nsd_tree.n_images, 64, 64, 3)
+        assert brick.shape == (nsd_tree.n_images, 128, 128, 3)  # toy's output size
         assert brick.dtype == np.uint8
         images = brick[:20].astype(float)
     # smooth, not white noise: neighbouring pixels are strongly correlated; and they differ between images
