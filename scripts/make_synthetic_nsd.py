@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials-per-session", type=int, default=30, help="trials per session (default: 30)")
     parser.add_argument("--shared", type=int, default=6, help="images shared by all subjects (default: 6)")
     parser.add_argument("--grid", default="12,14,10", help="betas grid X,Y,Z (default: 12,14,10)")
-    parser.add_argument("--image-size", type=int, default=128, help="stimulus size in pixels (default: 128, toy's output size)")
+    parser.add_argument(
+        "--image-size", type=int, default=128, help="stimulus size in pixels (default: 128, toy's output size)"
+    )
     parser.add_argument("--snr", type=float, default=OFFLINE_SNR,
                         help=f"planted signal-to-noise variance ratio (default: {OFFLINE_SNR}, about as hard as NSD)")
     parser.add_argument("--hdf5", action="store_true", help="also write the .hdf5 twin of each betas file")
