@@ -77,7 +77,7 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
     root = Path(root or tempfile.mkdtemp(prefix="brainldm-offline-"))
     ldm = load_ldm("toy", device="cpu")
     tree = write_nsd_tree(
-        root / "nsd", subjects=subjects, n_sessions=6, trials_per_session=45, n_shared=20, snr=OFFLINE_SNR, ldm=ldm, seed=1
+        root / "nsd", subjects, n_sessions=6, trials_per_session=45, n_shared=20, snr=OFFLINE_SNR, ldm=ldm, seed=1
     )
     for subject in subjects:
         prepare_subject(tree.root, subject, root / "trials", progress=False)
