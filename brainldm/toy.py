@@ -99,9 +99,7 @@ def draw_pairs(n: int, seed: int, size: int, workers: int | None = None) -> tupl
 
 def resize(pictures: np.ndarray, size: int) -> np.ndarray:
     """Bicubic resize of uint8 pictures (n, H, W, 3), as :func:`brainldm.features.images_to_tensor` does."""
-    return np.stack(
-        [np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BICUBIC)) for p in pictures]
-    )
+    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BICUBIC)) for p in pictures])
 
 
 def to_unit(pictures: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -131,8 +129,9 @@ def caption_tokenizer(captions: list[list[str]], model_max_length: int = 77):
     bpe.normalizer = normalizers.Lowercase()
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     symbols = sorted(ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(vocab_size=4000, end_of_word_suffix="</w>", initial_alphabet=symbols,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000, end_of_word_suffix="</w>", initial_alphabet=symbols, show_progress=False
+    )
     bpe.train_from_iterator((cap for caps in captions for cap in caps), trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
@@ -271,8 +270,19 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def train_clip(clip, optimizer, token_ids, caption_owner, pictures, config: ToyConfig, start: int, device,
-               checkpoint: Callable[[int, float], None], every: int = 250, progress=None) -> None:
+def train_clip(
+    clip,
+    optimizer,
+    token_ids,
+    caption_owner,
+    pictures,
+    config: ToyConfig,
+    start: int,
+    device,
+    checkpoint: Callable[[int, float], None],
+    every: int = 250,
+    progress=None,
+) -> None:
     """Contrastive (InfoNCE) training on (picture, one of its captions). ``token_ids``: (n_captions, 77);
     ``caption_owner``: (n_captions,) picture index of each; ``pictures``: uint8 at the vision tower's size."""
     counts = torch.bincount(torch.as_tensor(caption_owner), minlength=len(pictures))
@@ -300,8 +310,17 @@ def train_clip(clip, optimizer, token_ids, caption_owner, pictures, config: ToyC
     clip.eval()
 
 
-def train_vae(vae, optimizer, pictures, config: ToyConfig, start: int, device,
-              checkpoint: Callable[[int, float], None], every: int = 250, progress=None) -> None:
+def train_vae(
+    vae,
+    optimizer,
+    pictures,
+    config: ToyConfig,
+    start: int,
+    device,
+    checkpoint: Callable[[int, float], None],
+    every: int = 250,
+    progress=None,
+) -> None:
     """Reconstruction training on random crops of the pictures at the output size and at z's size (5/8 of it),
     so the VAE serves both Xz (decoded from z at 5/8) and img2img (at the output size).
     Loss: L1 + MSE on pixels in [-1, 1], plus a small KL term."""
@@ -355,9 +374,22 @@ def encode_text(text_encoder, token_ids: torch.Tensor, device, batch: int = 256,
     return torch.cat(out)
 
 
-def train_unet(unet, optimizer, ema, latents, caption_states, caption_owner, empty_state, scheduler,
-               config: ToyConfig, start: int, device, checkpoint: Callable[[int, float], None], every: int = 250,
-               progress=None) -> None:
+def train_unet(
+    unet,
+    optimizer,
+    ema,
+    latents,
+    caption_states,
+    caption_owner,
+    empty_state,
+    scheduler,
+    config: ToyConfig,
+    start: int,
+    device,
+    checkpoint: Callable[[int, float], None],
+    every: int = 250,
+    progress=None,
+) -> None:
     """Noise prediction (epsilon, MSE) on scaled latents (n, 4, h, w), conditioned on the frozen text tower's
     states of the captions (``caption_states``: (n_captions, 77, hidden), computed once; ``caption_owner``: the
     picture of each caption; ``empty_state``: (77, hidden) for "").
@@ -406,8 +438,15 @@ def train_unet(unet, optimizer, ema, latents, caption_states, caption_owner, emp
 # --- scores ------------------------------------------------------------------------------------------------
 
 
-def score_toy(ldm, image_encoder, pictures: np.ndarray, captions: list[list[str]], steps: int = 50,
-              guidance_scale: float = 5.0, seed: int = 0) -> dict[str, float]:
+def score_toy(
+    ldm,
+    image_encoder,
+    pictures: np.ndarray,
+    captions: list[list[str]],
+    steps: int = 50,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+) -> dict[str, float]:
     """The model card's figures on held-out pairs (uint8 pictures at the output size and their captions):
 
     - ``vae_pixcorr``: mean PixCorr of VAE round trips at the output size (and ``vae_pixcorr_z`` at z's size);
@@ -473,10 +512,10 @@ meaning, not only shapes. It knows nothing of natural images.
 
 | figure | value |
 |---|---|
-| VAE PixCorr at {config.image_size} px (round trip) | {scores['vae_pixcorr']:.3f} |
-| VAE PixCorr at {config.image_size * 5 // 8} px (z's size) | {scores['vae_pixcorr_z']:.3f} |
-| text-to-image from true captions, toy-CLIP 2-way identification | {100 * scores['t2i_clip_id']:.1f}% |
-| text-to-image from true captions, pixel 2-way identification | {100 * scores['t2i_pixel_id']:.1f}% |
+| VAE PixCorr at {config.image_size} px (round trip) | {scores["vae_pixcorr"]:.3f} |
+| VAE PixCorr at {config.image_size * 5 // 8} px (z's size) | {scores["vae_pixcorr_z"]:.3f} |
+| text-to-image from true captions, toy-CLIP 2-way identification | {100 * scores["t2i_clip_id"]:.1f}% |
+| text-to-image from true captions, pixel 2-way identification | {100 * scores["t2i_pixel_id"]:.1f}% |
 
 Text-to-image: c = the mean caption embedding, 50 DDIM steps, guidance 5, seed {config.seed}; chance is 50%.
 

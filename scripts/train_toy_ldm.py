@@ -35,12 +35,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(TOY_DIR), help=f"where the model goes (default {TOY_DIR})")
     parser.add_argument("--work", help="checkpoint folder (default: OUT.work); delete it to start over")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--eval-pairs", type=positive_int, default=defaults.n_heldout,
-                        help="held-out pairs scored for the model card")
+    parser.add_argument(
+        "--eval-pairs", type=positive_int, default=defaults.n_heldout, help="held-out pairs scored for the model card"
+    )
     for f in fields(ToyConfig):
         if f.type in ("int", int) and f.name != "n_heldout":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.name == "seed" else positive_int,
-                                default=f.default, help=f"(default {f.default})")
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=int if f.name == "seed" else positive_int,
+                default=f.default,
+                help=f"(default {f.default})",
+            )
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(ToyConfig) if hasattr(args, f.name)}
     config = replace(defaults, **overrides, n_heldout=args.eval_pairs)
@@ -93,8 +98,9 @@ def train(config, out: Path, work: Path, device: str | None) -> None:
         train_pics, train_caps = toy.draw_pairs(config.n_train, config.seed, config.image_size)
         held_pics, held_caps = toy.draw_pairs(config.n_heldout, config.seed + 1_000_000, config.image_size)
         tmp = work / "pairs.tmp.npz"
-        np.savez(tmp, train=train_pics, heldout=held_pics,
-                 captions=json.dumps({"train": train_caps, "heldout": held_caps}))
+        np.savez(
+            tmp, train=train_pics, heldout=held_pics, captions=json.dumps({"train": train_caps, "heldout": held_caps})
+        )
         tmp.replace(data)
     with np.load(data) as f:
         pictures, heldout = f["train"], f["heldout"]
@@ -112,8 +118,18 @@ def train(config, out: Path, work: Path, device: str | None) -> None:
     start = _resume(work / "clip.pt", clip, opt)
     vision_pics = toy.resize(pictures, config.vision_size)
     with tqdm(total=config.clip_steps, initial=start, desc="CLIP pair") as bar:
-        toy.train_clip(clip, opt, token_ids, owner, vision_pics, config, start, device,
-                       _checkpointer(work / "clip.pt", clip, opt), progress=bar)
+        toy.train_clip(
+            clip,
+            opt,
+            token_ids,
+            owner,
+            vision_pics,
+            config,
+            start,
+            device,
+            _checkpointer(work / "clip.pt", clip, opt),
+            progress=bar,
+        )
     text_encoder, image_encoder = (m.to(device) for m in toy.split_clip(clip.cpu()))
 
     # 3. VAE
@@ -122,8 +138,7 @@ def train(config, out: Path, work: Path, device: str | None) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     start = _resume(work / "vae.pt", vae, opt)
     with tqdm(total=config.vae_steps, initial=start, desc="VAE") as bar:
-        toy.train_vae(vae, opt, pictures, config, start, device, _checkpointer(work / "vae.pt", vae, opt),
-                      progress=bar)
+        toy.train_vae(vae, opt, pictures, config, start, device, _checkpointer(work / "vae.pt", vae, opt), progress=bar)
 
     # 4. latents of the training pictures, and the scaling factor that gives them unit variance
     latents_path = work / "latents.pt"
@@ -146,8 +161,21 @@ def train(config, out: Path, work: Path, device: str | None) -> None:
     if device.type == "cuda":
         states = states.to(device)
     with tqdm(total=config.unet_steps, initial=start, desc="U-Net") as bar:
-        toy.train_unet(unet, opt, ema, latents, states, owner, empty, ddim_scheduler(), config, start, device,
-                       _checkpointer(work / "unet.pt", unet, opt, ema), progress=bar)
+        toy.train_unet(
+            unet,
+            opt,
+            ema,
+            latents,
+            states,
+            owner,
+            empty,
+            ddim_scheduler(),
+            config,
+            start,
+            device,
+            _checkpointer(work / "unet.pt", unet, opt, ema),
+            progress=bar,
+        )
     ema.copy_to(unet)
     minutes = (time.time() - t0) / 60
 
@@ -156,8 +184,15 @@ def train(config, out: Path, work: Path, device: str | None) -> None:
 
     vae.register_to_config(scaling_factor=scaling_factor)
     pipe = StableDiffusionImg2ImgPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, image_encoder=image_encoder, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
     ).to(dtype=torch.float16)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,9 +207,12 @@ def train(config, out: Path, work: Path, device: str | None) -> None:
         print(f"  {k}: {v:.3f}")
     size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
     (tmp / "README.md").write_text(toy.model_card(config, scores, minutes, str(device), size_mb))
-    (tmp / "training.json").write_text(json.dumps(
-        {"config": toy.config_dict(config), "scores": scores, "train_minutes": minutes, "device": str(device)},
-        indent=1))
+    (tmp / "training.json").write_text(
+        json.dumps(
+            {"config": toy.config_dict(config), "scores": scores, "train_minutes": minutes, "device": str(device)},
+            indent=1,
+        )
+    )
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
