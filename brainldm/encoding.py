@@ -158,12 +158,14 @@ def run_encoding(
     q: float = TAKAGI2023.fdr_q,
     device=None,
     progress: bool = True,
+    space=None,
 ) -> dict[str, EncodingResult]:
     """Encoding models of every feature space in ``names`` for one subject; writes maps, summaries and figures.
 
     Writes into ``out``: ``r_<feature>.nii.gz`` (r where FDR-significant, 0 elsewhere), ``summary.json`` and
-    ``summary.csv`` (per feature and ROI), and PNG figures (see :mod:`brainldm.viz`). Uses the whole-brain
-    dataset when ``whole_brain`` (``scripts/prepare_nsd.py --whole-brain``), else the stored ROI voxels.
+    ``summary.csv`` (per feature and ROI), and PNG figures (:func:`write_figures`; flatmaps too when ``space``, a
+    :class:`~brainldm.surfaces.CorticalSpace`, is given). Uses the whole-brain dataset when ``whole_brain``
+    (``scripts/prepare_nsd.py --whole-brain``), else the stored ROI voxels.
     """
     from tqdm.auto import tqdm
 
@@ -179,6 +181,10 @@ def run_encoding(
         raise InputError(f"subject {subject} has {len(test_ids)} test images; encoding needs at least 4")
     train_betas, test_betas = np.asarray(train["betas"]), np.asarray(test["betas"])
     stores = {name: FeatureStore(features, name) for name in names}  # fails early on a missing feature space
+    if space is not None:
+        from .surfaces import check_space
+
+        check_space(space)  # before the long work, not after it
 
     results = {}
     for name in tqdm(names, desc="encoding", unit="feature", disable=not progress):
@@ -187,15 +193,14 @@ def run_encoding(
             store.load(train_ids), train_betas, train_ids, store.load(test_ids), test_betas, voxels.streams,
             feature=name, n_components=n_components, alphas=alphas, cv=cv, q=q, device=device,
         )  # fmt: skip
-    write_results(results, voxels, out)
+    write_results(results, voxels, out, space)
     return results
 
 
-def write_results(results: dict[str, EncodingResult], voxels, out: str | Path) -> list[Path]:
-    """r maps (NIfTI), summary.json / summary.csv and the comparison figures; returns the figure paths."""
+def write_results(results: dict[str, EncodingResult], voxels, out: str | Path, space=None) -> list[Path]:
+    """r maps (NIfTI), summary.json / summary.csv and the figures (:func:`write_figures`); returns the figure paths."""
     import nibabel as nib
-
-    from . import viz
+    import pandas as pd
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,10 +221,95 @@ def write_results(results: dict[str, EncodingResult], voxels, out: str | Path) -
         for name, res in results.items()
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    import pandas as pd
-
     pd.DataFrame(rows).to_csv(out / "summary.csv", index=False)
-    return viz.encoding_figures(results, voxels, out)
+    return write_figures(results, voxels, out, space)
+
+
+def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, float]]]:
+    """The paper's comparisons that the feature spaces in ``names`` allow.
+
+    Returns file stem -> (title, x label, {feature: x}): z vs c vs zc (x = order), zc across noise levels
+    (x = strength), each U-Net block across denoising steps (x = step) and the U-Net blocks at each
+    (strength, step) (x = depth).
+    """
+    from .features import FeatureSpec
+
+    specs = {name: FeatureSpec.parse(name) for name in names}
+    plan = {}
+    main = [n for n, s in specs.items() if s.kind in ("z", "c", "zc")]
+    if len(main) >= 2:
+        plan["compare"] = ("z vs c vs zc", "", {n: i for i, n in enumerate(main)})
+    noise = {n: s.strength for n, s in specs.items() if s.kind == "zc"}
+    if len(noise) >= 2:
+        plan["sweep_noise"] = ("zc across noise levels", "strength (noise level)", noise)
+    unet = {n: s for n, s in specs.items() if s.kind == "unet"}
+    for block in sorted({s.block for s in unet.values()}):
+        for strength in sorted({s.strength for s in unet.values()}):
+            steps = {n: s.step for n, s in unet.items() if s.block == block and s.strength == strength}
+            if len(steps) >= 2:
+                plan[f"sweep_steps_{block}_{strength:g}"] = (
+                    f"U-Net {block} across denoising steps",
+                    "denoising step",
+                    steps,
+                )
+    depth = {b: i for i, b in enumerate(("down0", "down1", "down2", "down3", "mid", "up0", "up1", "up2", "up3"))}
+    for strength, step in sorted({(s.strength, s.step) for s in unet.values()}):
+        blocks = {n: depth[s.block] for n, s in unet.items() if (s.strength, s.step) == (strength, step)}
+        if len(blocks) >= 2:
+            title = f"U-Net layers (strength {strength:g}, step {step})"
+            plan[f"sweep_layers_{strength:g}_{step}"] = (title, "U-Net block (down0 ... up3)", blocks)
+    return plan
+
+
+def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, space=None) -> list[Path]:
+    """An r map per feature space and the paper's comparisons (:func:`figure_plan`), as PNGs in ``out``.
+
+    Always volume slices and ROI plots; with ``space`` (a :class:`~brainldm.surfaces.CorticalSpace` the voxels' grid
+    belongs to) also pycortex flatmaps: ``flatmap_<feature>.png`` with its ROI summary, and one flatmap panel per
+    feature for each comparison.
+    """
+    from . import viz
+
+    out = Path(out)
+    brain = np.zeros(voxels.grid_shape, dtype=float)
+    brain[tuple(voxels.ijk.T)] = 1
+
+    def significant_r(name: str) -> np.ndarray:
+        return voxels.to_volume(np.where(results[name].significant, results[name].r, np.nan))
+
+    def per_roi(name: str) -> dict[str, float]:
+        return {roi: stats["mean_r"] for roi, stats in results[name].rois.items() if roi != "unknown"}
+
+    paths = []
+    for name, result in results.items():
+        title = f"{name}: test r where FDR q < 0.05 ({result.significant.sum()} of {len(result.r)} voxels)"
+        paths.append(viz.volume_mosaic(significant_r(name), brain, out / f"map_{safe_name(name)}.png", title))
+        if space is not None:
+            paths.append(
+                viz.flatmaps([(name, significant_r(name))], space, out / f"flatmap_{safe_name(name)}.png", title,
+                             summary=per_roi(name))
+            )  # fmt: skip
+    vmax = max(float(np.percentile(r.r, 99.9)) for r in results.values())
+    for stem, (title, xlabel, members) in figure_plan(list(results)).items():
+        ordered = sorted(members, key=members.get)
+        if stem == "compare":
+            r = np.stack([results[n].r for n in ordered])
+            significant = np.stack([results[n].significant for n in ordered]).any(0)
+            winner = voxels.to_volume(np.where(significant, r.argmax(0) + 1.0, np.nan))
+            best = "best-predicting feature per voxel (significant voxels)"
+            paths.append(viz.winner_mosaic(winner, brain, ordered, out / "compare_winner.png", best))
+            paths.append(viz.roi_bars({n: per_roi(n) for n in ordered}, out / "compare_rois.png", title))
+            if space is not None:
+                paths.append(viz.flatmaps([(best, winner)], space, out / "flatmap_compare_winner.png", title,
+                                          categories=ordered))  # fmt: skip
+        else:
+            rois = per_roi(ordered[0])
+            series = {roi: {members[n]: per_roi(n)[roi] for n in ordered} for roi in rois}
+            paths.append(viz.roi_lines(series, out / f"{stem}.png", xlabel, title))
+        if space is not None:
+            panels = [(n, significant_r(n)) for n in ordered]
+            paths.append(viz.flatmaps(panels, space, out / f"flatmap_{stem}.png", title, vmax=vmax))
+    return paths
 
 
 def safe_name(feature: str) -> str:

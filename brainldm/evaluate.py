@@ -259,9 +259,11 @@ def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
     """A markdown table laid out like the published ones, with the quoted reference rows at the bottom."""
     arrows = {"pixel": "↑", "identification": "↑", "distance": "↓"}
     stand_ins = results.get("stand_ins", {})
-    header = "| Method | " + " | ".join(
-        f"{METRICS[n][0]}{'*' if n in stand_ins else ''} {arrows[METRICS[n][1]]}" for n in names
-    ) + " |"
+    header = (
+        "| Method | "
+        + " | ".join(f"{METRICS[n][0]}{'*' if n in stand_ins else ''} {arrows[METRICS[n][1]]}" for n in names)
+        + " |"
+    )
     lines = [header, "|---" * (len(names) + 1) + "|"]
     for subject, rows in results["subjects"].items():
         for row, scores in rows.items():

@@ -10,7 +10,12 @@
   betas per session (percent signal change x 300, X x Y x Z x trials), optionally with its HDF5 twin.
 
 Responses are planted: ``early`` voxels respond linearly to the image's z features, ``ventral`` voxels to its
-c features (both computed with the given LDM, the trained ``toy`` model by default), every other voxel only to noise.
+c features (both computed with the given LDM, the trained ``toy`` model by default), the intermediate, lateral and
+parietal streams to a mix of the two (:data:`MIXED_STREAMS`), every other voxel only to noise.
+
+The brain is a small ellipsoid with ROI bands by default (fast), or with ``anatomy="S1"`` pycortex's demo subject:
+its ``fullhead`` functional grid, cortex and ROI outlines (see :func:`brainldm.surfaces.functional_layout`), so
+encoding results can be drawn as real flatmaps.
 The returned :class:`SyntheticNSD` carries the planted weights and features, so tests can check recovery.
 """
 
@@ -45,6 +50,10 @@ COLOURS = {
     "black": (25, 25, 30),
     "grey": (128, 128, 128),
 }
+# Streams that respond to both z and c: the share of their planted signal variance that comes from z (the rest
+# from c). Early cortex is pure z and ventral pure c, as the paper found; the streams between lean accordingly.
+MIXED_STREAMS = {"midventral": 0.7, "midlateral": 0.6, "midparietal": 0.6, "lateral": 0.3, "parietal": 0.5}
+ANATOMIES = ("blob", "S1")
 SHAPES = ("circle", "square", "triangle", "striped disc", "ring")
 SKIES = ("sky", "sunset", "field", "wall", "sea")
 
@@ -66,8 +75,8 @@ class SyntheticNSD:
         z, c: planted features of ``feature_ids`` (n, *z_shape) and (n, *c_shape), float32.
         weights: subject -> {"z": (z_dim, n_early), "c": (c_dim, n_ventral)} planted weights on standardised
             features (``(f - feature_mean) / feature_std``, flattened).
-        voxels: subject -> {"early": (n_early, 3), "ventral": (n_ventral, 3)} ijk of the responsive voxels,
-            in the column order of ``weights``.
+        voxels: subject -> {"early": (n_early, 3), "ventral": (n_ventral, 3)} ijk of the voxels that respond to
+            z or c alone, in the column order of ``weights`` (the mixed streams' voxels are not listed).
         snr: variance of the planted signal over variance of the noise, per responsive voxel.
     """
 
@@ -116,6 +125,7 @@ def write_nsd_tree(
     features: str = "ldm",
     n_components: int = 32,
     seed: int = 0,
+    anatomy: str = "blob",
 ) -> SyntheticNSD:
     """Write a small NSD tree under ``root`` with planted responses. Returns what was written and planted.
 
@@ -126,9 +136,13 @@ def write_nsd_tree(
     output size). ``features="random"`` plants 16-dimensional Gaussian features
     instead (no LDM; for benchmarks at NSD's full size, where only the file sizes matter). Each responsive voxel
     is a random mixture of the leading ``n_components`` principal components of its feature space.
+    ``anatomy="S1"`` lays every subject out on pycortex's S1 (needs pycortex; ``grid_shape`` and
+    ``cortex_thickness`` are then S1's own).
     """
     if features not in ("ldm", "random"):
         raise ValueError(f"features must be 'ldm' or 'random', got {features!r}")
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
     root = Path(root)
     subjects = tuple(int(s) for s in subjects)
     if not subjects or any(not 1 <= s <= nsd.N_SUBJECTS for s in subjects):
@@ -143,7 +157,16 @@ def write_nsd_tree(
             f"trials_per_session={trials_per_session}, n_shared={n_shared}"
         )
     rng = np.random.default_rng(seed)
-    rois = {s: _draw_rois(rng, grid_shape, cortex_thickness) for s in subjects}  # validates the grid first
+    if anatomy == "S1":
+        from .surfaces import functional_layout
+
+        layout = functional_layout()
+        grid_shape, affine = layout.grid_shape, layout.affine
+        rois = {s: (layout.nsdgeneral, layout.streams) for s in subjects}
+    else:
+        rois = {s: _draw_rois(rng, grid_shape, cortex_thickness) for s in subjects}  # validates the grid first
+        affine = np.diag([1.8, 1.8, 1.8, 1.0])
+        affine[:3, 3] = -0.9 * np.asarray(grid_shape)
 
     # Image ids: NSD's 73k list, here n_shared + 8 * n_unique pictures; the shared ones spread through it.
     n_images = n_shared + nsd.N_SUBJECTS * n_unique
@@ -204,8 +227,7 @@ def write_nsd_tree(
         feature_std=std,
         snr=snr,
     )
-    affine = np.diag([1.8, 1.8, 1.8, 1.0])
-    affine[:3, 3] = -0.9 * np.asarray(grid_shape)
+    mixing_rng = np.random.default_rng([seed, 1])  # its own stream, so the z- and c-only voxels stay as they were
     for subject in subjects:
         nsdgeneral, streams = rois[subject]
         for name, volume in (("nsdgeneral", nsdgeneral), ("streams", streams)):
@@ -223,6 +245,14 @@ def write_nsd_tree(
             truth.weights[subject][name] = weights
             signal.append(standardised[name] @ weights)
             responsive.append(ijk)
+        for roi, z_share in MIXED_STREAMS.items():
+            ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
+            if len(ijk):
+                signal.append(
+                    np.sqrt(z_share) * _tuned(standardised["z"], components["z"], len(ijk), mixing_rng)
+                    + np.sqrt(1 - z_share) * _tuned(standardised["c"], components["c"], len(ijk), mixing_rng)
+                )
+                responsive.append(ijk)
         trial_rows = np.array([rows[i] for i in trial_images[subject].tolist()])
         _write_betas(
             root,
@@ -239,6 +269,12 @@ def write_nsd_tree(
             write_hdf5,
         )
     return truth
+
+
+def _tuned(features: np.ndarray, components: np.ndarray, n_voxels: int, rng) -> np.ndarray:
+    """Unit-variance responses of ``n_voxels`` voxels tuned to random mixtures of the leading ``components``."""
+    response = features @ (components @ rng.standard_normal((components.shape[1], n_voxels)).astype(np.float32))
+    return response / response.std(0, keepdims=True)
 
 
 # --- pictures and captions ---------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Figures: reconstruction contact sheets (and, with the encoding analysis, cortical maps)."""
+"""Figures: reconstruction contact sheets, and cortical maps as volume slices or pycortex flatmaps.
+
+This module only draws; :mod:`brainldm.encoding` decides which maps and comparisons to draw.
+"""
 
 from __future__ import annotations
 
@@ -110,14 +113,14 @@ def roi_lines(series: dict[str, dict[float, float]], path: str | Path, xlabel: s
     return path
 
 
-def roi_bars(results: dict, path: str | Path, title: str) -> Path:
-    """Grouped bars: mean r per ROI for each feature space."""
+def roi_bars(values: dict[str, dict[str, float]], path: str | Path, title: str) -> Path:
+    """Grouped bars: ``values[feature][roi]`` (mean r per ROI) for each feature space."""
     plt = _pyplot()
-    rois = [r for r in results[next(iter(results))].rois if r != "unknown"]
-    width = 0.8 / len(results)
+    rois = list(values[next(iter(values))])
+    width = 0.8 / len(values)
     figure, ax = plt.subplots(figsize=(max(6, 1.1 * len(rois)), 4))
-    for i, (name, result) in enumerate(results.items()):
-        ax.bar(np.arange(len(rois)) + i * width, [result.rois[r]["mean_r"] for r in rois], width, label=name)
+    for i, (name, per_roi) in enumerate(values.items()):
+        ax.bar(np.arange(len(rois)) + i * width, [per_roi[r] for r in rois], width, label=name)
     ax.set_xticks(np.arange(len(rois)) + 0.4 - width / 2, rois, rotation=30, fontsize=8)
     ax.set_ylabel("mean test r")
     ax.set_title(title)
@@ -129,18 +132,11 @@ def roi_bars(results: dict, path: str | Path, title: str) -> Path:
     return path
 
 
-def winner_mosaic(results: dict, voxels, path: str | Path, title: str) -> Path:
-    """Which feature space predicts each voxel best (among voxels significant for at least one), per axial slice."""
+def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], path: str | Path, title: str) -> Path:
+    """Axial slices of a categorical (X, Y, Z) map: ``winner`` holds 1..len(names) (which name wins), NaN elsewhere."""
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
 
-    names = list(results)
-    r = np.stack([results[n].r for n in names])
-    significant = np.stack([results[n].significant for n in names]).any(0)
-    winner = np.where(significant, r.argmax(0) + 1.0, np.nan)
-    volume = voxels.to_volume(winner)
-    brain = np.zeros(voxels.grid_shape, dtype=float)
-    brain[tuple(voxels.ijk.T)] = 1
     colours = plt.get_cmap("tab10").colors[: len(names)]
     slices = [k for k in range(brain.shape[2]) if brain[:, :, k].any()]
     slices = slices[:: max(1, len(slices) // 24)]
@@ -151,7 +147,7 @@ def winner_mosaic(results: dict, voxels, path: str | Path, title: str) -> Path:
         ax.axis("off")
     for ax, k in zip(axes.ravel(), slices):
         ax.imshow(brain[:, :, k].T, cmap="gray", vmin=0, vmax=2.5, origin="lower")
-        ax.imshow(volume[:, :, k].T, cmap=ListedColormap(colours), vmin=0.5, vmax=len(names) + 0.5, origin="lower")
+        ax.imshow(winner[:, :, k].T, cmap=ListedColormap(colours), vmin=0.5, vmax=len(names) + 0.5, origin="lower")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
     figure.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
     figure.suptitle(title, fontsize=10)
@@ -161,65 +157,84 @@ def winner_mosaic(results: dict, voxels, path: str | Path, title: str) -> Path:
     return path
 
 
-def encoding_figures(results: dict, voxels, out: str | Path) -> list[Path]:
-    """Every figure the feature spaces in ``results`` allow: an r map each, and the paper's comparisons."""
-    from .encoding import safe_name
-    from .features import FeatureSpec
-
-    out = Path(out)
-    brain = np.zeros(voxels.grid_shape, dtype=float)
-    brain[tuple(voxels.ijk.T)] = 1
-    paths = []
-    for name, result in results.items():
-        values = voxels.to_volume(np.where(result.significant, result.r, np.nan))
-        title = f"{name}: test r where FDR q < 0.05 ({result.significant.sum()} of {len(result.r)} voxels)"
-        paths.append(volume_mosaic(values, brain, out / f"map_{safe_name(name)}.png", title))
-    specs = {name: FeatureSpec.parse(name) for name in results}
-
-    # z vs c vs zc: which predicts each voxel best
-    main = {n: results[n] for n, s in specs.items() if s.kind in ("z", "c", "zc")}
-    if len(main) >= 2:
-        paths.append(winner_mosaic(main, voxels, out / "compare_winner.png", "best-predicting feature per voxel"))
-        paths.append(roi_bars(main, out / "compare_rois.png", "z vs c vs zc: mean test r per ROI"))
-
-    def sweep(selected: dict[str, float], file: str, xlabel: str, title: str) -> None:
-        if len(selected) >= 2:
-            rois = [r for r in results[next(iter(selected))].rois if r != "unknown"]
-            series = {roi: {x: results[n].rois[roi]["mean_r"] for n, x in selected.items()} for roi in rois}
-            paths.append(roi_lines(series, out / file, xlabel, title))
-
-    sweep({n: s.strength for n, s in specs.items() if s.kind == "zc"}, "sweep_noise.png", "strength", "zc by noise")
-    unet = {n: s for n, s in specs.items() if s.kind == "unet"}
-    for block in sorted({s.block for s in unet.values()}):
-        for strength in sorted({s.strength for s in unet.values()}):
-            chosen = {n: s.step for n, s in unet.items() if s.block == block and s.strength == strength}
-            sweep(chosen, f"sweep_steps_{block}_{strength:g}.png", "denoising step", f"U-Net {block}: steps")
-    order = {b: i for i, b in enumerate(("down0", "down1", "down2", "down3", "mid", "up0", "up1", "up2", "up3"))}
-    for strength, step in sorted({(s.strength, s.step) for s in unet.values()}):
-        chosen = {n: order[s.block] for n, s in unet.items() if (s.strength, s.step) == (strength, step)}
-        sweep(chosen, f"sweep_layers_{strength:g}_{step}.png", "U-Net block (down0 ... up3)", "U-Net layers")
-    return paths
+# --- pycortex flatmaps ----------------------------------------------------------------------------------------
 
 
-def flatmap(values: np.ndarray, subject: int, path: str | Path, title: str = "") -> Path:
-    """A pycortex flatmap of a (X, Y, Z) volume, when pycortex and the subject's surfaces are installed."""
-    try:
-        import cortex
-    except ImportError as err:
-        from .validation import InputError
+def flatmaps(
+    panels: Sequence[tuple[str, np.ndarray]],
+    space,
+    path: str | Path,
+    title: str = "",
+    cmap: str = "hot",
+    vmin: float = 0.0,
+    vmax: float | None = None,
+    label: str = "test r",
+    categories: Sequence[str] = (),
+    summary: dict[str, float] | None = None,
+    n_cols: int = 2,
+) -> Path:
+    """(title, (X, Y, Z) volume) panels as pycortex flatmaps of ``space`` (a :class:`~brainldm.surfaces.CorticalSpace`).
 
-        raise InputError(
-            "flatmaps need pycortex (pip install pycortex) and the subject's surfaces in its database "
-            f"(e.g. NSD's subj{subject:02d} from nsddata/freesurfer); volume mosaics were written instead"
-        ) from err
-    name = f"subj{subject:02d}"
-    try:
-        volume = cortex.Volume(values.T, name, "func1pt8_to_anat0pt8_autoFSbbr", cmap="hot")
-        figure = cortex.quickflat.make_figure(volume, with_curvature=True)
-    except Exception as err:
-        from .validation import InputError
+    Each panel shows curvature, the values (NaN is not drawn) on one colour scale for all panels, and ROI
+    outlines; one colour bar (or, with ``categories``, a legend: values 1..n name ``categories[value - 1]``).
+    ``summary`` (ROI -> value) adds a bar chart beside a single panel. Saved as a PNG.
+    """
+    from .surfaces import check_space
 
-        raise InputError(f"pycortex has no usable surfaces or transform for {name}: {err}") from err
-    figure.suptitle(title)
-    figure.savefig(path, dpi=100)
-    return Path(path)
+    check_space(space)  # pycortex present, subject and transform in its database
+    import cortex
+
+    plt = _pyplot()
+    if categories:
+        from matplotlib.colors import ListedColormap
+
+        colours = plt.get_cmap("tab10").colors[: len(categories)]
+        cmap, vmin, vmax = ListedColormap(colours), 0.5, len(categories) + 0.5
+    if vmax is None:
+        finite = np.concatenate([v[np.isfinite(v)].ravel() for _, v in panels])
+        vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+        vmax = vmax if vmax > vmin else vmin + 1.0
+    n_cols = 1 if len(panels) == 1 else min(n_cols, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    # layout in inches: title on top, panels in a grid, the colour bar below, the ROI summary to the right
+    panel_w, panel_h, top, bottom = 8.0, 4.3, 0.5, 1.0
+    side = 3.5 if summary and len(panels) == 1 else 0.0
+    fig_w, fig_h = n_cols * panel_w + side, top + n_rows * panel_h + bottom
+    figure = plt.figure(figsize=(fig_w, fig_h))
+    for i, (name, values) in enumerate(panels):
+        row, col = divmod(i, n_cols)
+        rect = (col * panel_w / fig_w, (bottom + (n_rows - 1 - row) * panel_h) / fig_h, panel_w / fig_w,
+                (panel_h - 0.3) / fig_h)  # fmt: skip
+        ax = figure.add_axes(rect)
+        volume = cortex.Volume(
+            np.asarray(values, dtype=np.float32).T, space.subject, space.transform, cmap=cmap, vmin=vmin, vmax=vmax
+        )  # pycortex volumes are (Z, Y, X)
+        cortex.quickflat.make_figure(
+            volume, fig=ax, with_curvature=True, with_rois=True, with_labels=True, with_colorbar=False,
+            linewidth=5, linecolor="white", labelsize="16pt", labelcolor="white",
+        )  # fmt: skip
+        if len(panels) > 1:
+            ax.set_title(name, fontsize=12)
+    colour_axes = figure.add_axes((0.25 * n_cols * panel_w / fig_w, 0.55 / fig_h, 0.5 * n_cols * panel_w / fig_w,
+                                   0.18 / fig_h))  # fmt: skip
+    if categories:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in cmap.colors]
+        colour_axes.axis("off")
+        colour_axes.legend(handles, categories, loc="center", ncol=len(categories), fontsize=11, frameon=False)
+    else:
+        mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, vmax))
+        figure.colorbar(mappable, cax=colour_axes, orientation="horizontal", label=label)
+    if side:
+        ax = figure.add_axes(((panel_w + 1.1) / fig_w, (bottom + 0.6) / fig_h, (side - 1.4) / fig_w,
+                              (panel_h - 1.2) / fig_h))  # fmt: skip
+        names = list(summary)
+        ax.barh(np.arange(len(names)), [summary[n] for n in names], color="tab:red")
+        ax.set_yticks(np.arange(len(names)), names, fontsize=10)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"mean {label} per ROI", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    figure.suptitle(title, fontsize=14, y=1 - 0.12 / fig_h, va="top")
+    path = Path(path)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path

@@ -4,8 +4,8 @@
 Per feature space: PCA (<= 6,400 dims, fit on training images), ridge to every voxel (alpha per voxel, CV grouped
 by image), test r, one-sided p against the Gaussian null, Benjamini-Hochberg FDR, per-ROI summaries. Writes r maps
 (NIfTI), summary.json/csv and figures: an r map per feature, z vs c vs zc, and the noise / step / layer sweeps the
-requested features allow. Needs the whole-brain dataset (prepare_nsd.py --whole-brain) and the features
-(extract_features.py --features z,c,zc@0.2,...).
+requested features allow, as volume slices and (--flatmaps) pycortex flatmaps. Needs the whole-brain dataset
+(prepare_nsd.py --whole-brain) and the features (extract_features.py --features z,c,zc@0.2,...).
 """
 
 from __future__ import annotations
@@ -28,16 +28,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--roi-voxels", action="store_true", help="use the stored ROI voxels, not the whole brain")
     parser.add_argument("--components", type=int, default=TAKAGI2023.n_pca, help="PCA components (max)")
     parser.add_argument("--cv", type=int, default=TAKAGI2023.cv_folds)
-    parser.add_argument("--flatmaps", action="store_true", help="also draw pycortex flatmaps (needs pycortex)")
+    parser.add_argument(
+        "--flatmaps", action="store_true", help='also draw pycortex flatmaps (needs pip install "brainldm[cortex]")'
+    )
+    parser.add_argument(
+        "--cortical-space",
+        help="pycortex SUBJECT/TRANSFORM of the data's grid (default: NSD's subjNN/func1pt8_to_anat0pt8_autoFSbbr, "
+        "from scripts/import_nsd_subject.py; the S1 offline world is S1/fullhead)",
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
 
-    from brainldm.encoding import run_encoding, safe_name
+    from brainldm.encoding import run_encoding
     from brainldm.features import parse_features
+    from brainldm.surfaces import CorticalSpace
     from brainldm.validation import InputError
 
     try:
         names = [spec.name for spec in parse_features(args.names)]
+        space = None
+        if args.flatmaps:
+            space = (
+                CorticalSpace.parse(args.cortical_space) if args.cortical_space else CorticalSpace.for_nsd(args.subject)
+            )
         results = run_encoding(
             args.data,
             args.features,
@@ -48,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             n_components=args.components,
             cv=args.cv,
             device=args.device,
+            space=space,
         )
     except InputError as err:
         sys.exit(f"error: {err}")
@@ -57,17 +71,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{name}: {result.significant.sum()} of {len(result.r)} voxels significant (FDR q < 0.05); "
             f"best ROI {best[0]} (mean r {best[1]['mean_r']:.3f})"
         )
-    if args.flatmaps:
-        from brainldm.data import load_voxels
-        from brainldm.viz import flatmap
-
-        voxels = load_voxels(args.data, args.subject, not args.roi_voxels)
-        for name, result in results.items():
-            try:
-                flatmap(voxels.to_volume(result.r), args.subject, f"{args.out}/flatmap_{safe_name(name)}.png", name)
-            except InputError as err:
-                print(f"flatmaps skipped: {err}")
-                break
     print(f"wrote maps, summaries and figures to {args.out}")
 
 

@@ -16,12 +16,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=3, help="sessions per subject (default: 3)")
     parser.add_argument("--trials-per-session", type=int, default=30, help="trials per session (default: 30)")
     parser.add_argument("--shared", type=int, default=6, help="images shared by all subjects (default: 6)")
-    parser.add_argument("--grid", default="12,14,10", help="betas grid X,Y,Z (default: 12,14,10)")
+    parser.add_argument("--grid", default="12,14,10", help="betas grid X,Y,Z of the blob brain (default: 12,14,10)")
+    parser.add_argument(
+        "--anatomy",
+        choices=("blob", "S1"),
+        default="blob",
+        help="blob: a small ellipsoid brain (fast); S1: pycortex's demo subject, its cortex and ROIs (for flatmaps)",
+    )
     parser.add_argument(
         "--image-size", type=int, default=128, help="stimulus size in pixels (default: 128, toy's output size)"
     )
-    parser.add_argument("--snr", type=float, default=OFFLINE_SNR,
-                        help=f"planted signal-to-noise variance ratio (default: {OFFLINE_SNR}, about as hard as NSD)")
+    parser.add_argument(
+        "--snr",
+        type=float,
+        default=OFFLINE_SNR,
+        help=f"planted signal-to-noise variance ratio (default: {OFFLINE_SNR}, about as hard as NSD)",
+    )
     parser.add_argument("--hdf5", action="store_true", help="also write the .hdf5 twin of each betas file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -40,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         snr=args.snr,
         write_hdf5=args.hdf5,
         seed=args.seed,
+        anatomy=args.anatomy,
     )
     print(
         f"wrote a synthetic NSD tree to {tree.root} ({len(tree.subjects)} subject(s), {tree.n_sessions} sessions "

@@ -1,0 +1,197 @@
+"""Cortical surfaces through pycortex: which subject and transform a functional grid lives in, and its ROI layout.
+
+A :class:`CorticalSpace` names a pycortex subject and the transform from its surfaces to a functional grid: NSD's
+``subjNN`` with ``func1pt8_to_anat0pt8_autoFSbbr`` (imported once by ``scripts/import_nsd_subject.py``), or the
+offline world's ``S1`` with ``fullhead``, pycortex's demo subject. :func:`functional_layout` reads a subject's ROI
+outlines into the grid as NSD-style ``nsdgeneral`` and ``streams`` volumes, which is how the offline world gets
+real cortical anatomy. Flatmaps are drawn by :func:`brainldm.viz.flatmap`.
+
+pycortex is an optional dependency (``pip install "brainldm[cortex]"``); nothing else in brainldm needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import nsd
+from .validation import InputError, require_file
+
+NSD_TRANSFORM = "func1pt8_to_anat0pt8_autoFSbbr"
+
+# S1's ROI outlines as NSD `streams` labels. S1's overlay has no hV4, LO or V3A/B outlines, so the intermediate
+# streams take the nearest outlined ROI: midlateral <- OFA (inferior occipital, beside LO), midparietal <- OPA
+# (transverse occipital sulcus, beside V3A/B); midventral (hV4) stays empty. RSC is visual but in no stream.
+S1_STREAMS = {
+    "early": ("V1", "V2", "V3"),
+    "midlateral": ("OFA",),
+    "midparietal": ("OPA",),
+    "ventral": ("FFA", "PPA"),
+    "lateral": ("EBA",),
+    "parietal": ("IPS",),
+}
+S1_NSDGENERAL = ("RSC",)  # besides every ROI in S1_STREAMS
+
+
+@dataclass(frozen=True)
+class CorticalSpace:
+    """A pycortex subject and the name of its transform to the functional grid the data live in."""
+
+    subject: str
+    transform: str
+
+    @classmethod
+    def for_nsd(cls, subject: int) -> CorticalSpace:
+        """NSD subject ``subject`` (1-8) as ``scripts/import_nsd_subject.py`` imports it."""
+        return cls(f"subj{int(subject):02d}", NSD_TRANSFORM)
+
+    @classmethod
+    def parse(cls, text: str) -> CorticalSpace:
+        """``"S1/fullhead"`` -> CorticalSpace("S1", "fullhead")."""
+        subject, _, transform = text.partition("/")
+        if not subject or not transform:
+            raise InputError(f"a cortical space is SUBJECT/TRANSFORM, e.g. S1/fullhead; got {text!r}")
+        return cls(subject, transform)
+
+    def __str__(self) -> str:
+        return f"{self.subject}/{self.transform}"
+
+
+OFFLINE_SPACE = CorticalSpace("S1", "fullhead")
+
+
+def require_pycortex():
+    """The ``cortex`` module, or an :class:`InputError` saying how to install it."""
+    try:
+        import cortex
+    except ImportError as err:
+        raise InputError(
+            'flatmaps and the S1 offline subject need pycortex: pip install "brainldm[cortex]" '
+            "(and apt-get install inkscape for ROI labels)"
+        ) from err
+    return cortex
+
+
+def check_space(space: CorticalSpace) -> None:
+    """Raise an :class:`InputError` saying which command imports the subject when pycortex lacks it."""
+    cortex = require_pycortex()
+    if space.subject not in cortex.db.subjects:
+        hint = (
+            f"import it once with: python scripts/import_nsd_subject.py --nsd-root NSD_ROOT --subject "
+            f"{int(space.subject[4:])}"
+            if space.subject.startswith("subj") and space.subject[4:].isdigit()
+            else "import it with cortex.freesurfer.import_subj"
+        )
+        where = cortex.database.default_filestore
+        raise InputError(f"pycortex's database ({where}) has no subject {space.subject!r}; {hint}")
+    transforms = cortex.db.get_paths(space.subject)["xfms"]
+    if space.transform not in transforms:
+        raise InputError(
+            f"pycortex subject {space.subject!r} has no transform {space.transform!r} (it has {sorted(transforms)}); "
+            "scripts/import_nsd_subject.py writes NSD's"
+        )
+
+
+@dataclass
+class FunctionalLayout:
+    """A subject's functional grid and its NSD-style ROI volumes, in NIfTI (X, Y, Z) order.
+
+    ``streams`` and ``nsdgeneral`` are -1 outside cortex, as NSD's files are outside the brain.
+    """
+
+    affine: np.ndarray  # (4, 4) voxel -> world, mm
+    grid_shape: tuple[int, int, int]
+    streams: np.ndarray  # int16, NSD streams labels (0 = cortex, in no stream)
+    nsdgeneral: np.ndarray  # int16: 1 in visual cortex, 0 elsewhere in cortex
+
+
+def functional_layout(
+    space: CorticalSpace = OFFLINE_SPACE,
+    streams_rois: dict[str, tuple[str, ...]] = S1_STREAMS,
+    nsdgeneral_rois: tuple[str, ...] = S1_NSDGENERAL,
+    depths: tuple[float, ...] = (0.25, 0.5, 0.75),
+) -> FunctionalLayout:
+    """Voxels of ``space``'s grid that cortex passes through, labelled by the subject's ROI outlines.
+
+    Each surface vertex is sampled at ``depths`` between white matter (0) and pia (1) and mapped into the grid;
+    a voxel is cortex when a sample lands in it, and takes the label most of its samples carry.
+    """
+    cortex = require_pycortex()
+    check_space(space)
+    transform = cortex.db.get_xfm(space.subject, space.transform)
+    overlay = cortex.db.get_overlay(space.subject)
+    flat, polys = cortex.db.get_surf(space.subject, "flat", merge=True)
+    on_flat = np.zeros(len(flat), dtype=bool)
+    on_flat[np.unique(polys)] = True  # vertices cut from the flat map have no outline to be inside
+
+    labels = np.zeros(len(flat), dtype=np.int16)  # vertex -> streams label
+    visual = np.zeros(len(flat), dtype=bool)
+    known = set(overlay.rois.shapes)
+    for stream, rois in streams_rois.items():
+        for roi in rois:
+            if roi not in known:
+                raise InputError(f"pycortex subject {space.subject!r} has no ROI {roi!r} (it has {sorted(known)})")
+            inside = np.zeros(len(flat), dtype=bool)
+            inside[overlay.rois.get_mask(roi)] = True
+            inside &= on_flat
+            labels[inside & (labels == 0)] = nsd.STREAM_IDS[stream]
+            visual |= inside
+    for roi in nsdgeneral_rois:
+        visual[overlay.rois.get_mask(roi)] = True
+
+    white, _ = cortex.db.get_surf(space.subject, "wm", merge=True)
+    pia, _ = cortex.db.get_surf(space.subject, "pia", merge=True)
+    grid = tuple(int(n) for n in transform.shape[::-1])  # pycortex volumes are (Z, Y, X)
+    votes = np.zeros((len(nsd.STREAMS) + 1, int(np.prod(grid))), dtype=np.int32)  # row 0: visual, 1..: labels
+    for depth in depths:
+        ijk = np.round(transform((1 - depth) * white + depth * pia)).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < grid), axis=1)
+        flat_index = np.ravel_multi_index(ijk[inside].T, grid)
+        np.add.at(votes, (labels[inside] + 1, flat_index), 1)
+        np.add.at(votes[0], flat_index[visual[inside]], 1)
+    hits = votes[1:].sum(0)
+    streams = np.where(hits > 0, votes[1:].argmax(0), -1).astype(np.int16).reshape(grid)
+    nsdgeneral = np.where(hits > 0, (2 * votes[0] >= hits).astype(np.int16), -1).astype(np.int16).reshape(grid)
+    affine = np.asarray(transform.reference.affine, dtype=np.float64)
+    return FunctionalLayout(affine=affine, grid_shape=grid, streams=streams, nsdgeneral=nsdgeneral)
+
+
+def import_nsd_subject(nsd_root: str | Path, subject: int, patch: str = "full") -> CorticalSpace:
+    """Import NSD subject ``subject`` into pycortex's database once: surfaces, flat patch, func1pt8mm transform.
+
+    Reads ``nsddata/freesurfer/subjNN`` (FreeSurfer's surfaces and its ``full`` flat patches) and takes the
+    func1pt8mm grid from the subject's ``nsdgeneral`` ROI file. pycortex keeps surfaces in scanner coordinates,
+    which NSD's func1pt8mm headers share, so the transform is the inverse of that grid's affine; the import is
+    refused when the mid-cortical surface does not land inside the grid's brain mask.
+    """
+    import nibabel as nib
+
+    cortex = require_pycortex()
+    space = CorticalSpace.for_nsd(subject)
+    freesurfer = Path(nsd_root) / "nsddata/freesurfer"
+    for hemi in ("lh", "rh"):
+        require_file(freesurfer / space.subject / "surf" / f"{hemi}.{patch}.flat.patch.3d", f"{hemi} flat patch")
+    reference = require_file(nsd.roi_path(nsd_root, subject, "nsdgeneral"), f"{space.subject} nsdgeneral ROI")
+    if space.subject not in cortex.db.subjects:
+        cortex.freesurfer.import_subj(space.subject, space.subject, str(freesurfer), "white", autoflatten=False)
+        cortex.freesurfer.import_flat(
+            space.subject, patch, cx_subject=space.subject, freesurfer_subject_dir=str(freesurfer), auto_overwrite=True
+        )
+    grid = nib.load(reference)
+    brain = np.asarray(grid.dataobj) >= 0
+    (white, _), (pia, _) = (cortex.db.get_surf(space.subject, s, merge=True) for s in ("wm", "pia"))
+    world_to_voxel = np.linalg.inv(grid.affine)
+    ijk = np.round(nib.affines.apply_affine(world_to_voxel, (white + pia) / 2)).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < brain.shape), axis=1)
+    in_brain = inside.copy()
+    in_brain[inside] = brain[tuple(ijk[inside].T)]
+    if in_brain.mean() < 0.8:
+        raise InputError(
+            f"only {in_brain.mean():.0%} of {space.subject}'s cortex lands inside the brain of {reference}; the "
+            "FreeSurfer surfaces and func1pt8mm headers do not share scanner coordinates, so align them first "
+            "(e.g. with cortex.align) and save the transform as " + NSD_TRANSFORM
+        )
+    cortex.db.save_xfm(space.subject, space.transform, world_to_voxel, xfmtype="coord", reference=str(reference))
+    return space

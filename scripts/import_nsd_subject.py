@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Import an NSD subject into pycortex's database once, so encoding.py --flatmaps can draw its flatmaps.
+
+Reads NSD's FreeSurfer folder (nsddata/freesurfer/subjNN, with its `full` flat patches) and the func1pt8mm grid
+(the subject's nsdgeneral ROI file), and saves pycortex subject `subjNN` with the transform
+`func1pt8_to_anat0pt8_autoFSbbr`. Needs pycortex: pip install "brainldm[cortex]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nsd-root", required=True, help="NSD root folder (holds nsddata/)")
+    parser.add_argument("--subject", type=int, required=True, choices=range(1, 9), metavar="1..8")
+    parser.add_argument("--patch", default="full", help="FreeSurfer flat patch name (default: full)")
+    args = parser.parse_args(argv)
+
+    from brainldm.surfaces import import_nsd_subject
+    from brainldm.validation import InputError
+
+    try:
+        space = import_nsd_subject(args.nsd_root, args.subject, args.patch)
+    except InputError as err:
+        sys.exit(f"error: {err}")
+    print(f"pycortex subject {space.subject} with transform {space.transform} is ready for flatmaps")
+
+
+if __name__ == "__main__":
+    main()
