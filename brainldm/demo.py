@@ -68,17 +68,27 @@ def maps_location(maps: str, subject: int) -> str:
 
 
 def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = (1, 2)) -> Sources:
-    """Build the offline world: a synthetic NSD tree, its trials dataset, toy-LDM features and fitted maps."""
+    """Build the offline world: a synthetic NSD tree, its trials dataset, toy-LDM features and fitted maps.
+
+    With pycortex installed the subjects are laid out on its S1 subject, and each subject's encoding flatmaps
+    (z vs c) are drawn into ``weights/subjNN/figures`` for the app's "Cortical maps" tab.
+    """
+    from importlib.util import find_spec
+
     from .data import SubjectStimuli, prepare_subject
+    from .encoding import run_encoding
     from .features import extract_features, parse_features
     from .maps import fit_subject_maps
+    from .surfaces import OFFLINE_SPACE
     from .synthetic import OFFLINE_SNR, write_nsd_tree
 
     root = Path(root or tempfile.mkdtemp(prefix="brainldm-offline-"))
     ldm = load_ldm("toy", device="cpu")
+    anatomy = "S1" if find_spec("cortex") else "blob"
     tree = write_nsd_tree(
-        root / "nsd", subjects, n_sessions=6, trials_per_session=45, n_shared=20, snr=OFFLINE_SNR, ldm=ldm, seed=1
-    )
+        root / "nsd", subjects, n_sessions=6, trials_per_session=45, n_shared=20, snr=OFFLINE_SNR, ldm=ldm, seed=1,
+        anatomy=anatomy,
+    )  # fmt: skip
     for subject in subjects:
         prepare_subject(tree.root, subject, root / "trials", progress=False)
         stimuli = SubjectStimuli(root / "trials", subject)
@@ -86,7 +96,14 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
             ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features", progress=False
         )
         maps = fit_subject_maps(root / "trials", root / "features", subject, device="cpu")
-        maps.save_pretrained(root / "weights" / f"subj{subject:02d}")
+        folder = root / "weights" / f"subj{subject:02d}"
+        maps.save_pretrained(folder)
+        if anatomy == "S1":
+            prepare_subject(tree.root, subject, root / "trials", whole_brain=True, progress=False)
+            run_encoding(
+                root / "trials", root / "features", subject, ["z", "c"], folder / "figures",
+                n_components=32, device="cpu", progress=False, space=OFFLINE_SPACE,
+            )  # fmt: skip
     return Sources(str(root / "weights"), str(root / "trials"), "toy", list(subjects), offline=True)
 
 
@@ -208,4 +225,8 @@ class DemoBackend:
         """(PNG path, title) of the subject's cortical map figures, if any were saved beside its maps."""
         location = Path(maps_location(self.sources.maps, int(subject)))
         folder = location / "figures"
-        return [(str(p), p.stem.replace("_", " ")) for p in sorted(folder.glob("*.png"))] if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        # flatmaps first: they are what people read these results from
+        paths = sorted(folder.glob("*.png"), key=lambda p: (not p.stem.startswith("flatmap"), p.name))
+        return [(str(p), p.stem.replace("_", " ")) for p in paths]

@@ -262,11 +262,12 @@ def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, flo
 
 
 def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, space=None) -> list[Path]:
-    """An r map per feature space and the paper's comparisons (:func:`figure_plan`), as PNGs in ``out``.
+    """The r map of each feature space and the paper's comparisons (:func:`figure_plan`), as PNGs in ``out``.
 
-    Always volume slices and ROI plots; with ``space`` (a :class:`~brainldm.surfaces.CorticalSpace` the voxels' grid
-    belongs to) also pycortex flatmaps: ``flatmap_<feature>.png`` with its ROI summary, and one flatmap panel per
-    feature for each comparison.
+    Comparisons are also drawn as ROI plots. Maps are volume slices (``map_<feature>.png``), or with ``space`` (the
+    :class:`~brainldm.surfaces.CorticalSpace` of the voxels' grid) pycortex flatmaps: one panel per feature of each
+    comparison (``flatmap_<comparison>.png``, plus the best feature per voxel for z vs c vs zc), and
+    ``flatmap_<feature>.png`` with its ROI summary for a feature in no comparison.
     """
     from . import viz
 
@@ -280,35 +281,40 @@ def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, s
     def per_roi(name: str) -> dict[str, float]:
         return {roi: stats["mean_r"] for roi, stats in results[name].rois.items() if roi != "unknown"}
 
+    def title(name: str) -> str:
+        result = results[name]
+        return f"{name}: test r where FDR q < 0.05 ({result.significant.sum()} of {len(result.r)} voxels)"
+
     paths = []
-    for name, result in results.items():
-        title = f"{name}: test r where FDR q < 0.05 ({result.significant.sum()} of {len(result.r)} voxels)"
-        paths.append(viz.volume_mosaic(significant_r(name), brain, out / f"map_{safe_name(name)}.png", title))
-        if space is not None:
-            paths.append(
-                viz.flatmaps([(name, significant_r(name))], space, out / f"flatmap_{safe_name(name)}.png", title,
-                             summary=per_roi(name))
-            )  # fmt: skip
+    plan = figure_plan(list(results))
+    compared = {name for _, _, members in plan.values() for name in members}
+    for name in results:
+        if space is None:
+            paths.append(viz.volume_mosaic(significant_r(name), brain, out / f"map_{safe_name(name)}.png", title(name)))
+        elif name not in compared:
+            path = out / f"flatmap_{safe_name(name)}.png"
+            paths.append(viz.flatmaps([(name, significant_r(name))], space, path, title(name), summary=per_roi(name)))
     vmax = max(float(np.percentile(r.r, 99.9)) for r in results.values())
-    for stem, (title, xlabel, members) in figure_plan(list(results)).items():
+    for stem, (heading, xlabel, members) in plan.items():
         ordered = sorted(members, key=members.get)
         if stem == "compare":
             r = np.stack([results[n].r for n in ordered])
             significant = np.stack([results[n].significant for n in ordered]).any(0)
             winner = voxels.to_volume(np.where(significant, r.argmax(0) + 1.0, np.nan))
             best = "best-predicting feature per voxel (significant voxels)"
-            paths.append(viz.winner_mosaic(winner, brain, ordered, out / "compare_winner.png", best))
-            paths.append(viz.roi_bars({n: per_roi(n) for n in ordered}, out / "compare_rois.png", title))
-            if space is not None:
-                paths.append(viz.flatmaps([(best, winner)], space, out / "flatmap_compare_winner.png", title,
-                                          categories=ordered))  # fmt: skip
+            paths.append(viz.roi_bars({n: per_roi(n) for n in ordered}, out / "compare_rois.png", heading))
+            if space is None:
+                paths.append(viz.winner_mosaic(winner, brain, ordered, out / "compare_winner.png", best))
+            else:
+                path = out / "flatmap_compare_winner.png"
+                paths.append(viz.flatmaps([(best, winner)], space, path, best, categories=ordered))
         else:
             rois = per_roi(ordered[0])
             series = {roi: {members[n]: per_roi(n)[roi] for n in ordered} for roi in rois}
-            paths.append(viz.roi_lines(series, out / f"{stem}.png", xlabel, title))
+            paths.append(viz.roi_lines(series, out / f"{stem}.png", xlabel, heading))
         if space is not None:
-            panels = [(n, significant_r(n)) for n in ordered]
-            paths.append(viz.flatmaps(panels, space, out / f"flatmap_{stem}.png", title, vmax=vmax))
+            panels = [(title(n), significant_r(n)) for n in ordered]
+            paths.append(viz.flatmaps(panels, space, out / f"flatmap_{stem}.png", heading, vmax=vmax))
     return paths
 
 

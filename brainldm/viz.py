@@ -5,6 +5,7 @@ This module only draws; :mod:`brainldm.encoding` decides which maps and comparis
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -176,8 +177,9 @@ def flatmaps(
     """(title, (X, Y, Z) volume) panels as pycortex flatmaps of ``space`` (a :class:`~brainldm.surfaces.CorticalSpace`).
 
     Each panel shows curvature, the values (NaN is not drawn) on one colour scale for all panels, and ROI
-    outlines; one colour bar (or, with ``categories``, a legend: values 1..n name ``categories[value - 1]``).
-    ``summary`` (ROI -> value) adds a bar chart beside a single panel. Saved as a PNG.
+    outlines (when Inkscape, which pycortex renders them with, is installed). Below: one colour bar, or with
+    ``categories`` a legend (value k names ``categories[k - 1]``). ``summary`` (ROI -> value) adds a bar chart
+    beside a single panel. Saved as a PNG.
     """
     from .surfaces import check_space
 
@@ -201,6 +203,7 @@ def flatmaps(
     side = 3.5 if summary and len(panels) == 1 else 0.0
     fig_w, fig_h = n_cols * panel_w + side, top + n_rows * panel_h + bottom
     figure = plt.figure(figsize=(fig_w, fig_h))
+    outlines = shutil.which("inkscape") is not None
     for i, (name, values) in enumerate(panels):
         row, col = divmod(i, n_cols)
         rect = (col * panel_w / fig_w, (bottom + (n_rows - 1 - row) * panel_h) / fig_h, panel_w / fig_w,
@@ -210,8 +213,8 @@ def flatmaps(
             np.asarray(values, dtype=np.float32).T, space.subject, space.transform, cmap=cmap, vmin=vmin, vmax=vmax
         )  # pycortex volumes are (Z, Y, X)
         cortex.quickflat.make_figure(
-            volume, fig=ax, with_curvature=True, with_rois=True, with_labels=True, with_colorbar=False,
-            linewidth=5, linecolor="white", labelsize="16pt", labelcolor="white",
+            volume, fig=ax, height=512, thick=8, with_curvature=True, with_colorbar=False, with_rois=outlines,
+            with_labels=outlines, linewidth=5, linecolor="white", labelsize="16pt", labelcolor="white",
         )  # fmt: skip
         if len(panels) > 1:
             ax.set_title(name, fontsize=12)

@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval-pairs", type=positive_int, default=defaults.n_heldout, help="held-out pairs scored for the model card"
     )
+    parser.add_argument(
+        "--eval-steps",
+        type=positive_int,
+        default=50,
+        help="DDIM steps of the scored generations (default 50, the paper's)",
+    )
     for f in fields(ToyConfig):
         if f.type in ("int", int) and f.name != "n_heldout":
             parser.add_argument(
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         sys.exit(f"error: cannot create the checkpoint folder {work}: {err}")
-    train(config, out, work, args.device)
+    train(config, out, work, args.device, args.eval_steps)
 
 
 def _save(obj, path: Path) -> None:
@@ -74,7 +80,7 @@ def _load(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def train(config, out: Path, work: Path, device: str | None) -> None:
+def train(config, out: Path, work: Path, device: str | None, eval_steps: int = 50) -> None:
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -202,7 +208,7 @@ def train(config, out: Path, work: Path, device: str | None) -> None:
 
     ldm = load_ldm(str(tmp), device=device, dtype=torch.float32)
     print("scoring on held-out pairs ...")
-    scores = toy.score_toy(ldm, ldm.image_encoder, heldout, captions["heldout"], seed=config.seed)
+    scores = toy.score_toy(ldm, ldm.image_encoder, heldout, captions["heldout"], steps=eval_steps, seed=config.seed)
     for k, v in scores.items():
         print(f"  {k}: {v:.3f}")
     size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6

@@ -107,7 +107,7 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     out, work = tmp_path / "toy", tmp_path / "work"
     args = [sys.executable, str(ROOT / "scripts" / "train_toy_ldm.py"), "--out", str(out), "--work", str(work),
             "--n-train", "48", "--eval-pairs", "4", "--clip-steps", "2", "--clip-batch", "8", "--vae-steps", "2",
-            "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4"]  # fmt: skip
+            "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4", "--eval-steps", "2"]  # fmt: skip
     first = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert torch.load(work / "unet.pt", weights_only=True)["step"] == 3
@@ -121,5 +121,5 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")} == stamps
     # other settings into the same checkpoints are refused, not mixed
-    other = subprocess.run([*args[:-1], "8"], capture_output=True, text=True, timeout=300)
+    other = subprocess.run([*args, "--unet-batch", "8"], capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and "other settings" in other.stderr

@@ -1,0 +1,99 @@
+"""Cortical flatmaps: the S1-shaped offline subject, its encoding maps where the paper found them, pycortex errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from brainldm import nsd
+from brainldm.surfaces import CorticalSpace, check_space, import_nsd_subject, require_pycortex
+from brainldm.validation import InputError
+
+pytest.importorskip("cortex", reason='flatmaps need pip install "brainldm[cortex]"')
+
+
+@pytest.fixture(scope="module")
+def s1_world(tmp_path_factory):
+    """An S1-shaped subject at the offline noise level: trials (ROI and whole-brain) and toy z, c features."""
+    from types import SimpleNamespace
+
+    from brainldm.data import SubjectStimuli, prepare_subject
+    from brainldm.features import extract_features, parse_features
+    from brainldm.ldm import load_ldm
+    from brainldm.synthetic import write_nsd_tree
+
+    root = tmp_path_factory.mktemp("s1")
+    ldm = load_ldm("toy", device="cpu")
+    tree = write_nsd_tree(root / "nsd", n_sessions=3, trials_per_session=60, n_shared=20, ldm=ldm, anatomy="S1")
+    prepare_subject(tree.root, 1, root / "trials", progress=False)
+    prepare_subject(tree.root, 1, root / "trials", whole_brain=True, progress=False)
+    stimuli = SubjectStimuli(root / "trials", 1)
+    extract_features(ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features",
+                     progress=False)  # fmt: skip
+    return SimpleNamespace(root=root, tree=tree)
+
+
+def test_s1_layout_has_cortex_and_nsd_streams(s1_world):
+    streams = np.asarray(nsd.read_roi(s1_world.tree.root, 1, "streams").dataobj)
+    general = np.asarray(nsd.read_roi(s1_world.tree.root, 1, "nsdgeneral").dataobj)
+    assert streams.shape == (100, 100, 31)  # S1's fullhead grid, in NIfTI (X, Y, Z) order
+    counts = {name: int((streams == label).sum()) for label, name in nsd.STREAMS.items()}
+    assert counts["unknown"] > 20_000  # the rest of cortex
+    assert counts["early"] > 1_000 and counts["ventral"] > 200 and counts["parietal"] > 200
+    # nsdgeneral is visual cortex: it covers the streams and little else
+    assert (general[streams > 0] == 1).mean() > 0.9
+    assert (general == 1).sum() < 2 * (streams > 0).sum()
+    assert ((streams >= 0) == (general >= 0)).all()
+
+
+def test_encoding_flatmaps_put_z_in_early_and_c_in_ventral_cortex(s1_world, tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    root, out = s1_world.root, tmp_path / "encoding"
+    run = subprocess.run(
+        [sys.executable, "scripts/encoding.py", "--data", str(root / "trials"), "--features", str(root / "features"),
+         "--subject", "1", "--names", "z,c", "--components", "32", "--out", str(out), "--device", "cpu",
+         "--flatmaps", "--cortical-space", "S1/fullhead"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+
+    streams = np.asarray(nsd.read_roi(s1_world.tree.root, 1, "streams").dataobj)
+    early, ventral = streams == nsd.STREAM_IDS["early"], streams == nsd.STREAM_IDS["ventral"]
+    r = {name: np.asarray(nib.load(out / f"r_{name}.nii.gz").dataobj) for name in ("z", "c")}
+    # r maps hold r where FDR-significant and 0 elsewhere: compare ROI means of the saved volumes
+    assert r["z"][early].mean() > 0.1 and r["c"][ventral].mean() > 0.1
+    assert r["z"][early].mean() > 2 * r["z"][ventral].mean()
+    assert r["c"][ventral].mean() > 2 * r["c"][early].mean()
+    assert r["z"][early].mean() > r["c"][early].mean() and r["c"][ventral].mean() > r["z"][ventral].mean()
+    assert (r["z"][streams < 0] == 0).all()  # nothing outside cortex
+
+    assert not list(out.glob("map_*.png"))  # flatmaps instead of volume slices
+    for name in ("flatmap_compare", "flatmap_compare_winner"):
+        with Image.open(out / f"{name}.png") as image:
+            assert image.width > 600 and image.height > 300
+            pixels = np.asarray(image.convert("RGB"))
+        assert pixels.std() > 20  # a drawn flatmap, not a blank canvas
+
+
+def test_missing_subject_or_transform_says_how_to_import_it():
+    with pytest.raises(InputError, match=r"no subject 'subj05'.*import_nsd_subject.py --nsd-root NSD_ROOT --subject 5"):
+        check_space(CorticalSpace.for_nsd(5))
+    with pytest.raises(InputError, match="no transform 'func1pt8'.*fullhead"):
+        check_space(CorticalSpace("S1", "func1pt8"))
+    with pytest.raises(InputError, match="SUBJECT/TRANSFORM"):
+        CorticalSpace.parse("S1")
+    assert CorticalSpace.parse("S1/fullhead") == CorticalSpace("S1", "fullhead")
+
+
+def test_import_nsd_subject_names_the_missing_freesurfer_file(tmp_path):
+    with pytest.raises(InputError, match=r"missing lh flat patch: .*nsddata/freesurfer/subj02/surf/lh.full.flat"):
+        import_nsd_subject(tmp_path, 2)
+
+
+def test_without_pycortex_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cortex", None)  # makes `import cortex` fail
+    with pytest.raises(InputError, match=r'pip install "brainldm\[cortex\]"'):
+        require_pycortex()
