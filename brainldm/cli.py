@@ -14,11 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .validation import InputError, oneline
+from .validation import MAX_SEED, InputError, oneline
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 
 def script(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
@@ -91,6 +90,19 @@ def names(choices: Sequence[str]) -> Callable[[str], list[str]]:
         if unknown or not chosen:
             raise argparse.ArgumentTypeError(f"unknown name(s) {unknown or [text]}; choose from {','.join(choices)}")
         return chosen
+
+    return parse
+
+
+def numbers(minimum: float | None = None, above: bool = False) -> Callable[[str], list[float]]:
+    """An argparse type: comma-separated numbers, each as :func:`number` checks it."""
+    one = number(minimum, above=above)
+
+    def parse(text: str) -> list[float]:
+        values = [one(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        return values
 
     return parse
 

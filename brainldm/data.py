@@ -204,15 +204,9 @@ def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progr
     # Everything is validated before any betas are read.
     design = nsd.read_expdesign(nsd_root)
     info = nsd.read_stim_info(nsd_root)
-    available = nsd.list_sessions(nsd_root, subject)
-    if sessions is not None and not 1 <= sessions <= len(available):
-        raise InputError(
-            f"--sessions {sessions} asks for more sessions than subject {subject} has "
-            f"({len(available)}, in {nsd.betas_dir(nsd_root, subject)})"
-            if sessions > len(available)
-            else f"--sessions must be >= 1, got {sessions}"
-        )
-    used = available[: sessions or len(available)]
+    if sessions is not None and sessions < 1:
+        raise InputError(f"--sessions must be >= 1, got {sessions}")
+    used = nsd.list_sessions(nsd_root, subject, sessions)
     voxels = voxel_table_from_rois(nsd_root, subject, whole_brain)
     shapes = [nsd.betas_shape(nsd_root, subject, s) for s in used]
     for session, shape in zip(used, shapes):
@@ -251,6 +245,15 @@ def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progr
         if cached.exists():
             continue
         betas = nsd.read_betas(nsd_root, subject, session, voxels.ijk)
+        bad = np.argwhere(~np.isfinite(betas))
+        if len(bad):
+            trial, voxel = bad[0]
+            ijk = tuple(int(i) for i in voxels.ijk[voxel])
+            raise InputError(
+                f"{nsd.betas_path(nsd_root, subject, session)} holds {len(bad)} NaN or infinite betas, the first at "
+                f"voxel {ijk} (i, j, k) in trial {trial + 1} of session {session}; "
+                "download the session again, or leave such voxels out of the ROIs"
+            )
         if zscore:
             betas = zscore_sessionwise(betas)
         _save_npy_atomic(cached, betas)

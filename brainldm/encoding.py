@@ -122,6 +122,8 @@ def fit_encoding(
     device=None,
 ) -> EncodingResult:
     """Fit and score one feature space. Features are per trial (n, ...); PCA is fit on unique training images."""
+    if n_components < 1:
+        raise InputError(f"PCA components must be >= 1, got {n_components}")
     _, first = np.unique(train_ids, return_index=True)
     mean, components = fit_pca(train_features[first], n_components, device)
     ridge = RidgeCV(alphas=alphas, cv=cv, device=device)

@@ -377,6 +377,19 @@ def fit_subject_maps(
     train_ids, test_ids = np.asarray(train["nsd_id"]), np.asarray(test["nsd_id"])
     train_betas, test_betas = np.asarray(train["betas"], dtype=np.float32), np.asarray(test["betas"], dtype=np.float32)
     stores = {name: FeatureStore(features, name) for name in ("z", "c")}
+    models = {name: store.config.get("model") for name, store in stores.items()}
+    if models["z"] != models["c"]:
+        raise InputError(
+            f"the z features in {features} came from {models['z']!r} but the c features from {models['c']!r}; "
+            "extract both with one model (scripts/extract_features.py --model ...)"
+        )
+    for name, rank in (("z", z_rank), ("c", c_rank)):
+        if rank is not None and rank < 1:
+            raise InputError(f"--{name}-rank must be >= 1 (or left out for a dense map), got {rank}")
+    if cv < 2:
+        raise InputError(f"cv must be >= 2 folds, got {cv}")
+    if not alphas or min(alphas) <= 0:
+        raise InputError(f"ridge penalties (alphas) must be > 0, got {list(alphas)}")
     config = {
         "format": FORMAT,
         "brainldm_version": __version__,
@@ -404,6 +417,12 @@ def fit_subject_maps(
         if len(selection) == 0:
             raise InputError(f"subject {subject} has no {roi} voxels in its voxel table")
         config[f"n_{name}_voxels"] = len(selection)
+        n_dims = int(np.prod(targets.shape[1:]))
+        if rank is not None and rank > min(len(selection), n_dims):
+            raise InputError(
+                f"--{name}-rank {rank} is above what the {name} map can hold: it maps {len(selection)} {roi} voxels to "
+                f"{n_dims} dimensions, so its rank is at most {min(len(selection), n_dims)}"
+            )
         fitted[name], ridge = fit_linear_map(
             train_betas, targets.reshape(len(targets), -1), selection, voxels.ijk[selection], train_ids,
             alphas=alphas, cv=cv, rank=rank, device=device,

@@ -124,9 +124,12 @@ def read_stim_info(root: str | Path) -> pd.DataFrame:
     path = require_file(stim_info_path(_check_root(root)), "NSD stimulus info")
     try:
         info = pd.read_csv(path, index_col=0)
-        return info.set_index("nsdId", drop=False)
-    except (KeyError, ValueError, pd.errors.ParserError) as err:
-        raise InputError(f"could not read {path}: {err!r}; expected NSD's nsdId/cocoId/cocoSplit columns") from err
+    except (ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"could not read {path}: {oneline(err)}; download it again") from err
+    missing = [column for column in ("nsdId", "cocoId", "cocoSplit") if column not in info.columns]
+    if missing:
+        raise InputError(f"{path} has no {', '.join(missing)} column(s); is it NSD's nsd_stim_info_merged.csv?")
+    return info.set_index("nsdId", drop=False)
 
 
 def read_captions(root: str | Path, coco_ids) -> dict[int, list[str]]:
@@ -191,18 +194,30 @@ def read_roi(root: str | Path, subject: int, name: str) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.round(data).astype(np.int16), image.affine)
 
 
-def list_sessions(root: str | Path, subject: int) -> list[int]:
-    """The subject's sessions with a ``.nii.gz`` betas file: 1, 2, ... up to the first gap."""
+def list_sessions(root: str | Path, subject: int, first: int | None = None) -> list[int]:
+    """The subject's sessions 1, 2, ... (each a ``betas_sessionNN.nii.gz``), or only the ``first`` of them.
+
+    A missing session before a later one is an error naming it, unless ``first`` stops before the gap.
+    """
     folder = betas_dir(_check_root(root), subject)
     present = {int(p.name[len("betas_session") :].split(".")[0]) for p in folder.glob("betas_session*.nii.gz")}
     if not present:
         raise InputError(f"no betas for subject {subject}: no betas_sessionNN.nii.gz in {folder}")
-    sessions = []
-    while len(sessions) + 1 in present:
-        sessions.append(len(sessions) + 1)
-    if not sessions:
-        raise InputError(f"{folder} has betas but not betas_session01.nii.gz")
-    return sessions
+    wanted = range(1, (first or max(present)) + 1)
+    missing = [s for s in wanted if s not in present]
+    if missing and (first is None or first <= max(present)):
+        raise InputError(
+            f"betas of session {missing[0]} are missing from {folder} (sessions up to {max(present)} are there); "
+            f"download betas_session{missing[0]:02d}.nii.gz, or pass --sessions {missing[0] - 1} to use only the "
+            "sessions before it"
+            if missing[0] > 1
+            else f"{folder} has betas but not betas_session01.nii.gz"
+        )
+    if first is not None and first > max(present):
+        raise InputError(
+            f"--sessions {first} asks for more sessions than subject {subject} has ({max(present)}, in {folder})"
+        )
+    return list(wanted)
 
 
 def betas_shape(root: str | Path, subject: int, session: int) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .features import empty_prompt_embedding
 from .ldm import ldm_sizes
 from .presets import TAKAGI2023
-from .validation import InputError, check_finite
+from .validation import MAX_SEED, InputError, check_finite, oneline
 
 
 @dataclass
@@ -62,7 +62,16 @@ class Reconstructor:
     def dtype(self) -> torch.dtype:
         return self.img2img.unet.dtype
 
-    def check_inputs(self, z, c, strength: float, num_inference_steps: int, num_samples: int) -> None:
+    def check_inputs(
+        self,
+        z,
+        c,
+        strength: float,
+        num_inference_steps: int,
+        num_samples: int,
+        guidance_scale: float = TAKAGI2023.guidance_scale,
+        seed: int = TAKAGI2023.seed,
+    ) -> None:
         vae, unet = self.img2img.vae, self.img2img.unet
         if z.ndim != 4 or z.shape[1] != vae.config.latent_channels:
             raise InputError(
@@ -79,10 +88,20 @@ class Reconstructor:
             raise InputError(f"z and c hold different numbers of items ({len(z)} and {len(c)})")
         if not 0 < strength <= 1:
             raise InputError(f"strength must be in (0, 1], got {strength}")
-        if num_inference_steps < 1:
-            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not guidance_scale >= 1:
+            raise InputError(
+                f"guidance must be >= 1, got {guidance_scale}: classifier-free guidance below 1 is ignored by "
+                "diffusers (it gives the images of 1)"
+            )
+        max_steps = self.img2img.scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= max_steps:
+            raise InputError(
+                f"steps must be in 1..{max_steps} (the scheduler's training steps), got {num_inference_steps}"
+            )
         if num_samples < 1:
             raise InputError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0 <= seed <= MAX_SEED - (num_samples - 1):
+            raise InputError(f"seed must be in 0..2^64-{num_samples} (sample k uses seed + k), got {seed}")
         if int(num_inference_steps * strength) < 1:
             raise InputError(
                 f"strength {strength} x {num_inference_steps} steps runs no denoising step; raise either of them"
@@ -117,7 +136,7 @@ class Reconstructor:
         generation) when only Xzc is wanted; Xc is then returned empty.
         """
         z, c = torch.as_tensor(z), torch.as_tensor(c)
-        self.check_inputs(z, c, strength, num_inference_steps, num_samples)
+        self.check_inputs(z, c, strength, num_inference_steps, num_samples, guidance_scale, seed)
         n = len(z)
 
         # 1. Xz
@@ -200,12 +219,14 @@ def reconstruct_trials(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Reconstruct trials of a split into ``OUT/subjNN/<split>-<row>/``: original, Xz, Xc_k and Xzc_k PNGs, the
     decoded z.npy and c.npy (fp16), and meta.json.
 
     The requested rows are sharded by position over ``num_processes`` before anything is skipped, so concurrent
-    processes never share a trial; each skips its finished trials (resume). Returns this process's folders.
+    processes never share a trial; each skips its finished trials (resume). A finished trial made with other
+    settings is refused before any work, unless ``overwrite`` (then it is made again). Returns this process's folders.
     """
     from .data import load_trials, load_voxels
 
@@ -217,7 +238,27 @@ def reconstruct_trials(
     voxels = load_voxels(data, subject)
     maps.check_voxels(voxels)
     mine = rows[process_index::num_processes]
+    settings = {
+        "num_samples": num_samples,
+        "strength": strength,
+        "guidance_scale": guidance_scale,
+        "num_inference_steps": num_inference_steps,
+        "seed": seed,
+        "model_id": maps.model_id,
+    }
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
+    for row in sorted(set(mine) - set(todo)):
+        folder = trial_folder(out, subject, split, row)
+        made = json.loads((folder / "meta.json").read_text())
+        changed = {k: (made.get(k), v) for k, v in settings.items() if made.get(k) != v}
+        if changed and not overwrite:
+            said = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
+            raise InputError(
+                f"{folder} was made with {said}; use another --out, or --overwrite to make such trials again"
+            )
+        if changed:
+            todo.append(row)
+    todo.sort()
     log = Path(out) / f"subj{subject:02d}" / f"done.process{process_index}.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"reconstruct [{process_index}]", unit="image", disable=not progress)
@@ -240,12 +281,7 @@ def reconstruct_trials(
                 "row": row,
                 "nsd_id": int(item["nsd_id"]),
                 "captions": item["captions"],
-                "num_samples": num_samples,
-                "strength": strength,
-                "guidance_scale": guidance_scale,
-                "num_inference_steps": num_inference_steps,
-                "seed": seed,
-                "model_id": maps.model_id,
+                **settings,
                 "process_index": process_index,
             }
             arrays = {"z": z[k].cpu().numpy(), "c": c[k].cpu().numpy()}  # the decoded features, for retrieval
@@ -276,7 +312,15 @@ def load_trial_images(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(meta, {name: image}) of a finished trial folder."""
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
-    images = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))}
+    images = {}
+    for path in sorted(folder.glob("*.png")):
+        try:
+            with Image.open(path) as image:
+                images[path.stem] = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
+            raise InputError(
+                f"cannot read {path}: {oneline(err)}; delete {folder} and rerun reconstruct.py to make it again"
+            ) from err
     return meta, images
 
 

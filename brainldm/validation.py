@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+
 
 class InputError(ValueError):
-    """Bad input from the user (a file, a value, a shape). Scripts print its message and exit with status 2."""
+    """Bad input from the user (a file, a value, a shape). Scripts print its message and exit with status 2
+    (:mod:`brainldm.cli`)."""
 
 
 def oneline(err: BaseException) -> str:

@@ -11,23 +11,27 @@ requested features allow, as volume slices and (--flatmaps) pycortex flatmaps. N
 from __future__ import annotations
 
 import argparse
-import sys
+
+from brainldm import cli
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.presets import TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset (local folder or Hub dataset repo id)")
     parser.add_argument("--features", required=True, help="feature folder from extract_features.py")
-    parser.add_argument("--subject", type=int, required=True)
+    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
     parser.add_argument(
         "--names", "--feature-names", dest="names", default="z,c", help="feature spaces, e.g. z,c,zc@0.5"
     )
-    parser.add_argument("--out", required=True, help="output folder for maps, summaries and figures")
+    parser.add_argument(
+        "--out", type=cli.output_folder, required=True, help="output folder for maps, summaries and figures"
+    )
     parser.add_argument("--roi-voxels", action="store_true", help="use the stored ROI voxels, not the whole brain")
-    parser.add_argument("--components", type=int, default=TAKAGI2023.n_pca, help="PCA components (max)")
-    parser.add_argument("--cv", type=int, default=TAKAGI2023.cv_folds)
+    parser.add_argument("--components", type=cli.positive, default=TAKAGI2023.n_pca, help="PCA components (max)")
+    parser.add_argument("--cv", type=cli.integer(2), default=TAKAGI2023.cv_folds, help="CV folds (grouped by image)")
     parser.add_argument(
         "--flatmaps", action="store_true", help='also draw pycortex flatmaps (needs pip install "brainldm[cortex]")'
     )
@@ -42,29 +46,23 @@ def main(argv: list[str] | None = None) -> None:
     from brainldm.encoding import run_encoding
     from brainldm.features import parse_features
     from brainldm.surfaces import CorticalSpace
-    from brainldm.validation import InputError
 
-    try:
-        names = [spec.name for spec in parse_features(args.names)]
-        space = None
-        if args.flatmaps:
-            space = (
-                CorticalSpace.parse(args.cortical_space) if args.cortical_space else CorticalSpace.for_nsd(args.subject)
-            )
-        results = run_encoding(
-            args.data,
-            args.features,
-            args.subject,
-            names,
-            args.out,
-            whole_brain=not args.roi_voxels,
-            n_components=args.components,
-            cv=args.cv,
-            device=args.device,
-            space=space,
-        )
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    names = [spec.name for spec in parse_features(args.names)]
+    space = None
+    if args.flatmaps:
+        space = CorticalSpace.parse(args.cortical_space) if args.cortical_space else CorticalSpace.for_nsd(args.subject)
+    results = run_encoding(
+        args.data,
+        args.features,
+        args.subject,
+        names,
+        args.out,
+        whole_brain=not args.roi_voxels,
+        n_components=args.components,
+        cv=args.cv,
+        device=args.device,
+        space=space,
+    )
     for name, result in results.items():
         best = max(result.rois.items(), key=lambda item: item[1]["mean_r"])
         print(

@@ -9,28 +9,37 @@ and OUT/metrics.png. A metric whose model cannot be loaded is listed as unavaila
 from __future__ import annotations
 
 import argparse
-import sys
+
+from brainldm import cli
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.evaluate import METRICS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recon", required=True, help="output folder of scripts/reconstruct.py")
-    parser.add_argument("--out", required=True, help="where the metrics go")
-    parser.add_argument("--metrics", default="all", help=f"comma-separated from {','.join(METRICS)} (default: all)")
-    parser.add_argument("--kinds", default="Xz,Xc,Xzc", help="which reconstructions to score (default: all three)")
+    parser.add_argument("--out", type=cli.output_folder, required=True, help="where the metrics go")
+    parser.add_argument(
+        "--metrics",
+        type=cli.names(["all", *METRICS]),
+        default="all",
+        help=f"comma-separated from {','.join(METRICS)} (default: all)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=cli.names(["Xz", "Xc", "Xzc"]),
+        default="Xz,Xc,Xzc",
+        help="which reconstructions to score (default: all three)",
+    )
     parser.add_argument("--features", help="feature folder with true z and c: adds brain/image retrieval top-1")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
     from brainldm.evaluate import evaluate, metrics_table, write_report
 
-    names = list(METRICS) if args.metrics == "all" else [m.strip() for m in args.metrics.split(",")]
-    try:
-        results = evaluate(args.recon, names, args.kinds.split(","), features=args.features, device=args.device)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    names = list(METRICS) if "all" in args.metrics else args.metrics
+    results = evaluate(args.recon, names, args.kinds, features=args.features, device=args.device)
     paths = write_report(results, args.out, names)
     print(metrics_table(results, names))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

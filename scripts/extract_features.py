@@ -11,26 +11,34 @@ computed once, and a killed run resumes where it stopped. Examples of --features
 from __future__ import annotations
 
 import argparse
-import sys
+
+from brainldm import cli
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.presets import TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset: a local folder or a Hub dataset repo id")
-    parser.add_argument("--subject", type=int, required=True)
+    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
     parser.add_argument("--model", default=TAKAGI2023.model_id, help="diffusers model id or folder, or 'tiny'")
-    parser.add_argument("--out", required=True, help="feature folder (one subfolder per feature)")
+    parser.add_argument(
+        "--out", type=cli.output_folder, required=True, help="feature folder (one subfolder per feature)"
+    )
     parser.add_argument("--features", default="z,c", help="comma-separated feature specs (default: z,c)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=cli.positive, default=8, help="images per batch (default: 8)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--steps", type=int, default=TAKAGI2023.num_inference_steps, help="DDIM steps for zc/U-Net")
-    parser.add_argument("--guidance", type=float, default=TAKAGI2023.guidance_scale, help="guidance for zc/U-Net")
-    parser.add_argument("--seed", type=int, default=TAKAGI2023.seed)
+    parser.add_argument(
+        "--steps", type=cli.positive, default=TAKAGI2023.num_inference_steps, help="DDIM steps for zc/U-Net"
+    )
+    parser.add_argument(
+        "--guidance", type=cli.number(1.0), default=TAKAGI2023.guidance_scale, help="guidance for zc/U-Net"
+    )
+    parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.seed)
     parser.add_argument("--unet-reduce", choices=["mean", "flatten"], default="mean", help="U-Net tap reduction")
     args = parser.parse_args(argv)
 
@@ -39,28 +47,24 @@ def main(argv: list[str] | None = None) -> None:
     from brainldm.data import SubjectStimuli
     from brainldm.features import extract_features, parse_features
     from brainldm.ldm import load_ldm
-    from brainldm.validation import InputError
 
-    try:
-        specs = parse_features(args.features)
-        stimuli = SubjectStimuli(args.data, args.subject)
-        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-        ldm = load_ldm(args.model, device=args.device, dtype=dtype)
-        stores = extract_features(
-            ldm,
-            args.model,
-            stimuli.nsd_ids,
-            stimuli.__getitem__,
-            specs,
-            args.out,
-            batch_size=args.batch_size,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            seed=args.seed,
-            unet_reduce=args.unet_reduce,
-        )
-    except (InputError, OSError) as err:
-        sys.exit(f"error: {err}")
+    specs = parse_features(args.features)
+    stimuli = SubjectStimuli(args.data, args.subject)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    ldm = load_ldm(args.model, device=args.device, dtype=dtype)
+    stores = extract_features(
+        ldm,
+        args.model,
+        stimuli.nsd_ids,
+        stimuli.__getitem__,
+        specs,
+        args.out,
+        batch_size=args.batch_size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        unet_reduce=args.unet_reduce,
+    )
     for name, store in stores.items():
         print(f"{name}: {len(store.index)} images in {store.folder}")
 

@@ -8,21 +8,28 @@ in OUT as maps.safetensors + config.json + a model card, loadable with SubjectMa
 from __future__ import annotations
 
 import argparse
-import sys
+
+from brainldm import cli
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.presets import TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset: local folder or Hub dataset repo id")
     parser.add_argument("--features", required=True, help="feature folder with z and c")
-    parser.add_argument("--subject", type=int, required=True)
-    parser.add_argument("--out", required=True, help="output folder, e.g. weights/subj01")
-    parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in TAKAGI2023.alphas), help="ridge penalties")
-    parser.add_argument("--cv", type=int, default=TAKAGI2023.cv_folds, help="CV folds (grouped by image)")
-    parser.add_argument("--c-rank", type=int, help="store the c map at this rank (e.g. 1024); default dense")
-    parser.add_argument("--z-rank", type=int, help="store the z map at this rank; default dense")
+    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
+    parser.add_argument("--out", type=cli.output_folder, required=True, help="output folder, e.g. weights/subj01")
+    parser.add_argument(
+        "--alphas",
+        type=cli.numbers(0.0, above=True),
+        default=",".join(f"{a:g}" for a in TAKAGI2023.alphas),
+        help="comma-separated ridge penalties, each > 0",
+    )
+    parser.add_argument("--cv", type=cli.integer(2), default=TAKAGI2023.cv_folds, help="CV folds (grouped by image)")
+    parser.add_argument("--c-rank", type=cli.positive, help="store the c map at this rank (e.g. 1024); default dense")
+    parser.add_argument("--z-rank", type=cli.positive, help="store the z map at this rank; default dense")
     parser.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--push", metavar="REPO_ID", help="also upload to this Hub model repo")
@@ -30,24 +37,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from brainldm.maps import fit_subject_maps
-    from brainldm.validation import InputError
 
-    try:
-        alphas = [float(a) for a in args.alphas.split(",")]
-        maps = fit_subject_maps(
-            args.data,
-            args.features,
-            args.subject,
-            alphas=alphas,
-            cv=args.cv,
-            z_rank=args.z_rank,
-            c_rank=args.c_rank,
-            storage_dtype="float16" if args.fp16 else "float32",
-            device=args.device,
-        )
-        folder = maps.save_pretrained(args.out)
-    except (InputError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    maps = fit_subject_maps(
+        args.data,
+        args.features,
+        args.subject,
+        alphas=args.alphas,
+        cv=args.cv,
+        z_rank=args.z_rank,
+        c_rank=args.c_rank,
+        storage_dtype="float16" if args.fp16 else "float32",
+        device=args.device,
+    )
+    folder = maps.save_pretrained(args.out)
     for name, s in maps.config["scores"].items():
         line = f"{name}: CV r {s['cv_r']:.3f}"
         if "identification" in s:

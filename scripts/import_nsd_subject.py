@@ -9,23 +9,21 @@ Reads NSD's FreeSurfer folder (nsddata/freesurfer/subjNN, with its `full` flat p
 from __future__ import annotations
 
 import argparse
-import sys
+
+from brainldm import cli
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nsd-root", required=True, help="NSD root folder (holds nsddata/)")
-    parser.add_argument("--subject", type=int, required=True, choices=range(1, 9), metavar="1..8")
+    parser.add_argument("--subject", type=cli.integer(1, 8), required=True, help="NSD subject, 1-8")
     parser.add_argument("--patch", default="full", help="FreeSurfer flat patch name (default: full)")
     args = parser.parse_args(argv)
 
     from brainldm.surfaces import import_nsd_subject
-    from brainldm.validation import InputError
 
-    try:
-        space = import_nsd_subject(args.nsd_root, args.subject, args.patch)
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    space = import_nsd_subject(args.nsd_root, args.subject, args.patch)
     print(f"pycortex subject {space.subject} with transform {space.transform} is ready for flatmaps")
 
 

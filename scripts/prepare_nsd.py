@@ -8,15 +8,21 @@ killed run, and optionally pushes the subject to a Hub dataset repo (one config 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from brainldm import cli
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nsd-root", required=True, help="NSD root folder (holds nsddata/, nsddata_betas/, ...)")
-    parser.add_argument("--subject", type=int, required=True, help="NSD subject, 1-8 (the paper: 1, 2, 5, 7)")
-    parser.add_argument("--out", required=True, help="dataset folder; the subject lands in OUT/subjNN")
-    parser.add_argument("--sessions", type=int, help="use the first K sessions (default: all)")
+    parser.add_argument(
+        "--subject", type=cli.integer(1, 8), required=True, help="NSD subject, 1-8 (the paper: 1, 2, 5, 7)"
+    )
+    parser.add_argument(
+        "--out", type=cli.output_folder, required=True, help="dataset folder; the subject lands in OUT/subjNN"
+    )
+    parser.add_argument("--sessions", type=cli.positive, help="use the first K sessions (default: all)")
     parser.add_argument("--no-zscore", action="store_true", help="keep raw percent signal change")
     parser.add_argument("--overwrite", action="store_true", help="rebuild OUT/subjNN if it exists")
     parser.add_argument(
@@ -27,24 +33,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from brainldm.data import prepare_subject, push_to_hub
-    from brainldm.validation import InputError
 
-    try:
-        folder = prepare_subject(
-            args.nsd_root,
-            args.subject,
-            args.out,
-            sessions=args.sessions,
-            zscore=not args.no_zscore,
-            overwrite=args.overwrite,
-            whole_brain=args.whole_brain,
-        )
-        print(f"wrote {folder}")
-        if args.push:
-            url = push_to_hub(args.out, args.subject, args.push, private=args.private, whole_brain=args.whole_brain)
-            print(f"pushed to {url}")
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    folder = prepare_subject(
+        args.nsd_root,
+        args.subject,
+        args.out,
+        sessions=args.sessions,
+        zscore=not args.no_zscore,
+        overwrite=args.overwrite,
+        whole_brain=args.whole_brain,
+    )
+    print(f"wrote {folder}")
+    if args.push:
+        url = push_to_hub(args.out, args.subject, args.push, private=args.private, whole_brain=args.whole_brain)
+        print(f"pushed to {url}")
 
 
 if __name__ == "__main__":

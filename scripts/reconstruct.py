@@ -9,36 +9,55 @@ Rerunning skips finished trials. Data-parallel over GPUs and nodes with accelera
 from __future__ import annotations
 
 import argparse
-import sys
+
+from brainldm import cli
 
 
-def parse_rows(text: str | None) -> list[int] | None:
-    """'0:10' (a slice) or '3,7,9' (a list) -> row indices; None for all."""
-    if not text:
-        return None
-    if ":" in text:
-        start, stop = text.split(":")
-        return list(range(int(start or 0), int(stop)))
-    return [int(t) for t in text.split(",")]
+def parse_rows(text: str) -> list[int]:
+    """An argparse type: '0:10' (a slice) or '3,7,9' (a list) -> row indices (range checks come with the data)."""
+    try:
+        if ":" in text:
+            start, stop = text.split(":")
+            rows = list(range(int(start or 0), int(stop)))
+        else:
+            rows = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected rows as START:STOP or a comma-separated list, got {text!r}"
+        ) from None
+    if not rows or min(rows) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} selects no rows, or negative ones")
+    return rows
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.presets import TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--maps", required=True, help="SubjectMaps: local folder or Hub model repo id")
     parser.add_argument("--data", required=True, help="prepared dataset: local folder or Hub dataset repo id")
-    parser.add_argument("--subject", type=int, required=True)
+    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
     parser.add_argument("--split", default="test", choices=["test", "train"])
-    parser.add_argument("--trials", help="rows of the split: '0:10' or '3,7,9' (default: all)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--samples", type=int, default=1, help=f"samples per image (paper: {TAKAGI2023.num_samples})")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per diffusion batch")
+    parser.add_argument("--trials", type=parse_rows, help="rows of the split: '0:10' or '3,7,9' (default: all)")
+    parser.add_argument("--out", type=cli.output_folder, required=True, help="output folder")
+    parser.add_argument(
+        "--samples", type=cli.positive, default=1, help=f"samples per image (paper: {TAKAGI2023.num_samples})"
+    )
+    parser.add_argument("--batch-size", type=cli.positive, default=1, help="images per diffusion batch")
     parser.add_argument("--model", help="LDM id or folder (default: the one the maps were fitted for)")
-    parser.add_argument("--strength", type=float, default=TAKAGI2023.strength)
-    parser.add_argument("--guidance", type=float, default=TAKAGI2023.guidance_scale)
-    parser.add_argument("--steps", type=int, default=TAKAGI2023.num_inference_steps)
-    parser.add_argument("--seed", type=int, default=TAKAGI2023.seed)
+    parser.add_argument(
+        "--strength",
+        type=cli.number(0.0, 1.0, above=True),
+        default=TAKAGI2023.strength,
+        help=f"img2img noise level in (0, 1] (default: {TAKAGI2023.strength})",
+    )
+    parser.add_argument(
+        "--guidance", type=cli.number(1.0), default=TAKAGI2023.guidance_scale, help="classifier-free guidance, >= 1"
+    )
+    parser.add_argument("--steps", type=cli.positive, default=TAKAGI2023.num_inference_steps, help="DDIM steps")
+    parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.seed)
+    parser.add_argument("--overwrite", action="store_true", help="remake finished trials made with other settings")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (GPU: ~3.5x faster per image)"
     )
@@ -54,32 +73,30 @@ def main(argv: list[str] | None = None) -> None:
 
     # cpu=True lets accelerate form a multi-process CPU group (gloo) when launched without GPUs
     state = PartialState(cpu=not torch.cuda.is_available())
-    try:
-        maps = SubjectMaps.from_pretrained(args.maps)
-        if maps.subject != args.subject:
-            raise InputError(f"--maps are subject {maps.subject}'s but --subject is {args.subject}")
-        ldm = load_ldm(args.model or maps.model_id, device=state.device)
-        ldm = optimize_ldm(ldm, compile_mode="reduce-overhead" if args.compile else None)
-        folders = reconstruct_trials(
-            Reconstructor(ldm),
-            maps,
-            args.data,
-            args.subject,
-            args.out,
-            split=args.split,
-            rows=parse_rows(args.trials),
-            num_samples=args.samples,
-            batch_size=args.batch_size,
-            strength=args.strength,
-            guidance_scale=args.guidance,
-            num_inference_steps=args.steps,
-            seed=args.seed,
-            process_index=state.process_index,
-            num_processes=state.num_processes,
-            progress=True,
-        )
-    except (InputError, OSError) as err:
-        sys.exit(f"error: {err}")
+    maps = SubjectMaps.from_pretrained(args.maps)
+    if maps.subject != args.subject:
+        raise InputError(f"--maps are subject {maps.subject}'s but --subject is {args.subject}")
+    ldm = load_ldm(args.model or maps.model_id, device=state.device)
+    ldm = optimize_ldm(ldm, compile_mode="reduce-overhead" if args.compile else None)
+    folders = reconstruct_trials(
+        Reconstructor(ldm),
+        maps,
+        args.data,
+        args.subject,
+        args.out,
+        split=args.split,
+        rows=args.trials,
+        num_samples=args.samples,
+        batch_size=args.batch_size,
+        strength=args.strength,
+        guidance_scale=args.guidance,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        progress=True,
+        overwrite=args.overwrite,
+    )
     state.wait_for_everyone()
     if state.is_main_process:
         from pathlib import Path

@@ -14,33 +14,30 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from brainldm import cli
 
 
+@cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.toy import TOY_DIR, ToyConfig
 
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(TOY_DIR), help=f"where the model goes (default {TOY_DIR})")
+    parser.add_argument(
+        "--out", type=cli.output_folder, default=str(TOY_DIR), help=f"where the model goes (default {TOY_DIR})"
+    )
     parser.add_argument("--work", help="checkpoint folder (default: OUT.work); delete it to start over")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
-        "--eval-pairs", type=positive_int, default=defaults.n_heldout, help="held-out pairs scored for the model card"
+        "--eval-pairs", type=cli.positive, default=defaults.n_heldout, help="held-out pairs scored for the model card"
     )
     parser.add_argument(
         "--eval-steps",
-        type=positive_int,
+        type=cli.positive,
         default=50,
         help="DDIM steps of the scored generations (default 50, the paper's)",
     )
@@ -48,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         if f.type in ("int", int) and f.name != "n_heldout":
             parser.add_argument(
                 f"--{f.name.replace('_', '-')}",
-                type=int if f.name == "seed" else positive_int,
+                type=cli.integer(0, 2**32 - 1) if f.name == "seed" else cli.positive,
                 default=f.default,
                 help=f"(default {f.default})",
             )
@@ -56,13 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {f.name: getattr(args, f.name) for f in fields(ToyConfig) if hasattr(args, f.name)}
     config = replace(defaults, **overrides, n_heldout=args.eval_pairs)
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    if out.exists() and not out.is_dir():
-        sys.exit(f"error: --out {out} exists and is not a folder")
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        sys.exit(f"error: cannot create the checkpoint folder {work}: {err}")
+    work = cli.output_folder(args.work) if args.work else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
     train(config, out, work, args.device, args.eval_steps)
 
 
@@ -94,7 +86,7 @@ def train(config, out: Path, work: Path, device: str | None, eval_steps: int = 5
     torch.backends.cudnn.allow_tf32 = True
     stamp = work / "config.json"
     if stamp.exists() and json.loads(stamp.read_text()) != toy.config_dict(config):
-        sys.exit(f"error: {work} holds checkpoints of a run with other settings; delete it or pass another --work")
+        cli.fail(f"{work} holds checkpoints of a run with other settings; delete it or pass another --work")
     stamp.write_text(json.dumps(toy.config_dict(config), indent=1))
     print(f"training toy on {device}; checkpoints in {work}")
 
