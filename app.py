@@ -18,7 +18,7 @@ import spaces
 
 from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, offline_sources
 from brainldm.presets import TAKAGI2023
-from brainldm.validation import InputError
+from brainldm.validation import MAX_SEED, InputError
 
 CONCURRENCY_LIMIT = 2  # reconstructions running at once (one GPU)
 QUEUE_SIZE = 64
@@ -88,10 +88,16 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
                 status = gr.Markdown()
             gallery = gr.Gallery(label="Test images (click one)", columns=8, height=260, allow_preview=False)
             with gr.Row():
-                strength = gr.Slider(0.05, 1.0, TAKAGI2023.strength, step=0.05, label="Noise strength")
-                guidance = gr.Slider(1, 15, TAKAGI2023.guidance_scale, step=0.5, label="Guidance")
+                strength = gr.Slider(
+                    0.05, 1.0, TAKAGI2023.strength, step=0.05, label="Noise level (img2img strength)",
+                    info="How much of Xz is noised away before c redraws it: near 0 keeps Xz, 1 ignores it",
+                )  # fmt: skip
+                guidance = gr.Slider(
+                    1, 15, TAKAGI2023.guidance_scale, step=0.5, label="c strength (guidance)",
+                    info="How strongly the decoded caption embedding c steers Xc and Xzc (classifier-free guidance)",
+                )  # fmt: skip
                 steps = gr.Slider(10, 100, TAKAGI2023.num_inference_steps, step=1, label="DDIM steps")
-                seed = gr.Number(TAKAGI2023.seed, precision=0, label="Seed")
+                seed = gr.Number(TAKAGI2023.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 samples = gr.Slider(1, 5, 1, step=1, label="Samples")
             run = gr.Button("Reconstruct", variant="primary")
             with gr.Row():

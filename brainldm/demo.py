@@ -24,7 +24,7 @@ from .data import load_trials, load_voxels
 from .features import encode_c, encode_z
 from .ldm import load_ldm
 from .maps import SubjectMaps
-from .metrics import correlation_matrix
+from .metrics import identification_rank, pattern_correlation
 from .presets import TAKAGI2023
 from .reconstruct import Reconstructor
 from .validation import InputError
@@ -123,11 +123,8 @@ class Subject:
         self.z_true = encode_z(ldm, [row["image"] for row in self.test]).numpy()
         self.c_true = encode_c(ldm, self.test["captions"]).numpy()
         self.rank = {
-            name: 1 + (r > np.diag(r)[:, None]).sum(1)
-            for name, r in (
-                ("z", correlation_matrix(self.z_pred, self.z_true)),
-                ("c", correlation_matrix(self.c_pred, self.c_true)),
-            )
+            "z": identification_rank(self.z_pred, self.z_true),
+            "c": identification_rank(self.c_pred, self.c_true),
         }
 
     def __len__(self) -> int:
@@ -141,11 +138,10 @@ class Subject:
 
     def quality(self, trial: int) -> dict[str, float]:
         """How well this trial's z and c were decoded: r with the true features and identification rank."""
-        r_z = float(np.corrcoef(self.z_pred[trial].ravel(), self.z_true[trial].ravel())[0, 1])
-        r_c = float(np.corrcoef(self.c_pred[trial].ravel(), self.c_true[trial].ravel())[0, 1])
+        item = slice(trial, trial + 1)
         return {
-            "z_r": r_z,
-            "c_r": r_c,
+            "z_r": float(pattern_correlation(self.z_pred[item], self.z_true[item])[0]),
+            "c_r": float(pattern_correlation(self.c_pred[item], self.c_true[item])[0]),
             "z_rank": int(self.rank["z"][trial]),
             "c_rank": int(self.rank["c"][trial]),
             "n_candidates": len(self),

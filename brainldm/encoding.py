@@ -24,6 +24,7 @@ import scipy.stats
 import torch
 
 from . import nsd
+from .metrics import dimension_correlation
 from .presets import TAKAGI2023
 from .ridge import RidgeCV
 from .validation import InputError
@@ -52,14 +53,6 @@ def fit_pca(features: np.ndarray, n_components: int = TAKAGI2023.n_pca, device=N
 
 def pca_transform(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
     return (np.asarray(features, dtype=np.float32).reshape(len(features), -1) - mean) @ components
-
-
-def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r per column of two (n, V) arrays -> (V,); a constant column gives 0."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    denominator = np.sqrt((a**2).sum(0) * (b**2).sum(0))
-    return np.where(denominator > 0, (a * b).sum(0) / np.where(denominator > 0, denominator, 1), 0.0)
 
 
 def one_sided_p(r: np.ndarray, n: int) -> np.ndarray:
@@ -129,7 +122,7 @@ def fit_encoding(
     ridge = RidgeCV(alphas=alphas, cv=cv, device=device)
     ridge.fit(pca_transform(train_features, mean, components), train_betas, groups=train_ids)
     prediction = ridge.predict(pca_transform(test_features, mean, components))
-    r = pearson_columns(prediction, np.asarray(test_betas, dtype=np.float32))
+    r = dimension_correlation(prediction, test_betas).astype(np.float32)  # Pearson r per voxel
     p, p_fdr, significant = significance(r, len(test_betas), q)
     return EncodingResult(
         feature=feature,

@@ -17,6 +17,7 @@ import torch
 
 from .metrics import correlation_distance, pixcorr, retrieval_top1, ssim, two_way_identification
 from .reconstruct import is_done, load_trial_images
+from .validation import InputError
 
 Extractor = Callable[[list[np.ndarray]], np.ndarray]
 
@@ -153,7 +154,7 @@ def load_extractors(names: Sequence[str], overrides: dict[str, Extractor] | None
 def load_subject_reconstructions(folder: Path) -> list[tuple[dict, dict[str, np.ndarray]]]:
     trials = [load_trial_images(f) for f in sorted(folder.glob("*-*")) if f.is_dir() and is_done(f)]
     if len(trials) < 2:
-        raise ValueError(f"{folder} holds {len(trials)} finished reconstructions; metrics need at least 2")
+        raise InputError(f"{folder} holds {len(trials)} finished reconstructions; metrics need at least 2")
     return trials
 
 
@@ -190,7 +191,7 @@ def evaluate(
     """
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {list(METRICS)}")
+        raise InputError(f"unknown metric {unknown[0]!r}; choose from {list(METRICS)}")
     stand_ins = {}
     if "clip" in names and not (extractors and "clip" in extractors) and recon_model_ids(recon) == {"toy"}:
         # offline world: CLIP ViT-L/14 can't be downloaded and would not know toy pictures; toy has its own tower
@@ -199,7 +200,7 @@ def evaluate(
     extractors, unavailable = load_extractors(names, extractors, device)
     folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
     if not folders:
-        raise ValueError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
+        raise InputError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
     results = {"subjects": {}, "unavailable": unavailable, "stand_ins": stand_ins, "retrieval": {}}
     for folder in folders:
         trials = load_subject_reconstructions(folder)

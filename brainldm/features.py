@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from .presets import TAKAGI2023
-from .validation import InputError, oneline
+from .validation import InputError, check_sampling, oneline
 
 ImageLike = Image.Image | np.ndarray
 
@@ -388,6 +388,10 @@ def extract_features(
     """
     if unet_reduce not in REDUCTIONS:
         raise InputError(f"unet_reduce must be one of {REDUCTIONS}, got {unet_reduce!r}")
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if any(spec.kind in ("zc", "unet") for spec in specs):
+        check_sampling(ldm.scheduler, num_inference_steps, guidance_scale)
     from .ldm import ldm_sizes
 
     common = {"model": model_id, "z_image_size": ldm_sizes(ldm)[0]}

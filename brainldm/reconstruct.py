@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .features import empty_prompt_embedding
 from .ldm import ldm_sizes
 from .presets import TAKAGI2023
-from .validation import MAX_SEED, InputError, check_finite, oneline
+from .validation import MAX_SEED, InputError, check_finite, check_sampling, oneline
 
 
 @dataclass
@@ -88,16 +88,7 @@ class Reconstructor:
             raise InputError(f"z and c hold different numbers of items ({len(z)} and {len(c)})")
         if not 0 < strength <= 1:
             raise InputError(f"strength must be in (0, 1], got {strength}")
-        if not guidance_scale >= 1:
-            raise InputError(
-                f"guidance must be >= 1, got {guidance_scale}: classifier-free guidance below 1 is ignored by "
-                "diffusers (it gives the images of 1)"
-            )
-        max_steps = self.img2img.scheduler.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= max_steps:
-            raise InputError(
-                f"steps must be in 1..{max_steps} (the scheduler's training steps), got {num_inference_steps}"
-            )
+        check_sampling(self.img2img.scheduler, num_inference_steps, guidance_scale)
         if num_samples < 1:
             raise InputError(f"num_samples must be >= 1, got {num_samples}")
         if not 0 <= seed <= MAX_SEED - (num_samples - 1):

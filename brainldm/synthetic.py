@@ -32,6 +32,7 @@ import pandas as pd
 import scipy.io
 
 from . import nsd
+from .validation import InputError
 
 REPS = 3  # NSD shows every image three times
 # The offline world's default noise level with the toy model: decoding is hard, as on NSD (on a 6 x 45-trial subject,
@@ -140,18 +141,18 @@ def write_nsd_tree(
     ``cortex_thickness`` are then S1's own).
     """
     if features not in ("ldm", "random"):
-        raise ValueError(f"features must be 'ldm' or 'random', got {features!r}")
+        raise InputError(f"features must be 'ldm' or 'random', got {features!r}")
     if anatomy not in ANATOMIES:
-        raise ValueError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
+        raise InputError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
     root = Path(root)
     subjects = tuple(int(s) for s in subjects)
     if not subjects or any(not 1 <= s <= nsd.N_SUBJECTS for s in subjects):
-        raise ValueError(f"subjects must be in 1..{nsd.N_SUBJECTS}, got {subjects}")
+        raise InputError(f"subjects must be in 1..{nsd.N_SUBJECTS}, got {subjects}")
     n_trials = n_sessions * trials_per_session
     per_subject = -(-n_trials // REPS)
     n_unique = per_subject - n_shared
     if n_sessions < 1 or trials_per_session < 1 or n_shared < 1 or n_unique < 1:
-        raise ValueError(
+        raise InputError(
             f"need >= 1 session, trial and shared image, and more images per subject ({per_subject}) "
             f"than shared images ({n_shared}); got n_sessions={n_sessions}, "
             f"trials_per_session={trials_per_session}, n_shared={n_shared}"
@@ -423,7 +424,7 @@ def _draw_rois(rng, grid_shape, thickness: float) -> tuple[np.ndarray, np.ndarra
     nsdgeneral[shell & (0.1 <= y) & (y < 0.3)] = 1
     for label in (nsd.STREAM_IDS["early"], nsd.STREAM_IDS["ventral"]):
         if not (streams == label).any():
-            raise ValueError(f"grid {tuple(grid_shape)} is too small to hold a {nsd.STREAMS[label]!r} ROI")
+            raise InputError(f"grid {tuple(grid_shape)} is too small to hold a {nsd.STREAMS[label]!r} ROI")
     return nsdgeneral, streams
 
 

@@ -27,6 +27,18 @@ def require_file(path: str | Path, what: str) -> Path:
     return path
 
 
+def check_sampling(scheduler, num_inference_steps: int, guidance_scale: float) -> None:
+    """Denoising steps within what ``scheduler`` was trained with, and classifier-free guidance >= 1."""
+    max_steps = scheduler.config.num_train_timesteps
+    if not 1 <= num_inference_steps <= max_steps:
+        raise InputError(f"steps must be in 1..{max_steps} (the scheduler's training steps), got {num_inference_steps}")
+    if not guidance_scale >= 1:
+        raise InputError(
+            f"guidance must be >= 1, got {guidance_scale}: diffusers ignores classifier-free guidance below 1 "
+            "(it gives the images of 1)"
+        )
+
+
 def check_finite(name: str, array) -> None:
     """Raise if ``array`` (numpy or torch) holds NaN or inf."""
     values = np.asarray(array.detach().cpu() if hasattr(array, "detach") else array)

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from brainldm.encoding import fit_encoding, fit_pca, pca_transform, pearson_columns
+    from brainldm.encoding import fit_encoding, fit_pca, pca_transform
+    from brainldm.metrics import dimension_correlation
     from brainldm.presets import TAKAGI2023
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             pca_transform(train_f, mean, components), train_b
         )
         prediction = backend.to_numpy(model.predict(pca_transform(test_f, mean, components)))
-        r = pearson_columns(prediction, test_b)
+        r = dimension_correlation(prediction, test_b)
         himalaya_seconds = time.perf_counter() - start
         print(f"| himalaya RidgeCV (torch backend, CPU) | {himalaya_seconds:.1f} s | mean test r {r.mean():.4f} |")
         print(f"brainldm is {himalaya_seconds / seconds:.1f}x faster")

@@ -74,6 +74,7 @@ def test_cortical_maps_tab_says_when_there_are_none(client):
     "call, match",
     [
         (lambda c: c.predict(1, 99, *FAST.values(), 1, api_name="/reconstruct"), "trial 99 is out of range"),
+        (lambda c: c.predict(1, 0, 0.8, 5.0, 10, 2**70, 1, api_name="/reconstruct"), "seed|2\\^64|maximum"),
         (lambda c: c.predict(5, api_name="/load_subject"), "subj05 has no maps.safetensors|not a local folder"),
         (lambda c: c.predict(2, api_name="/load_subject"), "maps found for subject 2 are subject 1's"),
     ],
@@ -87,7 +88,7 @@ def test_bad_input_is_a_visible_error_and_the_app_stays_up(client, call, match):
 
 def test_twenty_concurrent_requests_all_complete(server):
     def one(k):
-        return Client(server, verbose=False).predict(1, k % 20, 0.5, 5.0, 2, k, 1, api_name="/reconstruct")
+        return Client(server, verbose=False).predict(1, k % 20, 0.5, 5.0, 10, k, 1, api_name="/reconstruct")
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=20) as pool:

@@ -189,3 +189,22 @@ def test_a_truncated_png_in_a_reconstruction_folder_is_named(decoding_world, tin
     assert code == EXIT_USER_ERROR
     assert_one_error_line(err, f"cannot read {png}", "rerun reconstruct.py")
     assert not (tmp_path / "metrics").exists()
+
+
+def test_steps_beyond_the_scheduler_and_weak_guidance_are_refused_for_features(tiny, tmp_path):
+    from brainldm.features import extract_features, parse_features
+
+    image = (np.zeros((64, 64, 3), dtype=np.uint8), ["a red circle"])
+    for kwargs, match in ((dict(num_inference_steps=5000), r"steps must be in 1\.\.1000"),
+                          (dict(guidance_scale=0.5), "guidance must be >= 1"),
+                          (dict(batch_size=0), "batch size must be >= 1")):  # fmt: skip
+        with pytest.raises(InputError, match=match):
+            extract_features(tiny, "tiny", [0], lambda i: image, parse_features("zc@0.5"), tmp_path / "f", **kwargs)
+    assert not (tmp_path / "f").exists()
+
+
+def test_an_impossible_synthetic_world_is_one_error_line(tmp_path, capsys):
+    code, err = run("make_synthetic_nsd", ["--out", tmp_path / "nsd", "--shared", "200"], capsys)
+    assert code == EXIT_USER_ERROR
+    assert_one_error_line(err, "more images per subject (30) than shared images (200)")
+    assert not (tmp_path / "nsd").exists()
