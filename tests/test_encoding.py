@@ -18,7 +18,7 @@ def encoded(decoding_world, tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("encoding")
     prepare_subject(decoding_world.tree.root, 1, root / "trials", whole_brain=True, progress=False)
     stimuli = SubjectStimuli(decoding_world.data, 1)  # the same images as the whole-brain dataset's
-    specs = parse_features("z,c,zc@0.3,zc@0.9,unet.mid@0.3#1,unet.mid@0.3#3,unet.up0@0.3#3")
+    specs = parse_features("z,c,zc@0.3,zc@0.9,unet.mid@0.5#1,unet.mid@0.5#3,unet.up0@0.5#3")
     extract_features(
         tiny,
         "tiny",
@@ -26,7 +26,7 @@ def encoded(decoding_world, tiny, tmp_path_factory):
         stimuli.__getitem__,
         specs,
         root / "features",
-        num_inference_steps=10,
+        num_inference_steps=6,
         progress=False,
     )
     results = run_encoding(
@@ -121,7 +121,7 @@ def test_maps_summaries_and_figures_are_written(encoded):
     for name in ("z", "c", "zc-0.3", "zc-0.9"):
         assert nib.load(out / f"r_{name}.nii.gz").shape == voxels.grid_shape
         assert (out / f"map_{name}.png").stat().st_size > 5_000
-    sweeps = ("sweep_noise.png", "sweep_steps_mid_0.3.png", "sweep_layers_0.3_3.png")
+    sweeps = ("sweep_noise.png", "sweep_steps_mid_0.5.png", "sweep_layers_0.5_3.png")
     for figure in ("compare_winner.png", "compare_rois.png", *sweeps):
         assert (out / figure).stat().st_size > 5_000
     summary = json.loads((out / "summary.json").read_text())
@@ -138,6 +138,6 @@ def test_encoding_script_and_its_errors(encoded, tmp_path):
     assert "best ROI early" in run.stdout
     missing = subprocess.run([*args, "--subject", "1", "--names", "zc@0.5", "--out", str(tmp_path / "m")],
                              capture_output=True, text=True)  # fmt: skip
-    assert missing.returncode == 1 and "no zc@0.5 features" in missing.stderr
+    assert missing.returncode == 2 and "no zc@0.5 features" in missing.stderr
     with pytest.raises(InputError, match="no prepared subj02-wholebrain"):
         run_encoding(root / "trials", root / "features", 2, ["z"], tmp_path / "x", progress=False)

@@ -230,4 +230,4 @@ def test_extract_features_script_on_a_prepared_subject(nsd_tree, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and "error: bad feature 'zc@7'" in bad.stderr
+    assert bad.returncode == 2 and "error: bad feature 'zc@7'" in bad.stderr

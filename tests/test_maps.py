@@ -87,11 +87,14 @@ def test_push_to_hub_uploads_the_folder(decoding_world, monkeypatch, tmp_path):
             uploaded["private"] = private
 
         def upload_folder(self, repo_id, folder_path, commit_message):
+            from types import SimpleNamespace
+
             uploaded["files"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
 
     monkeypatch.setattr(maps_module, "HfApi", FakeApi)
     url = decoding_world.maps.push_to_hub("someone/maps", private=True)
-    assert url.endswith("someone/maps") and uploaded == {
+    assert url == "https://huggingface.co/someone/maps/commit/0123abc" and uploaded == {
         "private": True,
         "files": ["README.md", "config.json", "maps.safetensors"],
     }
@@ -185,5 +188,18 @@ def test_fit_maps_script_writes_loadable_maps(decoding_world, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and bad.stderr.startswith("error: alphas must all be > 0")
+    assert bad.returncode == 2 and "--alphas: -2 is outside (0, inf]" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_saved_maps_hold_no_local_path(decoding_world, tmp_path):
+    from safetensors import safe_open
+
+    folder = decoding_world.maps.save_pretrained(tmp_path / "maps")
+    local = str(decoding_world.root)
+    for path in folder.iterdir():
+        if path.suffix in (".json", ".md"):
+            assert local not in path.read_text(), path.name
+    with safe_open(str(folder / "maps.safetensors"), "pt") as f:
+        assert local not in json.dumps(f.metadata())
+    assert decoding_world.maps.config["data"] == "(local)"
