@@ -120,7 +120,7 @@ def toy_clip_extractor(device="cpu") -> Extractor:
     (its own contrastive image space, so it scores the meaning of toy pictures; not comparable with published CLIP)."""
     from transformers import CLIPVisionModelWithProjection
 
-    from .toy import TOY_DIR
+    from .ldm import TOY_DIR
 
     return clip_extractor(CLIPVisionModelWithProjection.from_pretrained(TOY_DIR / "image_encoder"), device=device)
 

@@ -23,6 +23,7 @@ from .presets import TAKAGI2023
 
 TINY = "tiny"
 TOY = "toy"
+TOY_DIR = Path(__file__).parent / "models" / "toy"  # the trained offline model, made by scripts/train_toy_ldm.py
 TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
 
@@ -208,8 +209,6 @@ def load_ldm(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if model_id_or_dir == TOY:
-        from .toy import TOY_DIR
-
         model_id_or_dir = str(TOY_DIR)  # a diffusers folder inside the package: the same path a Hub id takes
     if model_id_or_dir == TINY:
         pipe = tiny_ldm()

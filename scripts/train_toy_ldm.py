@@ -23,7 +23,8 @@ from brainldm import cli
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.toy import TOY_DIR, ToyConfig
+    from brainldm.ldm import TOY_DIR
+    from brainldm.toy import ToyConfig
 
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

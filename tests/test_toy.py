@@ -14,7 +14,7 @@ import torch
 from brainldm import toy
 from brainldm.evaluate import toy_clip_extractor
 from brainldm.features import encode_c, encode_z
-from brainldm.ldm import ldm_sizes, load_ldm
+from brainldm.ldm import TOY_DIR, ldm_sizes, load_ldm
 from brainldm.metrics import pixcorr, two_way_identification
 from brainldm.reconstruct import Reconstructor
 
@@ -40,12 +40,12 @@ def clip_features():
 
 
 def test_toy_is_a_small_diffusers_folder_with_its_sizes_and_card():
-    files = [p for p in toy.TOY_DIR.rglob("*") if p.is_file()]
+    files = [p for p in TOY_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25e6
     assert all(p.suffix != ".bin" for p in files)  # safetensors only
-    index = json.loads((toy.TOY_DIR / "model_index.json").read_text())
+    index = json.loads((TOY_DIR / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionImg2ImgPipeline" and index["image_encoder"][1]
-    card = (toy.TOY_DIR / "README.md").read_text()
+    card = (TOY_DIR / "README.md").read_text()
     assert "train_toy_ldm.py" in card and "PixCorr" in card
 
 
