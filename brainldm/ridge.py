@@ -9,6 +9,7 @@ R do not depend on alpha. Targets are processed in batches, so Y can be far larg
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -201,6 +202,10 @@ class RidgeCV:
     Attributes (after ``fit``):
         coef_: (n_features, n_targets) CPU tensor.  intercept_: (n_targets,).
         best_alphas_: (n_targets,) chosen alpha per target.  cv_scores_: (n_alphas, n_targets) mean CV score.
+        n_features_in_: number of features seen in ``fit``.
+
+    Follows scikit-learn's estimator contract (``get_params`` / ``set_params``, so ``sklearn.base.clone`` works;
+    parameters are stored as given and checked in ``fit``) without depending on scikit-learn.
     """
 
     def __init__(
@@ -222,6 +227,25 @@ class RidgeCV:
         self.target_batch_size = target_batch_size
         self.random_state = random_state
         self.tf32_cv = tf32_cv
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters, as scikit-learn estimators report them."""
+        return {
+            name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"
+        }
+
+    def set_params(self, **params) -> RidgeCV:
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise InputError(f"RidgeCV has no parameter {name!r}; it has {sorted(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = type(self)().get_params()
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if repr(v) != repr(defaults[k]))
+        return f"RidgeCV({changed})"
 
     def fit(self, X, Y, groups: Sequence | None = None) -> RidgeCV:
         """Fit on X (n_samples, n_features) and Y (n_samples, n_targets); ``groups`` keeps samples together in CV."""
@@ -256,6 +280,7 @@ class RidgeCV:
         self.cv_scores_ = scores.cpu()
         self.best_alphas_ = alphas_t[best].cpu()
         self.coef_, self.intercept_ = solve_ridge(X_t, Y, alphas_t[best], self.target_batch_size)
+        self.n_features_in_ = X.shape[1]
         return self
 
     def predict(self, X):

@@ -116,3 +116,20 @@ def test_predict_before_fit_and_wrong_width_are_errors():
     model = RidgeCV(alphas=[1.0], device="cpu").fit(X, Y)
     with pytest.raises(InputError, match="X has 29 features but the model was fit on 30"):
         model.predict(X[:, 1:])
+
+
+def test_ridgecv_follows_the_scikit_learn_estimator_contract():
+    from sklearn.base import clone
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((60, 5)), rng.standard_normal((60, 3))
+    ridge = RidgeCV(alphas=(1.0, 10.0), cv=3, device="cpu")
+    assert (
+        ridge.get_params()["alphas"] == (1.0, 10.0) and repr(ridge) == "RidgeCV(alphas=(1.0, 10.0), cv=3, device='cpu')"
+    )
+    twin = clone(ridge).set_params(cv=4)
+    assert twin.get_params()["cv"] == 4 and ridge.cv == 3 and not hasattr(twin, "coef_")
+    ridge.fit(X, Y)
+    assert ridge.n_features_in_ == 5 and not hasattr(clone(ridge), "coef_")  # a clone is unfitted
+    with pytest.raises(InputError, match="no parameter 'alpha'"):
+        ridge.set_params(alpha=3.0)
