@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +22,60 @@ from .validation import InputError
 
 Extractor = Callable[[list[np.ndarray]], np.ndarray]
 
-# name: (column title, kind); identification is higher-better (%), distance lower-better
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of the table. ``kind``: ``"pixel"`` (scored on the images themselves), ``"identification"``
+    (2-way identification in a feature space, in %) or ``"distance"`` (correlation distance in a feature space)."""
+
+    title: str
+    kind: str
+    higher_is_better: bool = True
+    chance: float | None = None
+
+
+# The registry: adding a metric is one entry here (and, for a feature metric, its extractor in load_extractors).
 METRICS = {
-    "pixcorr": ("PixCorr", "pixel"),
-    "ssim": ("SSIM", "pixel"),
-    "alexnet2": ("Alex(2)", "identification"),
-    "alexnet5": ("Alex(5)", "identification"),
-    "inception": ("Incep", "identification"),
-    "clip": ("CLIP", "identification"),
-    "effnet": ("Eff", "distance"),
-    "swav": ("SwAV", "distance"),
+    "pixcorr": Metric("PixCorr", "pixel"),
+    "ssim": Metric("SSIM", "pixel"),
+    "alexnet2": Metric("Alex(2)", "identification", chance=0.5),
+    "alexnet5": Metric("Alex(5)", "identification", chance=0.5),
+    "inception": Metric("Incep", "identification", chance=0.5),
+    "clip": Metric("CLIP", "identification", chance=0.5),
+    "effnet": Metric("Eff", "distance", higher_is_better=False),
+    "swav": Metric("SwAV", "distance", higher_is_better=False),
 }
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 
-# Published subject-averaged figures on NSD's shared test images, quoted (not computed here) for comparison, as
-# reported in MindEye2 (Scotti et al., ICML 2024), Table 1. Check against the paper before citing them.
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """Published subject-averaged scores, by metric name, with where they come from and on how many test images."""
+
+    source: str
+    n_test_images: int
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+# Quoted, not computed here: subject-averaged figures on NSD's shared test images (subjects 1, 2, 5, 7) as MindEye2
+# (Scotti et al., ICML 2024) prints them in its Table 1. Check against the paper before citing them.
 REFERENCE_ROWS = {
-    "Takagi & Nishimoto 2023 (quoted)": [0.246, 0.410, 0.789, 0.856, 0.838, 0.821, 0.811, 0.504],
-    "Brain-Diffuser 2023 (quoted)": [0.254, 0.356, 0.942, 0.962, 0.872, 0.915, 0.775, 0.423],
-    "MindEye2 2024 (quoted)": [0.322, 0.431, 0.961, 0.986, 0.954, 0.930, 0.619, 0.344],
-}
+    "Takagi & Nishimoto 2023 (quoted)": PublishedRow(
+        "MindEye2 Table 1", 982,
+        dict(pixcorr=0.246, ssim=0.410, alexnet2=0.789, alexnet5=0.856, inception=0.838, clip=0.821, effnet=0.811,
+             swav=0.504),
+    ),
+    "Brain-Diffuser 2023 (quoted)": PublishedRow(
+        "MindEye2 Table 1", 982,
+        dict(pixcorr=0.273, ssim=0.365, alexnet2=0.944, alexnet5=0.966, inception=0.913, clip=0.909, effnet=0.728,
+             swav=0.422),
+    ),
+    "MindEye2 2024 (quoted)": PublishedRow(
+        "MindEye2 Table 1", 1000,
+        dict(pixcorr=0.322, ssim=0.431, alexnet2=0.961, alexnet5=0.986, inception=0.954, clip=0.930, effnet=0.619,
+             swav=0.344),
+    ),
+}  # fmt: skip
 
 
 # --- feature extractors, loaded lazily -----------------------------------------------------------------------
@@ -134,7 +169,7 @@ def load_extractors(names: Sequence[str], overrides: dict[str, Extractor] | None
     """(extractors, unavailable reasons) for the feature metrics among ``names``."""
     extractors, unavailable = dict(overrides or {}), {}
     for name in names:
-        if METRICS[name][1] == "pixel" or name in extractors:
+        if METRICS[name].kind == "pixel" or name in extractors:
             continue
         try:
             if name == "clip":
@@ -164,7 +199,7 @@ def score_images(
     """Each available metric of ``names`` for one set of reconstructions (a float per metric)."""
     scores = {}
     for name in names:
-        kind = METRICS[name][1]
+        kind = METRICS[name].kind
         if kind == "pixel":
             metric = pixcorr if name == "pixcorr" else ssim
             scores[name] = float(np.mean([metric(r, o) for r, o in zip(reconstructions, originals)]))
@@ -253,18 +288,17 @@ def _retrieval(folder: Path, trials, features) -> dict:
 def _format(name: str, value: float | None) -> str:
     if value is None:
         return "n/a"
-    return f"{100 * value:.1f}%" if METRICS[name][1] == "identification" else f"{value:.3f}"
+    return f"{100 * value:.1f}%" if METRICS[name].kind == "identification" else f"{value:.3f}"
 
 
 def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
     """A markdown table laid out like the published ones, with the quoted reference rows at the bottom."""
-    arrows = {"pixel": "↑", "identification": "↑", "distance": "↓"}
     stand_ins = results.get("stand_ins", {})
-    header = (
-        "| Method | "
-        + " | ".join(f"{METRICS[n][0]}{'*' if n in stand_ins else ''} {arrows[METRICS[n][1]]}" for n in names)
-        + " |"
-    )
+
+    def title(n: str) -> str:
+        return f"{METRICS[n].title}{'*' if n in stand_ins else ''} {'↑' if METRICS[n].higher_is_better else '↓'}"
+
+    header = "| Method | " + " | ".join(title(n) for n in names) + " |"
     lines = [header, "|---" * (len(names) + 1) + "|"]
     for subject, rows in results["subjects"].items():
         for row, scores in rows.items():
@@ -272,15 +306,15 @@ def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
     if len(results["subjects"]) > 1:
         for row, scores in results["average"].items():
             lines.append(f"| **average** {row} | " + " | ".join(_format(n, scores.get(n)) for n in names) + " |")
-    for label, values in REFERENCE_ROWS.items():
-        quoted = dict(zip(METRICS, values))
-        lines.append(f"| *{label}* | " + " | ".join(_format(n, quoted[n]) for n in names) + " |")
+    for label, published in REFERENCE_ROWS.items():
+        cells = " | ".join(_format(n, published.scores.get(n)) for n in names)
+        lines.append(f"| *{label}, {published.n_test_images} test images* | {cells} |")
     text = "\n".join(lines)
     for name, what in stand_ins.items():
-        text += f"\n\n\\* {METRICS[name][0]} here is computed with {what}."
+        text += f"\n\n\\* {METRICS[name].title} here is computed with {what}."
     if results["unavailable"]:
         text += "\n\nUnavailable metrics (their models could not be loaded):\n" + "\n".join(
-            f"- {METRICS[n][0]}: {reason}" for n, reason in results["unavailable"].items()
+            f"- {METRICS[n].title}: {reason}" for n, reason in results["unavailable"].items()
         )
     text += "\n\nRows in italics are published figures quoted for comparison (MindEye2, Table 1), not computed here."
     return text
@@ -300,9 +334,9 @@ def metrics_plot(results: dict, path: str | Path) -> Path:
         labels = [row for row in rows if name in rows[row]]
         ax.bar(range(len(labels)), [rows[row][name] for row in labels], color="tab:blue")
         ax.set_xticks(range(len(labels)), [row.split(",")[0] + ("*" if "," in row else "") for row in labels])
-        ax.set_title(METRICS[name][0], fontsize=9)
-        if METRICS[name][1] == "identification":
-            ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(METRICS[name].title, fontsize=9)
+        if METRICS[name].chance is not None:
+            ax.axhline(METRICS[name].chance, color="gray", linestyle="--", linewidth=1)
             ax.set_ylim(0, 1)
     figure.suptitle("reconstruction metrics (average over subjects; * = mean over samples)", fontsize=9)
     figure.tight_layout()
