@@ -5,7 +5,8 @@ Run `python app.py` (see --help). Sources come from flags or environment variabl
                   such as "user/brainldm-subj{subject:02d}"
   BRAINLDM_DATA   the prepared trials dataset: a folder or a Hub dataset repo id
   BRAINLDM_MODEL  the LDM (default: the one the maps were fitted for)
-With no maps or data, the app runs the offline demo on a synthetic subject with a random-weight model.
+With no maps or data, the app builds the offline world: two synthetic subjects (on pycortex's S1 anatomy when pycortex
+is installed) reconstructed by the trained offline model `toy`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
                 xzc = gr.Gallery(label="Xzc (z and c)", columns=1, height=320, object_fit="contain", elem_id="xzc")
             quality = gr.Markdown(label="Decoding quality")
         with gr.Tab("Cortical maps"):
-            figures = gr.Gallery(label="Decoding / encoding accuracy on cortex", columns=2)
+            figures = gr.Gallery(
+                label="Encoding accuracy on cortex (flatmaps first)", preview=True, object_fit="contain", height=700
+            )
             figures_note = gr.Markdown()
 
         subject.change(load_subject, subject, [gallery, trial, status], api_name="load_subject")
