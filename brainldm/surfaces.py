@@ -4,7 +4,7 @@ A :class:`CorticalSpace` names a pycortex subject and the transform from its sur
 ``subjNN`` with ``func1pt8_to_anat0pt8_autoFSbbr`` (imported once by ``scripts/import_nsd_subject.py``), or the
 offline world's ``S1`` with ``fullhead``, pycortex's demo subject. :func:`functional_layout` reads a subject's ROI
 outlines into the grid as NSD-style ``nsdgeneral`` and ``streams`` volumes, which is how the offline world gets
-real cortical anatomy. Flatmaps are drawn by :func:`brainldm.viz.flatmap`.
+real cortical anatomy. Flatmaps are drawn by :func:`brainldm.viz.flatmaps`.
 
 pycortex is an optional dependency (``pip install "brainldm[cortex]"``); nothing else in brainldm needs it.
 """
