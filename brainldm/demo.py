@@ -110,7 +110,7 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
 class Subject:
     """One subject's maps and test trials, with the decoded and true features of every test image."""
 
-    def __init__(self, subject: int, maps: SubjectMaps, data: str, ldm):
+    def __init__(self, subject: int, maps: SubjectMaps, data: str, ldm, batch_size: int = 32):
         if maps.subject != subject:
             raise InputError(f"the maps found for subject {subject} are subject {maps.subject}'s")
         self.subject = subject
@@ -120,8 +120,14 @@ class Subject:
         self.test = load_trials(data, subject, "test")
         betas = np.asarray(self.test.with_format("numpy")["betas"])
         self.z_pred, self.c_pred = (x.numpy() for x in maps.predict(betas))
-        self.z_true = encode_z(ldm, [row["image"] for row in self.test]).numpy()
-        self.c_true = encode_c(ldm, self.test["captions"]).numpy()
+        # true features in bounded batches: images are decoded and encoded batch_size at a time, so memory does not
+        # grow with the test set (NSD's has about 1,000 images)
+        z_true, c_true = [], []
+        for start in range(0, len(self.test), batch_size):
+            rows = self.test[start : start + batch_size]
+            z_true.append(encode_z(ldm, rows["image"]).numpy())
+            c_true.append(encode_c(ldm, rows["captions"]).numpy())
+        self.z_true, self.c_true = np.concatenate(z_true), np.concatenate(c_true)
         self.rank = {
             "z": identification_rank(self.z_pred, self.z_true),
             "c": identification_rank(self.c_pred, self.c_true),
@@ -149,11 +155,15 @@ class Subject:
 
 
 class DemoBackend:
-    """Loads the LDM once and each subject on first use; reconstructs test trials."""
+    """Loads the LDM once and each subject on first use; reconstructs test trials.
 
-    def __init__(self, sources: Sources, device: str | None = None):
+    ``batch_size``: test images encoded at a time when a subject loads (bounds memory; see :class:`Subject`).
+    """
+
+    def __init__(self, sources: Sources, device: str | None = None, batch_size: int = 32):
         self.sources = sources
         self.device = device
+        self.batch_size = batch_size
         self._subjects: dict[int, Subject] = {}
         self._lock = threading.Lock()
         self._ldm = None
@@ -175,7 +185,7 @@ class DemoBackend:
             if subject not in self._subjects:
                 maps = SubjectMaps.from_pretrained(maps_location(self.sources.maps, subject))
                 ldm = self._load_ldm(maps.model_id)
-                self._subjects[subject] = Subject(subject, maps, self.sources.data, ldm)
+                self._subjects[subject] = Subject(subject, maps, self.sources.data, ldm, self.batch_size)
             return self._subjects[subject]
 
     def gallery(self, subject: int) -> list[tuple[np.ndarray, str]]:
