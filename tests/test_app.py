@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client
 
@@ -146,3 +147,15 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
         for subject in (1, 2):
             figures = [Path(path).name for path, _ in backend.cortical_maps(subject)]
             assert figures[:2] == ["flatmap_compare.png", "flatmap_compare_winner.png"], figures
+
+
+def test_a_subject_encodes_its_test_images_in_bounded_batches_with_the_same_result(decoding_world, tiny):
+    from brainldm.demo import Subject
+
+    whole = Subject(1, decoding_world.maps, str(decoding_world.data), tiny, batch_size=10_000)
+    batched = Subject(1, decoding_world.maps, str(decoding_world.data), tiny, batch_size=3)  # 20 images: 7 batches
+    assert len(batched) == 20
+    # equal up to float rounding: CPU convolutions pick their algorithm by batch size (tiny's random VAE amplifies it)
+    np.testing.assert_allclose(batched.z_true, whole.z_true, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(batched.c_true, whole.c_true, atol=1e-4)
+    assert np.corrcoef(batched.z_true.ravel(), whole.z_true.ravel())[0, 1] > 0.9999
