@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=cli.output_folder, default=str(TOY_DIR), help=f"where the model goes (default {TOY_DIR})"
     )
-    parser.add_argument("--work", help="checkpoint folder (default: OUT.work); delete it to start over")
+    parser.add_argument(
+        "--work", type=cli.output_folder, help="checkpoint folder (default: OUT.work); delete it to start over"
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
         "--eval-pairs", type=cli.positive, default=defaults.n_heldout, help="held-out pairs scored for the model card"
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {f.name: getattr(args, f.name) for f in fields(ToyConfig) if hasattr(args, f.name)}
     config = replace(defaults, **overrides, n_heldout=args.eval_pairs)
     out = Path(args.out)
-    work = cli.output_folder(args.work) if args.work else out.with_name(out.name + ".work")
+    work = args.work or out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     train(config, out, work, args.device, args.eval_steps)
 
