@@ -98,10 +98,9 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
         maps = fit_subject_maps(root / "trials", root / "features", subject, device="cpu")
         folder = root / "weights" / f"subj{subject:02d}"
         maps.save_pretrained(folder)
-        if anatomy == "S1":
-            prepare_subject(tree.root, subject, root / "trials", whole_brain=True, progress=False)
+        if anatomy == "S1":  # encoding over the stored visual-cortex voxels: the whole brain would double start-up
             run_encoding(
-                root / "trials", root / "features", subject, ["z", "c"], folder / "figures",
+                root / "trials", root / "features", subject, ["z", "c"], folder / "figures", whole_brain=False,
                 n_components=32, device="cpu", progress=False, space=OFFLINE_SPACE,
             )  # fmt: skip
     return Sources(str(root / "weights"), str(root / "trials"), "toy", list(subjects), offline=True)
