@@ -262,6 +262,32 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
 # ``every`` steps; the caller owns saving, so the loops stay free of file handling.
 
 
+def _descend(optimizer, loss: torch.Tensor, lr: float, clip_params=None) -> None:
+    """One optimiser step on ``loss`` at learning rate ``lr``; gradients of ``clip_params`` clipped to norm 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+
+
+def _report(step: int, steps: int, loss: float, checkpoint, every: int, progress, digits: int = 4) -> None:
+    """Advance the progress bar and call ``checkpoint`` every ``every`` steps and after the last one."""
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.{digits}f}")
+    if (step + 1) % every == 0 or step + 1 == steps:
+        checkpoint(step + 1, loss)
+
+
+def _caption_index(caption_owner, n_pictures: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(captions per picture, index of each picture's first caption): captions are stored picture by picture."""
+    counts = torch.bincount(torch.as_tensor(caption_owner), minlength=n_pictures)
+    return counts, torch.cumsum(counts, 0) - counts
+
+
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(
         texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -283,28 +309,19 @@ def train_clip(
 ) -> None:
     """Contrastive (InfoNCE) training on (picture, one of its captions). ``token_ids``: (n_captions, 77);
     ``caption_owner``: (n_captions,) picture index of each; ``pictures``: uint8 at the vision tower's size."""
-    counts = torch.bincount(torch.as_tensor(caption_owner), minlength=len(pictures))
-    first = torch.cumsum(counts, 0) - counts  # captions are stored picture by picture
+    counts, first = _caption_index(caption_owner, len(pictures))
     clip.train()
     for step in range(start, config.clip_steps):
         g = step_generator(config.seed, "clip", step)
         items = torch.randperm(len(pictures), generator=g)[: config.clip_batch]
         captions = first[items] + torch.randint(0, 1 << 30, (len(items),), generator=g) % counts[items]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.clip_steps, config.clip_lr)
         out = clip(
             input_ids=token_ids[captions].to(device),
             pixel_values=clip_normalise(torch.from_numpy(pictures[items.numpy()])).to(device),
             return_loss=True,
         )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{out.loss.item():.3f}")
-        if (step + 1) % every == 0 or step + 1 == config.clip_steps:
-            checkpoint(step + 1, out.loss.item())
+        _descend(optimizer, out.loss, lr_at(step, config.clip_steps, config.clip_lr))
+        _report(step, config.clip_steps, out.loss.item(), checkpoint, every, progress, digits=3)
     clip.eval()
 
 
@@ -331,21 +348,12 @@ def train_vae(
         items = torch.randint(0, len(source), (config.vae_batch,), generator=g).numpy()
         y0, x0 = torch.randint(0, source.shape[1] - crop + 1, (2,), generator=g).tolist()
         x = to_unit(source[items, y0 : y0 + crop, x0 : x0 + crop]).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.vae_steps, config.vae_lr)
         posterior = vae.encode(x).latent_dist
         eps = torch.randn(posterior.mean.shape, generator=g).to(device)
         recon = vae.decode(posterior.mean + posterior.std * eps).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % every == 0 or step + 1 == config.vae_steps:
-            checkpoint(step + 1, loss.item())
+        _descend(optimizer, loss, lr_at(step, config.vae_steps, config.vae_lr), vae.parameters())
+        _report(step, config.vae_steps, loss.item(), checkpoint, every, progress)
     vae.eval()
 
 
@@ -396,8 +404,7 @@ def train_unet(
     or the empty caption with probability ``caption_dropout`` (so classifier-free guidance works).
     """
     owner = torch.as_tensor(caption_owner)
-    counts = torch.bincount(owner, minlength=len(latents))
-    first = torch.cumsum(counts, 0) - counts  # captions are stored picture by picture
+    counts, first = _caption_index(owner, len(latents))
     mean_states = torch.zeros((len(latents), *caption_states.shape[1:]), device=caption_states.device)
     mean_states.index_add_(0, owner.to(caption_states.device), caption_states.float())
     mean_states = (mean_states / counts.to(mean_states.device)[:, None, None]).to(caption_states.dtype)
@@ -417,19 +424,10 @@ def train_unet(
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),), generator=g).to(device)
         noisy = scheduler.add_noise(x0, noise, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.unet_steps, config.unet_lr)
         loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
+        _descend(optimizer, loss, lr_at(step, config.unet_steps, config.unet_lr), unet.parameters())
         ema.update(unet)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % every == 0 or step + 1 == config.unet_steps:
-            checkpoint(step + 1, loss.item())
+        _report(step, config.unet_steps, loss.item(), checkpoint, every, progress)
     unet.eval()
 
 
