@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 
-import gradio as gr
-import spaces
+import spaces  # before anything imports torch: on a ZeroGPU Space it patches torch's CUDA
 
-from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, offline_sources
-from brainldm.presets import TAKAGI2023
+import gradio as gr  # noqa: I001
+
+from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, gpu_seconds, offline_sources
+from brainldm.presets import TAKAGI2023, Sampling
 from brainldm.validation import MAX_SEED, InputError
 
 CONCURRENCY_LIMIT = 2  # reconstructions running at once (one GPU)
 QUEUE_SIZE = 64
+SHOWCASE = (TAKAGI2023.sampling.strength, TAKAGI2023.sampling.guidance_scale,
+            TAKAGI2023.sampling.num_inference_steps, TAKAGI2023.sampling.seed, 1)  # fmt: skip
 
 
 def resolve_sources(maps: str | None, data: str | None, model: str | None, subjects: str | None) -> Sources:
@@ -53,10 +56,16 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
     def pick(evt: gr.SelectData):
         return evt.index
 
-    @spaces.GPU
+    # The GPU function gets decoded z and c and returns images: the subject's data, the lock and the decoding
+    # stay in the main process. Its ZeroGPU budget follows steps x samples.
+    @spaces.GPU(duration=lambda z, c, sampling: gpu_seconds(sampling))
+    def generate(z, c, sampling):
+        return backend.generate(z, c, sampling)
+
     def reconstruct(subject, trial, strength, guidance, steps, seed, samples, progress=gr.Progress(track_tqdm=True)):
         try:
-            out = backend.reconstruct(subject, trial, strength, guidance, steps, seed, samples)
+            sampling = Sampling(float(strength), float(guidance), int(steps), int(seed), int(samples))
+            out = backend.reconstruct(subject, trial, sampling, generate=generate)
         except (InputError, OSError) as err:
             raise gr.Error(str(err)) from err
         q = out["quality"]
@@ -64,8 +73,9 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
             f"| | r with the true features | identification rank (of {q['n_candidates']}) |\n|---|---|---|\n"
             f"| z (image latent) | {q['z_r']:.3f} | {q['z_rank']} |\n"
             f"| c (caption embedding) | {q['c_r']:.3f} | {q['c_rank']} |\n\n"
-            f"Captions: {' / '.join(out['captions'])}"
-        )
+            if q
+            else "This image was not scored when the maps were fitted.\n\n"
+        ) + f"Captions: {' / '.join(out['captions'])}"
         return out["presented"], out["Xz"], out["Xc"], out["Xzc"], report
 
     def cortical(subject):
@@ -90,15 +100,15 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
             gallery = gr.Gallery(label="Test images (click one)", columns=8, height=260, allow_preview=False)
             with gr.Row():
                 strength = gr.Slider(
-                    0.05, 1.0, TAKAGI2023.strength, step=0.05, label="Noise level (img2img strength)",
+                    0.05, 1.0, TAKAGI2023.sampling.strength, step=0.05, label="Noise level (img2img strength)",
                     info="How much of Xz is noised away before c redraws it: near 0 keeps Xz, 1 ignores it",
                 )  # fmt: skip
                 guidance = gr.Slider(
-                    1, 15, TAKAGI2023.guidance_scale, step=0.5, label="c strength (guidance)",
+                    1, 15, TAKAGI2023.sampling.guidance_scale, step=0.5, label="c strength (guidance)",
                     info="How strongly the decoded caption embedding c steers Xc and Xzc (classifier-free guidance)",
                 )  # fmt: skip
-                steps = gr.Slider(10, 100, TAKAGI2023.num_inference_steps, step=1, label="DDIM steps")
-                seed = gr.Number(TAKAGI2023.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                steps = gr.Slider(10, 100, TAKAGI2023.sampling.num_inference_steps, step=1, label="DDIM steps")
+                seed = gr.Number(TAKAGI2023.sampling.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 samples = gr.Slider(1, 5, 1, step=1, label="Samples")
             run = gr.Button("Reconstruct", variant="primary")
             with gr.Row():
@@ -107,6 +117,16 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
                 xc = gr.Gallery(label="Xc (from c)", columns=1, height=320, object_fit="contain", elem_id="xc")
                 xzc = gr.Gallery(label="Xzc (z and c)", columns=1, height=320, object_fit="contain", elem_id="xzc")
             quality = gr.Markdown(label="Decoding quality")
+            # the showcase: computed on first use, then served from Gradio's cache to every visitor
+            gr.Examples(
+                [[sources.subjects[0], t, *SHOWCASE] for t in range(3)],
+                [subject, trial, strength, guidance, steps, seed, samples],
+                [presented, xz, xc, xzc, quality],
+                fn=reconstruct,
+                cache_examples=True,
+                cache_mode="lazy",
+                label="Showcase (the paper's settings)",
+            )
         with gr.Tab("Cortical maps"):
             figures = gr.Gallery(
                 label="Encoding accuracy on cortex (flatmaps first)", preview=True, object_fit="contain", height=700

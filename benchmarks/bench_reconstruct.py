@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from brainldm.ldm import default_device, load_ldm, optimize_ldm
+    from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor
 
     device = default_device()
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             z, c = inputs(ldm, n)
             seconds = timed(
                 lambda z=z, c=c: reconstructor(
-                    z, c, strength=args.strength, num_inference_steps=args.steps, include_xc=False
+                    z, c, Sampling(strength=args.strength, num_inference_steps=args.steps), include_xc=False
                 )
             )
             rows.append((label, n, seconds / n))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,13 @@ import torch
 from PIL import Image
 
 from .data import load_trials, load_voxels
-from .features import encode_c, encode_z
 from .ldm import load_ldm
 from .maps import SubjectMaps
-from .metrics import identification_rank, pattern_correlation
-from .presets import TAKAGI2023
-from .reconstruct import Reconstructor
+from .presets import TAKAGI2023, Sampling
+from .reconstruct import Reconstruction, Reconstructor
 from .validation import InputError
+
+THUMBNAIL_SIZE = 128  # px, the gallery's longest side
 
 OFFLINE_BANNER = (
     "**Offline demo.** No fitted maps or NSD data were found, so this runs on a *synthetic* subject (brainldm's "
@@ -107,30 +108,17 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
 
 
 class Subject:
-    """One subject's maps and test trials, with the decoded and true features of every test image."""
+    """One subject's maps and test split. Loading it does no work per test image: z and c are decoded for one trial
+    when it is reconstructed, and each image's decoding quality was scored when the maps were fitted (and is read
+    from them), so start-up time and memory do not grow with the test set (NSD's has about 1,000 images)."""
 
-    def __init__(self, subject: int, maps: SubjectMaps, data: str, ldm, batch_size: int = 32):
+    def __init__(self, subject: int, maps: SubjectMaps, data: str):
         if maps.subject != subject:
             raise InputError(f"the maps found for subject {subject} are subject {maps.subject}'s")
         self.subject = subject
         self.maps = maps
-        voxels = load_voxels(data, subject)
-        maps.check_voxels(voxels)  # maps and data of different subjects fail here
-        self.test = load_trials(data, subject, "test")
-        betas = np.asarray(self.test.with_format("numpy")["betas"])
-        self.z_pred, self.c_pred = (x.numpy() for x in maps.predict(betas))
-        # true features in bounded batches: images are decoded and encoded batch_size at a time, so memory does not
-        # grow with the test set (NSD's has about 1,000 images)
-        z_true, c_true = [], []
-        for start in range(0, len(self.test), batch_size):
-            rows = self.test[start : start + batch_size]
-            z_true.append(encode_z(ldm, rows["image"]).numpy())
-            c_true.append(encode_c(ldm, rows["captions"]).numpy())
-        self.z_true, self.c_true = np.concatenate(z_true), np.concatenate(c_true)
-        self.rank = {
-            "z": identification_rank(self.z_pred, self.z_true),
-            "c": identification_rank(self.c_pred, self.c_true),
-        }
+        maps.check_voxels(load_voxels(data, subject))  # maps and data of different subjects fail here
+        self.test = load_trials(data, subject, "test")  # memory-mapped Arrow: rows are read when asked for
 
     def __len__(self) -> int:
         return len(self.test)
@@ -141,80 +129,99 @@ class Subject:
             raise InputError(f"trial {trial} is out of range: subject {self.subject} has test trials 0..{last}")
         return int(trial)
 
-    def quality(self, trial: int) -> dict[str, float]:
-        """How well this trial's z and c were decoded: r with the true features and identification rank."""
-        item = slice(trial, trial + 1)
-        return {
-            "z_r": float(pattern_correlation(self.z_pred[item], self.z_true[item])[0]),
-            "c_r": float(pattern_correlation(self.c_pred[item], self.c_true[item])[0]),
-            "z_rank": int(self.rank["z"][trial]),
-            "c_rank": int(self.rank["c"][trial]),
-            "n_candidates": len(self),
-        }
+    def decode(self, trial: int) -> dict[str, torch.Tensor]:
+        """The trial's decoded targets, {name: (1, *shape)} on the CPU."""
+        betas = np.asarray(self.test.with_format("numpy")[self.check_trial(trial)]["betas"])
+        return self.maps.predict(betas[None])
+
+    def quality(self, trial: int) -> dict[str, float] | None:
+        """How well this trial's z and c were decoded (r with the true features, identification rank), as scored
+        when the maps were fitted; None if the maps hold no score for its image."""
+        scores = self.maps.image_scores(int(self.test[self.check_trial(trial)]["nsd_id"]))
+        return None if scores is None else {**scores, "n_candidates": self.maps.config.n_test}
+
+    def thumbnails(self, folder: Path, size: int = THUMBNAIL_SIZE) -> list[tuple[str, str]]:
+        """(JPEG path, first caption) of every test trial, written once into ``folder`` (the gallery sends these
+        small files by URL instead of every full image on each subject change)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        items = []
+        rows = self.test.select_columns(["image", "captions"])
+        for trial in range(len(rows)):
+            path = folder / f"{trial:05d}.jpg"
+            row = rows[trial]
+            if not path.exists():
+                image = row["image"].convert("RGB")
+                image.thumbnail((size, size), Image.Resampling.BICUBIC)
+                tmp = path.with_suffix(".tmp.jpg")
+                image.save(tmp, quality=90)
+                tmp.replace(path)
+            items.append((str(path), row["captions"][0]))
+        return items
+
+
+def gpu_seconds(sampling: Sampling) -> int:
+    """ZeroGPU's time budget for one reconstruction: it grows with steps x samples (Xc runs every step, Xzc
+    ``strength`` of them), with room for a slow GPU (about 0.1 s per guided SD-1.x step) and a fixed start."""
+    steps = sampling.num_inference_steps * (1 + sampling.strength) * sampling.num_samples
+    return int(15 + 0.1 * steps)
 
 
 class DemoBackend:
-    """Loads the LDM once and each subject on first use; reconstructs test trials.
+    """The LDM, loaded once at construction, and each subject on first use; reconstructs test trials.
 
-    ``batch_size``: test images encoded at a time when a subject loads (bounds memory; see :class:`Subject`).
+    The LDM is placed on its device here, when the app is built, not inside a request: on a ZeroGPU Space that is
+    where ``spaces`` expects models to be moved to CUDA. Only :meth:`generate` touches the GPU; everything else
+    (loading subjects, decoding z and c, thumbnails) runs in the main process, and the lock that guards the subject
+    cache is never taken inside the GPU function (ZeroGPU forks a worker for it, and a lock copied into a fork while
+    held would never be released there).
     """
 
-    def __init__(self, sources: Sources, device: str | None = None, batch_size: int = 32):
+    def __init__(self, sources: Sources, device: str | None = None):
         self.sources = sources
-        self.device = device
-        self.batch_size = batch_size
         self._subjects: dict[int, Subject] = {}
         self._lock = threading.Lock()
-        self._ldm = None
-        self.reconstructor: Reconstructor | None = None
+        self._thumbnails = Path(tempfile.mkdtemp(prefix="brainldm-thumbnails-"))
+        model = sources.model or self._maps(sources.subjects[0]).model_id
+        self.reconstructor = Reconstructor(load_ldm(model, device=device))
+        for pipe in (self.reconstructor.img2img, self.reconstructor.txt2img):
+            pipe.set_progress_bar_config(disable=False, desc="denoising")  # gr.Progress follows tqdm
 
-    def _load_ldm(self, fitted_for: str):
-        """The LDM, loaded once: the configured model, else the one the first subject's maps were fitted for."""
-        if self._ldm is None:
-            self._ldm = load_ldm(self.sources.model or fitted_for, device=self.device)
-            self.reconstructor = Reconstructor(self._ldm)
-            for pipe in (self.reconstructor.img2img, self.reconstructor.txt2img):
-                pipe.set_progress_bar_config(disable=False, desc="denoising")  # gr.Progress follows tqdm
-        return self._ldm
+    def _maps(self, subject: int) -> SubjectMaps:
+        return SubjectMaps.from_pretrained(maps_location(self.sources.maps, subject))
 
     def subject(self, subject: int) -> Subject:
-        """A subject's state, loaded on first use (maps, test trials, decoded and true features)."""
+        """A subject's maps and test split, loaded on first use."""
         subject = int(subject)
         with self._lock:
             if subject not in self._subjects:
-                maps = SubjectMaps.from_pretrained(maps_location(self.sources.maps, subject))
-                ldm = self._load_ldm(maps.model_id)
-                self._subjects[subject] = Subject(subject, maps, self.sources.data, ldm, self.batch_size)
+                self._subjects[subject] = Subject(subject, self._maps(subject), self.sources.data)
             return self._subjects[subject]
 
-    def gallery(self, subject: int) -> list[tuple[np.ndarray, str]]:
-        """(image, caption) of every test trial, in trial order."""
-        test = self.subject(subject).test
-        return [(np.asarray(row["image"].convert("RGB")), row["captions"][0]) for row in test]
+    def gallery(self, subject: int) -> list[tuple[str, str]]:
+        """(thumbnail path, caption) of every test trial, in trial order."""
+        state = self.subject(subject)
+        with self._lock:  # two first visits at once must not write the same thumbnails
+            return state.thumbnails(self._thumbnails / f"subj{int(subject):02d}")
+
+    def generate(self, z: torch.Tensor, c: torch.Tensor, sampling: Sampling) -> Reconstruction:
+        """Xz, Xc and Xzc from decoded z and c: the only GPU work, what the app runs under ``@spaces.GPU``."""
+        return self.reconstructor(z, c, sampling)
 
     def reconstruct(
         self,
         subject: int,
         trial: int,
-        strength: float = TAKAGI2023.strength,
-        guidance_scale: float = TAKAGI2023.guidance_scale,
-        num_inference_steps: int = TAKAGI2023.num_inference_steps,
-        seed: int = TAKAGI2023.seed,
-        num_samples: int = 1,
+        sampling: Sampling = TAKAGI2023.sampling,
+        generate: Callable[[torch.Tensor, torch.Tensor, Sampling], Reconstruction] | None = None,
     ) -> dict:
-        """The presented image, Xz, Xc and Xzc samples of one test trial, and its decoding quality."""
+        """The presented image, Xz, Xc and Xzc samples of one test trial, and its decoding quality.
+
+        ``generate`` runs the GPU part (default :meth:`generate`; the app passes its ``@spaces.GPU`` wrapper).
+        """
         state = self.subject(subject)
         trial = state.check_trial(trial)
-        z, c = torch.from_numpy(state.z_pred[trial : trial + 1]), torch.from_numpy(state.c_pred[trial : trial + 1])
-        result = self.reconstructor(
-            z,
-            c,
-            strength=float(strength),
-            guidance_scale=float(guidance_scale),
-            num_inference_steps=int(num_inference_steps),
-            seed=int(seed),
-            num_samples=int(num_samples),
-        )
+        decoded = state.decode(trial)
+        result = (generate or self.generate)(decoded["z"], decoded["c"], sampling)
         row = state.test[trial]
         size = self.reconstructor.output_size  # shown at the reconstructions' size, for comparison
         return {

@@ -26,6 +26,10 @@ TOY = "toy"
 TOY_DIR = Path(__file__).parent / "models" / "toy"  # the trained offline model, made by scripts/train_toy_ldm.py
 TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
+# (licence name, link) of LDMs on the Hub, for the model cards of maps fitted to their features
+MODEL_LICENSES = {
+    "CompVis/stable-diffusion-v1-4": ("creativeml-openrail-m", "https://huggingface.co/spaces/CompVis/stable-diffusion-license"),
+}
 
 
 def default_device() -> torch.device:

@@ -1,11 +1,14 @@
-"""SubjectMaps: everything that turns one subject's betas into the LDM's (z, c), fitted, saved and shared.
+"""SubjectMaps: everything that turns one subject's betas into the LDM's conditioning targets, fitted, saved, shared.
 
-A map standardises its voxels with training statistics and applies a ridge solution (``brainldm.ridge``):
-``y = ((betas[:, voxels] - mean) / std) @ W + b``. W is stored dense, or as a low-rank product ``A @ B`` chosen
-at fit time (the rank-r map that best preserves the training predictions), in fp32 or fp16.
+A subject's maps are keyed by target name: for Stable Diffusion ``z`` (image latent, from ``early`` voxels) and ``c``
+(CLIP text embedding, from ``ventral`` voxels), as ``TAKAGI2023.decoders`` says. An LDM with other targets adds
+entries there, not code paths here. Each target's map standardises its voxels with training statistics and applies
+a ridge solution (``brainldm.ridge``): ``y = ((betas[:, voxels] - mean) / std) @ W + b``. W is stored dense, or as
+a low-rank product ``A @ B`` chosen at fit time (the rank-r map that best preserves the training predictions).
 
-On disk (and on the Hub) a SubjectMaps is a folder: ``maps.safetensors`` (tensors + string metadata),
-``config.json`` and a model card ``README.md``.
+On disk and on the Hub a SubjectMaps is a folder, through huggingface_hub's ``ModelHubMixin``:
+``config.json`` (the typed :class:`MapsConfig`, the source of truth on load), ``maps.safetensors`` (the tensors,
+and each test image's decoding scores) and a model card ``README.md``.
 """
 
 from __future__ import annotations
@@ -14,27 +17,30 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
 from .data import VoxelTable, load_trials, load_voxels
 from .features import FeatureStore
-from .metrics import dimension_correlation, pattern_correlation, two_way_identification
+from .ldm import MODEL_LICENSES
+from .metrics import dimension_correlation, identification_rank, pattern_correlation, two_way_identification
 from .presets import TAKAGI2023
 from .ridge import RidgeCV, reduced_rank
 from .validation import InputError, check_finite, oneline
 
 WEIGHTS_FILE = "maps.safetensors"
 CONFIG_FILE = "config.json"
-FORMAT = "brainldm-subject-maps/1"
+FORMAT = "brainldm-subject-maps/2"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+NSD_LICENSE = ("nsd-terms-and-conditions", "https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions")
+PAPER_URL = "https://doi.org/10.1101/2022.11.18.517004"  # Takagi & Nishimoto, the preprint of the CVPR 2023 paper
 
 
 def voxel_fingerprint(voxels: VoxelTable) -> str:
@@ -142,46 +148,103 @@ def fit_linear_map(
 # --- the subject's maps --------------------------------------------------------------------------------------
 
 
-class SubjectMaps:
-    """The z map (from ``early`` voxels) and c map (from ``ventral`` voxels) of one subject, and how they scored.
+@dataclass(frozen=True)
+class TargetConfig:
+    """One decoded target: the ROI it is read from, its shape for the LDM, its voxel count and stored rank."""
 
-    Use :func:`fit_subject_maps` to make one, :meth:`from_pretrained` to load one, :meth:`predict` to decode.
+    roi: str
+    shape: tuple[int, ...]
+    n_voxels: int
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class MapsConfig:
+    """What a subject's maps are: written to ``config.json``, and the source of truth when they are loaded.
+
+    ``data`` is the Hub dataset repo id the maps were fitted on, or None for a local folder (a local path is
+    nobody else's business, and the config is published). ``scores`` holds, per target, the CV r and the test
+    split's mean scores (see :func:`decoding_scores`).
     """
 
-    def __init__(self, z: LinearMap, c: LinearMap, config: dict):
-        self.z = z
-        self.c = c
-        self.config = config
+    subject: int
+    model_id: str
+    n_voxels: int
+    voxel_fingerprint: str
+    targets: dict[str, TargetConfig]
+    alphas: tuple[float, ...]
+    cv: int
+    n_train: int
+    n_test: int
+    storage_dtype: str = "float32"
+    data: str | None = None
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    format: str = FORMAT
+    brainldm_version: str = __version__
 
-    # the config's main fields, for readers
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config.json") -> MapsConfig:
+        if values.get("format") != FORMAT:
+            raise InputError(
+                f"{source} is not a config of brainldm subject maps in format {FORMAT!r} (found "
+                f"{values.get('format')!r}); refit the maps with scripts/fit_maps.py"
+            )
+        try:
+            targets = {name: TargetConfig(**{**t, "shape": tuple(t["shape"])}) for name, t in values["targets"].items()}
+            known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+            return cls(**{**known, "targets": targets, "alphas": tuple(values["alphas"])})
+        except (KeyError, TypeError) as err:
+            raise InputError(f"{source} is damaged or incomplete ({oneline(err)}); download or refit the maps") from err
+
+
+class SubjectMaps(
+    ModelHubMixin,
+    library_name="brainldm",
+    paper_url=PAPER_URL,
+    tags=["fmri", "neuroscience", "brain-decoding", "natural-scenes-dataset", "stable-diffusion"],
+):
+    """One subject's maps, keyed by target name (``maps["z"]``, ``maps["c"]``), and how they scored.
+
+    Use :func:`fit_subject_maps` to make them, :meth:`from_pretrained` to load them (a local folder or a Hub repo,
+    with huggingface_hub's usual ``revision``, ``cache_dir``, ``token``, ``local_files_only`` and
+    ``force_download``), :meth:`predict` to decode. ``per_image`` holds each test image's decoding scores from fit
+    time (``nsd_id``, ``<target>.r``, ``<target>.rank``), so a demo can show them without re-encoding the images.
+    """
+
+    def __init__(self, maps: dict[str, LinearMap], config: MapsConfig, per_image: dict[str, np.ndarray] | None = None):
+        if set(maps) != set(config.targets):
+            raise InputError(f"maps for {sorted(maps)} do not match the config's targets {sorted(config.targets)}")
+        self.maps = maps
+        self.config = config
+        self.per_image = per_image or {}
+
+    def __getitem__(self, target: str) -> LinearMap:
+        return self.maps[target]
+
     @property
     def subject(self) -> int:
-        return int(self.config["subject"])
+        return self.config.subject
 
     @property
     def model_id(self) -> str:
-        return self.config["model_id"]
-
-    @property
-    def z_shape(self) -> tuple[int, ...]:
-        return tuple(self.config["z_shape"])
-
-    @property
-    def c_shape(self) -> tuple[int, ...]:
-        return tuple(self.config["c_shape"])
+        return self.config.model_id
 
     def check_voxels(self, voxels: VoxelTable) -> None:
         """Raise unless ``voxels`` is the voxel table these maps were fitted on."""
-        if voxels.subject != self.subject or voxel_fingerprint(voxels) != self.config["voxel_fingerprint"]:
+        cfg = self.config
+        if voxels.subject != cfg.subject or voxel_fingerprint(voxels) != cfg.voxel_fingerprint:
             raise InputError(
-                f"these maps were fitted on subject {self.subject}'s voxel table ({self.config['n_voxels']} voxels, "
-                f"fingerprint {self.config['voxel_fingerprint']}), but the betas come from subject {voxels.subject}'s "
+                f"these maps were fitted on subject {cfg.subject}'s voxel table ({cfg.n_voxels} voxels, "
+                f"fingerprint {cfg.voxel_fingerprint}), but the betas come from subject {voxels.subject}'s "
                 f"({len(voxels)} voxels, fingerprint {voxel_fingerprint(voxels)}); use the maps of that subject"
             )
 
     @torch.no_grad()
-    def predict(self, betas, voxels: VoxelTable | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """betas (n, n_voxels) over the subject's voxel table -> z (n, *z_shape), c (n, *c_shape), float32.
+    def predict(self, betas, voxels: VoxelTable | None = None, device=None) -> dict[str, torch.Tensor]:
+        """betas (n, n_voxels) over the subject's voxel table -> {target: (n, *shape)} float32, e.g. z and c.
 
         Pass the betas' ``voxels`` table to check it is the one the maps were fitted on.
         """
@@ -190,43 +253,52 @@ class SubjectMaps:
         betas = torch.as_tensor(np.asarray(betas) if not torch.is_tensor(betas) else betas, dtype=torch.float32)
         if betas.ndim == 1:
             betas = betas[None]
-        if betas.ndim != 2 or betas.shape[1] != self.config["n_voxels"]:
+        if betas.ndim != 2 or betas.shape[1] != self.config.n_voxels:
             raise InputError(
                 f"betas have shape {tuple(betas.shape)}, but subject {self.subject}'s maps expect (n, "
-                f"{self.config['n_voxels']}) over their voxel table; are these betas from another subject or dataset?"
+                f"{self.config.n_voxels}) over their voxel table; are these betas from another subject or dataset?"
             )
         check_finite("betas", betas)
         if device is not None:
             betas = betas.to(device)
-        z = self.z.predict(betas).reshape(len(betas), *self.z_shape)
-        c = self.c.predict(betas).reshape(len(betas), *self.c_shape)
-        return z, c
+        return {
+            name: self.maps[name].predict(betas).reshape(len(betas), *target.shape)
+            for name, target in self.config.targets.items()
+        }
+
+    def image_scores(self, nsd_id: int) -> dict[str, float] | None:
+        """The fit-time test scores of one image (``<target>_r``, ``<target>_rank``), or None if it was not scored."""
+        if not self.per_image:
+            return None
+        found = np.flatnonzero(self.per_image["nsd_id"] == int(nsd_id))
+        if not len(found):
+            return None
+        row = found[0]
+        out = {}
+        for name in self.config.targets:
+            out[f"{name}_r"] = float(self.per_image[f"{name}.r"][row])
+            out[f"{name}_rank"] = int(self.per_image[f"{name}.rank"][row])
+        return out
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored weights (both maps, in the storage dtype)."""
-        itemsize = torch.finfo(STORAGE_DTYPES[self.config["storage_dtype"]]).bits // 8
-        return (self.z.n_weights + self.c.n_weights) * itemsize
+        """Bytes of the stored weights (every target's map, in the storage dtype)."""
+        itemsize = torch.finfo(STORAGE_DTYPES[self.config.storage_dtype]).bits // 8
+        return sum(m.n_weights for m in self.maps.values()) * itemsize
 
-    # --- the three doors ---
+    # --- the three doors (ModelHubMixin) ---
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``maps.safetensors``, ``config.json`` and ``README.md`` into ``folder`` (atomically)."""
-        folder = Path(folder)
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:
+        """Write ``maps.safetensors``, ``config.json`` and ``README.md`` into ``save_directory``, atomically."""
+        folder = Path(save_directory)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         staging.chmod(0o755)  # mkdtemp makes it private; the maps are meant to be shared
         try:
-            dtype = STORAGE_DTYPES[self.config["storage_dtype"]]
-            tensors = {**self.z.tensors("z", dtype), **self.c.tensors("c", dtype)}
-            metadata = {"format": FORMAT, "config": json.dumps(self.config)}
-            save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
-            (staging / WEIGHTS_FILE).chmod(0o644)
-            (staging / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
-            self.model_card().save(staging / "README.md")
+            super().save_pretrained(staging, **kwargs)
             if folder.exists():
-                for name in (WEIGHTS_FILE, CONFIG_FILE, "README.md"):
-                    (staging / name).replace(folder / name)
+                for path in staging.iterdir():
+                    path.replace(folder / path.name)
                 staging.rmdir()
             else:
                 staging.rename(folder)
@@ -235,36 +307,67 @@ class SubjectMaps:
             raise
         return folder
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        repo_id_or_dir: str | Path,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        token: str | None = None,
-    ) -> SubjectMaps:
-        """Load from a local folder or a Hub model repo (through the Hugging Face cache; works offline once cached)."""
-        local = Path(repo_id_or_dir)
-        if local.is_dir():
-            path = local / WEIGHTS_FILE
-            if not path.is_file():
-                raise InputError(f"{local} has no {WEIGHTS_FILE}; is it a folder written by scripts/fit_maps.py?")
-        else:
-            try:
-                path = hf_hub_download(
-                    str(repo_id_or_dir), WEIGHTS_FILE, revision=revision, cache_dir=cache_dir, token=token
-                )
-            except Exception as err:
-                raise InputError(
-                    f"could not get {WEIGHTS_FILE} from {repo_id_or_dir!r}: it is not a local folder, and the Hub "
-                    f"download failed ({err.__class__.__name__}: {oneline(err)}). With HF_HUB_OFFLINE=1 the maps "
-                    "must already be in the Hugging Face cache."
-                ) from err
-        return cls.load(path)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        dtype = STORAGE_DTYPES[self.config.storage_dtype]
+        tensors = {}
+        for name, linear in self.maps.items():
+            tensors.update(linear.tensors(name, dtype))
+        tensors.update({f"per_image.{k}": torch.as_tensor(v).contiguous() for k, v in self.per_image.items()})
+        save_file(tensors, str(save_directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (save_directory / WEIGHTS_FILE).chmod(0o644)
+        (save_directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> SubjectMaps:
-        """Load a ``maps.safetensors`` file."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> SubjectMaps:
+        """Load from a local folder or a Hub model repo (through the Hugging Face cache; offline once cached).
+
+        Takes huggingface_hub's download arguments: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+        ``force_download``.
+        """
+        source = str(pretrained_model_name_or_path)
+        local = Path(source)
+        if local.is_dir() and not (local / WEIGHTS_FILE).is_file():
+            raise InputError(f"{local} has no {WEIGHTS_FILE}; is it a folder written by scripts/fit_maps.py?")
+        try:
+            return super().from_pretrained(source, **kwargs)
+        except InputError:
+            raise
+        except (OSError, ValueError) as err:  # huggingface_hub's HTTP, offline and not-in-cache errors
+            if local.is_dir():
+                raise
+            raise InputError(
+                f"could not get subject maps from {source!r}: it is not a local folder, and the Hub download "
+                f"failed ({err.__class__.__name__}: {oneline(err)}). With HF_HUB_OFFLINE=1 the maps must already be "
+                "in the Hugging Face cache."
+            ) from err
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir,
+        force_download: bool,
+        local_files_only: bool,
+        token,
+        config: dict | None = None,
+        **kwargs,
+    ) -> SubjectMaps:
+        if Path(model_id).is_dir():
+            path = Path(model_id) / WEIGHTS_FILE
+        else:
+            path = hf_hub_download(
+                model_id, WEIGHTS_FILE, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                local_files_only=local_files_only, token=token,
+            )  # fmt: skip
+        if config is None:
+            raise InputError(f"{model_id} has no {CONFIG_FILE}; is it a folder written by scripts/fit_maps.py?")
+        return cls.load(path, MapsConfig.from_dict(config, f"{model_id}/{CONFIG_FILE}"))
+
+    @classmethod
+    def load(cls, path: str | Path, config: MapsConfig) -> SubjectMaps:
+        """Load a ``maps.safetensors`` file described by ``config``."""
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -276,165 +379,206 @@ class SubjectMaps:
             ) from err
         if metadata.get("format") != FORMAT:
             raise InputError(f"{path} is a safetensors file but not brainldm subject maps (format {FORMAT!r})")
-        config = json.loads(metadata["config"])
-        z, c = LinearMap.from_tensors(tensors, "z"), LinearMap.from_tensors(tensors, "c")
-        for m in (z, c):  # decode in float32 whatever the storage dtype
-            for name in ("weight", "left", "right"):
-                if getattr(m, name) is not None:
-                    setattr(m, name, getattr(m, name).float())
-        return cls(z, c, config)
+        maps = {}
+        for name in config.targets:
+            linear = LinearMap.from_tensors(tensors, name)
+            for part in ("weight", "left", "right"):  # decode in float32 whatever the storage dtype
+                if getattr(linear, part) is not None:
+                    setattr(linear, part, getattr(linear, part).float())
+            maps[name] = linear
+        prefix = "per_image."
+        per_image = {k[len(prefix) :]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}
+        return cls(maps, config, per_image)
 
-    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload the folder form of these maps to a Hub model repo; returns the commit's URL."""
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(Path(tmp) / "maps")
-            commit = api.upload_folder(
-                repo_id=repo_id, folder_path=str(Path(tmp) / "maps"), commit_message="Upload maps"
-            )
-        return commit.commit_url
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload these maps to a Hub model repo (its card names ``repo_id``); returns the commit's URL.
 
-    def model_card(self) -> ModelCard:
-        cfg = self.config
-        datasets = [cfg["data"]] if cfg.get("data", "(local)") != "(local)" else []
-        data = ModelCardData(
-            library_name="brainldm",
-            base_model=cfg["model_id"] if cfg["model_id"] not in ("tiny", "random-sd14") else None,
-            datasets=datasets or None,
-            license="other",
-            tags=["fmri", "neuroscience", "brain-decoding", "natural-scenes-dataset", "stable-diffusion"],
-            metrics=["pearsonr", "accuracy"],
-            pipeline_tag="image-to-image",
+        Takes ModelHubMixin's arguments: ``private``, ``token``, ``branch``, ``create_pr``, ``commit_message``...
+        """
+        kwargs.setdefault("commit_message", f"Upload subject {self.subject}'s brainldm maps")
+        kwargs["model_card_kwargs"] = {"repo_id": repo_id, **(kwargs.get("model_card_kwargs") or {})}
+        return str(super().push_to_hub(repo_id, **kwargs))
+
+    def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
+        """The model card: YAML metadata (licences, base model, dataset, model-index results) and usage."""
+        return model_card(self.config, repo_id)
+
+
+def model_card(cfg: MapsConfig, repo_id: str | None = None) -> ModelCard:
+    """A model card for maps described by ``cfg``; ``repo_id`` fills in its usage example."""
+    repo_id = repo_id or f"<user>/brainldm-subj{cfg.subject:02d}"
+    data_id = cfg.data or "<user>/nsd-trials"
+    base_model = cfg.model_id if "/" in cfg.model_id and not Path(cfg.model_id).exists() else None
+    model_licence = MODEL_LICENSES.get(cfg.model_id)
+    results = [
+        EvalResult(
+            task_type="brain-decoding", task_name=f"fMRI to {name} ({t.roi} voxels)", dataset_type=cfg.data or "nsd",
+            dataset_name=f"NSD subject {cfg.subject}, shared images", dataset_split="test", metric_type=metric,
+            metric_name=f"{name}: {title}", metric_value=round(cfg.scores[name][key], 4),
+        )  # fmt: skip
+        for name, t in cfg.targets.items()
+        if "identification" in cfg.scores.get(name, {})
+        for key, metric, title in (
+            ("dimension_r", "pearsonr", "mean r per dimension"),
+            ("pattern_r", "pearsonr", "mean r per image"),
+            ("identification", "accuracy", "2-way identification"),
         )
-        scores = cfg.get("scores", {})
-        rows = "\n".join(
-            f"| {name} | {s['dimension_r']:.3f} | {s['pattern_r']:.3f} | {100 * s['identification']:.1f}% |"
-            for name, s in scores.items()
-        )
-        z_shape, c_shape = (" x ".join(map(str, cfg[f"{k}_shape"])) for k in "zc")
-        content = f"""---
+    ]
+    data = ModelCardData(
+        library_name="brainldm",
+        license="other",
+        license_name=NSD_LICENSE[0],
+        license_link=NSD_LICENSE[1],
+        base_model=base_model,
+        datasets=[cfg.data] if cfg.data else None,
+        tags=["fmri", "neuroscience", "brain-decoding", "natural-scenes-dataset", "stable-diffusion", "brainldm"],
+        metrics=["pearsonr", "accuracy"],
+        model_name=f"brainldm subject {cfg.subject} maps" if results else None,
+        eval_results=results or None,
+    )
+    targets = "\n".join(
+        f"- **{name}** ({' x '.join(map(str, t.shape))}) from {t.n_voxels} {t.roi} voxels, "
+        f"{'rank ' + str(t.rank) if t.rank else 'dense'}"
+        for name, t in cfg.targets.items()
+    )
+    rows = "\n".join(
+        f"| {name} | {s['dimension_r']:.3f} | {s['pattern_r']:.3f} | {100 * s['identification']:.1f}% |"
+        for name, s in cfg.scores.items()
+        if "identification" in s
+    )
+    licence = (
+        f"The LDM `{cfg.model_id}` is under its own licence, [{model_licence[0]}]({model_licence[1]})."
+        if model_licence
+        else f"The LDM `{cfg.model_id}` is under its own licence."
+    )
+    content = f"""---
 {data.to_yaml()}
 ---
 
-# brainldm subject maps: NSD subject {cfg["subject"]}
+# brainldm subject maps: NSD subject {cfg.subject}
 
-Linear maps from fMRI betas to the latent diffusion model `{cfg["model_id"]}`, fitted with brainldm
-(`scripts/fit_maps.py`) following Takagi & Nishimoto (CVPR 2023):
-- **z** ({z_shape}, the image latent) from {cfg["z_roi"]} voxels ({cfg["n_z_voxels"]});
-- **c** ({c_shape}, the caption embedding) from {cfg["c_roi"]} voxels ({cfg["n_c_voxels"]}).
+Linear maps from fMRI betas to the conditioning targets of the latent diffusion model `{cfg.model_id}`, fitted
+with brainldm (`scripts/fit_maps.py`) following Takagi & Nishimoto, CVPR 2023 ([paper]({PAPER_URL})):
 
-Ridge regression, alpha per target by grouped {cfg["cv"]}-fold CV over {len(cfg["alphas"])} alphas; voxels
-standardised on the training trials ({cfg["n_train"]} single trials). Storage: {cfg["storage_dtype"]}, c map rank
-{cfg.get("c_rank") or "full"}, z map rank {cfg.get("z_rank") or "full"}.
+{targets}
 
-## Test scores ({cfg.get("n_test", "?")} shared images, betas averaged over repetitions)
+Ridge regression, alpha per target by grouped {cfg.cv}-fold CV over {len(cfg.alphas)} alphas; voxels standardised
+on the training trials ({cfg.n_train} single trials). Weights stored in {cfg.storage_dtype}.
 
-| feature | mean r per dimension | mean r per image | 2-way identification |
+## Test scores ({cfg.n_test} shared images, betas averaged over repetitions)
+
+| target | mean r per dimension | mean r per image | 2-way identification |
 |---|---|---|---|
 {rows}
 
 ## Usage
 
 ```python
-from brainldm.maps import SubjectMaps
 from brainldm.data import load_trials, load_voxels
+from brainldm.maps import SubjectMaps
 
-maps = SubjectMaps.from_pretrained("REPO_ID")
-test = load_trials("NSD_DATASET", subject={cfg["subject"]}, split="test").with_format("numpy")
-z, c = maps.predict(test["betas"][:4], voxels=load_voxels("NSD_DATASET", {cfg["subject"]}))
+maps = SubjectMaps.from_pretrained("{repo_id}")
+test = load_trials("{data_id}", subject={cfg.subject}, split="test").with_format("numpy")
+decoded = maps.predict(test["betas"][:4], voxels=load_voxels("{data_id}", {cfg.subject}))
+z, c = decoded["z"], decoded["c"]
 ```
 
-Data: the Natural Scenes Dataset (naturalscenesdataset.org), under the NSD Terms and Conditions.
+## Licence
+
+These maps are derived from the Natural Scenes Dataset and are shared under the
+[NSD Terms and Conditions]({NSD_LICENSE[1]}): anyone using them must agree to those terms. {licence}
 """
-        return ModelCard(content)
+    return ModelCard(content)
 
 
 def fit_subject_maps(
     data: str | Path,
     features: str | Path,
     subject: int,
+    decoders: tuple[tuple[str, str], ...] = TAKAGI2023.decoders,
     alphas=TAKAGI2023.alphas,
     cv: int = TAKAGI2023.cv_folds,
-    z_rank: int | None = None,
-    c_rank: int | None = None,
+    ranks: dict[str, int] | None = None,
     storage_dtype: str = "float32",
     model_id: str | None = None,
     device: str | torch.device | None = None,
 ) -> SubjectMaps:
-    """Fit z (early voxels) and c (ventral voxels) maps on the train split; score them on the test split.
+    """Fit one map per (target, ROI) in ``decoders`` on the train split; score each on the test split.
 
     Args:
         data: the prepared trials dataset (local folder or Hub repo id).
-        features: the feature folder written by ``scripts/extract_features.py`` (needs ``z`` and ``c``).
-        z_rank, c_rank: store that map as a low-rank product (see :func:`reduced_rank`); None keeps it dense.
+        features: the feature folder written by ``scripts/extract_features.py`` (one store per target).
+        decoders: (target, ROI) pairs; the paper's are z from ``early`` and c from ``ventral`` voxels.
+        ranks: {target: rank} stores that map as a low-rank product (see :func:`reduced_rank`); others stay dense.
         storage_dtype: ``float32`` or ``float16`` for the saved weights.
         model_id: the LDM the features came from (default: read from the feature store).
     """
+    ranks = dict(ranks or {})
     if storage_dtype not in STORAGE_DTYPES:
         raise InputError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    decoders = dict(decoders)
+    unknown = sorted(set(ranks) - set(decoders))
+    if unknown:
+        raise InputError(f"ranks given for {unknown}, which are not decoded targets ({sorted(decoders)})")
+    for name, rank in ranks.items():
+        if rank is not None and rank < 1:
+            raise InputError(f"--{name}-rank must be >= 1 (or left out for a dense map), got {rank}")
+    if cv < 2:
+        raise InputError(f"cv must be >= 2 folds, got {cv}")
     voxels = load_voxels(data, subject)
     train = load_trials(data, subject, "train").select_columns(["nsd_id", "betas"]).with_format("numpy")
     test = load_trials(data, subject, "test").select_columns(["nsd_id", "betas"]).with_format("numpy")
     train_ids, test_ids = np.asarray(train["nsd_id"]), np.asarray(test["nsd_id"])
     train_betas, test_betas = np.asarray(train["betas"], dtype=np.float32), np.asarray(test["betas"], dtype=np.float32)
-    stores = {name: FeatureStore(features, name) for name in ("z", "c")}
+    stores = {name: FeatureStore(features, name) for name in decoders}
     models = {name: store.config.get("model") for name, store in stores.items()}
-    if models["z"] != models["c"]:
-        raise InputError(
-            f"the z features in {features} came from {models['z']!r} but the c features from {models['c']!r}; "
-            "extract both with one model (scripts/extract_features.py --model ...)"
-        )
-    for name, rank in (("z", z_rank), ("c", c_rank)):
-        if rank is not None and rank < 1:
-            raise InputError(f"--{name}-rank must be >= 1 (or left out for a dense map), got {rank}")
-    if cv < 2:
-        raise InputError(f"cv must be >= 2 folds, got {cv}")
-    config = {
-        "format": FORMAT,
-        "brainldm_version": __version__,
-        "subject": int(subject),
-        "data": "(local)" if Path(data).exists() else str(data),  # a Hub id is public; a local path is not
-        "model_id": model_id or stores["z"].config["model"],
-        "n_voxels": len(voxels),
-        "voxel_fingerprint": voxel_fingerprint(voxels),
-        "z_roi": TAKAGI2023.z_roi,
-        "c_roi": TAKAGI2023.c_roi,
-        "alphas": [float(a) for a in alphas],
-        "cv": cv,
-        "n_train": len(train_ids),
-        "n_test": len(test_ids),
-        "storage_dtype": storage_dtype,
-        "z_rank": z_rank,
-        "c_rank": c_rank,
-        "scores": {},
-    }
-    fitted = {}
-    for name, roi, rank in (("z", TAKAGI2023.z_roi, z_rank), ("c", TAKAGI2023.c_roi, c_rank)):
-        targets = stores[name].load(train_ids)
-        config[f"{name}_shape"] = list(targets.shape[1:])
+    if len(set(models.values())) > 1:
+        said = " but ".join(f"the {name} features from {model!r}" for name, model in models.items())
+        raise InputError(f"in {features}, {said}; extract them all with one model (scripts/extract_features.py --model)")
+
+    fitted, targets, scores = {}, {}, {}
+    for name, roi in decoders.items():
+        train_targets = stores[name].load(train_ids)
         selection = voxels.roi(roi)
         if len(selection) == 0:
             raise InputError(f"subject {subject} has no {roi} voxels in its voxel table")
-        config[f"n_{name}_voxels"] = len(selection)
-        n_dims = int(np.prod(targets.shape[1:]))
+        n_dims = int(np.prod(train_targets.shape[1:]))
+        rank = ranks.get(name)
         if rank is not None and rank > min(len(selection), n_dims):
             raise InputError(
                 f"--{name}-rank {rank} is above what the {name} map can hold: it maps {len(selection)} {roi} voxels to "
                 f"{n_dims} dimensions, so its rank is at most {min(len(selection), n_dims)}"
             )
         fitted[name], ridge = fit_linear_map(
-            train_betas, targets.reshape(len(targets), -1), selection, voxels.ijk[selection], train_ids,
+            train_betas, train_targets.reshape(len(train_targets), -1), selection, voxels.ijk[selection], train_ids,
             alphas=alphas, cv=cv, rank=rank, device=device,
         )  # fmt: skip
-        del targets
-        config["scores"][name] = {"cv_r": float(ridge.cv_scores_.max(0).values.mean())}
-    maps = SubjectMaps(fitted["z"], fitted["c"], config)
+        targets[name] = TargetConfig(roi, tuple(train_targets.shape[1:]), len(selection), rank)
+        scores[name] = {"cv_r": float(ridge.cv_scores_.max(0).values.mean())}
+        del train_targets
+    config = MapsConfig(
+        subject=int(subject),
+        model_id=model_id or next(iter(models.values())),
+        data=None if Path(data).exists() else str(data),  # a Hub id is public; a local path is not
+        n_voxels=len(voxels),
+        voxel_fingerprint=voxel_fingerprint(voxels),
+        targets=targets,
+        alphas=tuple(float(a) for a in alphas),
+        cv=cv,
+        n_train=len(train_ids),
+        n_test=len(test_ids),
+        storage_dtype=storage_dtype,
+        scores=scores,
+    )
+    maps = SubjectMaps(fitted, config)
     if len(test_ids) >= 2:
-        z_pred, c_pred = maps.predict(test_betas, voxels=voxels)
-        for name, pred in (("z", z_pred), ("c", c_pred)):
-            true = stores[name].load(test_ids)
-            config["scores"][name].update(decoding_scores(pred.numpy(), true))
+        per_image = {"nsd_id": test_ids.astype(np.int64)}
+        for name, pred in maps.predict(test_betas, voxels=voxels).items():
+            pred, true = pred.numpy(), stores[name].load(test_ids)
+            scores[name].update(decoding_scores(pred, true))
+            per_image[f"{name}.r"] = pattern_correlation(pred, true).astype(np.float32)
+            per_image[f"{name}.rank"] = identification_rank(pred, true).astype(np.int32)
+        maps = SubjectMaps(fitted, replace(config, scores=scores), per_image)
     return maps
 
 

@@ -10,6 +10,21 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How Xc and Xzc are sampled, passed whole from the app and the scripts to :class:`Reconstructor`.
+
+    ``strength``: the img2img noise level (0 keeps Xz, 1 ignores it); ``guidance_scale``: how strongly c steers
+    the image (classifier-free guidance, >= 1); ``num_samples``: samples per image, sample k seeded ``seed + k``.
+    """
+
+    strength: float = 0.8
+    guidance_scale: float = 5.0
+    num_inference_steps: int = 50
+    seed: int = 42
+    num_samples: int = 1
+
+
+@dataclass(frozen=True)
 class Preset:
     """A complete set of method constants. ``TAKAGI2023`` is the paper's."""
 
@@ -18,17 +33,13 @@ class Preset:
     vae_scaling_factor: float = 0.18215
     # z: the stimulus is resized to this size before VAE encoding (-> 4 x 40 x 40 for SD-1.x)
     z_image_size: int = 320
-    # Reconstruction (img2img)
+    # Reconstruction (img2img with DDIM, eta 0): one sample per image by default; the paper's evaluation uses 5
     output_size: int = 512
-    num_inference_steps: int = 50
-    strength: float = 0.8
-    guidance_scale: float = 5.0
-    eta: float = 0.0
-    seed: int = 42
-    num_samples: int = 5
-    # Decoders: which NSD `streams` ROI predicts which feature
-    z_roi: str = "early"
-    c_roi: str = "ventral"
+    sampling: Sampling = Sampling()
+    eval_samples: int = 5
+    # Decoders: which feature (the LDM's conditioning target) is predicted from which NSD `streams` ROI. Subject
+    # maps are keyed by these names, so an LDM with other targets (SDXL's two text embeddings) adds rows here.
+    decoders: tuple[tuple[str, str], ...] = (("z", "early"), ("c", "ventral"))
     cv_folds: int = 5
     alphas: tuple[float, ...] = tuple(10.0**k for k in range(-1, 8))
     # Data

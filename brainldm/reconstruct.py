@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .features import empty_prompt_embedding
 from .ldm import ldm_sizes
-from .presets import TAKAGI2023
+from .presets import TAKAGI2023, Sampling
 from .validation import MAX_SEED, InputError, check_finite, check_sampling, oneline
 
 
@@ -62,16 +62,8 @@ class Reconstructor:
     def dtype(self) -> torch.dtype:
         return self.img2img.unet.dtype
 
-    def check_inputs(
-        self,
-        z,
-        c,
-        strength: float,
-        num_inference_steps: int,
-        num_samples: int,
-        guidance_scale: float = TAKAGI2023.guidance_scale,
-        seed: int = TAKAGI2023.seed,
-    ) -> None:
+    def check_inputs(self, z, c, sampling: Sampling) -> None:
+        strength, num_inference_steps, num_samples = sampling.strength, sampling.num_inference_steps, sampling.num_samples
         vae, unet = self.img2img.vae, self.img2img.unet
         if z.ndim != 4 or z.shape[1] != vae.config.latent_channels:
             raise InputError(
@@ -88,11 +80,11 @@ class Reconstructor:
             raise InputError(f"z and c hold different numbers of items ({len(z)} and {len(c)})")
         if not 0 < strength <= 1:
             raise InputError(f"strength must be in (0, 1], got {strength}")
-        check_sampling(self.img2img.scheduler, num_inference_steps, guidance_scale)
+        check_sampling(self.img2img.scheduler, num_inference_steps, sampling.guidance_scale)
         if num_samples < 1:
             raise InputError(f"num_samples must be >= 1, got {num_samples}")
-        if not 0 <= seed <= MAX_SEED - (num_samples - 1):
-            raise InputError(f"seed must be in 0..2^64-{num_samples} (sample k uses seed + k), got {seed}")
+        if not 0 <= sampling.seed <= MAX_SEED - (num_samples - 1):
+            raise InputError(f"seed must be in 0..2^64-{num_samples} (sample k uses seed + k), got {sampling.seed}")
         if int(num_inference_steps * strength) < 1:
             raise InputError(
                 f"strength {strength} x {num_inference_steps} steps runs no denoising step; raise either of them"
@@ -114,21 +106,17 @@ class Reconstructor:
         self,
         z: torch.Tensor,
         c: torch.Tensor,
-        strength: float = TAKAGI2023.strength,
-        guidance_scale: float = TAKAGI2023.guidance_scale,
-        num_inference_steps: int = TAKAGI2023.num_inference_steps,
-        seed: int = TAKAGI2023.seed,
-        num_samples: int = 1,
+        sampling: Sampling = TAKAGI2023.sampling,
         include_xc: bool = True,
     ) -> Reconstruction:
-        """Reconstruct n images from z (n, 4, h, w) and c (n, 77, hidden).
+        """Reconstruct n images from z (n, 4, h, w) and c (n, 77, hidden) with the ``sampling`` settings.
 
-        Returns Xz once per image and num_samples of Xc and Xzc. ``include_xc=False`` skips Xc (a full-length
+        Returns Xz once per image and ``sampling.num_samples`` of Xc and Xzc. ``include_xc=False`` skips Xc (a full-length
         generation) when only Xzc is wanted; Xc is then returned empty.
         """
         z, c = torch.as_tensor(z), torch.as_tensor(c)
-        self.check_inputs(z, c, strength, num_inference_steps, num_samples, guidance_scale, seed)
-        n = len(z)
+        self.check_inputs(z, c, sampling)
+        n, num_samples, seed = len(z), sampling.num_samples, sampling.seed
 
         # 1. Xz
         xz = self.decode_z(z)
@@ -148,8 +136,8 @@ class Reconstructor:
                 negative_prompt_embeds=uncond,
                 height=self.output_size,
                 width=self.output_size,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
+                num_inference_steps=sampling.num_inference_steps,
+                guidance_scale=sampling.guidance_scale,
                 generator=generators(),
                 output_type="np",
             ).images
@@ -161,9 +149,9 @@ class Reconstructor:
             image=xz_items,
             prompt_embeds=c_items,
             negative_prompt_embeds=uncond,
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            strength=sampling.strength,
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
             generator=generators(),
             output_type="np",
         ).images
@@ -201,12 +189,8 @@ def reconstruct_trials(
     out: str | Path,
     split: str = "test",
     rows: Sequence[int] | None = None,
-    num_samples: int = 1,
+    sampling: Sampling = TAKAGI2023.sampling,
     batch_size: int = 1,
-    strength: float = TAKAGI2023.strength,
-    guidance_scale: float = TAKAGI2023.guidance_scale,
-    num_inference_steps: int = TAKAGI2023.num_inference_steps,
-    seed: int = TAKAGI2023.seed,
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
@@ -229,14 +213,7 @@ def reconstruct_trials(
     voxels = load_voxels(data, subject)
     maps.check_voxels(voxels)
     mine = rows[process_index::num_processes]
-    settings = {
-        "num_samples": num_samples,
-        "strength": strength,
-        "guidance_scale": guidance_scale,
-        "num_inference_steps": num_inference_steps,
-        "seed": seed,
-        "model_id": maps.model_id,
-    }
+    settings = {**asdict(sampling), "model_id": maps.model_id}
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
     for row in sorted(set(mine) - set(todo)):
         folder = trial_folder(out, subject, split, row)
@@ -256,14 +233,13 @@ def reconstruct_trials(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         items = trials.select(batch)
-        z, c = maps.predict(np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device)
-        result = reconstructor(
-            z, c, strength, guidance_scale, num_inference_steps, seed=seed, num_samples=num_samples
-        )  # fmt: skip
+        decoded = maps.predict(np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device)
+        z, c = decoded["z"], decoded["c"]
+        result = reconstructor(z, c, sampling)
         for k, row in enumerate(batch):
             item = items[k]
             images = {"original": np.asarray(item["image"].convert("RGB")), "Xz": result.Xz[k]}
-            for s in range(num_samples):
+            for s in range(sampling.num_samples):
                 images[f"Xc_{s}"] = result.Xc[k, s]
                 images[f"Xzc_{s}"] = result.Xzc[k, s]
             meta = {

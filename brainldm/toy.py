@@ -451,6 +451,7 @@ def score_toy(
     """
     from .features import encode_c, encode_z
     from .metrics import pixcorr, two_way_identification
+    from .presets import Sampling
     from .reconstruct import Reconstructor
 
     recon = Reconstructor(ldm)
@@ -466,7 +467,7 @@ def score_toy(
         scores[key] = float(np.mean([pixcorr(a, b) for a, b in zip(back, originals)]))
     c = encode_c(ldm, captions)
     z = encode_z(ldm, list(pictures), image_size=z_size)
-    generated = recon(z, c, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed).Xc[:, 0]
+    generated = recon(z, c, Sampling(guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed)).Xc[:, 0]
     from .evaluate import clip_extractor
 
     extract = clip_extractor(image_encoder)

@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument(
-        "--steps", type=cli.positive, default=TAKAGI2023.num_inference_steps, help="DDIM steps for zc/U-Net"
+        "--steps", type=cli.positive, default=TAKAGI2023.sampling.num_inference_steps, help="DDIM steps for zc/U-Net"
     )
     parser.add_argument(
-        "--guidance", type=cli.number(1.0), default=TAKAGI2023.guidance_scale, help="guidance for zc/U-Net"
+        "--guidance", type=cli.number(1.0), default=TAKAGI2023.sampling.guidance_scale, help="guidance for zc/U-Net"
     )
-    parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.seed)
+    parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.sampling.seed)
     parser.add_argument("--unet-reduce", choices=["mean", "flatten"], default="mean", help="U-Net tap reduction")
     args = parser.parse_args(argv)
 

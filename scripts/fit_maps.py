@@ -44,13 +44,12 @@ def main(argv: list[str] | None = None) -> None:
         args.subject,
         alphas=args.alphas,
         cv=args.cv,
-        z_rank=args.z_rank,
-        c_rank=args.c_rank,
+        ranks={name: rank for name, rank in (("z", args.z_rank), ("c", args.c_rank)) if rank is not None},
         storage_dtype="float16" if args.fp16 else "float32",
         device=args.device,
     )
     folder = maps.save_pretrained(args.out)
-    for name, s in maps.config["scores"].items():
+    for name, s in maps.config.scores.items():
         line = f"{name}: CV r {s['cv_r']:.3f}"
         if "identification" in s:
             line += (

@@ -42,21 +42,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=parse_rows, help="rows of the split: '0:10' or '3,7,9' (default: all)")
     parser.add_argument("--out", type=cli.output_folder, required=True, help="output folder")
     parser.add_argument(
-        "--samples", type=cli.positive, default=1, help=f"samples per image (paper: {TAKAGI2023.num_samples})"
+        "--samples", type=cli.positive, default=1, help=f"samples per image (paper: {TAKAGI2023.eval_samples})"
     )
     parser.add_argument("--batch-size", type=cli.positive, default=1, help="images per diffusion batch")
     parser.add_argument("--model", help="LDM id or folder (default: the one the maps were fitted for)")
     parser.add_argument(
         "--strength",
         type=cli.number(0.0, 1.0, above=True),
-        default=TAKAGI2023.strength,
-        help=f"img2img noise level in (0, 1] (default: {TAKAGI2023.strength})",
+        default=TAKAGI2023.sampling.strength,
+        help=f"img2img noise level in (0, 1] (default: {TAKAGI2023.sampling.strength})",
     )
     parser.add_argument(
-        "--guidance", type=cli.number(1.0), default=TAKAGI2023.guidance_scale, help="classifier-free guidance, >= 1"
+        "--guidance", type=cli.number(1.0), default=TAKAGI2023.sampling.guidance_scale, help="classifier-free guidance, >= 1"
     )
-    parser.add_argument("--steps", type=cli.positive, default=TAKAGI2023.num_inference_steps, help="DDIM steps")
-    parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.seed)
+    parser.add_argument("--steps", type=cli.positive, default=TAKAGI2023.sampling.num_inference_steps, help="DDIM steps")
+    parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.sampling.seed)
     parser.add_argument("--overwrite", action="store_true", help="remake finished trials made with other settings")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (GPU: ~3.5x faster per image)"
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from brainldm.ldm import load_ldm, optimize_ldm
     from brainldm.maps import SubjectMaps
+    from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor, reconstruct_trials, write_contact_sheet
     from brainldm.validation import InputError
 
@@ -86,12 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         split=args.split,
         rows=args.trials,
-        num_samples=args.samples,
+        sampling=Sampling(args.strength, args.guidance, args.steps, args.seed, args.samples),
         batch_size=args.batch_size,
-        strength=args.strength,
-        guidance_scale=args.guidance,
-        num_inference_steps=args.steps,
-        seed=args.seed,
         process_index=state.process_index,
         num_processes=state.num_processes,
         progress=True,

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client
+from PIL import Image
 
 import app as app_module
 from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources
+from brainldm.presets import Sampling
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "outputs" / "app_screenshot.png"
 FAST = dict(strength=0.8, guidance=5.0, steps=10, seed=42)
@@ -141,7 +144,7 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
     backend = DemoBackend(sources, device="cpu")
     demo = app_module.build_demo(backend)
     assert any(getattr(block, "value", None) == OFFLINE_BANNER for block in demo.blocks.values())
-    out = backend.reconstruct(1, 0, num_inference_steps=10)
+    out = backend.reconstruct(1, 0, Sampling(num_inference_steps=10))
     assert out["Xzc"][0].shape == (128, 128, 3) and out["quality"]["z_rank"] >= 1  # toy's own output size
     if find_spec("cortex"):  # with pycortex, the "Cortical maps" tab shows the S1-shaped subjects' flatmaps first
         for subject in (1, 2):
@@ -149,13 +152,35 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
             assert figures[:2] == ["flatmap_compare.png", "flatmap_compare_winner.png"], figures
 
 
-def test_a_subject_encodes_its_test_images_in_bounded_batches_with_the_same_result(decoding_world, tiny):
+def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(decoding_world):
     from brainldm.demo import Subject
+    from brainldm.features import load_features
+    from brainldm.metrics import identification_rank, pattern_correlation
 
-    whole = Subject(1, decoding_world.maps, str(decoding_world.data), tiny, batch_size=10_000)
-    batched = Subject(1, decoding_world.maps, str(decoding_world.data), tiny, batch_size=3)  # 20 images: 7 batches
-    assert len(batched) == 20
-    # equal up to float rounding: CPU convolutions pick their algorithm by batch size (tiny's random VAE amplifies it)
-    np.testing.assert_allclose(batched.z_true, whole.z_true, rtol=2e-2, atol=2e-2)
-    np.testing.assert_allclose(batched.c_true, whole.c_true, atol=1e-4)
-    assert np.corrcoef(batched.z_true.ravel(), whole.z_true.ravel())[0, 1] > 0.9999
+    state = Subject(1, decoding_world.maps, str(decoding_world.data))  # no LDM: nothing is encoded at load
+    test = state.test.with_format("numpy")
+    ids, decoded = np.asarray(test["nsd_id"]), decoding_world.maps.predict(np.asarray(test["betas"]))
+    true_c = load_features(decoding_world.features, "c", ids)
+    quality = state.quality(4)
+    assert quality["c_rank"] == identification_rank(decoded["c"].numpy(), true_c)[4] and quality["n_candidates"] == 20
+    assert quality["c_r"] == pytest.approx(pattern_correlation(decoded["c"].numpy(), true_c)[4], abs=1e-5)
+    assert torch.equal(state.decode(4)["z"], decoded["z"][4:5])
+
+
+def test_the_gallery_sends_small_thumbnails_made_once(sources):
+    backend = DemoBackend(sources, device="cpu")
+    items = backend.gallery(1)
+    first = [Path(path).stat().st_mtime_ns for path, _ in items]
+    assert len(items) == 20 and all(caption for _, caption in items)
+    with Image.open(items[0][0]) as thumbnail:
+        assert max(thumbnail.size) <= 128
+    assert [Path(path).stat().st_mtime_ns for path, _ in backend.gallery(1)] == first  # not rewritten
+
+
+def test_the_zerogpu_budget_follows_steps_and_samples():
+    from brainldm.demo import gpu_seconds
+
+    base = gpu_seconds(Sampling())
+    assert gpu_seconds(Sampling(num_inference_steps=100)) > base
+    assert gpu_seconds(Sampling(num_samples=5)) > gpu_seconds(Sampling(num_samples=2)) > base
+    assert 15 < base < 60

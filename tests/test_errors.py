@@ -156,32 +156,34 @@ def test_a_rank_above_the_maps_dimensions_is_refused(decoding_world, tmp_path):
     from brainldm.maps import fit_subject_maps
 
     with pytest.raises(InputError, match=r"--z-rank 100000 is above what the z map can hold"):
-        fit_subject_maps(decoding_world.data, decoding_world.features, 1, z_rank=100_000, device="cpu")
+        fit_subject_maps(decoding_world.data, decoding_world.features, 1, ranks={"z": 100_000}, device="cpu")
 
 
 def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world, tiny, tmp_path):
+    from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     recon = Reconstructor(tiny, output_size=64)
-    common = dict(rows=[0], progress=False, guidance_scale=5.0)
-    reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path, num_inference_steps=4, **common)
+    common = dict(rows=[0], progress=False)
+    reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path, sampling=Sampling(num_inference_steps=4), **common)
     made = (tmp_path / "subj01" / "test-00000" / "Xzc_0.png").read_bytes()
     with pytest.raises(InputError, match=r"test-00000 was made with num_inference_steps 4 \(now 5\).*--overwrite"):
-        reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path, num_inference_steps=5,
-                           **common)  # fmt: skip
+        reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path,
+                           sampling=Sampling(num_inference_steps=5), **common)  # fmt: skip
     assert (tmp_path / "subj01" / "test-00000" / "Xzc_0.png").read_bytes() == made  # untouched
-    reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path, num_inference_steps=5,
-                       overwrite=True, **common)  # fmt: skip
+    reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path,
+                       sampling=Sampling(num_inference_steps=5), overwrite=True, **common)  # fmt: skip
     meta = json.loads((tmp_path / "subj01" / "test-00000" / "meta.json").read_text())
     assert meta["num_inference_steps"] == 5
 
 
 def test_a_truncated_png_in_a_reconstruction_folder_is_named(decoding_world, tiny, tmp_path, capsys):
+    from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     recon = Reconstructor(tiny, output_size=64)
     reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path / "recon", rows=[0, 1],
-                       num_inference_steps=2, progress=False)  # fmt: skip
+                       sampling=Sampling(num_inference_steps=2), progress=False)  # fmt: skip
     png = tmp_path / "recon" / "subj01" / "test-00001" / "Xz.png"
     png.write_bytes(png.read_bytes()[:100])
     code, err = run("evaluate", ["--recon", tmp_path / "recon", "--out", tmp_path / "metrics", "--metrics", "pixcorr"],

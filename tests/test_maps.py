@@ -4,16 +4,16 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from brainldm import maps as maps_module
 from brainldm.data import load_trials, load_voxels
 from brainldm.features import load_features
-from brainldm.maps import SubjectMaps, fit_subject_maps
+from brainldm.maps import MapsConfig, SubjectMaps, fit_subject_maps
 from brainldm.metrics import two_way_identification
 from brainldm.ridge import reduced_rank
 from brainldm.validation import InputError
@@ -25,15 +25,25 @@ def _test_betas(world, subject=1):
 
 
 def test_planted_z_and_c_are_recovered_at_high_snr(decoding_world):
-    scores = decoding_world.maps.config["scores"]
+    scores = decoding_world.maps.config.scores
     assert scores["z"]["identification"] >= 0.95
     assert scores["c"]["identification"] >= 0.95
     # and the reported score is what predict gives
     betas, ids = _test_betas(decoding_world)
-    z, c = decoding_world.maps.predict(betas)
-    assert z.shape == (len(ids), 4, 40, 40) and c.shape == (len(ids), 77, 32)
+    decoded = decoding_world.maps.predict(betas)
+    assert decoded["z"].shape == (len(ids), 4, 40, 40) and decoded["c"].shape == (len(ids), 77, 32)
     true_z = load_features(decoding_world.features, "z", ids)
-    assert np.mean(two_way_identification(z.numpy(), true_z)) == pytest.approx(scores["z"]["identification"])
+    identified = two_way_identification(decoded["z"].numpy(), true_z)
+    assert np.mean(identified) == pytest.approx(scores["z"]["identification"])
+
+
+def test_maps_are_keyed_by_the_decoded_targets_and_their_rois(decoding_world):
+    maps = decoding_world.maps
+    assert set(maps.maps) == set(maps.config.targets) == {"z", "c"}
+    assert {name: t.roi for name, t in maps.config.targets.items()} == {"z": "early", "c": "ventral"}
+    voxels = load_voxels(decoding_world.data, 1)
+    assert np.array_equal(maps["z"].voxels.numpy(), voxels.roi("early"))
+    assert maps.config.targets["c"].shape == (77, 32) and maps.config.targets["c"].n_voxels == len(voxels.roi("ventral"))
 
 
 def test_save_and_load_round_trip_exactly(decoding_world, tmp_path):
@@ -43,11 +53,26 @@ def test_save_and_load_round_trip_exactly(decoding_world, tmp_path):
     assert loaded.config == maps.config
     for name in ("z", "c"):
         for field in ("weight", "intercept", "mean", "std", "voxels", "ijk", "best_alphas"):
-            assert torch.equal(getattr(getattr(loaded, name), field), getattr(getattr(maps, name), field))
+            assert torch.equal(getattr(loaded[name], field), getattr(maps[name], field))
+    assert loaded.per_image.keys() == maps.per_image.keys()
+    for key, values in maps.per_image.items():
+        np.testing.assert_array_equal(loaded.per_image[key], values)
     betas, _ = _test_betas(decoding_world)
-    for a, b in zip(loaded.predict(betas), maps.predict(betas)):
-        assert torch.equal(a, b)
-    assert json.loads((tmp_path / "m" / "config.json").read_text()) == maps.config
+    a, b = loaded.predict(betas), maps.predict(betas)
+    assert all(torch.equal(a[name], b[name]) for name in ("z", "c"))
+    assert MapsConfig.from_dict(json.loads((tmp_path / "m" / "config.json").read_text())) == maps.config
+
+
+def test_config_json_is_the_source_of_truth_on_load(decoding_world, tmp_path):
+    folder = decoding_world.maps.save_pretrained(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["n_test"] = 12345
+    (folder / "config.json").write_text(json.dumps(config))
+    assert SubjectMaps.from_pretrained(folder).config.n_test == 12345
+    config["format"] = "brainldm-subject-maps/1"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="refit the maps"):
+        SubjectMaps.from_pretrained(folder)
 
 
 def test_from_pretrained_works_offline_from_the_hub_cache(decoding_world, tmp_path):
@@ -64,54 +89,34 @@ def test_from_pretrained_works_offline_from_the_hub_cache(decoding_world, tmp_pa
         SubjectMaps.from_pretrained("someone/not-cached", cache_dir=cache)
 
 
-def test_model_card_carries_the_metadata(decoding_world, tmp_path):
-    maps = SubjectMaps(decoding_world.maps.z, decoding_world.maps.c, dict(decoding_world.maps.config))
-    maps.config.update(model_id="CompVis/stable-diffusion-v1-4", data="someone/nsd-trials")
-    maps.save_pretrained(tmp_path / "m")
+def test_model_card_carries_licences_links_and_results(decoding_world, tmp_path):
+    maps = decoding_world.maps
+    config = replace(maps.config, model_id="CompVis/stable-diffusion-v1-4", data="someone/nsd-trials")
+    SubjectMaps(maps.maps, config).save_pretrained(tmp_path / "m")
     card = ModelCard.load(tmp_path / "m" / "README.md")
-    assert card.data.library_name == "brainldm"
+    assert card.data.library_name == "brainldm" and card.data.pipeline_tag is None
+    assert (card.data.license, card.data.license_name) == ("other", "nsd-terms-and-conditions")
+    assert card.data.license_link.startswith("https://") and "creativeml-openrail-m" in card.text
     assert card.data.base_model == "CompVis/stable-diffusion-v1-4"
     assert card.data.datasets == ["someone/nsd-trials"]
-    assert set(card.data.metrics) == {"pearsonr", "accuracy"}
-    assert "SubjectMaps.from_pretrained" in card.text and "2-way identification" in card.text
-
-
-def test_push_to_hub_uploads_the_folder(decoding_world, monkeypatch, tmp_path):
-    uploaded = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, private, exist_ok):
-            uploaded["private"] = private
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            from types import SimpleNamespace
-
-            uploaded["files"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
-            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
-
-    monkeypatch.setattr(maps_module, "HfApi", FakeApi)
-    url = decoding_world.maps.push_to_hub("someone/maps", private=True)
-    assert url == "https://huggingface.co/someone/maps/commit/0123abc" and uploaded == {
-        "private": True,
-        "files": ["README.md", "config.json", "maps.safetensors"],
-    }
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results["z: 2-way identification"] == pytest.approx(maps.config.scores["z"]["identification"], abs=1e-4)
+    assert results["c: mean r per image"] == pytest.approx(maps.config.scores["c"]["pattern_r"], abs=1e-4)
+    assert "SubjectMaps.from_pretrained" in card.text and "REPO_ID" not in card.text
 
 
 def test_compact_maps_keep_decoding_and_shrink(decoding_world, tmp_path):
     full = decoding_world.maps
     compact = fit_subject_maps(
-        decoding_world.data, decoding_world.features, 1, c_rank=24, z_rank=24, storage_dtype="float16", device="cpu"
+        decoding_world.data, decoding_world.features, 1, ranks={"z": 24, "c": 24}, storage_dtype="float16", device="cpu"
     )
-    assert compact.c.rank == 24 and compact.nbytes < full.nbytes / 4
+    assert compact["c"].rank == 24 and compact.nbytes < full.nbytes / 4
     for name in ("z", "c"):
-        assert compact.config["scores"][name]["pattern_r"] >= 0.99 * full.config["scores"][name]["pattern_r"]
+        assert compact.config.scores[name]["pattern_r"] >= 0.99 * full.config.scores[name]["pattern_r"]
     compact.save_pretrained(tmp_path / "c")
     loaded = SubjectMaps.from_pretrained(tmp_path / "c")
     betas, _ = _test_betas(decoding_world)
-    torch.testing.assert_close(loaded.predict(betas)[1], compact.predict(betas)[1], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loaded.predict(betas)["c"], compact.predict(betas)["c"], atol=2e-2, rtol=2e-2)
     assert (tmp_path / "c" / "maps.safetensors").stat().st_size < 0.3 * full.nbytes
 
 
@@ -202,4 +207,4 @@ def test_saved_maps_hold_no_local_path(decoding_world, tmp_path):
             assert local not in path.read_text(), path.name
     with safe_open(str(folder / "maps.safetensors"), "pt") as f:
         assert local not in json.dumps(f.metadata())
-    assert decoding_world.maps.config["data"] == "(local)"
+    assert decoding_world.maps.config.data is None

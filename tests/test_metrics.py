@@ -87,13 +87,14 @@ def test_table_lays_out_rows_unavailable_metrics_and_quoted_references():
 
 @pytest.fixture(scope="module")
 def reconstructions(decoding_world, tiny, tmp_path_factory):
+    from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     out = tmp_path_factory.mktemp("recon")
     reconstructor = Reconstructor(tiny, output_size=64)
     reconstruct_trials(
-        reconstructor, decoding_world.maps, decoding_world.data, 1, out, rows=range(8), num_samples=2,
-        num_inference_steps=5, progress=False,
+        reconstructor, decoding_world.maps, decoding_world.data, 1, out, rows=range(8),
+        sampling=Sampling(num_inference_steps=5, num_samples=2), progress=False,
     )  # fmt: skip
     return out
 

@@ -1,6 +1,7 @@
 """Reconstructor and test-set runs: shapes, seeds, strength, conditioning, batching, resume, sharding, errors."""
 
 import json
+from dataclasses import replace
 import shutil
 import subprocess
 import sys
@@ -10,10 +11,15 @@ import pytest
 import torch
 
 from brainldm.features import steps_run
+from brainldm.presets import Sampling
 from brainldm.reconstruct import Reconstructor, reconstruct_trials
 from brainldm.validation import InputError
 
-FAST = dict(num_inference_steps=5, guidance_scale=5.0)
+FAST = Sampling(num_inference_steps=5, guidance_scale=5.0)
+
+
+def fast(**changes) -> Sampling:
+    return replace(FAST, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +34,15 @@ def zc():
 
 
 def test_outputs_have_the_documented_shapes(reconstructor, zc):
-    out = reconstructor(*zc, num_samples=2, **FAST)
+    out = reconstructor(*zc, fast(num_samples=2))
     assert out.Xz.shape == (3, 64, 64, 3) and out.Xz.dtype == np.uint8
     assert out.Xc.shape == out.Xzc.shape == (3, 2, 64, 64, 3)
 
 
 def test_the_same_seed_gives_the_same_images_and_another_seed_does_not(reconstructor, zc):
-    a = reconstructor(*zc, seed=3, **FAST)
-    b = reconstructor(*zc, seed=3, **FAST)
-    c = reconstructor(*zc, seed=4, **FAST)
+    a = reconstructor(*zc, fast(seed=3))
+    b = reconstructor(*zc, fast(seed=3))
+    c = reconstructor(*zc, fast(seed=4))
     np.testing.assert_array_equal(a.Xzc, b.Xzc)
     np.testing.assert_array_equal(a.Xc, b.Xc)
     assert not np.array_equal(a.Xzc, c.Xzc)
@@ -48,7 +54,7 @@ def test_strength_sets_the_number_of_denoising_steps(reconstructor, zc, strength
     calls = []
     hook = reconstructor.img2img.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        reconstructor(*zc, strength=strength, num_inference_steps=steps, include_xc=False)
+        reconstructor(*zc, fast(strength=strength, num_inference_steps=steps), include_xc=False)
     finally:
         hook.remove()
     assert len(calls) == steps_run(steps, strength) == min(int(steps * strength), steps)
@@ -56,8 +62,8 @@ def test_strength_sets_the_number_of_denoising_steps(reconstructor, zc, strength
 
 def test_xzc_differs_from_xz_and_depends_on_c(reconstructor, zc):
     z, c = zc
-    out = reconstructor(z, c, **FAST)
-    other = reconstructor(z, torch.roll(c, 1, dims=0), **FAST)
+    out = reconstructor(z, c, FAST)
+    other = reconstructor(z, torch.roll(c, 1, dims=0), FAST)
     assert np.abs(out.Xzc[:, 0].astype(int) - out.Xz).mean() > 5
     assert not np.array_equal(out.Xzc, other.Xzc)
     np.testing.assert_array_equal(out.Xz, other.Xz)
@@ -66,17 +72,17 @@ def test_xzc_differs_from_xz_and_depends_on_c(reconstructor, zc):
 def test_speed_ups_keep_the_results(zc):
     from brainldm.ldm import optimize_ldm, tiny_ldm
 
-    plain = Reconstructor(tiny_ldm(), output_size=64)(*zc, **FAST)
-    fused = Reconstructor(optimize_ldm(tiny_ldm(), channels_last=True), output_size=64)(*zc, **FAST)
+    plain = Reconstructor(tiny_ldm(), output_size=64)(*zc, FAST)
+    fused = Reconstructor(optimize_ldm(tiny_ldm(), channels_last=True), output_size=64)(*zc, FAST)
     for name in ("Xz", "Xc", "Xzc"):
         assert np.abs(getattr(plain, name).astype(int) - getattr(fused, name)).max() <= 2, name
 
 
 def test_a_batch_equals_its_items_run_one_by_one(reconstructor, zc):
     z, c = zc
-    batch = reconstructor(z, c, num_samples=2, **FAST)
+    batch = reconstructor(z, c, fast(num_samples=2))
     for i in range(len(z)):
-        alone = reconstructor(z[i : i + 1], c[i : i + 1], num_samples=2, **FAST)
+        alone = reconstructor(z[i : i + 1], c[i : i + 1], fast(num_samples=2))
         for name in ("Xz", "Xc", "Xzc"):
             difference = np.abs(getattr(batch, name)[i].astype(int) - getattr(alone, name)[0]).max()
             assert difference <= 2, name  # uint8 rounding of float summation-order differences only
@@ -101,8 +107,9 @@ def test_a_batch_equals_its_items_run_one_by_one(reconstructor, zc):
 def test_bad_inputs_raise_clear_errors(reconstructor, change, match):
     args = dict(z=torch.zeros(1, 4, 40, 40), c=torch.zeros(1, 77, 32), strength=0.8, num_inference_steps=5)
     args.update(change)
+    z, c = args.pop("z"), args.pop("c")
     with pytest.raises(InputError, match=match):
-        reconstructor(**args)
+        reconstructor(z, c, Sampling(**args))
 
 
 # --- test-set runs --------------------------------------------------------------------------------------------
@@ -110,7 +117,7 @@ def test_bad_inputs_raise_clear_errors(reconstructor, change, match):
 
 def test_trials_are_written_and_a_rerun_skips_finished_ones(decoding_world, reconstructor, tmp_path, monkeypatch):
     maps, data = decoding_world.maps, decoding_world.data
-    folders = reconstruct_trials(reconstructor, maps, data, 1, tmp_path, rows=[0, 3], progress=False, **FAST)
+    folders = reconstruct_trials(reconstructor, maps, data, 1, tmp_path, rows=[0, 3], progress=False, sampling=FAST)
     for folder in folders:
         names = {"original.png", "Xz.png", "Xc_0.png", "Xzc_0.png", "z.npy", "c.npy", "meta.json"}
         assert {p.name for p in folder.iterdir()} == names
@@ -122,15 +129,15 @@ def test_trials_are_written_and_a_rerun_skips_finished_ones(decoding_world, reco
     real_call = Reconstructor.__call__
     monkeypatch.setattr(Reconstructor, "__call__", lambda self, z, c, *a, **k: done.append(len(z)) or real_call(
         self, z, c, *a, **k))  # fmt: skip
-    reconstruct_trials(reconstructor, maps, data, 1, tmp_path, rows=[0, 3], progress=False, **FAST)
+    reconstruct_trials(reconstructor, maps, data, 1, tmp_path, rows=[0, 3], progress=False, sampling=FAST)
     assert done == [1]  # only trial 0 again
 
 
 def test_out_of_range_trials_and_maps_of_another_subject_are_refused(decoding_world, reconstructor, tmp_path):
     with pytest.raises(InputError, match="trial 99 is out of range"):
-        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 1, tmp_path, rows=[99], **FAST)
+        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 1, tmp_path, rows=[99], sampling=FAST)
     with pytest.raises(InputError, match="fitted on subject 1's voxel table"):
-        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 2, tmp_path, rows=[0], **FAST)
+        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 2, tmp_path, rows=[0], sampling=FAST)
 
 
 def test_two_processes_under_accelerate_cover_every_trial_exactly_once(decoding_world, tmp_path):

@@ -16,10 +16,11 @@ from brainldm.evaluate import toy_clip_extractor
 from brainldm.features import encode_c, encode_z
 from brainldm.ldm import TOY_DIR, ldm_sizes, load_ldm
 from brainldm.metrics import pixcorr, two_way_identification
+from brainldm.presets import Sampling
 from brainldm.reconstruct import Reconstructor
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(num_inference_steps=20, guidance_scale=5.0)
+FAST = Sampling(num_inference_steps=20, guidance_scale=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +79,17 @@ def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, c
     pictures, captions = heldout
     recon = Reconstructor(ldm)
     z, c = encode_z(ldm, list(pictures)), encode_c(ldm, captions)
-    guided = recon(z, c, **FAST).Xc[:, 0]
+    guided = recon(z, c, FAST).Xc[:, 0]
     truth = clip_features(pictures)
     assert two_way_identification(clip_features(guided), truth).mean() >= 0.8
-    shuffled = recon(z, torch.roll(c, 1, dims=0), **FAST).Xc[:, 0]  # another picture's caption
+    shuffled = recon(z, torch.roll(c, 1, dims=0), FAST).Xc[:, 0]  # another picture's caption
     assert two_way_identification(clip_features(shuffled), truth).mean() < 0.65
 
 
 def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
     """From true z and c: Xz keeps the layout (pixels), Xc the meaning (toy-CLIP), Xzc both."""
     pictures, captions = heldout
-    out = Reconstructor(ldm)(encode_z(ldm, list(pictures)), encode_c(ldm, captions), **FAST)
+    out = Reconstructor(ldm)(encode_z(ldm, list(pictures)), encode_c(ldm, captions), FAST)
     xz, xc, xzc = out.Xz, out.Xc[:, 0], out.Xzc[:, 0]
 
     def pixels(images):
