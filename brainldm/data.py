@@ -362,19 +362,34 @@ def write_dataset_card(out: str | Path) -> Path:
     return out / "README.md"
 
 
-def dataset_card(infos: dict[str, dict]) -> DatasetCard:
+NSD_TERMS = ("nsd-terms-and-conditions", "https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions")
+GATED_PROMPT = (
+    "These are data of the Natural Scenes Dataset (NSD). NSD is shared under the NSD Terms and Conditions; to "
+    "access these files you must agree to them."
+)
+
+
+def dataset_card(infos: dict[str, dict], repo_id: str = "<user>/nsd-trials") -> DatasetCard:
+    """The dataset card: one config per prepared subject (the first is the default), NSD's terms as gated access."""
     configs = [
         {"config_name": name, "data_files": [{"split": s, "path": f"{name}/{s}-*.parquet"} for s in SPLITS]}
         for name in sorted(infos)
     ]
+    if configs:
+        configs[0]["default"] = True  # `load_dataset(repo)` without a config name loads the first subject
     data = DatasetCardData(
         license="other",
-        license_name="nsd-terms-and-conditions",
-        license_link="https://naturalscenesdataset.org/",
+        license_name=NSD_TERMS[0],
+        license_link=NSD_TERMS[1],
         pretty_name="NSD trials for brainldm",
         task_categories=["image-to-image"],
         tags=["fmri", "neuroscience", "natural-scenes-dataset", "brainldm"],
         configs=configs,
+        extra_gated_prompt=GATED_PROMPT,
+        extra_gated_fields={
+            "I agree to the NSD Terms and Conditions (https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions)":
+            "checkbox",
+        },
     )
     table = "\n".join(
         f"| {name} | {i['n_train']} | {i['n_test']} | {i['n_voxels']} | {len(i['sessions'])} | "
@@ -392,8 +407,9 @@ Single-trial fMRI responses from the [Natural Scenes Dataset](https://naturalsce
 brainldm's `scripts/prepare_nsd.py` for image reconstruction with latent diffusion
 (Takagi & Nishimoto, CVPR 2023).
 
-**Terms of use.** NSD is shared under the NSD Terms and Conditions (see naturalscenesdataset.org); anyone using
-these data must agree to them. COCO images and captions are under their own licences.
+**Terms of use.** NSD is shared under the [NSD Terms and Conditions]({NSD_TERMS[1]}); anyone using these data
+must agree to them, which is why access to this repo is gated. COCO images and captions are under their own
+licences.
 
 | config | train rows | test rows | voxels | sessions | z-scored |
 |---|---|---|---|---|---|
@@ -411,8 +427,8 @@ within each session unless the table says otherwise). `subjNN/voxels.safetensors
 
 ```python
 from brainldm.data import load_trials, load_voxels
-test = load_trials("REPO_ID", subject=1, split="test")
-voxels = load_voxels("REPO_ID", subject=1)
+test = load_trials("{repo_id}", subject=1, split="test")  # downloads only subj01's test shards
+voxels = load_voxels("{repo_id}", subject=1)
 ```
 """
     return DatasetCard(content)
@@ -426,12 +442,14 @@ def push_to_hub(
     token: str | None = None,
     whole_brain: bool = False,
 ) -> str:
-    """Upload ``OUT/subjNN`` to a Hub dataset repo (as config ``subjNN``) and refresh its dataset card."""
+    """Upload ``OUT/subjNN`` to a Hub dataset repo (as config ``subjNN``), refresh its dataset card and gate access
+    behind NSD's terms; returns the card commit's URL."""
     folder = Path(out) / subject_name(subject, whole_brain)
     if not (folder / INFO_FILE).exists():
         raise InputError(f"{folder} is not a prepared subject; run scripts/prepare_nsd.py first")
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.update_repo_settings(repo_id, repo_type="dataset", gated="auto")  # the card's form: agree to NSD's terms
     api.upload_folder(
         repo_id=repo_id,
         repo_type="dataset",
@@ -445,22 +463,33 @@ def push_to_hub(
         if path.endswith(f"/{INFO_FILE}"):
             local = api.hf_hub_download(repo_id, path, repo_type="dataset")
             infos[path.split("/")[0]] = json.loads(Path(local).read_text())
-    card = dataset_card(infos)
-    api.upload_file(
+    card = dataset_card(infos, repo_id)
+    commit = api.upload_file(
         path_or_fileobj=str(card).encode(),
         path_in_repo="README.md",
         repo_id=repo_id,
         repo_type="dataset",
         commit_message="Update dataset card",
     )
-    return f"https://huggingface.co/datasets/{repo_id}"
+    return commit.commit_url
 
 
 # --- loading -------------------------------------------------------------------------------------------------
 
 
-def subject_dir(source: str | Path, subject: int, whole_brain: bool = False) -> Path:
-    """The local folder of a subject: ``SOURCE/subjNN`` for a local dataset, else its Hub snapshot in the cache."""
+def subject_dir(
+    source: str | Path,
+    subject: int,
+    whole_brain: bool = False,
+    split: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """The local folder of a subject: ``SOURCE/subjNN`` for a local dataset, else its Hub snapshot in the cache.
+
+    From the Hub only what is asked for is downloaded: the subject's voxel table and info, plus the shards of
+    ``split`` when given (NSD's train split is many GB; the demo needs only the test split).
+    """
     name = subject_name(subject, whole_brain)
     if Path(source).is_dir():
         folder = Path(source) / name
@@ -469,7 +498,10 @@ def subject_dir(source: str | Path, subject: int, whole_brain: bool = False) -> 
             raise InputError(f"no prepared {name} in {source} (found: {found or 'none'}); run scripts/prepare_nsd.py")
         return folder
     try:
-        snapshot = snapshot_download(str(source), repo_type="dataset", allow_patterns=[f"{name}/*", "README.md"])
+        wanted = [f"{name}/{INFO_FILE}", f"{name}/{VOXELS_FILE}"] + ([f"{name}/{split}-*.parquet"] if split else [])
+        snapshot = snapshot_download(
+            str(source), repo_type="dataset", allow_patterns=wanted, revision=revision, token=token
+        )
     except Exception as err:
         raise InputError(
             f"{source!r} is neither a local folder nor a Hub dataset we can reach ({err.__class__.__name__}: {err}). "
@@ -481,23 +513,37 @@ def subject_dir(source: str | Path, subject: int, whole_brain: bool = False) -> 
     return folder
 
 
-def load_trials(source: str | Path, subject: int, split: str, whole_brain: bool = False) -> datasets.Dataset:
+def load_trials(
+    source: str | Path,
+    subject: int,
+    split: str,
+    whole_brain: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> datasets.Dataset:
     """One subject's ``train`` or ``test`` split as a :class:`datasets.Dataset`.
 
-    ``source`` is a folder written by ``scripts/prepare_nsd.py`` or a Hub dataset repo id (downloaded through
-    the Hugging Face cache, so ``HF_HUB_OFFLINE=1`` works once it is cached). ``whole_brain`` loads the
-    whole-brain variant (``scripts/prepare_nsd.py --whole-brain``).
+    ``source`` is a folder written by ``scripts/prepare_nsd.py`` or a Hub dataset repo id (only this split's
+    shards are downloaded, at ``revision``, with ``token`` for the gated repo, through the Hugging Face cache, so
+    ``HF_HUB_OFFLINE=1`` works once it is cached). ``whole_brain`` loads the whole-brain variant
+    (``scripts/prepare_nsd.py --whole-brain``).
     """
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
-    folder = subject_dir(source, subject, whole_brain)
+    folder = subject_dir(source, subject, whole_brain, split=split, revision=revision, token=token)
     files = sorted(str(p) for p in folder.glob(f"{split}-*.parquet"))
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, features=FEATURES)
 
 
-def load_voxels(source: str | Path, subject: int, whole_brain: bool = False) -> VoxelTable:
+def load_voxels(
+    source: str | Path,
+    subject: int,
+    whole_brain: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> VoxelTable:
     """The subject's voxel table (see :class:`VoxelTable`), from a local dataset folder or a Hub dataset repo."""
-    return VoxelTable.load(subject_dir(source, subject, whole_brain) / VOXELS_FILE)
+    return VoxelTable.load(subject_dir(source, subject, whole_brain, revision=revision, token=token) / VOXELS_FILE)
 
 
 class SubjectStimuli:

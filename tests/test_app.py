@@ -164,7 +164,7 @@ def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(d
     quality = state.quality(4)
     assert quality["c_rank"] == identification_rank(decoded["c"].numpy(), true_c)[4] and quality["n_candidates"] == 20
     assert quality["c_r"] == pytest.approx(pattern_correlation(decoded["c"].numpy(), true_c)[4], abs=1e-5)
-    assert torch.equal(state.decode(4)["z"], decoded["z"][4:5])
+    torch.testing.assert_close(state.decode(4)["z"], decoded["z"][4:5])  # one row or all: float rounding only
 
 
 def test_the_gallery_sends_small_thumbnails_made_once(sources):
