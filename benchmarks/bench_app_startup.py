@@ -1,11 +1,10 @@
 #!/usr/bin/env python
 """Benchmark the app's start-up for one subject: the time and peak memory of loading its maps and test split.
 
-Builds once, in --work, a synthetic subject whose test split has --test-images images (NSD: about 1,000) at NSD's
-stimulus size. It prepares the subject, extracts toy z and c, and fits the maps. Then, in a fresh process per
-setting, it times `DemoBackend.subject(1)`: loading the test split, decoding z and c from the betas, and encoding
-the true features. It reports the process's peak RSS and how much of it loading adds (Linux). `--batch-sizes`
-sets how many test images are encoded at a time; 0 means all at once, as the demo did before.
+Builds once per size, in --work, a synthetic subject whose test split has that many images (NSD: about 1,000) at
+NSD's stimulus size: it prepares the subject, extracts toy z and c, and fits the maps. Then, in a fresh process
+per size, it times `DemoBackend.subject(1)` (maps and test split), the subject's first gallery (thumbnails, made
+once) and one trial's decoding, and reports the process's peak RSS and how much of it they add (Linux).
 """
 
 from __future__ import annotations
@@ -39,49 +38,56 @@ def build(work: Path, test_images: int, image_size: int) -> None:
     fit_subject_maps(work / "trials", work / "features", 1, device="cpu").save_pretrained(work / "weights" / "subj01")
 
 
-def measure(work: Path, batch_size: int) -> dict:
-    """Run in a fresh process: peak RSS before and after loading subject 1, and the time it took."""
+def measure(work: Path) -> dict:
+    """Run in a fresh process: the time and added peak RSS of loading subject 1, of its first gallery (thumbnails
+    written once), and of decoding one trial's z and c."""
     import resource
 
     from brainldm.demo import DemoBackend, Sources
 
     sources = Sources(str(work / "weights"), str(work / "trials"), "toy", [1])
-    backend = DemoBackend(sources, device="cpu", batch_size=batch_size or 10**9)
-    backend._load_ldm("toy")
+    backend = DemoBackend(sources, device="cpu")  # loads the model
     # the resident set now (not the peak so far: loading the model may have passed through a higher one)
     status = Path("/proc/self/status").read_text()
     before = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+    times = {}
     start = time.perf_counter()
     subject = backend.subject(1)
-    seconds = time.perf_counter() - start
+    times["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    backend.gallery(1)
+    times["gallery"] = time.perf_counter() - start
+    start = time.perf_counter()
+    subject.decode(len(subject) - 1)
+    times["decode"] = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"test_images": len(subject), "batch_size": batch_size, "seconds": seconds, "added_peak_mb": after - before,
-            "peak_mb": after}  # fmt: skip
+    return {"test_images": len(subject), **times, "added_peak_mb": after - before, "peak_mb": after}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/brainldm-bench-app", help="where the synthetic subject is built")
-    parser.add_argument("--test-images", type=int, default=1000, help="test split size (default: 1000, NSD's)")
+    parser.add_argument("--work", default="/tmp/brainldm-bench-app", help="where the synthetic subjects are built")
+    parser.add_argument(
+        "--test-images", default="100,1000", help="test split sizes to compare (default: 100 and NSD's 1,000)"
+    )
     parser.add_argument("--image-size", type=int, default=425, help="stimulus size (default: 425, NSD's)")
-    parser.add_argument("--batch-sizes", default="32,0", help="encoding batch sizes to compare (0: all at once)")
-    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # the child process's mode
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child process's mode: a built subject's folder
     args = parser.parse_args(argv)
-    work = Path(args.work)
     if args.measure is not None:
-        print(json.dumps(measure(work, args.measure)))
+        print(json.dumps(measure(Path(args.measure))))
         return
-    start = time.perf_counter()
-    build(work, args.test_images, args.image_size)
-    print(f"built the subject in {time.perf_counter() - start:.0f} s (cached in {work})")
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        run = subprocess.run([sys.executable, __file__, "--work", str(work), "--measure", str(batch_size)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        result = json.loads(run.stdout.strip().splitlines()[-1])
+    for n in (int(n) for n in args.test_images.split(",")):
+        work = Path(args.work) / f"test{n}"
+        start = time.perf_counter()
+        build(work, n, args.image_size)
+        print(f"built the subject with {n} test images in {time.perf_counter() - start:.0f} s (cached in {work})")
+        run = subprocess.run([sys.executable, __file__, "--measure", str(work)], capture_output=True, text=True,
+                             check=True)  # fmt: skip
+        r = json.loads(run.stdout.strip().splitlines()[-1])
         print(
-            f"batch size {batch_size or 'all'}: {result['test_images']} test images loaded in "
-            f"{result['seconds']:.1f} s, peak RSS {result['peak_mb']:.0f} MB "
-            f"({result['added_peak_mb']:+.0f} MB over the process with its model loaded)"
+            f"{r['test_images']} test images: subject loaded in {r['load']:.2f} s, first gallery (thumbnails) "
+            f"{r['gallery']:.1f} s, one trial decoded in {r['decode']:.3f} s; peak RSS {r['peak_mb']:.0f} MB "
+            f"({r['added_peak_mb']:+.0f} MB over the process with its model loaded)"
         )
 
 

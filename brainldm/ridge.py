@@ -10,7 +10,9 @@ R do not depend on alpha. Targets are processed in batches, so Y can be far larg
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -182,6 +184,25 @@ def _to(array, like: torch.Tensor) -> torch.Tensor:
     return tensor.to(device=like.device, dtype=like.dtype)
 
 
+_TF32_LOCK = threading.Lock()
+
+
+@contextmanager
+def _cuda_tf32(enabled: bool):
+    """Let CUDA float32 matmuls use TF32 inside the block only, and only when asked: off CUDA (or with
+    ``enabled`` False) the process-wide flag is not touched at all. torch has no per-call TF32 switch, so the lock
+    keeps two fits in threads from restoring each other's flag out of order."""
+    if not enabled or torch.backends.cuda.matmul.allow_tf32:
+        yield
+        return
+    with _TF32_LOCK:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+
 # --- the estimator -------------------------------------------------------------------------------------------
 
 
@@ -270,12 +291,8 @@ class RidgeCV:
 
         folds = make_folds(X.shape[0], self.cv, groups, self.random_state)
         # TF32 tensor cores for the CV predictions only (where the time goes); the final refit stays full fp32.
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.tf32_cv
-        try:
+        with _cuda_tf32(self.tf32_cv and device.type == "cuda"):
             scores = ridge_cv_scores(X_t, Y, alphas_t, folds, self.scoring, self.target_batch_size)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
         best = scores.argmax(0)
         self.cv_scores_ = scores.cpu()
         self.best_alphas_ = alphas_t[best].cpu()
@@ -283,9 +300,13 @@ class RidgeCV:
         self.n_features_in_ = X.shape[1]
         return self
 
+    def __sklearn_is_fitted__(self) -> bool:
+        """scikit-learn's fitted-ness protocol (``sklearn.utils.validation.check_is_fitted``)."""
+        return getattr(self, "coef_", None) is not None
+
     def predict(self, X):
         """X (n_samples, n_features) -> (n_samples, n_targets); numpy in, numpy out."""
-        if not hasattr(self, "coef_"):
+        if not self.__sklearn_is_fitted__():
             raise InputError("this RidgeCV is not fitted yet; call fit first")
         is_numpy = isinstance(X, np.ndarray)
         X_t = torch.as_tensor(X, dtype=self.coef_.dtype)

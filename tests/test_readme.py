@@ -38,3 +38,19 @@ def test_every_script_named_in_the_readme_has_help(capsys, monkeypatch):
         with pytest.raises(SystemExit) as done:
             runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
         assert done.value.code in (0, None) and "usage:" in capsys.readouterr().out, script
+
+
+def test_the_readme_header_is_a_space_config_the_hub_accepts():
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(ROOT / "README.md")
+    data = card.data.to_dict()
+    assert data["sdk"] == "gradio" and data["app_file"] == "app.py" and (ROOT / data["app_file"]).exists()
+    assert data["python_version"] == "3.11" and data["suggested_hardware"].startswith("zero-")
+    # the model is preloaded at build time, safetensors only (no multi-GB .ckpt)
+    repo, files = data["preload_from_hub"][0].split(" ")
+    assert repo == data["models"][0] and "unet/diffusion_pytorch_model.safetensors" in files.split(",")
+    assert not any(name.endswith(".ckpt") for name in files.split(","))
+    # the Hub refuses binary files pushed without LFS/Xet: the repo's images and weights are marked
+    rules = (ROOT / ".gitattributes").read_text()
+    assert "*.png filter=lfs" in rules and "*.safetensors filter=lfs" in rules

@@ -6,6 +6,7 @@ import torch
 from sklearn.linear_model import Ridge
 from sklearn.linear_model import RidgeCV as SklearnRidgeCV
 
+from brainldm import ridge as ridge_module
 from brainldm.ridge import RidgeCV, make_folds
 from brainldm.validation import InputError
 
@@ -129,7 +130,21 @@ def test_ridgecv_follows_the_scikit_learn_estimator_contract():
     )
     twin = clone(ridge).set_params(cv=4)
     assert twin.get_params()["cv"] == 4 and ridge.cv == 3 and not hasattr(twin, "coef_")
+    assert not twin.__sklearn_is_fitted__()  # scikit-learn's fitted-ness protocol
     ridge.fit(X, Y)
+    assert ridge.__sklearn_is_fitted__()
     assert ridge.n_features_in_ == 5 and not hasattr(clone(ridge), "coef_")  # a clone is unfitted
     with pytest.raises(InputError, match="no parameter 'alpha'"):
         ridge.set_params(alpha=3.0)
+
+
+def test_fitting_on_the_cpu_leaves_the_process_wide_tf32_flag_alone(monkeypatch):
+    seen = []
+    real = ridge_module.ridge_cv_scores
+    monkeypatch.setattr(
+        ridge_module, "ridge_cv_scores", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a)
+    )
+    before = torch.backends.cuda.matmul.allow_tf32
+    rng = np.random.default_rng(0)
+    RidgeCV(alphas=(1.0,), cv=3, device="cpu").fit(rng.standard_normal((30, 4)), rng.standard_normal((30, 2)))
+    assert seen == [before] and torch.backends.cuda.matmul.allow_tf32 == before
