@@ -41,15 +41,17 @@ def build(work: Path, test_images: int, image_size: int) -> None:
 def measure(work: Path) -> dict:
     """Run in a fresh process: the time and added peak RSS of loading subject 1, of its first gallery (thumbnails
     written once), and of decoding one trial's z and c."""
-    import resource
-
     from brainldm.demo import DemoBackend, Sources
+
+    def status_mb(field: str) -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1]) / 1024
 
     sources = Sources(str(work / "weights"), str(work / "trials"), "toy", [1])
     backend = DemoBackend(sources, device="cpu")  # loads the model
-    # the resident set now (not the peak so far: loading the model may have passed through a higher one)
-    status = Path("/proc/self/status").read_text()
-    before = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+    # reset the peak to the resident set now, so the peak below is what the subject adds (Linux: clear_refs 5)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status_mb("VmRSS:")
     times = {}
     start = time.perf_counter()
     subject = backend.subject(1)
@@ -60,7 +62,7 @@ def measure(work: Path) -> dict:
     start = time.perf_counter()
     subject.decode(len(subject) - 1)
     times["decode"] = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = status_mb("VmHWM:")
     return {"test_images": len(subject), **times, "added_peak_mb": after - before, "peak_mb": after}
 
 

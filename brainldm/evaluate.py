@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import correlation_distance, pixcorr, retrieval_top1, ssim, two_way_identification
+from .metrics import EVAL_SIZE, correlation_distance, pixcorr, retrieval_top1, ssim, two_way_identification
 from .reconstruct import is_done, load_trial_images
 from .validation import InputError
 
@@ -26,24 +26,35 @@ Extractor = Callable[[list[np.ndarray]], np.ndarray]
 @dataclass(frozen=True)
 class Metric:
     """One column of the table. ``kind``: ``"pixel"`` (scored on the images themselves), ``"identification"``
-    (2-way identification in a feature space, in %) or ``"distance"`` (correlation distance in a feature space)."""
+    (2-way identification in a feature space, in %) or ``"distance"`` (correlation distance in a feature space).
+    ``input_size``: the side, in px, images are resized to (no crop) before the metric's network or comparison."""
 
     title: str
     kind: str
     higher_is_better: bool = True
     chance: float | None = None
+    input_size: int | None = None
 
 
 # The registry: adding a metric is one entry here (and, for a feature metric, its extractor in load_extractors).
+# Input sizes follow MindEye2's evaluation (Scotti et al., ICML 2024), the protocol the field now compares under:
+# PixCorr on 425 px RGB and SSIM on 425 px greyscale (NSD's stimulus size), AlexNet at 256 px without a crop,
+# Inception at 342, CLIP ViT-L/14 at 224 with CLIP's normalisation, EffNet-B1 at 255, SwAV ResNet-50 at 224.
 METRICS = {
-    "pixcorr": Metric("PixCorr", "pixel"),
-    "ssim": Metric("SSIM", "pixel"),
-    "alexnet2": Metric("Alex(2)", "identification", chance=0.5),
-    "alexnet5": Metric("Alex(5)", "identification", chance=0.5),
-    "inception": Metric("Incep", "identification", chance=0.5),
-    "clip": Metric("CLIP", "identification", chance=0.5),
-    "effnet": Metric("Eff", "distance", higher_is_better=False),
-    "swav": Metric("SwAV", "distance", higher_is_better=False),
+    "pixcorr": Metric("PixCorr", "pixel", input_size=EVAL_SIZE),
+    "ssim": Metric("SSIM", "pixel", input_size=EVAL_SIZE),
+    "alexnet2": Metric("Alex(2)", "identification", chance=0.5, input_size=256),
+    "alexnet5": Metric("Alex(5)", "identification", chance=0.5, input_size=256),
+    "inception": Metric("Incep", "identification", chance=0.5, input_size=342),
+    "clip": Metric("CLIP", "identification", chance=0.5, input_size=224),
+    "effnet": Metric("Eff", "distance", higher_is_better=False, input_size=255),
+    "swav": Metric("SwAV", "distance", higher_is_better=False, input_size=224),
+}
+# How several samples per image count: MindEye2 scores one reconstruction per image (sample 0, the default);
+# Takagi & Nishimoto average each metric over the samples of each image (5 in the paper).
+PROTOCOLS = {
+    "mindeye2": "one reconstruction per image (sample 0), as MindEye2 (Scotti et al. 2024) and the tables it prints",
+    "takagi": "each metric averaged over the samples of each image, as Takagi & Nishimoto (2023; 5 samples)",
 }
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 
@@ -98,13 +109,14 @@ def torchvision_extractor(name: str, device="cpu") -> Extractor:
 
     if name in ("alexnet2", "alexnet5"):
         model = torchvision.models.alexnet(weights="DEFAULT")
-        node, size = ("features.4" if name == "alexnet2" else "features.11"), 224
+        node = "features.4" if name == "alexnet2" else "features.11"
     elif name == "inception":
         model = torchvision.models.inception_v3(weights="DEFAULT")
-        node, size = "avgpool", 299
+        node = "avgpool"
     else:
         model = torchvision.models.efficientnet_b1(weights="DEFAULT")
-        node, size = "avgpool", 255
+        node = "avgpool"
+    size = METRICS[name].input_size
     extractor = create_feature_extractor(model.eval().to(device), return_nodes=[node])
 
     @torch.no_grad()
@@ -121,7 +133,7 @@ def swav_extractor(device="cpu") -> Extractor:
 
     @torch.no_grad()
     def extract(images):
-        return model(_imagenet_batch(images, 224, device)).cpu().numpy()
+        return model(_imagenet_batch(images, METRICS["swav"].input_size, device)).cpu().numpy()
 
     return extract
 
@@ -217,16 +229,19 @@ def evaluate(
     extractors: dict[str, Extractor] | None = None,
     features: str | Path | None = None,
     device="cpu",
+    protocol: str = "mindeye2",
 ) -> dict:
     """Metrics of every subject in a ``scripts/reconstruct.py`` output folder, and their average over subjects.
 
     Returns {"subjects": {subj: {row: {metric: value}}}, "average": {row: {metric: value}}, "unavailable": {...},
-    "retrieval": {subj: ...}}. Rows are the kinds (sample 0) plus, where several samples exist, Takagi's protocol:
-    each metric averaged over the samples of each image.
+    "retrieval": {subj: ...}, "protocol": ...}. One row per kind; ``protocol`` (see :data:`PROTOCOLS`) says how
+    several samples per image count: ``"mindeye2"`` scores sample 0, ``"takagi"`` averages over the samples.
     """
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise InputError(f"unknown metric {unknown[0]!r}; choose from {list(METRICS)}")
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
     stand_ins = {}
     if "clip" in names and not (extractors and "clip" in extractors) and recon_model_ids(recon) == {"toy"}:
         # offline world: CLIP ViT-L/14 can't be downloaded and would not know toy pictures; toy has its own tower
@@ -236,23 +251,22 @@ def evaluate(
     folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
     if not folders:
         raise InputError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
-    results = {"subjects": {}, "unavailable": unavailable, "stand_ins": stand_ins, "retrieval": {}}
+    results = {"subjects": {}, "unavailable": unavailable, "stand_ins": stand_ins, "retrieval": {}, "protocol": protocol}
     for folder in folders:
         trials = load_subject_reconstructions(folder)
         originals = [images["original"] for _, images in trials]
         rows = {}
         for kind in kinds:
-            samples = min(meta["num_samples"] for meta, _ in trials) if kind != "Xz" else 1
-            key = kind if kind == "Xz" else f"{kind}_0"
-            rows[kind] = score_images(originals, [images[key] for _, images in trials], names, extractors)
-            if samples > 1:
-                per_sample = [
-                    score_images(originals, [images[f"{kind}_{s}"] for _, images in trials], names, extractors)
-                    for s in range(samples)
-                ]
-                rows[f"{kind}, mean of {samples} samples (Takagi)"] = {
-                    n: float(np.mean([p[n] for p in per_sample])) for n in per_sample[0]
-                }
+            if kind == "Xz":  # a plain decode: one image, whatever the protocol
+                rows[kind] = score_images(originals, [images["Xz"] for _, images in trials], names, extractors)
+                continue
+            samples = min(meta["num_samples"] for meta, _ in trials) if protocol == "takagi" else 1
+            per_sample = [
+                score_images(originals, [images[f"{kind}_{s}"] for _, images in trials], names, extractors)
+                for s in range(samples)
+            ]
+            label = kind if samples == 1 else f"{kind}, mean of {samples} samples"
+            rows[label] = {n: float(np.mean([p[n] for p in per_sample])) for n in per_sample[0]}
         results["subjects"][folder.name] = rows
         if features is not None:
             results["retrieval"][folder.name] = _retrieval(folder, trials, features)
@@ -316,6 +330,8 @@ def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
         text += "\n\nUnavailable metrics (their models could not be loaded):\n" + "\n".join(
             f"- {METRICS[n].title}: {reason}" for n, reason in results["unavailable"].items()
         )
+    if "protocol" in results:
+        text += f"\n\nProtocol: {results['protocol']}, {PROTOCOLS[results['protocol']]}."
     text += "\n\nRows in italics are published figures quoted for comparison (MindEye2, Table 1), not computed here."
     return text
 

@@ -33,13 +33,22 @@ def main(argv: list[str] | None = None) -> None:
         help="which reconstructions to score (default: all three)",
     )
     parser.add_argument("--features", help="feature folder with true z and c: adds brain/image retrieval top-1")
+    parser.add_argument(
+        "--protocol",
+        choices=["mindeye2", "takagi"],
+        default="mindeye2",
+        help="mindeye2 (default): sample 0 of each image, as the tables the field compares; takagi: each metric "
+        "averaged over the samples of each image (reconstruct with --samples 5)",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
     from brainldm.evaluate import evaluate, metrics_table, write_report
 
     names = list(METRICS) if "all" in args.metrics else args.metrics
-    results = evaluate(args.recon, names, args.kinds, features=args.features, device=args.device)
+    results = evaluate(
+        args.recon, names, args.kinds, features=args.features, device=args.device, protocol=args.protocol
+    )
     paths = write_report(results, args.out, names)
     print(metrics_table(results, names))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

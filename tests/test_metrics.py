@@ -111,7 +111,7 @@ def test_end_to_end_evaluation_with_a_tiny_clip(reconstructions, decoding_world,
         reconstructions, names, extractors={"clip": clip_extractor(tiny_clip)}, features=decoding_world.features
     )
     rows = results["subjects"]["subj01"]
-    assert set(rows) == {"Xz", "Xc", "Xzc", "Xc, mean of 2 samples (Takagi)", "Xzc, mean of 2 samples (Takagi)"}
+    assert set(rows) == {"Xz", "Xc", "Xzc"} and results["protocol"] == "mindeye2"  # sample 0 of each image
     for scores in rows.values():
         assert set(scores) >= {"pixcorr", "ssim", "clip"}
         assert -1 <= scores["pixcorr"] <= 1 and 0 <= scores["clip"] <= 1
@@ -124,6 +124,27 @@ def test_end_to_end_evaluation_with_a_tiny_clip(reconstructions, decoding_world,
     paths = write_report(results, tmp_path, names)
     assert json.loads(paths["json"].read_text())["subjects"]["subj01"]["Xz"]["ssim"] == rows["Xz"]["ssim"]
     assert paths["plot"].stat().st_size > 5_000 and "| subj01 Xzc |" in paths["table"].read_text()
+
+
+def test_takagis_protocol_averages_each_metric_over_the_samples_of_each_image(reconstructions):
+    from brainldm.evaluate import load_subject_reconstructions, score_images
+
+    takagi = evaluate(reconstructions, ["pixcorr", "ssim"], protocol="takagi")["subjects"]["subj01"]
+    assert set(takagi) == {"Xz", "Xc, mean of 2 samples", "Xzc, mean of 2 samples"}
+    trials = load_subject_reconstructions(reconstructions / "subj01")
+    originals = [images["original"] for _, images in trials]
+    per_sample = [score_images(originals, [im[f"Xzc_{s}"] for _, im in trials], ["pixcorr"], {}) for s in (0, 1)]
+    expected = (per_sample[0]["pixcorr"] + per_sample[1]["pixcorr"]) / 2
+    assert takagi["Xzc, mean of 2 samples"]["pixcorr"] == pytest.approx(expected)
+    assert per_sample[0]["pixcorr"] != per_sample[1]["pixcorr"]  # the samples differ, so the protocols do
+
+
+def test_metric_inputs_follow_mindeye2s_evaluation():
+    sizes = {name: metric.input_size for name, metric in METRICS.items()}
+    assert sizes == {"pixcorr": 425, "ssim": 425, "alexnet2": 256, "alexnet5": 256, "inception": 342, "clip": 224,
+                     "effnet": 255, "swav": 224}  # fmt: skip
+    with pytest.raises(ValueError, match="unknown protocol 'brain-diffuser'"):
+        evaluate(".", ["pixcorr"], protocol="brain-diffuser")
 
 
 def test_evaluate_refuses_unknown_metrics_and_empty_folders(tmp_path):
