@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from brainldm.encoding import fit_encoding, fit_pca, pca_transform
     from brainldm.metrics import dimension_correlation
+    from brainldm.nsd import STREAMS as NSD_STREAMS
     from brainldm.presets import TAKAGI2023
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,7 +60,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     ours = fit_encoding(
-        train_f, train_b, ids, test_f, test_b, streams, n_components=args.components, alphas=alphas, device=device
+        train_f,
+        train_b,
+        ids,
+        test_f,
+        test_b,
+        streams,
+        NSD_STREAMS,
+        n_components=args.components,
+        alphas=alphas,
+        device=device,
     )
     if device == "cuda":
         torch.cuda.synchronize()

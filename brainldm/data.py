@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -25,12 +24,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi, snapshot_download
 from PIL import Image
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import nsd
+from .readers import NSDReader, Reader
 from .validation import InputError
+from .voxels import VoxelTable
 
 SPLITS = ("train", "test")
 FEATURES = datasets.Features(
@@ -52,85 +50,6 @@ INFO_FILE = "info.json"
 def subject_name(subject: int, whole_brain: bool = False) -> str:
     """The subject's folder and config name: ``subj01``, or ``subj01-wholebrain`` for every in-brain voxel."""
     return f"subj{int(subject):02d}" + ("-wholebrain" if whole_brain else "")
-
-
-# --- the voxel table -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class VoxelTable:
-    """A subject's stored voxels. ``ijk`` (n_voxels, 3) indexes the X, Y, Z axes of the betas grid."""
-
-    subject: int
-    ijk: np.ndarray
-    grid_shape: tuple[int, int, int]
-    affine: np.ndarray
-    nsdgeneral: np.ndarray  # (n_voxels,) bool
-    streams: np.ndarray  # (n_voxels,) int: 0 none, 1 early ... 7 parietal (see nsd.STREAMS)
-
-    def __len__(self) -> int:
-        return len(self.ijk)
-
-    def roi(self, name: str) -> np.ndarray:
-        """Indices of the voxels in a ``streams`` ROI (``"early"``, ``"ventral"``, ...) or ``"nsdgeneral"``."""
-        if name == "nsdgeneral":
-            return np.flatnonzero(self.nsdgeneral)
-        if name not in nsd.STREAM_IDS:
-            raise InputError(f"unknown ROI {name!r}; expected 'nsdgeneral' or one of {sorted(nsd.STREAM_IDS)}")
-        return np.flatnonzero(self.streams == nsd.STREAM_IDS[name])
-
-    def to_volume(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
-        """Scatter per-voxel ``values`` (n_voxels,) into the grid -> (X, Y, Z) float32."""
-        volume = np.full(self.grid_shape, fill, dtype=np.float32)
-        volume[tuple(self.ijk.T)] = values
-        return volume
-
-    def save(self, path: str | Path) -> None:
-        tensors = {
-            "ijk": np.ascontiguousarray(self.ijk, dtype=np.int32),
-            "affine": np.ascontiguousarray(self.affine, dtype=np.float64),
-            "nsdgeneral": self.nsdgeneral.astype(np.uint8),
-            "streams": self.streams.astype(np.int8),
-        }
-        metadata = {"subject": str(self.subject), "grid_shape": json.dumps(list(self.grid_shape))}
-        save_file(tensors, str(path), metadata=metadata)
-
-    @classmethod
-    def load(cls, path: str | Path) -> VoxelTable:
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                metadata = f.metadata()
-            tensors = load_file(str(path))
-            return cls(
-                subject=int(metadata["subject"]),
-                ijk=tensors["ijk"].astype(np.int64),
-                grid_shape=tuple(json.loads(metadata["grid_shape"])),
-                affine=tensors["affine"],
-                nsdgeneral=tensors["nsdgeneral"].astype(bool),
-                streams=tensors["streams"].astype(np.int64),
-            )
-        except Exception as err:
-            raise InputError(f"could not read the voxel table {path}: {err}") from err
-
-
-def voxel_table_from_rois(root: str | Path, subject: int, whole_brain: bool = False) -> VoxelTable:
-    """Stored voxels of a subject, in C order of the grid: every voxel with nsdgeneral == 1 or streams > 0, or
-    with ``whole_brain`` every voxel inside the brain (ROI labels >= 0), for whole-brain encoding models."""
-    general, streams = nsd.read_roi(root, subject, "nsdgeneral"), nsd.read_roi(root, subject, "streams")
-    if general.shape != streams.shape:
-        raise InputError(
-            f"nsdgeneral {general.shape} and streams {streams.shape} ROIs of subject {subject} differ in grid"
-        )
-    g, s = np.asarray(general.dataobj), np.asarray(streams.dataobj)
-    ijk = np.argwhere(((g >= 0) | (s >= 0)) if whole_brain else ((g == 1) | (s > 0)))
-    return VoxelTable(
-        subject=subject,
-        ijk=ijk,
-        grid_shape=tuple(int(n) for n in g.shape),
-        affine=np.asarray(general.affine, dtype=np.float64),
-        nsdgeneral=g[tuple(ijk.T)] == 1,
-        streams=np.maximum(s[tuple(ijk.T)], 0).astype(np.int64),
-    )
 
 
 # --- preparing a subject -------------------------------------------------------------------------------------
@@ -166,10 +85,7 @@ def prepare_subject(
     progress: bool = True,
     whole_brain: bool = False,
 ) -> Path:
-    """Build ``OUT/subjNN`` from raw NSD: the train and test splits as Parquet shards, plus the voxel table.
-
-    Reads one session of betas at a time. Finished sessions are cached in ``OUT/.subjNN.partial`` so a killed run
-    restarted with the same arguments resumes; ``OUT/subjNN`` appears (by one rename) only when complete.
+    """Build ``OUT/subjNN`` from raw NSD: :func:`prepare` with an :class:`~brainldm.readers.NSDReader`.
 
     Args:
         nsd_root: the NSD root folder (see ``shared/PAPER.md`` for the layout).
@@ -182,55 +98,46 @@ def prepare_subject(
     Returns:
         The subject folder.
     """
-    out = Path(out)
-    final = out / subject_name(subject, whole_brain)
+    _check_new(Path(out) / subject_name(subject, whole_brain), overwrite)  # before any file is read
+    return prepare(NSDReader(nsd_root, subject, sessions, whole_brain), out, zscore, overwrite, progress)
+
+
+def _check_new(final: Path, overwrite: bool) -> None:
     if final.exists() and not overwrite:
         raise InputError(f"{final} already exists; pass --overwrite to rebuild it")
+
+
+def prepare(
+    reader: Reader, out: str | Path, zscore: bool = True, overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Build ``OUT/subjNN`` from any :class:`~brainldm.readers.Reader`: the train and test splits as Parquet shards,
+    plus the voxel table (with its ROI names).
+
+    Train rows are single trials of non-test stimuli, one shard per session; test rows average each test stimulus
+    over its repetitions. Reads one session of betas at a time. Finished sessions are cached in
+    ``OUT/.subjNN.partial`` so a killed run restarted with the same input resumes; ``OUT/subjNN`` appears (by one
+    rename) only when complete. Bad input leaves nothing behind.
+    """
+    out = Path(out)
+    _check_new(out / subject_name(reader.subject, reader.whole_brain), overwrite)
     created_out = not out.exists()
     try:
-        return _prepare_subject(nsd_root, subject, out, sessions, zscore, progress, whole_brain)
+        return _prepare(reader, out, zscore, progress)
     except InputError:
         # bad input leaves nothing behind; a kill (any other exception) keeps finished sessions for a resume
-        shutil.rmtree(out / f".{final.name}.partial", ignore_errors=True)
+        shutil.rmtree(out / f".{subject_name(reader.subject, reader.whole_brain)}.partial", ignore_errors=True)
         if created_out:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progress: bool, whole_brain: bool) -> Path:
-    name = subject_name(subject, whole_brain)
+def _prepare(reader: Reader, out: Path, zscore: bool, progress: bool) -> Path:
+    name = subject_name(reader.subject, reader.whole_brain)
     final = out / name
-
-    # Everything is validated before any betas are read.
-    design = nsd.read_expdesign(nsd_root)
-    info = nsd.read_stim_info(nsd_root)
-    if sessions is not None and sessions < 1:
-        raise InputError(f"--sessions must be >= 1, got {sessions}")
-    used = nsd.list_sessions(nsd_root, subject, sessions)
-    voxels = voxel_table_from_rois(nsd_root, subject, whole_brain)
-    shapes = [nsd.betas_shape(nsd_root, subject, s) for s in used]
-    for session, shape in zip(used, shapes):
-        if tuple(shape[:3]) != voxels.grid_shape:
-            raise InputError(
-                f"{nsd.betas_path(nsd_root, subject, session)} has grid {tuple(shape[:3])} but the ROIs of "
-                f"subject {subject} have grid {voxels.grid_shape}; are they from the same resolution (func1pt8mm)?"
-            )
-    session_of_trial = np.concatenate([np.full(shape[3], s) for s, shape in zip(used, shapes)])
-    n_trials = len(session_of_trial)
-    images = design.trial_images(subject, n_trials)
-    _cross_check(info, subject, images)
-    coco_ids = info.loc[np.unique(images), "cocoId"].astype(np.int64)
-    captions = nsd.read_captions(nsd_root, coco_ids.to_numpy())
-    is_test = np.isin(images, design.shared)
-
-    params = {
-        "nsd_root": str(Path(nsd_root).resolve()),
-        "subject": subject,
-        "sessions": used,
-        "zscore": zscore,
-        "whole_brain": whole_brain,
-        "n_voxels": len(voxels),
-    }
+    voxels, used, images = reader.voxels, reader.sessions, reader.trial_stimuli
+    session_of_trial = reader.session_of_trial
+    is_test = np.isin(images, reader.test_stimuli)
+    params = {**reader.params(), "zscore": zscore, "n_voxels": len(voxels)}
     work = out / f".{name}.partial"
     if work.exists() and _read_json(work / "params.json") != params:
         shutil.rmtree(work)  # a run with other arguments: its sessions cannot be reused
@@ -244,13 +151,13 @@ def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progr
         cached = work / "sessions" / f"session{session:02d}.npy"
         if cached.exists():
             continue
-        betas = nsd.read_betas(nsd_root, subject, session, voxels.ijk)
+        betas = reader.read_session(session)
         bad = np.argwhere(~np.isfinite(betas))
         if len(bad):
             trial, voxel = bad[0]
             ijk = tuple(int(i) for i in voxels.ijk[voxel])
             raise InputError(
-                f"{nsd.betas_path(nsd_root, subject, session)} holds {len(bad)} NaN or infinite betas, the first at "
+                f"{reader.describe_session(session)} holds {len(bad)} NaN or infinite betas, the first at "
                 f"voxel {ijk} (i, j, k) in trial {trial + 1} of session {session}; "
                 "download the session again, or leave such voxels out of the ROIs"
             )
@@ -270,12 +177,12 @@ def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progr
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    with nsd.Stimuli(nsd_root) as stimuli:
+    with reader.open_stimuli() as stimuli:
         train_sessions = [s for s in used if (~is_test[session_of_trial == s]).any()]
         for shard, session in enumerate(tqdm(train_sessions, desc=f"{name} train", disable=not progress)):
             trials = np.flatnonzero((session_of_trial == session) & ~is_test)
             betas = session_betas(session)[trials - first_trial[session]]
-            rows = _rows(images[trials], [[t + 1] for t in trials], betas, info, captions, stimuli)
+            rows = _rows(images[trials], [[t + 1] for t in trials], betas, reader, stimuli)
             _write_shard(rows, staging / f"train-{shard:05d}-of-{len(train_sessions):05d}.parquet")
 
         test_ids = np.unique(images[is_test])
@@ -283,12 +190,12 @@ def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progr
         for shard, chunk in enumerate(np.array_split(test_ids, n_shards)):
             trial_lists = [np.flatnonzero(images == i) for i in chunk]
             betas = [np.mean([trial_betas(t) for t in ts], axis=0) for ts in trial_lists]
-            rows = _rows(chunk, [(ts + 1).tolist() for ts in trial_lists], betas, info, captions, stimuli)
+            rows = _rows(chunk, [(ts + 1).tolist() for ts in trial_lists], betas, reader, stimuli)
             _write_shard(rows, staging / f"test-{shard:05d}-of-{n_shards:05d}.parquet")
 
     voxels.save(staging / VOXELS_FILE)
     summary = dict(params, n_train=int((~is_test).sum()), n_test=int(len(np.unique(images[is_test]))))
-    summary["nsd_root"] = "(local)"  # the card is public; the local path is not its business
+    summary["root"] = "(local)"  # the card is public; the local path is not its business
     _write_json(staging / INFO_FILE, summary)
 
     if final.exists():
@@ -299,36 +206,17 @@ def _prepare_subject(nsd_root, subject, out: Path, sessions, zscore: bool, progr
     return final
 
 
-def _rows(nsd_ids, trials, betas, info, captions, stimuli) -> dict:
-    coco = info.loc[nsd_ids, "cocoId"].to_numpy().astype(np.int64)
+def _rows(stimulus_ids, trials, betas, reader: Reader, stimuli) -> dict:
+    coco_ids, captions = reader.stimulus_info([int(i) for i in stimulus_ids])
     return {
-        "nsd_id": [int(i) for i in nsd_ids],
-        "coco_id": coco.tolist(),
-        "image": [_png(stimuli[i]) for i in nsd_ids],
-        "captions": [captions[int(c)] for c in coco],
+        "nsd_id": [int(i) for i in stimulus_ids],
+        "coco_id": coco_ids,
+        "image": [_png(stimuli[i]) for i in stimulus_ids],
+        "captions": captions,
         "n_reps": [len(t) for t in trials],
         "trials": [list(map(int, t)) for t in trials],
         "betas": list(np.asarray(betas, dtype=np.float32)),
     }
-
-
-def _cross_check(info, subject: int, images: np.ndarray) -> None:
-    """The stim-info rep columns must name each trial under the image that expdesign says it showed."""
-    columns = [f"subject{subject}_rep{r}" for r in range(3)]
-    if not set(columns) <= set(info.columns):
-        return  # an older stim-info file without rep columns: nothing to cross-check
-    missing = np.setdiff1d(np.unique(images), info.index.to_numpy())
-    if len(missing):
-        raise InputError(f"nsd_stim_info_merged.csv has no row for nsdId {missing[0]} shown to subject {subject}")
-    reps = info.loc[images, columns].to_numpy()
-    trials = np.arange(1, len(images) + 1)[:, None]
-    wrong = np.flatnonzero(~(reps == trials).any(axis=1))
-    if len(wrong):
-        t = int(wrong[0]) + 1
-        raise InputError(
-            f"nsd_expdesign.mat and nsd_stim_info_merged.csv disagree: trial {t} of subject {subject} shows "
-            f"nsdId {images[t - 1]} by the design, but that image's {columns} do not list trial {t}"
-        )
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -386,10 +274,7 @@ def dataset_card(infos: dict[str, dict], repo_id: str = "<user>/nsd-trials") -> 
         tags=["fmri", "neuroscience", "natural-scenes-dataset", "brainldm"],
         configs=configs,
         extra_gated_prompt=GATED_PROMPT,
-        extra_gated_fields={
-            "I agree to the NSD Terms and Conditions (https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions)":
-            "checkbox",
-        },
+        extra_gated_fields={f"I agree to the NSD Terms and Conditions ({NSD_TERMS[1]})": "checkbox"},
     )
     table = "\n".join(
         f"| {name} | {i['n_train']} | {i['n_test']} | {i['n_voxels']} | {len(i['sessions'])} | "

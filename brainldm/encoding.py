@@ -7,7 +7,7 @@ For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.featur
 3. Pearson r between predicted and measured test responses (betas averaged over repetitions);
 4. a one-sided p-value per voxel against the null of r between independent Gaussian vectors of the test length,
    and Benjamini-Hochberg FDR (:func:`significance`);
-5. per-ROI summaries over NSD's ``streams`` labels.
+5. per-ROI summaries over the voxel table's ROI labels (NSD's ``streams``, or a user's own ROIs).
 
 :func:`run_encoding` does all of it for one subject and writes r maps as NIfTI, summaries as JSON/CSV and figures.
 """
@@ -23,7 +23,6 @@ import numpy as np
 import scipy.stats
 import torch
 
-from . import nsd
 from .metrics import dimension_correlation
 from .presets import TAKAGI2023
 from .ridge import RidgeCV
@@ -68,10 +67,12 @@ def significance(r: np.ndarray, n: int, q: float = TAKAGI2023.fdr_q) -> tuple[np
     return p, adjusted, adjusted < q
 
 
-def roi_summary(r: np.ndarray, significant: np.ndarray, streams: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per ``streams`` ROI: voxel count, mean r and the fraction of voxels significant."""
+def roi_summary(
+    r: np.ndarray, significant: np.ndarray, streams: np.ndarray, roi_names: dict[int, str]
+) -> dict[str, dict[str, float]]:
+    """Per ROI (``streams`` labels named by ``roi_names``): voxel count, mean r and the fraction significant."""
     summary = {}
-    for label, name in nsd.STREAMS.items():
+    for label, name in roi_names.items():
         mask = streams == label
         if mask.any():
             summary[name] = {
@@ -107,6 +108,7 @@ def fit_encoding(
     test_features: np.ndarray,
     test_betas: np.ndarray,
     streams: np.ndarray,
+    roi_names: dict[int, str],
     feature: str = "",
     n_components: int = TAKAGI2023.n_pca,
     alphas: Sequence[float] = TAKAGI2023.alphas,
@@ -133,7 +135,7 @@ def fit_encoding(
         best_alphas=ridge.best_alphas_.numpy(),
         n_components=components.shape[1],
         n_test=len(test_betas),
-        rois=roi_summary(r, significant, streams),
+        rois=roi_summary(r, significant, streams, roi_names),
     )
 
 
@@ -186,7 +188,7 @@ def run_encoding(
         store = stores[name]
         results[name] = fit_encoding(
             store.load(train_ids), train_betas, train_ids, store.load(test_ids), test_betas, voxels.streams,
-            feature=name, n_components=n_components, alphas=alphas, cv=cv, q=q, device=device,
+            voxels.roi_names, feature=name, n_components=n_components, alphas=alphas, cv=cv, q=q, device=device,
         )  # fmt: skip
     write_results(results, voxels, out, space)
     return results

@@ -251,7 +251,13 @@ def evaluate(
     folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
     if not folders:
         raise InputError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
-    results = {"subjects": {}, "unavailable": unavailable, "stand_ins": stand_ins, "retrieval": {}, "protocol": protocol}
+    results = {
+        "subjects": {},
+        "unavailable": unavailable,
+        "stand_ins": stand_ins,
+        "retrieval": {},
+        "protocol": protocol,
+    }
     for folder in folders:
         trials = load_subject_reconstructions(folder)
         originals = [images["original"] for _, images in trials]

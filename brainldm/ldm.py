@@ -28,7 +28,10 @@ TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
 # (licence name, link) of LDMs on the Hub, for the model cards of maps fitted to their features
 MODEL_LICENSES = {
-    "CompVis/stable-diffusion-v1-4": ("creativeml-openrail-m", "https://huggingface.co/spaces/CompVis/stable-diffusion-license"),
+    "CompVis/stable-diffusion-v1-4": (
+        "creativeml-openrail-m",
+        "https://huggingface.co/spaces/CompVis/stable-diffusion-license",
+    ),
 }
 
 

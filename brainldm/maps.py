@@ -27,13 +27,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .data import VoxelTable, load_trials, load_voxels
+from .data import load_trials, load_voxels
 from .features import FeatureStore
 from .ldm import MODEL_LICENSES
 from .metrics import dimension_correlation, identification_rank, pattern_correlation, two_way_identification
 from .presets import TAKAGI2023
 from .ridge import RidgeCV, reduced_rank
 from .validation import InputError, check_finite, oneline
+from .voxels import VoxelTable
 
 WEIGHTS_FILE = "maps.safetensors"
 CONFIG_FILE = "config.json"
@@ -412,9 +413,14 @@ def model_card(cfg: MapsConfig, repo_id: str | None = None) -> ModelCard:
     model_licence = MODEL_LICENSES.get(cfg.model_id)
     results = [
         EvalResult(
-            task_type="brain-decoding", task_name=f"fMRI to {name} ({t.roi} voxels)", dataset_type=cfg.data or "nsd",
-            dataset_name=f"NSD subject {cfg.subject}, shared images", dataset_split="test", metric_type=metric,
-            metric_name=f"{name}: {title}", metric_value=round(cfg.scores[name][key], 4),
+            task_type="brain-decoding",
+            task_name=f"fMRI to {name} ({t.roi} voxels)",
+            dataset_type=cfg.data or "nsd",
+            dataset_name=f"NSD subject {cfg.subject}, shared images",
+            dataset_split="test",
+            metric_type=metric,
+            metric_name=f"{name}: {title}",
+            metric_value=round(cfg.scores[name][key], 4),
         )  # fmt: skip
         for name, t in cfg.targets.items()
         if "identification" in cfg.scores.get(name, {})
@@ -534,7 +540,9 @@ def fit_subject_maps(
     models = {name: store.config.get("model") for name, store in stores.items()}
     if len(set(models.values())) > 1:
         said = " but ".join(f"the {name} features from {model!r}" for name, model in models.items())
-        raise InputError(f"in {features}, {said}; extract them all with one model (scripts/extract_features.py --model)")
+        raise InputError(
+            f"in {features}, {said}; extract them all with one model (scripts/extract_features.py --model)"
+        )
 
     fitted, targets, scores = {}, {}, {}
     for name, roi in decoders.items():

@@ -63,7 +63,11 @@ class Reconstructor:
         return self.img2img.unet.dtype
 
     def check_inputs(self, z, c, sampling: Sampling) -> None:
-        strength, num_inference_steps, num_samples = sampling.strength, sampling.num_inference_steps, sampling.num_samples
+        strength, num_inference_steps, num_samples = (
+            sampling.strength,
+            sampling.num_inference_steps,
+            sampling.num_samples,
+        )
         vae, unet = self.img2img.vae, self.img2img.unet
         if z.ndim != 4 or z.shape[1] != vae.config.latent_channels:
             raise InputError(
@@ -111,8 +115,8 @@ class Reconstructor:
     ) -> Reconstruction:
         """Reconstruct n images from z (n, 4, h, w) and c (n, 77, hidden) with the ``sampling`` settings.
 
-        Returns Xz once per image and ``sampling.num_samples`` of Xc and Xzc. ``include_xc=False`` skips Xc (a full-length
-        generation) when only Xzc is wanted; Xc is then returned empty.
+        Returns Xz once per image and ``sampling.num_samples`` of Xc and Xzc. ``include_xc=False`` skips Xc (a
+        full-length generation) when only Xzc is wanted; Xc is then returned empty.
         """
         z, c = torch.as_tensor(z), torch.as_tensor(c)
         self.check_inputs(z, c, sampling)

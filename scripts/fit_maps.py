@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join(f"{a:g}" for a in TAKAGI2023.alphas),
         help="comma-separated ridge penalties, each > 0",
     )
+    parser.add_argument(
+        "--decoders",
+        default=",".join(f"{target}={roi}" for target, roi in TAKAGI2023.decoders),
+        help="which ROI each target is decoded from, as target=roi pairs (default: the paper's, "
+        "%(default)s); ROI names are the dataset's own (NSD streams, or your experiment's masks)",
+    )
     parser.add_argument("--cv", type=cli.integer(2), default=TAKAGI2023.cv_folds, help="CV folds (grouped by image)")
     parser.add_argument("--c-rank", type=cli.positive, help="store the c map at this rank (e.g. 1024); default dense")
     parser.add_argument("--z-rank", type=cli.positive, help="store the z map at this rank; default dense")
@@ -38,10 +44,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from brainldm.maps import fit_subject_maps
 
+    pairs = [pair.split("=") for pair in args.decoders.split(",")]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        parser.error(f"--decoders: expected target=roi pairs such as z=early,c=ventral, got {args.decoders!r}")
+
     maps = fit_subject_maps(
         args.data,
         args.features,
         args.subject,
+        decoders=tuple((target, roi) for target, roi in pairs),
         alphas=args.alphas,
         cv=args.cv,
         ranks={name: rank for name, rank in (("z", args.z_rank), ("c", args.c_rank)) if rank is not None},

@@ -53,9 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         help=f"img2img noise level in (0, 1] (default: {TAKAGI2023.sampling.strength})",
     )
     parser.add_argument(
-        "--guidance", type=cli.number(1.0), default=TAKAGI2023.sampling.guidance_scale, help="classifier-free guidance, >= 1"
+        "--guidance",
+        type=cli.number(1.0),
+        default=TAKAGI2023.sampling.guidance_scale,
+        help="classifier-free guidance, >= 1",
     )
-    parser.add_argument("--steps", type=cli.positive, default=TAKAGI2023.sampling.num_inference_steps, help="DDIM steps")
+    parser.add_argument(
+        "--steps", type=cli.positive, default=TAKAGI2023.sampling.num_inference_steps, help="DDIM steps"
+    )
     parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.sampling.seed)
     parser.add_argument("--overwrite", action="store_true", help="remake finished trials made with other settings")
     parser.add_argument(

@@ -110,10 +110,14 @@ def _handler(hub: LocalHub):
             if path == "/api/repos/create":
                 payload = json.loads(body)
                 kind = payload.get("type") or "model"
-                repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+                repo_id = (
+                    f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+                )
                 prefix = "" if kind == "model" else f"{kind}s/"
                 if (kind, repo_id) in hub.repos:  # as the Hub: 409, with the repo's URL
-                    return self._json(409, {"error": "You already created this repo", "url": f"{hub.url}/{prefix}{repo_id}"})
+                    return self._json(
+                        409, {"error": "You already created this repo", "url": f"{hub.url}/{prefix}{repo_id}"}
+                    )
                 hub.repos[(kind, repo_id)] = Repo(kind, settings={"private": bool(payload.get("private"))})
                 return self._json(200, {"url": f"{hub.url}/{prefix}{repo_id}", "name": repo_id})
             if path == "/api/validate-yaml":  # a model or dataset card's metadata must at least be YAML

@@ -261,47 +261,12 @@ def test_dataset_card_lists_every_subject(nsd_tree, tmp_path):
     assert f"| subj01 | {n_train} |" in card
 
 
-class FakeHub:
-    """Stands in for HfApi: keeps a dataset repo as a folder, so push_to_hub runs its real calls offline."""
-
-    def __init__(self, repo_root):
-        self.repo_root = repo_root
-
-    def __call__(self, token=None):
-        return self
-
-    def create_repo(self, repo_id, repo_type, private, exist_ok):
-        self.private = private
-        (self.repo_root / repo_id).mkdir(parents=True, exist_ok=True)
-
-    def upload_folder(self, repo_id, repo_type, folder_path, path_in_repo, commit_message):
-        shutil.copytree(folder_path, self.repo_root / repo_id / path_in_repo, dirs_exist_ok=True)
-
-    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, repo_type, commit_message):
-        (self.repo_root / repo_id / path_in_repo).write_bytes(path_or_fileobj)
-
-    def list_repo_files(self, repo_id, repo_type):
-        return [
-            str(p.relative_to(self.repo_root / repo_id)) for p in (self.repo_root / repo_id).rglob("*") if p.is_file()
-        ]
-
-    def hf_hub_download(self, repo_id, filename, repo_type):
-        return str(self.repo_root / repo_id / filename)
-
-
-def test_push_then_load_through_the_hub_cache(nsd_tree, prepared, tmp_path, monkeypatch):
-    hub = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(data, "HfApi", hub)
-    data.push_to_hub(prepared, 2, "someone/nsd-trials", private=True)
-    repo = tmp_path / "hub" / "someone/nsd-trials"
-    assert hub.private and (repo / "subj02" / "voxels.safetensors").exists()
-    assert "config_name: subj02" in (repo / "README.md").read_text()
-
-    # lay the pushed repo out as a Hugging Face cache snapshot, then load it offline by repo id
+def test_a_hub_dataset_loads_offline_from_the_cache(prepared, tmp_path, monkeypatch):
+    # a Hub dataset repo as the Hugging Face cache holds it (pushing over HTTP is tests/test_hub.py's business)
     cache = tmp_path / "cache"
     entry = cache / "datasets--someone--nsd-trials"
     commit = "0" * 40
-    shutil.copytree(repo, entry / "snapshots" / commit)
+    shutil.copytree(prepared, entry / "snapshots" / commit)
     (entry / "refs").mkdir(parents=True)
     (entry / "refs" / "main").write_text(commit)
     monkeypatch.setattr(data, "snapshot_download", _offline_snapshot_download(cache))

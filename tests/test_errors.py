@@ -165,7 +165,9 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world,
 
     recon = Reconstructor(tiny, output_size=64)
     common = dict(rows=[0], progress=False)
-    reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path, sampling=Sampling(num_inference_steps=4), **common)
+    reconstruct_trials(
+        recon, decoding_world.maps, decoding_world.data, 1, tmp_path, sampling=Sampling(num_inference_steps=4), **common
+    )
     made = (tmp_path / "subj01" / "test-00000" / "Xzc_0.png").read_bytes()
     with pytest.raises(InputError, match=r"test-00000 was made with num_inference_steps 4 \(now 5\).*--overwrite"):
         reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path,

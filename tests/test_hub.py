@@ -10,10 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from hub_server import LocalHub
 from huggingface_hub import DatasetCard, ModelCard
 
 from brainldm.maps import SubjectMaps
-from hub_server import LocalHub
 
 TOKEN = "hf_local_test_token"
 
@@ -32,7 +32,8 @@ out["first_url"] = maps.push_to_hub("someone/brainldm-subj01", token=token)
 half = SubjectMaps(maps.maps, replace(maps.config, storage_dtype="float16"), maps.per_image)
 out["second_url"] = half.push_to_hub("someone/brainldm-subj01", token=token)
 first_sha = out["first_url"].rsplit("/", 1)[1]
-pulled = SubjectMaps.from_pretrained("someone/brainldm-subj01", revision=first_sha, token=token, cache_dir=work / "cache")
+cache = work / "cache"
+pulled = SubjectMaps.from_pretrained("someone/brainldm-subj01", revision=first_sha, token=token, cache_dir=cache)
 pulled.save_pretrained(work / "pulled")
 newest = SubjectMaps.from_pretrained("someone/brainldm-subj01", token=token, cache_dir=work / "cache")
 out["newest_dtype"] = newest.config.storage_dtype
@@ -124,4 +125,3 @@ def test_the_dataset_card_has_a_default_config_and_gates_on_nsd_terms(published)
     assert [c["config_name"] for c in configs if c.get("default")] == ["subj01"]
     assert "NSD Terms" in card.data.to_dict()["extra_gated_prompt"] and repo.settings["gated"] == "auto"
     assert 'load_trials("someone/nsd-trials"' in card.text
-

@@ -43,7 +43,9 @@ def test_maps_are_keyed_by_the_decoded_targets_and_their_rois(decoding_world):
     assert {name: t.roi for name, t in maps.config.targets.items()} == {"z": "early", "c": "ventral"}
     voxels = load_voxels(decoding_world.data, 1)
     assert np.array_equal(maps["z"].voxels.numpy(), voxels.roi("early"))
-    assert maps.config.targets["c"].shape == (77, 32) and maps.config.targets["c"].n_voxels == len(voxels.roi("ventral"))
+    assert maps.config.targets["c"].shape == (77, 32) and maps.config.targets["c"].n_voxels == len(
+        voxels.roi("ventral")
+    )
 
 
 def test_save_and_load_round_trip_exactly(decoding_world, tmp_path):

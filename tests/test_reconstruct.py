@@ -1,10 +1,10 @@
 """Reconstructor and test-set runs: shapes, seeds, strength, conditioning, batching, resume, sharding, errors."""
 
 import json
-from dataclasses import replace
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -135,9 +135,13 @@ def test_trials_are_written_and_a_rerun_skips_finished_ones(decoding_world, reco
 
 def test_out_of_range_trials_and_maps_of_another_subject_are_refused(decoding_world, reconstructor, tmp_path):
     with pytest.raises(InputError, match="trial 99 is out of range"):
-        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 1, tmp_path, rows=[99], sampling=FAST)
+        reconstruct_trials(
+            reconstructor, decoding_world.maps, decoding_world.data, 1, tmp_path, rows=[99], sampling=FAST
+        )
     with pytest.raises(InputError, match="fitted on subject 1's voxel table"):
-        reconstruct_trials(reconstructor, decoding_world.maps, decoding_world.data, 2, tmp_path, rows=[0], sampling=FAST)
+        reconstruct_trials(
+            reconstructor, decoding_world.maps, decoding_world.data, 2, tmp_path, rows=[0], sampling=FAST
+        )
 
 
 def test_two_processes_under_accelerate_cover_every_trial_exactly_once(decoding_world, tmp_path):

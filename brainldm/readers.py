@@ -1,0 +1,308 @@
+"""Readers: the seam between a raw fMRI dataset and the trials dataset (:func:`brainldm.data.prepare`).
+
+A reader gives one subject's voxels (with their ROI labels, as data), the stimulus each trial showed, which stimuli
+form the test split, the betas of one session at a time, and each stimulus's image and captions. Everything it can
+check is checked when it is made, before any betas are read. Features, maps, reconstruction and encoding only see
+the trials dataset, never a reader's files, so a new dataset is a new reader and nothing else.
+
+- :class:`NSDReader`: the Natural Scenes Dataset in its own layout (:mod:`brainldm.nsd`).
+- :class:`ExperimentReader`: a user's own experiment, described by a small JSON manifest (betas as NIfTI files or
+  one ``.npy`` array, stimulus images, captions, ROI masks, the test images).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from . import nsd
+from .validation import InputError, oneline, require_file
+from .voxels import VoxelTable
+
+
+class Reader(Protocol):
+    """What :func:`brainldm.data.prepare` needs from a raw dataset, for one subject."""
+
+    subject: int
+    whole_brain: bool
+    voxels: VoxelTable
+    sessions: list[int]
+    session_of_trial: np.ndarray  # (n_trials,) the session of each trial, in order
+    trial_stimuli: np.ndarray  # (n_trials,) the 0-based stimulus id each trial showed (the dataset's ``nsd_id``)
+    test_stimuli: np.ndarray  # stimulus ids of the test split; their trials are averaged per stimulus
+
+    def params(self) -> dict:
+        """What identifies this input (a resumed run must match it); ``root`` is the only local path in it."""
+
+    def read_session(self, session: int) -> np.ndarray:
+        """One session's betas at the table's voxels -> (n_trials_in_session, n_voxels) float32."""
+
+    def describe_session(self, session: int) -> str:
+        """The file a session's betas come from, for error messages."""
+
+    def stimulus_info(self, ids: Sequence[int]) -> tuple[list[int], list[list[str]]]:
+        """(COCO id or -1, captions) of each stimulus id."""
+
+    def open_stimuli(self):
+        """A context manager giving ``stimuli[id] -> (H, W, 3) uint8``."""
+
+
+# --- NSD ---------------------------------------------------------------------------------------------------------
+
+
+def nsd_voxel_table(root: str | Path, subject: int, whole_brain: bool = False) -> VoxelTable:
+    """Stored voxels of an NSD subject, in C order of the grid: every voxel with nsdgeneral == 1 or streams > 0,
+    or with ``whole_brain`` every voxel inside the brain (ROI labels >= 0), for whole-brain encoding models."""
+    general, streams = nsd.read_roi(root, subject, "nsdgeneral"), nsd.read_roi(root, subject, "streams")
+    if general.shape != streams.shape:
+        raise InputError(
+            f"nsdgeneral {general.shape} and streams {streams.shape} ROIs of subject {subject} differ in grid"
+        )
+    g, s = np.asarray(general.dataobj), np.asarray(streams.dataobj)
+    ijk = np.argwhere(((g >= 0) | (s >= 0)) if whole_brain else ((g == 1) | (s > 0)))
+    return VoxelTable(
+        subject=subject,
+        ijk=ijk,
+        grid_shape=tuple(int(n) for n in g.shape),
+        affine=np.asarray(general.affine, dtype=np.float64),
+        nsdgeneral=g[tuple(ijk.T)] == 1,
+        streams=np.maximum(s[tuple(ijk.T)], 0).astype(np.int64),
+        roi_names=dict(nsd.STREAMS),
+    )
+
+
+class NSDReader:
+    """One NSD subject: betas ``betas_fithrf_GLMdenoise_RR`` in func1pt8mm, the design, stim info, COCO captions.
+
+    ``sessions``: use the first K sessions (default: all the subject's consecutive sessions). The test split is
+    NSD's shared images (``sharedix``) seen in those sessions.
+    """
+
+    def __init__(self, root: str | Path, subject: int, sessions: int | None = None, whole_brain: bool = False):
+        if sessions is not None and sessions < 1:
+            raise InputError(f"--sessions must be >= 1, got {sessions}")
+        self.root, self.subject, self.whole_brain = Path(root), int(subject), whole_brain
+        design = nsd.read_expdesign(root)
+        self.info = nsd.read_stim_info(root)
+        self.sessions = nsd.list_sessions(root, subject, sessions)
+        self.voxels = nsd_voxel_table(root, subject, whole_brain)
+        shapes = [nsd.betas_shape(root, subject, s) for s in self.sessions]
+        for session, shape in zip(self.sessions, shapes):
+            if tuple(shape[:3]) != self.voxels.grid_shape:
+                raise InputError(
+                    f"{nsd.betas_path(root, subject, session)} has grid {tuple(shape[:3])} but the ROIs of "
+                    f"subject {subject} have grid {self.voxels.grid_shape}; are they from the same resolution "
+                    "(func1pt8mm)?"
+                )
+        self.session_of_trial = np.concatenate([np.full(shape[3], s) for s, shape in zip(self.sessions, shapes)])
+        self.trial_stimuli = design.trial_images(subject, len(self.session_of_trial))
+        self._cross_check()
+        coco_ids = self.info.loc[np.unique(self.trial_stimuli), "cocoId"].astype(np.int64)
+        self.captions = nsd.read_captions(root, coco_ids.to_numpy())
+        self.test_stimuli = np.unique(self.trial_stimuli[np.isin(self.trial_stimuli, design.shared)])
+
+    def params(self) -> dict:
+        return {
+            "dataset": "nsd",
+            "root": str(self.root.resolve()),
+            "subject": self.subject,
+            "sessions": self.sessions,
+            "whole_brain": self.whole_brain,
+        }
+
+    def read_session(self, session: int) -> np.ndarray:
+        return nsd.read_betas(self.root, self.subject, session, self.voxels.ijk)
+
+    def describe_session(self, session: int) -> str:
+        return str(nsd.betas_path(self.root, self.subject, session))
+
+    def stimulus_info(self, ids: Sequence[int]) -> tuple[list[int], list[list[str]]]:
+        coco = self.info.loc[list(ids), "cocoId"].to_numpy().astype(np.int64)
+        return coco.tolist(), [self.captions[int(c)] for c in coco]
+
+    def open_stimuli(self) -> nsd.Stimuli:
+        return nsd.Stimuli(self.root)
+
+    def _cross_check(self) -> None:
+        """The stim-info rep columns must name each trial under the image that expdesign says it showed."""
+        info, subject, images = self.info, self.subject, self.trial_stimuli
+        columns = [f"subject{subject}_rep{r}" for r in range(3)]
+        if not set(columns) <= set(info.columns):
+            return  # an older stim-info file without rep columns: nothing to cross-check
+        missing = np.setdiff1d(np.unique(images), info.index.to_numpy())
+        if len(missing):
+            raise InputError(f"nsd_stim_info_merged.csv has no row for nsdId {missing[0]} shown to subject {subject}")
+        reps = info.loc[images, columns].to_numpy()
+        trials = np.arange(1, len(images) + 1)[:, None]
+        wrong = np.flatnonzero(~(reps == trials).any(axis=1))
+        if len(wrong):
+            t = int(wrong[0]) + 1
+            raise InputError(
+                f"nsd_expdesign.mat and nsd_stim_info_merged.csv disagree: trial {t} of subject {subject} shows "
+                f"nsdId {images[t - 1]} by the design, but that image's {columns} do not list trial {t}"
+            )
+
+
+# --- a user's own experiment -------------------------------------------------------------------------------------
+
+MANIFEST_KEYS = ("betas", "trials", "images", "captions", "rois", "test")
+
+
+class ExperimentReader:
+    """A user's own experiment, described by a JSON manifest; paths in it are relative to the manifest::
+
+        {
+          "subject": 1,
+          "betas": ["betas/run1.nii.gz", "betas/run2.nii.gz"],  // one 4D NIfTI (X, Y, Z, trials) per session,
+                                                               // or one .npy of (trials, X, Y, Z)
+          "trials": "trials.txt",         // the image file each trial showed, one line per trial, sessions in order
+          "images": "images/",            // the stimulus images, any format PIL reads
+          "captions": "captions.json",    // {"image file": ["a caption", ...], ...}
+          "rois": {"early": "rois/early.nii.gz", "ventral": "rois/ventral.nii.gz"},  // masks in the betas grid
+          "test": "test.txt"              // the test split's image files, one per line
+        }
+
+    Stimulus ids are the images' positions in sorted file-name order. The stored voxels are those in any ROI mask
+    (labelled by the first mask that holds them, in the manifest's order); ``nsdgeneral`` is their union. Name the
+    ROIs ``early`` and ``ventral`` to decode z and c with the paper's settings (or choose others when fitting).
+    """
+
+    def __init__(self, manifest: str | Path):
+        self.manifest = require_file(manifest, "experiment manifest")
+        try:
+            spec = json.loads(self.manifest.read_text())
+        except ValueError as err:
+            raise InputError(f"{self.manifest} is not valid JSON: {oneline(err)}") from err
+        missing = [key for key in MANIFEST_KEYS if key not in spec]
+        if missing:
+            raise InputError(f"{self.manifest} has no {', '.join(missing)}; it needs {', '.join(MANIFEST_KEYS)}")
+        here = self.manifest.parent
+        self.subject, self.whole_brain = int(spec.get("subject", 1)), False
+        betas = spec["betas"] if isinstance(spec["betas"], list) else [spec["betas"]]
+        self.betas = [require_file(here / p, "betas file") for p in betas]
+        self.image_dir = here / spec["images"]
+        if not self.image_dir.is_dir():
+            raise InputError(f"the images folder {self.image_dir} does not exist")
+        self.image_names = sorted(p.name for p in self.image_dir.iterdir() if p.is_file())
+        ids = {name: i for i, name in enumerate(self.image_names)}
+        shown = _lines(require_file(here / spec["trials"], "trials list"))
+        test = _lines(require_file(here / spec["test"], "test list"))
+        for what, names in (("trials list", shown), ("test list", test)):
+            unknown = [n for n in names if n not in ids]
+            if unknown:
+                raise InputError(f"the {what} names {unknown[0]!r}, which is not in {self.image_dir}")
+        captions_path = require_file(here / spec["captions"], "captions JSON")
+        try:
+            captions = json.loads(captions_path.read_text())
+        except ValueError as err:
+            raise InputError(f"{captions_path} is not valid JSON: {oneline(err)}") from err
+        without = [n for n in sorted(set(shown)) if not captions.get(n)]
+        if without:
+            raise InputError(f"{captions_path} has no captions for {without[0]!r}; every shown image needs some")
+        self.captions = {ids[n]: [str(c).strip() for c in caps] for n, caps in captions.items() if n in ids}
+
+        lengths = [self._n_trials(path) for path in self.betas]
+        if sum(lengths) != len(shown):
+            raise InputError(
+                f"the betas hold {sum(lengths)} trials ({', '.join(map(str, lengths))} per file) but the trials list "
+                f"names {len(shown)}; they must match, one line per trial"
+            )
+        self.sessions = list(range(1, len(self.betas) + 1))
+        self.session_of_trial = np.concatenate([np.full(n, s) for s, n in zip(self.sessions, lengths)])
+        self.trial_stimuli = np.array([ids[n] for n in shown], dtype=np.int64)
+        self.test_stimuli = np.unique([ids[n] for n in test])
+        if (
+            not np.isin(self.test_stimuli, self.trial_stimuli).all()
+            or np.isin(self.trial_stimuli, self.test_stimuli).all()
+        ):
+            raise InputError("the test list must name images that were shown, and leave some shown images for training")
+        self.voxels = self._voxel_table({name: here / path for name, path in spec["rois"].items()})
+
+    @staticmethod
+    def _grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+        """(shape, affine) of a betas file without reading its data: (X, Y, Z, trials)."""
+        try:
+            if path.suffix == ".npy":
+                array = np.load(path, mmap_mode="r")
+                return (*array.shape[1:], array.shape[0]), np.eye(4)
+            image = nib.load(path)
+            return image.shape, np.asarray(image.affine)
+        except Exception as err:
+            raise InputError(f"could not read {path}: {oneline(err)}; is it a NIfTI file or a .npy array?") from err
+
+    def _n_trials(self, path: Path) -> int:
+        shape, _ = self._grid(path)
+        if len(shape) != 4:
+            raise InputError(f"{path}: expected betas of shape (X, Y, Z, trials) (NIfTI) or (trials, X, Y, Z) (.npy)")
+        return shape[3]
+
+    def _voxel_table(self, rois: dict[str, Path]) -> VoxelTable:
+        if not rois:
+            raise InputError(f"{self.manifest} names no ROI masks")
+        shape, affine = self._grid(self.betas[0])
+        labels = np.zeros(shape[:3], dtype=np.int64)
+        for label, (name, path) in enumerate(rois.items(), start=1):
+            try:
+                mask = np.asarray(nib.load(require_file(path, f"ROI mask {name!r}")).dataobj) > 0
+            except InputError:
+                raise
+            except Exception as err:
+                raise InputError(f"could not read the ROI mask {path}: {oneline(err)}") from err
+            if mask.shape != tuple(shape[:3]):
+                raise InputError(f"the ROI mask {path} has grid {mask.shape}, the betas {tuple(shape[:3])}")
+            labels[mask & (labels == 0)] = label
+        ijk = np.argwhere(labels > 0)
+        return VoxelTable(
+            subject=self.subject,
+            ijk=ijk,
+            grid_shape=tuple(int(n) for n in shape[:3]),
+            affine=affine,
+            nsdgeneral=np.ones(len(ijk), dtype=bool),
+            streams=labels[tuple(ijk.T)],
+            roi_names={0: "unknown", **{label: name for label, name in enumerate(rois, start=1)}},
+        )
+
+    def params(self) -> dict:
+        return {"dataset": "experiment", "root": str(self.manifest.resolve()), "subject": self.subject,
+                "sessions": self.sessions, "whole_brain": False}  # fmt: skip
+
+    def read_session(self, session: int) -> np.ndarray:
+        path = self.betas[session - 1]
+        ijk = tuple(self.voxels.ijk.T)
+        if path.suffix == ".npy":
+            return np.asarray(np.load(path, mmap_mode="r")[(slice(None), *ijk)], dtype=np.float32)
+        return np.asarray(nib.load(path).dataobj, dtype=np.float32)[ijk].T  # (voxels, trials) -> (trials, voxels)
+
+    def describe_session(self, session: int) -> str:
+        return str(self.betas[session - 1])
+
+    def stimulus_info(self, ids: Sequence[int]) -> tuple[list[int], list[list[str]]]:
+        return [-1] * len(ids), [self.captions[int(i)] for i in ids]
+
+    @contextmanager
+    def open_stimuli(self) -> Iterator[_ImageFolder]:
+        yield _ImageFolder(self.image_dir, self.image_names)
+
+
+class _ImageFolder:
+    def __init__(self, folder: Path, names: list[str]):
+        self.folder, self.names = folder, names
+
+    def __getitem__(self, stimulus: int) -> np.ndarray:
+        path = self.folder / self.names[int(stimulus)]
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise InputError(f"cannot read the stimulus image {path}: {oneline(err)}") from err
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
