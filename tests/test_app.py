@@ -184,3 +184,32 @@ def test_the_zerogpu_budget_follows_steps_and_samples():
     assert gpu_seconds(Sampling(num_inference_steps=100)) > base
     assert gpu_seconds(Sampling(num_samples=5)) > gpu_seconds(Sampling(num_samples=2)) > base
     assert 15 < base < 60
+
+
+def test_the_gpu_function_gets_only_the_decoded_features_and_the_settings(sources):
+    backend = DemoBackend(sources, device="cpu")
+    calls = []
+
+    def gpu(z, c, sampling):  # what runs under @spaces.GPU on a ZeroGPU Space
+        calls.append((z, c, sampling))
+        return backend.generate(z, c, sampling)
+
+    sampling = Sampling(num_inference_steps=4, num_samples=2)
+    out = backend.reconstruct(1, 3, sampling, generate=gpu)
+    (z, c, given), = calls
+    assert given == sampling and z.shape == (1, 4, 40, 40) and c.shape == (1, 77, 32)
+    assert z.device.type == c.device.type == "cpu"  # decoding happened outside, in the main process
+    assert len(out["Xzc"]) == 2 and out["quality"]["n_candidates"] == 20
+
+
+def test_the_knobs_are_explained_and_the_showcase_is_cached_lazily(sources):
+    import gradio as gr
+
+    demo = app_module.build_demo(DemoBackend(sources, device="cpu"))
+    sliders = {block.label: block for block in demo.blocks.values() if isinstance(block, gr.Slider)}
+    assert "0 keeps Xz" in sliders["Noise level (img2img strength)"].info
+    assert "steers" in sliders["c strength (guidance)"].info
+    seed = next(b for b in demo.blocks.values() if isinstance(b, gr.Number) and b.label == "Seed")
+    assert seed.minimum == 0 and seed.maximum == 2**64 - 1
+    showcase = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
+    assert len(showcase.samples) == 3 and showcase.samples[0][2:5] == [0.8, 5.0, 50]  # the paper's settings
