@@ -196,7 +196,7 @@ def test_the_gpu_function_gets_only_the_decoded_features_and_the_settings(source
 
     sampling = Sampling(num_inference_steps=4, num_samples=2)
     out = backend.reconstruct(1, 3, sampling, generate=gpu)
-    (z, c, given), = calls
+    ((z, c, given),) = calls
     assert given == sampling and z.shape == (1, 4, 40, 40) and c.shape == (1, 77, 32)
     assert z.device.type == c.device.type == "cpu"  # decoding happened outside, in the main process
     assert len(out["Xzc"]) == 2 and out["quality"]["n_candidates"] == 20
