@@ -119,6 +119,7 @@ class Subject:
         self.maps = maps
         maps.check_voxels(load_voxels(data, subject))  # maps and data of different subjects fail here
         self.test = load_trials(data, subject, "test")  # memory-mapped Arrow: rows are read when asked for
+        self.nsd_ids = np.asarray(self.test.select_columns(["nsd_id"])["nsd_id"])  # 8 bytes per image
 
     def __len__(self) -> int:
         return len(self.test)
@@ -137,7 +138,7 @@ class Subject:
     def quality(self, trial: int) -> dict[str, float] | None:
         """How well this trial's z and c were decoded (r with the true features, identification rank), as scored
         when the maps were fitted; None if the maps hold no score for its image."""
-        scores = self.maps.image_scores(int(self.test[self.check_trial(trial)]["nsd_id"]))
+        scores = self.maps.image_scores(int(self.nsd_ids[self.check_trial(trial)]))
         return None if scores is None else {**scores, "n_candidates": self.maps.config.n_test}
 
     def thumbnails(self, folder: Path, size: int = THUMBNAIL_SIZE) -> list[tuple[str, str]]:
