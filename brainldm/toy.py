@@ -2,7 +2,8 @@
 
 A Stable-Diffusion-shaped model small enough to train in minutes on a GPU (a CPU-sized run takes 45 minutes on 2
 cores and scores lower), on the offline world's pictures and captions (:func:`brainldm.synthetic.draw_picture`). Its
-parts are the ones SD has, in the classes diffusers and transformers use for SD, so every code path of brainldm runs on it unchanged:
+parts are the ones SD has, in the classes diffusers and transformers use for SD, so every code path of brainldm
+runs on it unchanged:
 
 - a CLIP pair (``CLIPModel``) trained contrastively on (picture, caption) pairs; its text tower
   (``text_encoder``, last hidden states = c) conditions the U-Net, its vision tower with projection
