@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
-import gradio as gr  # noqa: I001
-import spaces  # before anything imports torch: on a ZeroGPU Space it patches torch's CUDA
+import gradio as gr
+import spaces  # before brainldm imports torch: on a ZeroGPU Space it patches torch's CUDA
 
 from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, gpu_seconds, offline_sources
 from brainldm.presets import TAKAGI2023, Sampling
