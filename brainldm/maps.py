@@ -30,7 +30,7 @@ from . import __version__
 from .data import load_trials, load_voxels
 from .features import FeatureStore
 from .ldm import MODEL_LICENSES
-from .metrics import dimension_correlation, identification_rank, pattern_correlation, two_way_identification
+from .metrics import dimension_correlation, identification, pattern_correlation
 from .presets import TAKAGI2023
 from .ridge import RidgeCV, reduced_rank
 from .validation import InputError, check_finite, oneline
@@ -582,18 +582,21 @@ def fit_subject_maps(
     if len(test_ids) >= 2:
         per_image = {"nsd_id": test_ids.astype(np.int64)}
         for name, pred in maps.predict(test_betas, voxels=voxels).items():
-            pred, true = pred.numpy(), stores[name].load(test_ids)
-            scores[name].update(decoding_scores(pred, true))
-            per_image[f"{name}.r"] = pattern_correlation(pred, true).astype(np.float32)
-            per_image[f"{name}.rank"] = identification_rank(pred, true).astype(np.int32)
+            means, images = decoding_scores(pred.numpy(), stores[name].load(test_ids))
+            scores[name].update(means)
+            per_image.update({f"{name}.{key}": values for key, values in images.items()})
         maps = SubjectMaps(fitted, replace(config, scores=scores), per_image)
     return maps
 
 
-def decoding_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Mean per-dimension r, mean per-image pattern r and mean 2-way identification of predicted features."""
-    return {
+def decoding_scores(pred: np.ndarray, true: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """How well predicted features (n, ...) match the true ones: the means (per-dimension r, per-image pattern r,
+    2-way identification) and each image's pattern r and identification rank (``r``, ``rank``)."""
+    pattern = pattern_correlation(pred, true)
+    two_way, rank = identification(pred, true)  # one correlation matrix for both
+    means = {
         "dimension_r": float(np.mean(dimension_correlation(pred, true))),
-        "pattern_r": float(np.mean(pattern_correlation(pred, true))),
-        "identification": float(np.mean(two_way_identification(pred, true))),
+        "pattern_r": float(np.mean(pattern)),
+        "identification": float(np.mean(two_way)),
     }
+    return means, {"r": pattern.astype(np.float32), "rank": rank.astype(np.int32)}

@@ -29,11 +29,13 @@ def dimension_correlation(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.sum(_standardise_rows(p.T) * _standardise_rows(t.T), axis=1)
 
 
-def two_way_identification(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """2-way identification accuracy of each item (chance 0.5) -> (n,).
+def identification(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(2-way identification accuracy, rank) of each item, from one correlation matrix -> (n,), (n,).
 
-    For item i: the fraction of other items j whose target correlates with prediction i less than item i's own
-    target does (``r(pred_i, true_j) < r(pred_i, true_i)``), as in Takagi & Nishimoto and later papers.
+    2-way identification (chance 0.5), as in Takagi & Nishimoto and later papers: for item i, the fraction of other
+    items j whose target correlates with prediction i less than item i's own target does
+    (``r(pred_i, true_j) < r(pred_i, true_i)``). Rank (1 = best): the position of item i's own target among all
+    targets, by correlation with its prediction.
     """
     r = correlation_matrix(pred, true)
     n = len(r)
@@ -41,13 +43,17 @@ def two_way_identification(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
         raise ValueError("2-way identification needs at least 2 items")
     own = np.diag(r)[:, None]
     wins = (r < own).sum(1)  # the diagonal never counts: r_ii < r_ii is False
-    return wins / (n - 1)
+    return wins / (n - 1), 1 + (r > own).sum(1)
+
+
+def two_way_identification(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """2-way identification accuracy of each item (chance 0.5) -> (n,); see :func:`identification`."""
+    return identification(pred, true)[0]
 
 
 def identification_rank(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Rank (1 = best) of each item's own target among all targets, by correlation with its prediction -> (n,)."""
-    r = correlation_matrix(pred, true)
-    return 1 + (r > np.diag(r)[:, None]).sum(1)
+    """Rank (1 = best) of each item's own target among all targets -> (n,); see :func:`identification`."""
+    return identification(pred, true)[1]
 
 
 # --- image metrics -------------------------------------------------------------------------------------------
