@@ -228,8 +228,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for s, p in zip(self.shadow, model.parameters()):
-            s.lerp_(p.detach(), 1 - self.decay)
+        # one fused call rather than a kernel per parameter (what torch.optim.swa_utils does too)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
                 default=f.default,
                 help=f"(default {f.default})",
             )
+        elif f.type in ("float", float):
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=cli.number(0), default=f.default, help=f"(default {f.default})"
+            )
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(ToyConfig) if hasattr(args, f.name)}
     config = replace(defaults, **overrides, n_heldout=args.eval_pairs)
