@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=cli.positive, default=20, help="test images (default 20)")
     parser.add_argument("--snr", type=cli.number(0, above=True), help="(default: the offline world's)")
     parser.add_argument("--world-components", type=cli.positive, default=32, help="(default 32, the world's)")
-    parser.add_argument("--components", type=cli.numbers(1), default=[2, 4, 8, 32], help="k to project on")
+    parser.add_argument(
+        "--components",
+        type=cli.numbers(1),
+        default=[2, 4, 8, 32],
+        help="comma-separated numbers of components to project on (default 2,4,8,32)",
+    )
     parser.add_argument("--steps", type=cli.positive, default=20, help="DDIM steps of Xc (default 20)")
     parser.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0, help="world seed (default 0)")
     args = parser.parse_args(argv)
@@ -66,8 +71,17 @@ def run(work: Path, args) -> None:
 
     ldm = load_ldm("toy", device="cpu")
     snr = args.snr or OFFLINE_SNR
-    tree = write_nsd_tree(work / "nsd", (1,), n_sessions=args.sessions, trials_per_session=args.trials_per_session,
-                          n_shared=args.shared, snr=snr, n_components=args.world_components, ldm=ldm, seed=args.seed)  # fmt: skip
+    tree = write_nsd_tree(
+        work / "nsd",
+        (1,),
+        n_sessions=args.sessions,
+        trials_per_session=args.trials_per_session,
+        n_shared=args.shared,
+        snr=snr,
+        n_components=args.world_components,
+        ldm=ldm,
+        seed=args.seed,
+    )
     prepare_subject(tree.root, 1, work / "trials")
     stimuli = SubjectStimuli(work / "trials", 1)
     extract_features(ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), work / "features")
