@@ -225,7 +225,7 @@ def load_ldm(
         try:
             # The safety checker belongs to text-to-image serving, not to reconstruction research.
             pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-                model_id_or_dir, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+                model_id_or_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
             )
         except (OSError, ValueError) as err:
             raise OSError(_load_error(model_id_or_dir, err)) from err
