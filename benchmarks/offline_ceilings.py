@@ -46,12 +46,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def project(x: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
-    """``x`` (n, ...) projected on the leading ``k`` principal components of ``train``, standardised as the world
-    standardises features before drawing voxel tuning from them."""
-    flat = train.reshape(len(train), -1)
-    mean, std = flat.mean(0), np.maximum(flat.std(0), 1e-3 * flat.std())
-    _, _, vt = np.linalg.svd((flat - mean) / std, full_matrices=False)
-    v = vt[:k].T
+    """``x`` (n, ...) projected on the leading ``k`` principal components of ``train``, as the world's voxels see
+    features (:func:`brainldm.synthetic.principal_components`)."""
+    from brainldm.synthetic import principal_components
+
+    mean, std, v = principal_components(train.reshape(len(train), -1), k)
     s = (x.reshape(len(x), -1) - mean) / std
     return ((s @ v @ v.T) * std + mean).reshape(x.shape).astype(np.float32)
 

@@ -200,15 +200,12 @@ def write_nsd_tree(
         z = encode_z(ldm, [images[i] for i in feature_ids]).numpy()
         c = encode_c(ldm, [[cap.strip() for cap in captions[i]] for i in feature_ids]).numpy()
     flat = {"z": z.reshape(len(z), -1), "c": c.reshape(len(c), -1)}
-    mean = {k: v.mean(0) for k, v in flat.items()}
-    std = {k: np.maximum(v.std(0), 1e-3 * v.std()) for k, v in flat.items()}
-    standardised = {k: (v - mean[k]) / std[k] for k, v in flat.items()}
     # Voxels see the features through their leading principal components (a smooth, low-dimensional tuning,
     # as real voxels pool over many feature dimensions), so the brain holds what a decoder can recover.
-    components = {}
-    for k, v in standardised.items():
-        _, _, vt = np.linalg.svd(v, full_matrices=False)
-        components[k] = vt[: min(n_components, len(vt))].T.astype(np.float32)  # (dim, K)
+    mean, std, components = {}, {}, {}
+    for k, v in flat.items():
+        mean[k], std[k], components[k] = principal_components(v, n_components)
+    standardised = {k: (v - mean[k]) / std[k] for k, v in flat.items()}
     rows = {nsd_id: i for i, nsd_id in enumerate(feature_ids.tolist())}
 
     truth = SyntheticNSD(
@@ -270,6 +267,14 @@ def write_nsd_tree(
             write_hdf5,
         )
     return truth
+
+
+def principal_components(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, components): the per-dimension standardisation of ``features`` (n, dim) and the leading ``k``
+    principal components (dim, k) of the standardised features, which the world's voxels are tuned to."""
+    mean, std = features.mean(0), np.maximum(features.std(0), 1e-3 * features.std())
+    _, _, vt = np.linalg.svd((features - mean) / std, full_matrices=False)
+    return mean, std, vt[: min(k, len(vt))].T.astype(np.float32)
 
 
 def _tuned(features: np.ndarray, components: np.ndarray, n_voxels: int, rng) -> np.ndarray:
