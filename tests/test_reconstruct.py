@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainldm.features import steps_run
+from brainldm.features import encode_prompts, steps_run
 from brainldm.presets import Sampling
 from brainldm.reconstruct import Reconstructor, reconstruct_trials
 from brainldm.validation import InputError
@@ -58,6 +58,16 @@ def test_strength_sets_the_number_of_denoising_steps(reconstructor, zc, strength
     finally:
         hook.remove()
     assert len(calls) == steps_run(steps, strength) == min(int(steps * strength), steps)
+
+
+def test_guidance_is_against_the_empty_prompt(reconstructor, tiny, zc):
+    """c equal to the embedding of "" leaves guidance nothing to push toward: guidance 5 gives the images of 1.
+    Guiding against any other embedding (zeros, a padded c) would not."""
+    empty = encode_prompts(tiny, ["", ""])
+    guided = reconstructor(zc[0][:2], empty, fast(guidance_scale=5.0))
+    plain = reconstructor(zc[0][:2], empty, fast(guidance_scale=1.0))
+    for name in ("Xc", "Xzc"):
+        np.testing.assert_allclose(getattr(guided, name), getattr(plain, name), atol=2, err_msg=name)
 
 
 def test_xzc_differs_from_xz_and_depends_on_c(reconstructor, zc):

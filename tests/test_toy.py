@@ -99,6 +99,9 @@ def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
         return np.mean([pixcorr(a, b) for a, b in zip(images, pictures)])
 
     assert two_way_identification(pixels(xz), pixels(pictures)).mean() >= 0.9
+    # Xz of a picture's own z is that picture, colours included (a latent decoded at the wrong scale is not)
+    assert mean_pixcorr(xz) >= 0.9
+    assert np.abs(xz.mean((1, 2)) - pictures.mean((1, 2))).mean() < 8
     assert mean_pixcorr(xzc) > mean_pixcorr(xc) + 0.2
     truth = clip_features(pictures)
     assert two_way_identification(clip_features(xzc), truth).mean() >= 0.8
