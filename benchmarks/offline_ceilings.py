@@ -2,15 +2,16 @@
 """How much of each picture's toy-CLIP identity z and c can carry on the offline world, and how much decoding keeps.
 
 Builds an offline world (toy features, the default noise level), prepares subject 1, extracts z and c and fits the
-maps, as the README's offline demo does. Then, on the test images, it makes Xz and Xc from:
+maps, as the README's offline demo does. Then, on the test images, it makes Xz, Xc and Xzc from:
 
 - the true z and c (what the LDM can do at best);
 - the true features projected on their leading k principal components (fit on the training images): the planted
   voxels see the leading ``--world-components`` of them, so this is what a brain of this world can carry at most;
 - the decoded z and c (what the maps recover),
 
-and prints toy-CLIP 2-way identification and PixCorr against the presented pictures (128 px). If Xz from a few
-components already scores higher than Xc from the true c, no decoder can make Xc beat Xz on this world's toy-CLIP.
+and prints toy-CLIP 2-way identification and PixCorr of Xz, Xc and Xzc against the presented pictures (128 px). If
+Xz from a few components already scores higher than Xc from the true c, no decoder can make Xc beat Xz on this
+world's toy-CLIP.
 """
 
 from __future__ import annotations
@@ -108,10 +109,11 @@ def run(work: Path, args) -> None:
         sources.append((f"{k} components", project(true["z"], train["z"], k), project(true["c"], train["c"], k)))
     sources.append(("decoded", decoded["z"], decoded["c"]))
     print(f"\n{len(test_ids)} test images, {len(train_ids)} training images, snr {snr}; toy-CLIP 2-way id | PixCorr\n")
-    print("| z and c | Xz toy-CLIP | Xz PixCorr | Xc toy-CLIP | Xc PixCorr |\n|---|---|---|---|---|")
+    print("| z and c | Xz toy-CLIP | Xz PixCorr | Xc toy-CLIP | Xc PixCorr | Xzc toy-CLIP | Xzc PixCorr |")
+    print("|---|---|---|---|---|---|---|")
     for name, z, c in sources:
         out = recon(torch.from_numpy(z), torch.from_numpy(c), sampling)
-        print(f"| {name} | {scores(out.Xz)} | {scores(out.Xc[:, 0])} |")
+        print(f"| {name} | {scores(out.Xz)} | {scores(out.Xc[:, 0])} | {scores(out.Xzc[:, 0])} |")
 
 
 if __name__ == "__main__":
