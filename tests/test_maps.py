@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 
 from brainldm.data import load_trials, load_voxels
 from brainldm.features import load_features
-from brainldm.maps import MapsConfig, SubjectMaps, fit_subject_maps
+from brainldm.maps import MapsConfig, SubjectMaps, fit_linear_map, fit_subject_maps
 from brainldm.metrics import two_way_identification
 from brainldm.ridge import reduced_rank
 from brainldm.validation import InputError
@@ -120,6 +120,24 @@ def test_compact_maps_keep_decoding_and_shrink(decoding_world, tmp_path):
     betas, _ = _test_betas(decoding_world)
     torch.testing.assert_close(loaded.predict(betas)["c"], compact.predict(betas)["c"], atol=2e-2, rtol=2e-2)
     assert (tmp_path / "c" / "maps.safetensors").stat().st_size < 0.3 * full.nbytes
+
+
+def test_a_map_standardises_its_voxels_on_the_training_trials():
+    """As the reference code's StandardScaler: per-voxel gains and offsets of the betas leave the predictions as
+    they were (a ridge fit on unstandardised betas would penalise each voxel by its scale)."""
+    rng = np.random.default_rng(0)
+    betas = rng.standard_normal((120, 30)).astype(np.float32)
+    targets = betas[:, :10] @ rng.standard_normal((10, 5)) + 0.5 * rng.standard_normal((120, 5))
+    gains, offsets = rng.uniform(0.2, 5.0, 30), rng.uniform(-3.0, 3.0, 30)
+    test = rng.standard_normal((10, 30))
+
+    def fit_and_predict(transform):
+        fitted, _ = fit_linear_map(transform(betas), targets, np.arange(30), np.zeros((30, 3)), np.arange(120) // 24,
+                                   device="cpu")  # fmt: skip
+        return fitted.predict(torch.from_numpy(transform(test).astype(np.float32)))
+
+    plain = fit_and_predict(lambda b: b)
+    torch.testing.assert_close(fit_and_predict(lambda b: b * gains + offsets), plain, atol=1e-3, rtol=1e-3)
 
 
 def test_reduced_rank_is_exact_at_full_rank_and_beats_plain_svd():
