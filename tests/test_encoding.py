@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 
 from brainldm.data import SubjectStimuli, load_trials, load_voxels, prepare_subject
-from brainldm.encoding import fit_pca, one_sided_p, run_encoding, significance
+from brainldm.encoding import fit_encoding, fit_pca, one_sided_p, run_encoding, significance
 from brainldm.features import extract_features, parse_features
 from brainldm.validation import InputError
 
@@ -103,6 +103,24 @@ def test_pca_keeps_the_components_the_data_have_and_spans_them(rank, expected):
     centred = features - mean
     np.testing.assert_allclose(centred @ components @ components.T, centred, atol=1e-3)
     assert fit_pca(features, n_components=3, device="cpu")[1].shape == (200, 3)
+
+
+def test_the_pca_is_fit_on_the_training_images_only():
+    """Test features along a direction no training image varies in change nothing: the PCA never saw them."""
+    rng = np.random.default_rng(0)
+    train, test = rng.standard_normal((40, 100)), rng.standard_normal((12, 100))
+    weights = rng.standard_normal((100, 6))
+    train_betas, test_betas = train @ weights, test @ weights + rng.standard_normal((12, 6))
+    centred = train - train.mean(0)
+    unseen = rng.standard_normal(100)
+    unseen -= centred.T @ np.linalg.lstsq(centred.T, unseen, rcond=None)[0]  # orthogonal to the training span
+    moved = test + 10 * rng.standard_normal((12, 1)) * unseen / np.linalg.norm(unseen)
+
+    def r(test_features):
+        return fit_encoding(train, train_betas, np.arange(40), test_features, test_betas, np.ones(6, int),
+                            {1: "early"}, n_components=20, device="cpu").r  # fmt: skip
+
+    np.testing.assert_allclose(r(moved), r(test), atol=1e-4)
 
 
 def test_noise_sweep_moves_zc_away_from_z(encoded):
