@@ -68,6 +68,14 @@ def test_zc_near_zero_strength_is_close_to_z_and_moves_away_with_noise(tiny, pic
     assert (far - z).norm() > 3 * (near - z).norm()
 
 
+def test_zc_guidance_is_against_the_empty_prompt(tiny, pictures):
+    """c equal to the embedding of "" leaves guidance nothing to push toward: zc at guidance 5 is zc at 1."""
+    z, empty = encode_z(tiny, [p for p, _ in pictures[:2]]), encode_prompts(tiny, ["", ""])
+    guided, _ = img2img_latents(tiny, z, empty, [0, 1], strength=0.6, num_inference_steps=10, guidance_scale=5.0)
+    plain, _ = img2img_latents(tiny, z, empty, [0, 1], strength=0.6, num_inference_steps=10, guidance_scale=1.0)
+    torch.testing.assert_close(guided, plain, atol=1e-4, rtol=1e-4)
+
+
 def test_zc_is_deterministic_per_image_whatever_the_batch(tiny, pictures):
     z = encode_z(tiny, [p for p, _ in pictures[:3]])
     c = encode_c(tiny, [caps for _, caps in pictures[:3]])
