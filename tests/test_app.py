@@ -69,6 +69,19 @@ def test_reconstruct_returns_the_four_images_and_decoding_quality(client):
     assert "identification rank (of 20)" in report and "z (image latent)" in report
 
 
+def test_the_sliders_reach_the_reconstruction(client):
+    """The noise level changes Xzc only (Xz is a plain decode, Xc starts from pure noise); guidance changes Xc."""
+
+    def run(strength, guidance):
+        _, xz, xc, xzc, _ = client.predict(1, 3, strength, guidance, 10, 42, 1, api_name="/reconstruct")
+        return [np.asarray(Image.open(path)) for path in (xz, xc[0]["image"], xzc[0]["image"])]
+
+    base, noisier, unguided = run(0.3, 5.0), run(1.0, 5.0), run(0.3, 1.0)
+    assert np.array_equal(base[0], noisier[0]) and np.array_equal(base[1], noisier[1])
+    assert not np.array_equal(base[2], noisier[2])
+    assert not np.array_equal(base[1], unguided[1])
+
+
 def test_cortical_maps_tab_says_when_there_are_none(client):
     figures, note = client.predict(1, api_name="/cortical_maps")
     assert figures == [] and "No cortical maps" in note
