@@ -84,22 +84,29 @@ def prepare_subject(
     overwrite: bool = False,
     progress: bool = True,
     whole_brain: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Path:
     """Build ``OUT/subjNN`` from raw NSD: :func:`prepare` with an :class:`~brainldm.readers.NSDReader`.
 
     Args:
-        nsd_root: the NSD root folder (see ``shared/PAPER.md`` for the layout).
+        nsd_root: the NSD root folder (see ``shared/PAPER.md`` for the layout), or a URL such as NSD's bucket
+            ``s3://natural-scenes-dataset``: then only what the subject needs is fetched (:mod:`brainldm.storage`).
         subject: 1-based NSD subject.
         out: the dataset folder; other subjects already in it are kept.
         sessions: use the first ``sessions`` sessions (default: all the subject's consecutive sessions).
         zscore: z-score each voxel within each session (the default); else raw percent signal change.
         overwrite: rebuild ``OUT/subjNN`` if it exists.
         whole_brain: store every in-brain voxel (as ``OUT/subjNN-wholebrain``), for the encoding analysis.
+        cache_dir: where files fetched from a URL are kept (default :func:`brainldm.storage.default_cache_dir`).
     Returns:
         The subject folder.
     """
     _check_new(Path(out) / subject_name(subject, whole_brain), overwrite)  # before any file is read
-    return prepare(NSDReader(nsd_root, subject, sessions, whole_brain), out, zscore, overwrite, progress)
+    reader = NSDReader(nsd_root, subject, sessions, whole_brain, cache_dir=cache_dir, progress=progress)
+    try:
+        return prepare(reader, out, zscore, overwrite, progress)
+    finally:
+        reader.root.close()
 
 
 def _check_new(final: Path, overwrite: bool) -> None:

@@ -6,7 +6,9 @@ these same paths, so the offline world and real NSD go through one reader.
 
 from __future__ import annotations
 
+import gzip
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from .validation import InputError, oneline, require_file
+from .h5chunks import chunk_ranges
+from .storage import RangeFile, Storage, as_storage, atomic_path
+from .validation import InputError, oneline
 
 # `streams.nii.gz` labels (0 = in the brain but unlabelled; -1 = outside the brain)
 STREAMS = {
@@ -36,35 +40,55 @@ BETAS_SCALE = 300.0  # stored int16 betas are percent signal change x 300
 COCO_SPLITS = ("train2017", "val2017")
 
 
+EXPDESIGN = "nsddata/experiments/nsd/nsd_expdesign.mat"
+STIM_INFO = "nsddata/experiments/nsd/nsd_stim_info_merged.csv"
+STIMULI = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+
+
+def captions_file(coco_split: str) -> str:
+    """COCO 2017 caption annotations, as NSD ships them beside the stimuli."""
+    return f"nsddata_stimuli/stimuli/nsd/annotations/captions_{coco_split}.json"
+
+
+def roi_file(subject: int, name: str) -> str:
+    """`name` is an ROI file stem such as ``nsdgeneral`` or ``streams``."""
+    return f"nsddata/ppdata/subj{subject:02d}/func1pt8mm/roi/{name}.nii.gz"
+
+
+def betas_folder(subject: int) -> str:
+    return f"nsddata_betas/ppdata/subj{subject:02d}/func1pt8mm/betas_fithrf_GLMdenoise_RR"
+
+
+def betas_file(subject: int, session: int, suffix: str = ".nii.gz") -> str:
+    """One session's betas; `session` is 1-based. `suffix` is ``.nii.gz`` or ``.hdf5``."""
+    return f"{betas_folder(subject)}/betas_session{session:02d}{suffix}"
+
+
+# Local paths under a root folder (what brainldm.synthetic writes, and what tests open)
+
+
 def expdesign_path(root: str | Path) -> Path:
-    return Path(root) / "nsddata/experiments/nsd/nsd_expdesign.mat"
+    return Path(root) / EXPDESIGN
 
 
 def stim_info_path(root: str | Path) -> Path:
-    return Path(root) / "nsddata/experiments/nsd/nsd_stim_info_merged.csv"
+    return Path(root) / STIM_INFO
 
 
 def stimuli_path(root: str | Path) -> Path:
-    return Path(root) / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    return Path(root) / STIMULI
 
 
 def captions_path(root: str | Path, coco_split: str) -> Path:
-    """COCO 2017 caption annotations, as NSD ships them beside the stimuli."""
-    return Path(root) / f"nsddata_stimuli/stimuli/nsd/annotations/captions_{coco_split}.json"
+    return Path(root) / captions_file(coco_split)
 
 
 def roi_path(root: str | Path, subject: int, name: str) -> Path:
-    """`name` is an ROI file stem such as ``nsdgeneral`` or ``streams``."""
-    return Path(root) / f"nsddata/ppdata/subj{subject:02d}/func1pt8mm/roi/{name}.nii.gz"
-
-
-def betas_dir(root: str | Path, subject: int) -> Path:
-    return Path(root) / f"nsddata_betas/ppdata/subj{subject:02d}/func1pt8mm/betas_fithrf_GLMdenoise_RR"
+    return Path(root) / roi_file(subject, name)
 
 
 def betas_path(root: str | Path, subject: int, session: int, suffix: str = ".nii.gz") -> Path:
-    """One session's betas; `session` is 1-based. `suffix` is ``.nii.gz`` or ``.hdf5``."""
-    return betas_dir(root, subject) / f"betas_session{session:02d}{suffix}"
+    return Path(root) / betas_file(subject, session, suffix)
 
 
 # --- readers: each validates what it reads and raises InputError naming the file -----------------------------
@@ -92,15 +116,9 @@ class ExpDesign:
         return self.sharedix - 1
 
 
-def _check_root(root: str | Path) -> Path:
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"NSD root {root} is not a folder; pass --nsd-root pointing at your NSD copy")
-    return root
-
-
-def read_expdesign(root: str | Path) -> ExpDesign:
-    path = require_file(expdesign_path(_check_root(root)), "NSD experiment design")
+def read_expdesign(root: str | Path | Storage) -> ExpDesign:
+    storage = as_storage(root)
+    path = storage.local(EXPDESIGN, "NSD experiment design")
     try:
         mat = scipy.io.loadmat(path)
         design = ExpDesign(
@@ -109,7 +127,9 @@ def read_expdesign(root: str | Path) -> ExpDesign:
             sharedix=np.asarray(mat["sharedix"]).astype(np.int64).ravel(),
         )
     except (KeyError, ValueError, OSError, TypeError) as err:
-        raise InputError(f"could not read {path}: {err!r}; expected masterordering, subjectim and sharedix") from err
+        raise InputError(
+            f"could not read {storage.url(EXPDESIGN)}: {err!r}; expected masterordering, subjectim and sharedix"
+        ) from err
     if design.subjectim.ndim != 2 or design.subjectim.shape[0] != N_SUBJECTS:
         raise InputError(f"{path}: subjectim should be {N_SUBJECTS} x n, got shape {design.subjectim.shape}")
     if design.masterordering.min() < 1 or design.masterordering.max() > design.subjectim.shape[1]:
@@ -119,29 +139,35 @@ def read_expdesign(root: str | Path) -> ExpDesign:
     return design
 
 
-def read_stim_info(root: str | Path) -> pd.DataFrame:
+def read_stim_info(root: str | Path | Storage) -> pd.DataFrame:
     """``nsd_stim_info_merged.csv`` indexed by 0-based ``nsdId``."""
-    path = require_file(stim_info_path(_check_root(root)), "NSD stimulus info")
+    storage = as_storage(root)
+    path = storage.local(STIM_INFO, "NSD stimulus info")
     try:
         info = pd.read_csv(path, index_col=0)
     except (ValueError, pd.errors.ParserError) as err:
-        raise InputError(f"could not read {path}: {oneline(err)}; download it again") from err
+        raise InputError(f"could not read {storage.url(STIM_INFO)}: {oneline(err)}; download it again") from err
     missing = [column for column in ("nsdId", "cocoId", "cocoSplit") if column not in info.columns]
     if missing:
-        raise InputError(f"{path} has no {', '.join(missing)} column(s); is it NSD's nsd_stim_info_merged.csv?")
+        raise InputError(
+            f"{storage.url(STIM_INFO)} has no {', '.join(missing)} column(s); is it NSD's nsd_stim_info_merged.csv?"
+        )
     return info.set_index("nsdId", drop=False)
 
 
-def read_captions(root: str | Path, coco_ids) -> dict[int, list[str]]:
+def read_captions(root: str | Path | Storage, coco_ids) -> dict[int, list[str]]:
     """All COCO captions of each requested cocoId (whitespace-stripped), from the train2017 and val2017 files."""
+    storage = as_storage(root)
     wanted = {int(c) for c in coco_ids}
     captions: dict[int, list[str]] = {c: [] for c in wanted}
     for split in COCO_SPLITS:
-        path = require_file(captions_path(_check_root(root), split), f"COCO {split} captions")
+        path = storage.local(captions_file(split), f"COCO {split} captions")
         try:
             annotations = json.loads(path.read_text())["annotations"]
         except (ValueError, KeyError) as err:
-            raise InputError(f"could not read {path}: {err!r}; expected a COCO captions JSON") from err
+            raise InputError(
+                f"could not read {storage.url(captions_file(split))}: {err!r}; expected a COCO captions JSON"
+            ) from err
         for a in annotations:
             if a["image_id"] in captions:
                 captions[a["image_id"]].append((a["id"], a["caption"].strip()))
@@ -150,30 +176,72 @@ def read_captions(root: str | Path, coco_ids) -> dict[int, list[str]]:
         raise InputError(
             f"no COCO captions for cocoId {missing[0]}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f" in {captions_path(root, 'train2017').parent}; is the annotations folder complete?"
+            + f" in {storage.url(captions_file('train2017')).rsplit('/', 1)[0]}; is the annotations folder complete?"
         )
     return {c: [text for _, text in sorted(caps)] for c, caps in captions.items()}  # COCO annotation order
 
 
 class Stimuli:
-    """Random access to ``nsd_stimuli.hdf5``'s ``imgBrick`` (n, H, W, 3 uint8). Use as a context manager."""
+    """Random access to ``nsd_stimuli.hdf5``'s ``imgBrick`` (n, H, W, 3 uint8). Use as a context manager.
 
-    def __init__(self, root: str | Path):
-        self.path = require_file(stimuli_path(_check_root(root)), "NSD stimuli")
-        try:
-            self._file = h5py.File(self.path, "r")
-            self.brick = self._file["imgBrick"]
-        except (OSError, KeyError) as err:
-            raise InputError(f"could not read imgBrick from {self.path}: {err}") from err
+    From a remote root, only the pictures ``nsd_ids`` name are fetched (each one's byte range of the file, many at
+    a time), once: they are kept in the storage's cache, so a resumed or repeated run fetches none again.
+    """
+
+    def __init__(self, root: str | Path | Storage, nsd_ids=None):
+        self.storage = as_storage(root)
+        self.url = self.storage.url(STIMULI)
+        self._file = None
+        if not self.storage.remote:
+            try:
+                self._file = h5py.File(self.storage.local(STIMULI, "NSD stimuli"), "r")
+                self.brick = self._file["imgBrick"]
+            except (OSError, KeyError) as err:
+                raise InputError(f"could not read imgBrick from {self.url}: {oneline(err)}") from err
+            return
+        if nsd_ids is None:
+            raise ValueError("a remote root needs the nsd_ids to fetch")
+        self.folder = self.storage.cache / f"{STIMULI}.images"
+        self._fetch(sorted({int(i) for i in nsd_ids}))
+
+    def _fetch(self, nsd_ids: list[int], batch: int = 64) -> None:
+        missing = [i for i in nsd_ids if not (self.folder / f"{i}.npy").is_file()]
+        if not missing:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.storage.open_hdf5(STIMULI, "NSD stimuli") as f:
+            if "imgBrick" not in f:
+                raise InputError(f"{self.url} has no imgBrick; is it NSD's nsd_stimuli.hdf5?")
+            brick = f["imgBrick"]
+            shape = brick.shape[1:]
+            if brick.chunks not in (None, (1, *shape)) or brick.dtype != np.uint8:
+                raise InputError(
+                    f"{self.url}: imgBrick is stored as chunks {brick.chunks} of {brick.dtype}, not NSD's layout "
+                    "(uint8, one picture per chunk or contiguous); use a local copy"
+                )
+            coords = np.zeros((len(missing), brick.ndim), dtype=np.int64)
+            coords[:, 0] = missing
+            offsets, sizes = chunk_ranges(self.storage, STIMULI, brick, coords)
+            if (offsets < 0).any():
+                raise InputError(f"{self.url} holds no picture {missing[int(np.argmax(offsets < 0))]}")
+            for start in range(0, len(missing), batch):
+                part = slice(start, start + batch)
+                blocks = self.storage.read_ranges(STIMULI, offsets[part], sizes[part])
+                for nsd_id, block in zip(missing[part], blocks):
+                    with atomic_path(self.folder / f"{nsd_id}.npy") as tmp, open(tmp, "wb") as f:
+                        np.save(f, np.frombuffer(block, np.uint8).reshape(shape))
 
     def __getitem__(self, nsd_id: int) -> np.ndarray:
         try:
-            return self.brick[int(nsd_id)]
+            if self._file is not None:
+                return self.brick[int(nsd_id)]
+            return np.load(self.folder / f"{int(nsd_id)}.npy")
         except (OSError, IndexError, ValueError) as err:
-            raise InputError(f"could not read image {nsd_id} from {self.path}: {err}") from err
+            raise InputError(f"could not read image {nsd_id} from {self.url}: {oneline(err)}") from err
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> Stimuli:
         return self
@@ -182,27 +250,35 @@ class Stimuli:
         self.close()
 
 
-def read_roi(root: str | Path, subject: int, name: str) -> nib.Nifti1Image:
-    path = require_file(roi_path(_check_root(root), subject, name), f"subj{subject:02d} {name} ROI")
+def read_roi(root: str | Path | Storage, subject: int, name: str) -> nib.Nifti1Image:
+    storage = as_storage(root)
+    path = storage.local(roi_file(subject, name), f"subj{subject:02d} {name} ROI")
     try:
         image = nib.load(path)
         data = np.asarray(image.dataobj)
     except Exception as err:  # nibabel raises many types for a bad file
         raise InputError(
-            f"could not read {path}: {oneline(err)}; the file may be truncated or corrupt: download it again"
+            f"could not read {storage.url(roi_file(subject, name))}: {oneline(err)}; the file may be truncated or "
+            "corrupt: download it again"
         ) from err
     return nib.Nifti1Image(np.round(data).astype(np.int16), image.affine)
 
 
-def list_sessions(root: str | Path, subject: int, first: int | None = None) -> list[int]:
-    """The subject's sessions 1, 2, ... (each a ``betas_sessionNN.nii.gz``), or only the ``first`` of them.
+def list_sessions(root: str | Path | Storage, subject: int, first: int | None = None) -> list[int]:
+    """The subject's sessions 1, 2, ... (each a ``betas_sessionNN.nii.gz`` or its ``.hdf5`` twin), or only the
+    ``first`` of them.
 
     A missing session before a later one is an error naming it, unless ``first`` stops before the gap.
     """
-    folder = betas_dir(_check_root(root), subject)
-    present = {int(p.name[len("betas_session") :].split(".")[0]) for p in folder.glob("betas_session*.nii.gz")}
+    storage = as_storage(root)
+    folder = storage.url(betas_folder(subject))
+    present = {
+        int(name[len("betas_session") :].split(".")[0])
+        for name in storage.listdir(betas_folder(subject))
+        if name.startswith("betas_session") and name.endswith((".nii.gz", ".hdf5"))
+    }
     if not present:
-        raise InputError(f"no betas for subject {subject}: no betas_sessionNN.nii.gz in {folder}")
+        raise InputError(f"no betas for subject {subject}: no betas_sessionNN.nii.gz or .hdf5 in {folder}")
     wanted = range(1, (first or max(present)) + 1)
     missing = [s for s in wanted if s not in present]
     if missing and (first is None or first <= max(present)):
@@ -211,7 +287,7 @@ def list_sessions(root: str | Path, subject: int, first: int | None = None) -> l
             f"download betas_session{missing[0]:02d}.nii.gz, or pass --sessions {missing[0] - 1} to use only the "
             "sessions before it"
             if missing[0] > 1
-            else f"{folder} has betas but not betas_session01.nii.gz"
+            else f"{folder} has betas but not betas_session01"
         )
     if first is not None and first > max(present):
         raise InputError(
@@ -220,66 +296,104 @@ def list_sessions(root: str | Path, subject: int, first: int | None = None) -> l
     return list(wanted)
 
 
-def betas_shape(root: str | Path, subject: int, session: int) -> tuple[int, ...]:
+def betas_source(root: str | Path | Storage, subject: int, session: int) -> str:
+    """The file one session's betas are read from: the ``.hdf5`` twin where it exists (it can be read in parts),
+    else the ``.nii.gz``."""
+    storage = as_storage(root)
+    hdf5 = betas_file(subject, session, ".hdf5")
+    return hdf5 if storage.exists(hdf5) else betas_file(subject, session)
+
+
+def betas_shape(root: str | Path | Storage, subject: int, session: int) -> tuple[int, ...]:
     """(X, Y, Z, n_trials) of one session's betas, read from the header only."""
-    path = betas_path(root, subject, session)
+    storage = as_storage(root)
+    rel = betas_source(storage, subject, session)
     try:
-        shape = nib.load(path).shape
+        if rel.endswith(".hdf5"):
+            with storage.open_hdf5(rel) as f:
+                shape = tuple(reversed(f["betas"].shape))  # MATLAB-written: h5py sees the axes reversed
+        else:
+            with _open_nifti(storage, rel) as (header, _):
+                shape = header.get_data_shape()
+    except InputError:
+        raise
     except Exception as err:
         raise InputError(
-            f"could not read the header of {path}: {oneline(err)}; "
+            f"could not read the header of {storage.url(rel)}: {oneline(err)}; "
             "the file may be truncated or corrupt: download it again"
         ) from err
     if len(shape) != 4:
-        raise InputError(f"{path}: expected X x Y x Z x trials betas, got shape {shape}")
+        raise InputError(f"{storage.url(rel)}: expected X x Y x Z x trials betas, got shape {shape}")
     return shape
 
 
-def read_betas(root: str | Path, subject: int, session: int, ijk: np.ndarray) -> np.ndarray:
+def read_betas(root: str | Path | Storage, subject: int, session: int, ijk: np.ndarray) -> np.ndarray:
     """One session's betas at voxels ``ijk`` (n_voxels, 3) -> (n_trials, n_voxels) float32 percent signal change.
 
-    Reads the ``.hdf5`` twin when present (no gunzip; h5py sees its axes reversed), else the NIfTI. Either way it
-    streams one block of volumes at a time, so memory stays at a few volumes, not the session's 1 GB.
+    Reads the ``.hdf5`` twin when present: only the chunks of the wanted voxels (NSD stores each voxel's trials as
+    one chunk), as few large byte ranges, so a remote root fetches a few percent of the file. Else it streams the
+    NIfTI one volume at a time, so memory stays at a volume, not the session's 1 GB.
     """
-    path = betas_path(root, subject, session, ".hdf5")
+    storage = as_storage(root)
+    rel = betas_source(storage, subject, session)
     try:
-        if path.is_file():
-            values = _read_hdf5_betas(path, ijk)
-        else:
-            path = betas_path(root, subject, session)
-            values = _read_nifti_betas(path, ijk)
+        values = _read_hdf5_betas(storage, rel, ijk) if rel.endswith(".hdf5") else _read_nifti_betas(storage, rel, ijk)
+    except InputError:
+        raise
     except Exception as err:
         raise InputError(
-            f"could not read betas from {path}: {oneline(err)}; the file may be truncated or corrupt: download it again"
+            f"could not read betas from {storage.url(rel)}: {oneline(err)}; the file may be truncated or corrupt: "
+            "download it again"
         ) from err
     return values / np.float32(BETAS_SCALE)
 
 
-def _read_nifti_betas(path: Path, ijk: np.ndarray) -> np.ndarray:
+@contextmanager
+def _open_nifti(storage: Storage, rel: str):
+    """(header, stream positioned at the data) of a gzipped NIfTI, local or remote, without reading its data."""
+    raw = open(storage.local(rel), "rb") if not storage.remote else RangeFile(storage, rel, block=4 * 2**20)
+    with raw, gzip.GzipFile(fileobj=raw) as stream:
+        header = nib.Nifti1Header.from_fileobj(stream)
+        stream.seek(int(header.get_data_offset()))
+        yield header, stream
+
+
+def _read_nifti_betas(storage: Storage, rel: str, ijk: np.ndarray) -> np.ndarray:
     """Stream a (X, Y, Z, T) NIfTI volume by volume: NIfTI is column-major, so each volume is contiguous."""
-    proxy = nib.load(path).dataobj  # the header: where the data start, their dtype and scaling
-    shape, dtype = proxy.shape, proxy.dtype
-    n_voxels = int(np.prod(shape[:3]))
-    flat = np.ravel_multi_index(tuple(ijk.T), shape[:3], order="F")
-    slope, inter = proxy.slope, proxy.inter
-    values = np.empty((shape[3], len(ijk)), dtype=np.float32)
-    with nib.openers.ImageOpener(path) as f:
-        f.seek(proxy.offset)
+    with _open_nifti(storage, rel) as (header, stream):
+        shape, dtype = header.get_data_shape(), header.get_data_dtype()
+        n_voxels = int(np.prod(shape[:3]))
+        flat = np.ravel_multi_index(tuple(ijk.T), shape[:3], order="F")
+        slope, inter = header.get_slope_inter()
+        values = np.empty((shape[3], len(ijk)), dtype=np.float32)
         for t in range(shape[3]):
-            chunk = f.read(n_voxels * dtype.itemsize)
+            chunk = stream.read(n_voxels * dtype.itemsize)
             if len(chunk) != n_voxels * dtype.itemsize:
                 raise OSError(f"the file ends at volume {t + 1} of {shape[3]}")
             values[t] = np.frombuffer(chunk, dtype=dtype)[flat]
-    if (slope, inter) != (1.0, 0.0):
-        values = values * np.float32(slope) + np.float32(inter)
+    if slope is not None and not np.isnan(slope) and (slope, inter) != (1.0, 0.0):
+        values = values * np.float32(slope) + np.float32(inter or 0.0)
     return values
 
 
-def _read_hdf5_betas(path: Path, ijk: np.ndarray, block: int = 32) -> np.ndarray:
-    with h5py.File(path, "r") as f:
+def _read_hdf5_betas(storage: Storage, rel: str, ijk: np.ndarray) -> np.ndarray:
+    with storage.open_hdf5(rel) as f:
         data = f["betas"]  # (T, Z, Y, X)
-        values = np.empty((data.shape[0], len(ijk)), dtype=np.float32)
-        for start in range(0, data.shape[0], block):
-            volumes = data[start : start + block]
+        n_trials = data.shape[0]
+        if data.chunks == (n_trials, 1, 1, 1) and not data.id.get_create_plist().get_nfilters():
+            # NSD's layout: each voxel's trials are one chunk; read those chunks, nothing else
+            coords = np.zeros((len(ijk), 4), dtype=np.int64)
+            coords[:, 1:] = ijk[:, ::-1]
+            offsets, sizes = chunk_ranges(storage, rel, data, coords)
+            values = np.full((len(ijk), n_trials), data.fillvalue, dtype=data.dtype)
+            stored = np.flatnonzero(offsets >= 0)
+            if len(stored):
+                blocks = storage.read_ranges(rel, offsets[stored], sizes[stored])
+                values[stored] = np.frombuffer(b"".join(blocks), dtype=data.dtype).reshape(len(stored), n_trials)
+            return values.T.astype(np.float32)
+        # any other layout: h5py reads blocks of whole volumes
+        values = np.empty((n_trials, len(ijk)), dtype=np.float32)
+        for start in range(0, n_trials, 32):
+            volumes = data[start : start + 32]
             values[start : start + len(volumes)] = volumes[:, ijk[:, 2], ijk[:, 1], ijk[:, 0]]
     return values

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import nsd
+from .storage import Storage
 from .validation import InputError, oneline, require_file
 from .voxels import VoxelTable
 
@@ -57,7 +58,7 @@ class Reader(Protocol):
 # --- NSD ---------------------------------------------------------------------------------------------------------
 
 
-def nsd_voxel_table(root: str | Path, subject: int, whole_brain: bool = False) -> VoxelTable:
+def nsd_voxel_table(root: str | Path | Storage, subject: int, whole_brain: bool = False) -> VoxelTable:
     """Stored voxels of an NSD subject, in C order of the grid: every voxel with nsdgeneral == 1 or streams > 0,
     or with ``whole_brain`` every voxel inside the brain (ROI labels >= 0), for whole-brain encoding models."""
     general, streams = nsd.read_roi(root, subject, "nsdgeneral"), nsd.read_roi(root, subject, "streams")
@@ -81,23 +82,34 @@ def nsd_voxel_table(root: str | Path, subject: int, whole_brain: bool = False) -
 class NSDReader:
     """One NSD subject: betas ``betas_fithrf_GLMdenoise_RR`` in func1pt8mm, the design, stim info, COCO captions.
 
+    ``root`` is a local NSD folder or a URL such as NSD's bucket ``s3://natural-scenes-dataset``, from which only
+    what the subject needs is fetched (see :mod:`brainldm.storage`; ``cache_dir`` holds what was fetched).
     ``sessions``: use the first K sessions (default: all the subject's consecutive sessions). The test split is
     NSD's shared images (``sharedix``) seen in those sessions.
     """
 
-    def __init__(self, root: str | Path, subject: int, sessions: int | None = None, whole_brain: bool = False):
+    def __init__(
+        self,
+        root: str | Path | Storage,
+        subject: int,
+        sessions: int | None = None,
+        whole_brain: bool = False,
+        cache_dir: str | Path | None = None,
+        progress: bool = False,
+    ):
         if sessions is not None and sessions < 1:
             raise InputError(f"--sessions must be >= 1, got {sessions}")
-        self.root, self.subject, self.whole_brain = Path(root), int(subject), whole_brain
-        design = nsd.read_expdesign(root)
-        self.info = nsd.read_stim_info(root)
-        self.sessions = nsd.list_sessions(root, subject, sessions)
-        self.voxels = nsd_voxel_table(root, subject, whole_brain)
-        shapes = [nsd.betas_shape(root, subject, s) for s in self.sessions]
+        storage = root if isinstance(root, Storage) else Storage(root, cache_dir=cache_dir, progress=progress)
+        self.root, self.subject, self.whole_brain = storage, int(subject), whole_brain
+        design = nsd.read_expdesign(storage)
+        self.info = nsd.read_stim_info(storage)
+        self.sessions = nsd.list_sessions(storage, subject, sessions)
+        self.voxels = nsd_voxel_table(storage, subject, whole_brain)
+        shapes = [nsd.betas_shape(storage, subject, s) for s in self.sessions]
         for session, shape in zip(self.sessions, shapes):
             if tuple(shape[:3]) != self.voxels.grid_shape:
                 raise InputError(
-                    f"{nsd.betas_path(root, subject, session)} has grid {tuple(shape[:3])} but the ROIs of "
+                    f"{self.describe_session(session)} has grid {tuple(shape[:3])} but the ROIs of "
                     f"subject {subject} have grid {self.voxels.grid_shape}; are they from the same resolution "
                     "(func1pt8mm)?"
                 )
@@ -105,13 +117,14 @@ class NSDReader:
         self.trial_stimuli = design.trial_images(subject, len(self.session_of_trial))
         self._cross_check()
         coco_ids = self.info.loc[np.unique(self.trial_stimuli), "cocoId"].astype(np.int64)
-        self.captions = nsd.read_captions(root, coco_ids.to_numpy())
+        self.captions = nsd.read_captions(storage, coco_ids.to_numpy())
         self.test_stimuli = np.unique(self.trial_stimuli[np.isin(self.trial_stimuli, design.shared)])
 
     def params(self) -> dict:
+        root = self.root.root
         return {
             "dataset": "nsd",
-            "root": str(self.root.resolve()),
+            "root": root if self.root.remote else str(root.resolve()),
             "subject": self.subject,
             "sessions": self.sessions,
             "whole_brain": self.whole_brain,
@@ -121,14 +134,14 @@ class NSDReader:
         return nsd.read_betas(self.root, self.subject, session, self.voxels.ijk)
 
     def describe_session(self, session: int) -> str:
-        return str(nsd.betas_path(self.root, self.subject, session))
+        return self.root.url(nsd.betas_source(self.root, self.subject, session))
 
     def stimulus_info(self, ids: Sequence[int]) -> tuple[list[int], list[list[str]]]:
         coco = self.info.loc[list(ids), "cocoId"].to_numpy().astype(np.int64)
         return coco.tolist(), [self.captions[int(c)] for c in coco]
 
     def open_stimuli(self) -> nsd.Stimuli:
-        return nsd.Stimuli(self.root)
+        return nsd.Stimuli(self.root, np.unique(self.trial_stimuli))
 
     def _cross_check(self) -> None:
         """The stim-info rep columns must name each trial under the image that expdesign says it showed."""
