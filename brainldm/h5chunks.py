@@ -73,7 +73,9 @@ def _btree_root(storage: Storage, rel: str, dataset: h5py.Dataset) -> int | None
     None for any other header, layout version or address size."""
     if dataset.file.id.get_create_plist().get_sizes() != (8, 8):
         return None
-    address = h5py.h5o.get_info(dataset.id).addr
+    # the object header's address, from the link to it (h5o.get_info would walk the whole chunk index for its sizes)
+    parent = dataset.parent  # kept: its links proxy does not keep the group open
+    address = parent.id.links.get_info(dataset.name.rsplit("/", 1)[-1].encode()).u
     (prefix,) = storage.read_ranges(rel, [address], [16])
     version, _, n_messages, _, size = struct.unpack("<BBHII", prefix[:12])
     if version != 1:

@@ -10,8 +10,9 @@ root (``s3://natural-scenes-dataset``, or any fsspec URL) fetches only what is a
 
 S3 is read anonymously unless AWS credentials are configured, from the endpoint that ``AWS_ENDPOINT_URL`` names (as
 every AWS client does). Transient failures (timeouts, 5xx answers, dropped connections) are retried with back-off by
-botocore's standard retry mode, at most ``AWS_MAX_ATTEMPTS`` times (default 5). A missing bucket or file, a refused
-access or no network ends in one :class:`~brainldm.validation.InputError` that names the URL.
+botocore's standard retry mode, in at most ``AWS_MAX_ATTEMPTS`` attempts (default 3, as in AWS's own clients). A
+missing bucket or file, a refused access or no network ends in one :class:`~brainldm.validation.InputError` that
+names the URL.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def default_cache_dir() -> Path:
 
 
 class Storage:
-    """A dataset root (local folder or URL), read by relative path. ``bytes_fetched`` and ``requests`` count what a
-    remote root fetched (nothing for a local one); with ``progress`` a bar shows the bytes and the rate."""
+    """A dataset root (local folder or URL), read by relative path. ``bytes_fetched`` and ``requests`` count what was
+    fetched (for a local root: the byte ranges read); with ``progress`` a remote root shows the bytes and the rate."""
 
     def __init__(self, root: str | Path, cache_dir: str | Path | None = None, progress: bool = False):
         self.remote = is_url(root)
@@ -167,6 +168,7 @@ class Storage:
                 for start, end in spans:
                     f.seek(start)
                     blocks.append(f.read(end - start))
+            self._count(sum(len(b) for b in blocks), len(spans))
         out = []
         span_starts = [s for s, _ in spans]
         for start, size in zip(starts, sizes):
@@ -208,7 +210,7 @@ class Storage:
     def _count(self, n_bytes: int, n_requests: int) -> None:
         self.bytes_fetched += n_bytes
         self.requests += n_requests
-        if self._progress:
+        if self._progress and self.remote:
             if self._bar is None:
                 self._bar = tqdm(desc=f"fetched from {self.root}", unit="B", unit_scale=True, unit_divisor=1024)
             self._bar.update(n_bytes)
@@ -334,7 +336,7 @@ def _filesystem(url: str):
         options.update(
             anon=not _aws_credentials_configured(),
             config_kwargs={
-                "retries": {"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", 5))},
+                "retries": {"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", 3))},
                 "connect_timeout": 10,
                 "read_timeout": 60,
                 "max_pool_connections": 32,

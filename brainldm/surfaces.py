@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import nsd
-from .validation import InputError, require_file
+from .storage import Storage
+from .validation import InputError
 
 NSD_TRANSFORM = "func1pt8_to_anat0pt8_autoFSbbr"
 
@@ -158,22 +159,35 @@ def functional_layout(
     return FunctionalLayout(affine=affine, grid_shape=grid, streams=streams, nsdgeneral=nsdgeneral)
 
 
-def import_nsd_subject(nsd_root: str | Path, subject: int, patch: str = "full") -> CorticalSpace:
+# What pycortex's FreeSurfer import reads of a subject folder (besides the flat patches)
+FREESURFER_FILES = ("mri/T1.mgz", "mri/aseg.mgz", "mri/wm.mgz") + tuple(
+    f"surf/{hemi}.{name}"
+    for hemi in ("lh", "rh")
+    for name in ("white", "smoothwm", "pial", "inflated", "sulc", "thickness", "curv")
+)
+
+
+def import_nsd_subject(
+    nsd_root: str | Path | Storage, subject: int, patch: str = "full", cache_dir: str | Path | None = None
+) -> CorticalSpace:
     """Import NSD subject ``subject`` into pycortex's database once: surfaces, flat patch, func1pt8mm transform.
 
     Reads ``nsddata/freesurfer/subjNN`` (FreeSurfer's surfaces and its ``full`` flat patches) and takes the
     func1pt8mm grid from the subject's ``nsdgeneral`` ROI file. pycortex keeps surfaces in scanner coordinates,
     which NSD's func1pt8mm headers share, so the transform is the inverse of that grid's affine; the import is
-    refused when the mid-cortical surface does not land inside the grid's brain mask.
+    refused when the mid-cortical surface does not land inside the grid's brain mask. ``nsd_root`` may be a URL
+    (NSD's bucket): then only those FreeSurfer files are fetched, into ``cache_dir``.
     """
     import nibabel as nib
 
     cortex = require_pycortex()
     space = CorticalSpace.for_nsd(subject)
-    freesurfer = Path(nsd_root) / "nsddata/freesurfer"
+    storage = nsd_root if isinstance(nsd_root, Storage) else Storage(nsd_root, cache_dir=cache_dir, progress=True)
+    folder = f"nsddata/freesurfer/{space.subject}"
     for hemi in ("lh", "rh"):
-        require_file(freesurfer / space.subject / "surf" / f"{hemi}.{patch}.flat.patch.3d", f"{hemi} flat patch")
-    reference = require_file(nsd.roi_path(nsd_root, subject, "nsdgeneral"), f"{space.subject} nsdgeneral ROI")
+        storage.local(f"{folder}/surf/{hemi}.{patch}.flat.patch.3d", f"{hemi} flat patch")
+    reference = storage.local(nsd.roi_file(subject, "nsdgeneral"), f"{space.subject} nsdgeneral ROI")
+    freesurfer = storage.local_folder(folder, FREESURFER_FILES, f"{space.subject} FreeSurfer file").parent
     if space.subject not in cortex.db.subjects:
         cortex.freesurfer.import_subj(space.subject, space.subject, str(freesurfer), "white", autoflatten=False)
         cortex.freesurfer.import_flat(

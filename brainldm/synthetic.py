@@ -7,7 +7,8 @@
 - ``nsd_stimuli.hdf5`` with ``imgBrick`` (n_images x H x W x 3 uint8), pictures of smooth shapes on gradients;
 - COCO caption JSONs split into train2017 / val2017, captions describing each picture;
 - per subject, ``nsdgeneral`` and ``streams`` ROI NIfTIs (-1 outside the brain) and one gzipped int16 NIfTI of
-  betas per session (percent signal change x 300, X x Y x Z x trials), optionally with its HDF5 twin.
+  betas per session (percent signal change x 300, X x Y x Z x trials), optionally with its HDF5 twin in NSD's
+  layout (one uncompressed chunk per voxel).
 
 Responses are planted: ``early`` voxels respond linearly to the image's z features, ``ventral`` voxels to its
 c features (both computed with the given LDM, the trained ``toy`` model by default), the intermediate, lateral and
@@ -122,6 +123,7 @@ def write_nsd_tree(
     snr: float = 4.0,
     cortex_thickness: float = 0.45,
     write_hdf5: bool = False,
+    write_nifti: bool = True,
     ldm=None,
     features: str = "ldm",
     n_components: int = 32,
@@ -138,7 +140,8 @@ def write_nsd_tree(
     instead (no LDM; for benchmarks at NSD's full size, where only the file sizes matter). Each responsive voxel
     is a random mixture of the leading ``n_components`` principal components of its feature space.
     ``anatomy="S1"`` lays every subject out on pycortex's S1 (needs pycortex; ``grid_shape`` and
-    ``cortex_thickness`` are then S1's own).
+    ``cortex_thickness`` are then S1's own). ``write_hdf5`` adds each session's HDF5 twin in NSD's layout
+    (:func:`write_betas_hdf5`); ``write_nifti=False`` leaves out the ``.nii.gz`` (for benchmarks of the HDF5 path).
     """
     if features not in ("ldm", "random"):
         raise InputError(f"features must be 'ldm' or 'random', got {features!r}")
@@ -265,6 +268,7 @@ def write_nsd_tree(
             snr,
             affine,
             write_hdf5,
+            write_nifti,
         )
     return truth
 
@@ -451,6 +455,7 @@ def _write_betas(
     snr,
     affine,
     write_hdf5,
+    write_nifti,
 ) -> None:
     """One gzipped int16 NIfTI per session; responsive voxels carry their planted signal plus noise.
 
@@ -471,8 +476,16 @@ def _write_betas(
         psc = baseline + drift + np.float32(amplitude) * response
         volume = np.zeros((*brain.shape, trials_per_session), dtype=np.int16)
         volume[tuple(brain_ijk.T)] = np.clip(np.round(psc * nsd.BETAS_SCALE), -32768, 32767).astype(np.int16).T
-        _save_nifti(nsd.betas_path(root, subject, session), volume, affine)
+        if write_nifti:
+            _save_nifti(nsd.betas_path(root, subject, session), volume, affine)
         if write_hdf5:
-            with h5py.File(nsd.betas_path(root, subject, session, ".hdf5"), "w") as f:
-                # MATLAB-written: h5py sees the axes reversed
-                f.create_dataset("betas", data=volume.transpose(3, 2, 1, 0))
+            write_betas_hdf5(nsd.betas_path(root, subject, session, ".hdf5"), volume)
+
+
+def write_betas_hdf5(path: Path, volume: np.ndarray) -> None:
+    """One session's betas (X, Y, Z, trials) int16 as NSD's HDF5 twin: ``/betas``, MATLAB-written (h5py sees the
+    axes reversed: trials x Z x Y x X), uncompressed, one chunk per voxel holding its trials."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = volume.transpose(3, 2, 1, 0)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("betas", data=data, chunks=(data.shape[0], 1, 1, 1))

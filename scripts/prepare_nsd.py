@@ -3,6 +3,11 @@
 
 Reads the raw NSD layout (betas, experiment design, stimuli, COCO captions, ROIs) one session at a time, resumes a
 killed run, and optionally pushes the subject to a Hub dataset repo (one config per subject).
+
+--nsd-root is a local NSD folder, or NSD's public bucket s3://natural-scenes-dataset (or any fsspec URL): then only
+what the subject needs is fetched (its voxels' bytes of each session's HDF5 betas, the pictures it saw, the small
+files), read anonymously unless AWS credentials are configured, and kept in --cache-dir. You must agree to NSD's
+terms of use (https://naturalscenesdataset.org) before using its data.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from brainldm import cli
 @cli.script
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nsd-root", required=True, help="NSD root folder (holds nsddata/, nsddata_betas/, ...)")
+    parser.add_argument(
+        "--nsd-root",
+        required=True,
+        help="NSD root: a folder (holds nsddata/, nsddata_betas/, ...) or a URL such as s3://natural-scenes-dataset",
+    )
     parser.add_argument(
         "--subject", type=cli.integer(1, 8), required=True, help="NSD subject, 1-8 (the paper: 1, 2, 5, 7)"
     )
@@ -28,14 +37,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--whole-brain", action="store_true", help="store every in-brain voxel (OUT/subjNN-wholebrain), for encoding"
     )
+    parser.add_argument(
+        "--cache-dir", help="where files fetched from a URL are kept (default: $BRAINLDM_CACHE or ~/.cache/brainldm)"
+    )
     parser.add_argument("--push", metavar="REPO_ID", help="upload to this Hub dataset repo when done")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
 
     from brainldm.data import prepare_subject, push_to_hub
+    from brainldm.storage import Storage
 
+    nsd_root = Storage(args.nsd_root, cache_dir=args.cache_dir, progress=True)
     folder = prepare_subject(
-        args.nsd_root,
+        nsd_root,
         args.subject,
         args.out,
         sessions=args.sessions,
@@ -44,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         whole_brain=args.whole_brain,
     )
     print(f"wrote {folder}")
+    if nsd_root.remote:
+        print(f"fetched {nsd_root.bytes_fetched / 2**20:,.1f} MiB in {nsd_root.requests:,} requests from {nsd_root}")
     if args.push:
         url = push_to_hub(args.out, args.subject, args.push, private=args.private, whole_brain=args.whole_brain)
         print(f"pushed to {url}")

@@ -97,6 +97,9 @@ def test_betas_are_int16_psc_times_300_and_hdf5_twin_is_reversed(nsd_tree):
     assert 50 < betas[~outside].std() < 3000  # a few percent signal change, x 300
     with h5py.File(nsd.betas_path(nsd_tree.root, 1, 2, ".hdf5")) as f:
         np.testing.assert_array_equal(f["betas"][:], betas.transpose(3, 2, 1, 0))
+        # NSD's layout: uncompressed, one chunk per voxel holding its trials, so a voxel is one byte range
+        assert f["betas"].chunks == (nsd_tree.trials_per_session, 1, 1, 1)
+        assert f["betas"].compression is None
 
 
 def _responses(tree, subject, ijk):

@@ -1,0 +1,211 @@
+"""NSD without the download: a subject prepared straight from an S3 bucket (moto's real S3 server on 127.0.0.1,
+objects public-read, read anonymously) equals the one prepared from a local copy, fetching only what it needs."""
+
+import importlib.util
+import os
+import socket
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from s3_server import LocalS3
+from safetensors import safe_open
+
+from brainldm import nsd
+from brainldm.data import VOXELS_FILE, prepare_subject
+from brainldm.readers import nsd_voxel_table
+from brainldm.synthetic import write_nsd_tree
+from brainldm.validation import InputError
+
+BUCKET = "natural-scenes-dataset"
+URL = f"s3://{BUCKET}"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The S3 server, with this module's AWS settings: its endpoint, no credentials (anonymous reads)."""
+    saved = dict(os.environ)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        os.environ.pop(key, None)
+    with LocalS3() as server:
+        os.environ.update(
+            AWS_ENDPOINT_URL=server.url, AWS_DEFAULT_REGION="us-east-1", AWS_SHARED_CREDENTIALS_FILE="/nonexistent"
+        )
+        yield server
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def fresh_log(s3):
+    """Each test sees only its own requests and failures."""
+    s3.requests.clear()
+    s3.failures.clear()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, nsd_tree):
+    """The session's synthetic NSD tree (NIfTI betas and their HDF5 twins) as NSD's bucket."""
+    s3.upload_tree(nsd_tree.root, BUCKET)
+    return nsd_tree
+
+
+@pytest.fixture(scope="module")
+def nsd_sized(s3, tmp_path_factory):
+    """Sessions of NSD's shape where bytes are concerned: 750 trials per voxel chunk, rows of 81 voxels, HDF5 betas
+    only, and a compact ROI of 2.5% of the grid (subj01's stored voxels are ~2.3% of its grid); in its own bucket."""
+    root = tmp_path_factory.mktemp("nsd-sized")
+    tree = write_nsd_tree(
+        root, n_sessions=2, trials_per_session=750, n_shared=20, grid_shape=(81, 16, 10), features="random",
+        write_hdf5=True, write_nifti=False, image_size=16, seed=0,
+    )  # fmt: skip
+    streams = np.zeros(tree.grid_shape, dtype=np.int16)  # all brain, one early-visual block: x 20-39, y 0-3, z 0-3
+    streams[20:40, :4, :4] = nsd.STREAM_IDS["early"]
+    for name in ("streams", "nsdgeneral"):
+        nib.save(nib.Nifti1Image(streams, np.eye(4)), nsd.roi_path(root, 1, name))
+    s3.upload_tree(root, "nsd-sized")
+    return tree
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes; the voxel table by content (safetensors writes its metadata keys in arbitrary order)."""
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    for name in [n for n in files if n.endswith(VOXELS_FILE)]:
+        with safe_open(folder / name, framework="numpy") as f:
+            files[name] = (f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()})
+    return files
+
+
+def test_remote_prepare_equals_the_local_one_bit_for_bit(bucket, s3, tmp_path):
+    local = prepare_subject(bucket.root, 1, tmp_path / "local", progress=False)
+    remote = prepare_subject(URL, 1, tmp_path / "remote", progress=False, cache_dir=tmp_path / "cache")
+    assert _files(remote) == _files(local)
+    assert _files(tmp_path / "remote") == _files(tmp_path / "local")  # the dataset card too
+    keys = {r.key for r in s3.requests if r.method == "GET"}
+    assert not any(k.endswith(".nii.gz") and "betas_session" in k for k in keys)  # never the NIfTI when HDF5 exists
+    assert not any("subj02" in k for k in keys)  # nothing of the other subject
+    # only the pictures subject 1 saw: they are what the cache holds, and what was fetched of the stimuli file
+    cached = sorted(int(p.stem) for p in (tmp_path / "cache").rglob("nsd_stimuli.hdf5.images/*.npy"))
+    assert cached == sorted(set(bucket.trial_images[1].tolist()))
+    picture, metadata = 128 * 128 * 3, 512 * 1024  # metadata: HDF5 header and chunk index, read in 64 kB blocks
+    assert len(cached) * picture <= s3.fetched("nsd_stimuli.hdf5") < len(cached) * picture + metadata
+
+
+def test_a_second_run_fetches_no_file_again(bucket, s3, tmp_path):
+    prepare_subject(URL, 2, tmp_path / "a", progress=False, cache_dir=tmp_path / "cache")
+    first = s3.fetched("")
+    s3.requests.clear()
+    prepare_subject(URL, 2, tmp_path / "b", progress=False, cache_dir=tmp_path / "cache")
+    for small in ("nsd_expdesign.mat", "nsd_stim_info_merged.csv", "captions_", "roi/", "nsd_stimuli.hdf5"):
+        assert s3.fetched(small) == 0, small  # small files and pictures come from the cache
+    assert s3.fetched("") < 0.5 * first  # what is left: the betas, which the trials dataset holds anyway
+
+
+def test_betas_fetched_are_a_few_percent_of_each_session(nsd_sized, s3, tmp_path):
+    prepare_subject("s3://nsd-sized", 1, tmp_path, progress=False, cache_dir=tmp_path / "cache")
+    n_voxels = len(nsd_voxel_table(nsd_sized.root, 1).ijk)
+    for session in (1, 2):
+        key = nsd.betas_file(1, session, ".hdf5")
+        size = (nsd_sized.root / key).stat().st_size
+        fetched = s3.fetched(key)
+        assert n_voxels * 750 * 2 <= fetched <= 0.05 * size, (fetched, size)  # the voxels' trials, and not 5% more
+        requests = sum(r.method == "GET" and r.key == key for r in s3.requests)
+        assert requests < n_voxels / 4  # voxel chunks travel together, not one request each
+
+
+def test_a_killed_remote_prepare_resumes_without_fetching_finished_sessions(nsd_sized, s3, tmp_path, monkeypatch):
+    real_read = nsd.read_betas
+
+    def dying_read(root, subject, session, ijk):
+        if session == 2:
+            raise KeyboardInterrupt  # killed while reading session 2
+        return real_read(root, subject, session, ijk)
+
+    monkeypatch.setattr(nsd, "read_betas", dying_read)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_subject("s3://nsd-sized", 1, tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
+    first = s3.fetched(nsd.betas_file(1, 1, ".hdf5"))
+    s3.requests.clear()
+    monkeypatch.setattr(nsd, "read_betas", real_read)
+    prepare_subject("s3://nsd-sized", 1, tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
+    # session 1's voxels are not fetched again: only its header is read, to check the grid (one metadata block)
+    assert s3.fetched(nsd.betas_file(1, 1, ".hdf5")) <= 64 * 1024 < first
+    assert s3.fetched(nsd.betas_file(1, 2, ".hdf5")) > 0
+    assert (tmp_path / "out" / "subj01" / "info.json").exists()
+
+
+def test_a_transient_failure_is_retried(bucket, s3, tmp_path):
+    s3.fail("betas_session02.hdf5", status=503, code="ServiceUnavailable", times=2)
+    s3.fail("nsd_expdesign.mat", status=500, code="InternalError", times=1)
+    prepare_subject(URL, 1, tmp_path, progress=False, sessions=2, cache_dir=tmp_path / "cache")
+    statuses = [r.status for r in s3.requests if r.key.endswith("betas_session02.hdf5")]
+    assert statuses[:2] == [503, 503] and statuses[2] in (200, 206)
+    assert (tmp_path / "subj01").is_dir()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("bucket", "s3://no-such-bucket does not exist"),
+        ("refused", "could not fetch s3://natural-scenes-dataset: .*check the network"),
+        ("missing", "missing subj01 streams ROI: s3://natural-scenes-dataset/.*streams.nii.gz does not exist"),
+        ("denied", "access to s3://natural-scenes-dataset/.*nsd_stim_info_merged.csv was denied"),
+    ],
+)
+def test_a_bad_source_ends_in_one_clear_error_within_seconds(bucket, s3, tmp_path, monkeypatch, case, match):
+    root = URL
+    if case == "bucket":
+        root = "s3://no-such-bucket"
+    elif case == "refused":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    elif case == "missing":
+        s3.client().delete_object(Bucket=BUCKET, Key=nsd.roi_file(1, "streams"))
+    else:  # a private object: moto refuses it to anonymous readers, as S3 does
+        s3.client().put_object_acl(Bucket=BUCKET, Key=nsd.STIM_INFO, ACL="private")
+    start = time.monotonic()
+    with pytest.raises(InputError, match=match):
+        prepare_subject(root, 1, tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
+    assert time.monotonic() - start < 60  # never a hang: bounded retries, then the error
+    assert not (tmp_path / "out").exists()
+    if case == "missing":
+        s3.client().upload_file(
+            str(bucket.root / nsd.roi_file(1, "streams")), BUCKET, nsd.roi_file(1, "streams"),
+            ExtraArgs={"ACL": "public-read"},
+        )  # fmt: skip
+    if case == "denied":
+        s3.client().put_object_acl(Bucket=BUCKET, Key=nsd.STIM_INFO, ACL="public-read")
+
+
+def test_the_script_reads_a_bucket_and_says_what_it_fetched(bucket, s3, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("prepare_nsd", SCRIPTS / "prepare_nsd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--nsd-root", URL, "--subject", "1", "--sessions", "1", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "fetched" in out and URL in out
+    assert (tmp_path / "out" / "subj01" / "info.json").exists()
+    with pytest.raises(SystemExit) as exit:
+        module.main(["--nsd-root", "s3://no-such-bucket", "--subject", "1", "--out", str(tmp_path / "bad")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: s3://no-such-bucket does not exist") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_stimuli_from_a_bucket_match_the_file(bucket, s3, tmp_path):
+    ids = np.unique(bucket.trial_images[1])[:5]
+    from brainldm.storage import Storage
+
+    with nsd.Stimuli(Storage(URL, cache_dir=tmp_path), ids) as remote, nsd.Stimuli(bucket.root) as local:
+        for i in ids:
+            np.testing.assert_array_equal(remote[i], local[i])
