@@ -209,3 +209,16 @@ def test_stimuli_from_a_bucket_match_the_file(bucket, s3, tmp_path):
     with nsd.Stimuli(Storage(URL, cache_dir=tmp_path), ids) as remote, nsd.Stimuli(bucket.root) as local:
         for i in ids:
             np.testing.assert_array_equal(remote[i], local[i])
+
+
+def test_without_hdf5_twins_the_nifti_is_streamed(bucket, s3, tmp_path):
+    s3.client().create_bucket(Bucket="nifti-only")
+    for path in sorted(p for p in bucket.root.rglob("*") if p.is_file()):
+        if not (path.name.startswith("betas_session") and path.name.endswith(".hdf5")):
+            key = path.relative_to(bucket.root).as_posix()
+            s3.client().upload_file(str(path), "nifti-only", key, ExtraArgs={"ACL": "public-read"})
+    local = prepare_subject(bucket.root, 1, tmp_path / "local", sessions=1, progress=False)
+    remote = prepare_subject("s3://nifti-only", 1, tmp_path / "remote", sessions=1, progress=False,
+                             cache_dir=tmp_path / "cache")  # fmt: skip
+    assert _files(remote) == _files(local)
+    assert s3.fetched("betas_session01.nii.gz") > 0
