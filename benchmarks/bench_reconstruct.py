@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from brainldm.ldm import default_device, load_ldm, optimize_ldm
+    from brainldm.ldm import load_ldm, optimize_ldm
     from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor
+    from brainldm.torch_utils import default_device
 
     device = default_device()
     gpu = device.type == "cuda"

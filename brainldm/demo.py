@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import load_trials, load_voxels
+from .data import load_trials, load_voxels, subject_name
 from .ldm import load_ldm
 from .maps import SubjectMaps
 from .presets import TAKAGI2023, Sampling
@@ -64,7 +64,7 @@ def maps_location(maps: str, subject: int) -> str:
     if (folder / "maps.safetensors").is_file():
         return str(folder)
     if folder.is_dir():
-        return str(folder / f"subj{subject:02d}")
+        return str(folder / subject_name(subject))
     return maps
 
 
@@ -97,7 +97,7 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
             ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features", progress=False
         )
         maps = fit_subject_maps(root / "trials", root / "features", subject, device="cpu")
-        folder = root / "weights" / f"subj{subject:02d}"
+        folder = root / "weights" / subject_name(subject)
         maps.save_pretrained(folder)
         if anatomy == "S1":  # encoding over the stored visual-cortex voxels: the whole brain would double start-up
             run_encoding(
@@ -202,7 +202,7 @@ class DemoBackend:
         """(thumbnail path, caption) of every test trial, in trial order."""
         state = self.subject(subject)
         with self._lock:  # two first visits at once must not write the same thumbnails
-            return state.thumbnails(self._thumbnails / f"subj{int(subject):02d}")
+            return state.thumbnails(self._thumbnails / subject_name(subject))
 
     def generate(self, z: torch.Tensor, c: torch.Tensor, sampling: Sampling) -> Reconstruction:
         """Xz, Xc and Xzc from decoded z and c: the only GPU work, what the app runs under ``@spaces.GPU``."""

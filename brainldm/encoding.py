@@ -26,6 +26,7 @@ import torch
 from .metrics import dimension_correlation
 from .presets import TAKAGI2023
 from .ridge import RidgeCV
+from .torch_utils import default_device
 from .validation import InputError
 
 # --- pure functions ------------------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def fit_pca(features: np.ndarray, n_components: int = TAKAGI2023.n_pca, device=N
 
     Uses the smaller Gram matrix, so 9,000 images x 59,136 features costs a 9,000 x 9,000 eigendecomposition.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device).reshape(len(features), -1)
     mean = x.mean(0)
     x = x - mean
@@ -61,10 +62,13 @@ def one_sided_p(r: np.ndarray, n: int) -> np.ndarray:
 
 
 def significance(r: np.ndarray, n: int, q: float = TAKAGI2023.fdr_q) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(p, Benjamini-Hochberg adjusted p, significant mask at FDR q) for per-voxel r over n test images."""
+    """(p, Benjamini-Hochberg adjusted p, significant mask at FDR q) for per-voxel r over n test images.
+
+    A voxel is significant when its adjusted p is at most q, as Benjamini & Hochberg (and statsmodels) define it.
+    """
     p = one_sided_p(r, n)
     adjusted = scipy.stats.false_discovery_control(p, method="bh")
-    return p, adjusted, adjusted < q
+    return p, adjusted, adjusted <= q
 
 
 def roi_summary(
@@ -99,6 +103,7 @@ class EncodingResult:
     n_components: int
     n_test: int
     rois: dict
+    q: float = TAKAGI2023.fdr_q  # the FDR level ``significant`` was decided at
 
 
 def fit_encoding(
@@ -136,6 +141,7 @@ def fit_encoding(
         n_components=components.shape[1],
         n_test=len(test_betas),
         rois=roi_summary(r, significant, streams, roi_names),
+        q=q,
     )
 
 
@@ -280,7 +286,7 @@ def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, s
 
     def title(name: str) -> str:
         result = results[name]
-        return f"{name}: test r where FDR q < 0.05 ({result.significant.sum()} of {len(result.r)} voxels)"
+        return f"{name}: test r where FDR q <= {result.q:g} ({result.significant.sum()} of {len(result.r)} voxels)"
 
     paths = []
     plan = figure_plan(list(results))

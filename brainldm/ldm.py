@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeli
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .presets import TAKAGI2023
+from .torch_utils import default_device
 
 TINY = "tiny"
 TOY = "toy"
@@ -33,10 +34,6 @@ MODEL_LICENSES = {
         "https://huggingface.co/spaces/CompVis/stable-diffusion-license",
     ),
 }
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -213,7 +210,7 @@ def load_ldm(
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to fp16 on CUDA and fp32 on CPU.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = default_device(device)
     dtype = dtype or default_dtype(device)
     if model_id_or_dir == TOY:
         model_id_or_dir = str(TOY_DIR)  # a diffusers folder inside the package: the same path a Hub id takes

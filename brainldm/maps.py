@@ -27,12 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .data import load_trials, load_voxels
+from .data import load_trials, load_voxels, subject_name
 from .features import FeatureStore
 from .ldm import MODEL_LICENSES
 from .metrics import dimension_correlation, identification, pattern_correlation
 from .presets import TAKAGI2023
 from .ridge import RidgeCV, reduced_rank
+from .torch_utils import default_device
 from .validation import InputError, check_finite, oneline
 from .voxels import VoxelTable
 
@@ -139,7 +140,7 @@ def fit_linear_map(
     )
     if rank is None or rank >= min(ridge.coef_.shape):
         return LinearMap(weight=ridge.coef_.float(), **common), ridge
-    compute = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute = default_device(device)
     x_t = torch.from_numpy(x).to(compute)
     x_t = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
     left, right = reduced_rank(ridge.coef_.to(compute), x_t.T @ x_t, rank)
@@ -407,7 +408,7 @@ class SubjectMaps(
 
 def model_card(cfg: MapsConfig, repo_id: str | None = None) -> ModelCard:
     """A model card for maps described by ``cfg``; ``repo_id`` fills in its usage example."""
-    repo_id = repo_id or f"<user>/brainldm-subj{cfg.subject:02d}"
+    repo_id = repo_id or f"<user>/brainldm-{subject_name(cfg.subject)}"
     data_id = cfg.data or "<user>/nsd-trials"
     base_model = cfg.model_id if "/" in cfg.model_id and not Path(cfg.model_id).exists() else None
     model_licence = MODEL_LICENSES.get(cfg.model_id)

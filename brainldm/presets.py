@@ -44,7 +44,6 @@ class Preset:
     alphas: tuple[float, ...] = tuple(10.0**k for k in range(-1, 8))
     # Data
     subjects: tuple[int, ...] = (1, 2, 5, 7)
-    n_sessions: int = 37
     # Encoding
     n_pca: int = 6400
     fdr_q: float = 0.05

@@ -25,6 +25,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .data import subject_name
 from .features import empty_prompt_embedding
 from .ldm import ldm_sizes
 from .presets import TAKAGI2023, Sampling
@@ -177,7 +178,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def trial_folder(out: str | Path, subject: int, split: str, row: int) -> Path:
-    return Path(out) / f"subj{subject:02d}" / f"{split}-{row:05d}"
+    return Path(out) / subject_name(subject) / f"{split}-{row:05d}"
 
 
 def is_done(folder: Path) -> bool:
@@ -231,7 +232,7 @@ def reconstruct_trials(
         if changed:
             todo.append(row)
     todo.sort()
-    log = Path(out) / f"subj{subject:02d}" / f"done.process{process_index}.txt"
+    log = Path(out) / subject_name(subject) / f"done.process{process_index}.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"reconstruct [{process_index}]", unit="image", disable=not progress)
     for start in range(0, len(todo), batch_size):

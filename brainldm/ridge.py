@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .presets import TAKAGI2023
+from .torch_utils import default_device
 from .validation import InputError, check_finite
 
 SCORINGS = ("correlation", "mse")
@@ -121,18 +122,12 @@ def ridge_cv_scores(
                 left, right = ridge_factors(X_train, Y_batch[train] - Y_mean, X_val, decomposition)
             e = decomposition[1]
             block = scores[:, start : start + target_batch_size]
-            if scoring == "correlation":
-                # centred predictions and targets: the intercept cancels, and Y's statistics are computed once
-                left = left - left.mean(0)
-                y = Y_val - Y_val.mean(0)
-                y_norm = y.norm(dim=0)
-                for a, alpha in enumerate(alphas):
-                    p = left @ (right / (e + alpha)[:, None])
-                    denominator = (y_norm * p.norm(dim=0)).clamp_min(torch.finfo(p.dtype).tiny)
-                    block[a] += (y * p).sum(0) / denominator
-            else:
-                for a, alpha in enumerate(alphas):
-                    block[a] += neg_mse_score(Y_val, left @ (right / (e + alpha)[:, None]) + Y_mean)
+            for a, alpha in enumerate(alphas):
+                p = left @ (right / (e + alpha)[:, None])
+                if scoring == "correlation":  # the intercept cancels in a correlation
+                    block[a] += correlation_score(Y_val, p)
+                else:
+                    block[a] += neg_mse_score(Y_val, p + Y_mean)
     return scores / len(folds)
 
 
@@ -281,12 +276,11 @@ class RidgeCV:
             )
         check_finite("X", X)
         check_finite("Y", Y)
-        device = (
-            torch.device(self.device) if self.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        device = default_device(self.device)
         X_t = _to(X, torch.empty(0, device=device, dtype=self.dtype))
         alphas_t = torch.as_tensor(alphas, device=device, dtype=self.dtype)
-        if device.type == "cuda" and Y.shape[0] * Y.shape[1] * 4 * 3 < torch.cuda.mem_get_info(device)[0]:
+        y_bytes = Y.shape[0] * Y.shape[1] * X_t.element_size()  # Y moves in the compute dtype (4 or 8 bytes)
+        if device.type == "cuda" and 3 * y_bytes < torch.cuda.mem_get_info(device)[0]:
             Y = _to(Y, X_t)  # fits with room to spare: one transfer instead of one per fold and target batch
 
         folds = make_folds(X.shape[0], self.cv, groups, self.random_state)

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset (local folder or Hub dataset repo id)")
     parser.add_argument("--features", required=True, help="feature folder from extract_features.py")
-    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
+    parser.add_argument(
+        "--subject", type=cli.positive, required=True, help="subject number (NSD: 1-8; your own experiment: any)"
+    )
     parser.add_argument(
         "--names", "--feature-names", dest="names", default="z,c", help="feature spaces, e.g. z,c,zc@0.5"
     )
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, result in results.items():
         best = max(result.rois.items(), key=lambda item: item[1]["mean_r"])
         print(
-            f"{name}: {result.significant.sum()} of {len(result.r)} voxels significant (FDR q < 0.05); "
+            f"{name}: {result.significant.sum()} of {len(result.r)} voxels significant (FDR q <= {result.q:g}); "
             f"best ROI {best[0]} (mean r {best[1]['mean_r']:.3f})"
         )
     print(f"wrote maps, summaries and figures to {args.out}")

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset: a local folder or a Hub dataset repo id")
-    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
+    parser.add_argument(
+        "--subject", type=cli.positive, required=True, help="subject number (NSD: 1-8; your own experiment: any)"
+    )
     parser.add_argument("--model", default=TAKAGI2023.model_id, help="diffusers model id or folder, or 'tiny'")
     parser.add_argument(
         "--out", type=cli.output_folder, required=True, help="feature folder (one subfolder per feature)"

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset: local folder or Hub dataset repo id")
     parser.add_argument("--features", required=True, help="feature folder with z and c")
-    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
+    parser.add_argument(
+        "--subject", type=cli.positive, required=True, help="subject number (NSD: 1-8; your own experiment: any)"
+    )
     parser.add_argument("--out", type=cli.output_folder, required=True, help="output folder, e.g. weights/subj01")
     parser.add_argument(
         "--alphas",

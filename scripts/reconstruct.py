@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--maps", required=True, help="SubjectMaps: local folder or Hub model repo id")
     parser.add_argument("--data", required=True, help="prepared dataset: local folder or Hub dataset repo id")
-    parser.add_argument("--subject", type=cli.integer(1, 8), required=True)
+    parser.add_argument(
+        "--subject", type=cli.positive, required=True, help="subject number (NSD: 1-8; your own experiment: any)"
+    )
     parser.add_argument("--split", default="test", choices=["test", "train"])
     parser.add_argument("--trials", type=parse_rows, help="rows of the split: '0:10' or '3,7,9' (default: all)")
     parser.add_argument("--out", type=cli.output_folder, required=True, help="output folder")
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from accelerate import PartialState
 
+    from brainldm.data import subject_name
     from brainldm.ldm import load_ldm, optimize_ldm
     from brainldm.maps import SubjectMaps
     from brainldm.presets import Sampling
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if state.is_main_process:
         from pathlib import Path
 
-        subject_dir = Path(args.out) / f"subj{args.subject:02d}"
+        subject_dir = Path(args.out) / subject_name(args.subject)
         every = sorted(subject_dir.glob(f"{args.split}-*"))
         sheet = write_contact_sheet(every, subject_dir / "contact_sheet.png")
         print(f"{len(every)} reconstructions in {subject_dir}; contact sheet: {sheet}")

@@ -89,9 +89,10 @@ def train(config, out: Path, work: Path, device: str | None, eval_steps: int = 5
 
     from brainldm import toy
     from brainldm.ldm import ddim_scheduler
+    from brainldm.torch_utils import default_device
 
     t0 = time.time()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     stamp = work / "config.json"

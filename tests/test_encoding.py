@@ -82,11 +82,15 @@ def test_p_values_equal_scipy_one_sided_pearsonr():
         assert abs(one_sided_p(r, n) - expected) < 1e-6
 
 
-def test_fdr_is_benjamini_hochberg():
-    r = np.array([0.9, 0.5, 0.3, 0.1, -0.2, 0.05])
-    p, adjusted, significant = significance(r, 20, q=0.05)
-    np.testing.assert_allclose(adjusted, scipy.stats.false_discovery_control(p, method="bh"))
-    np.testing.assert_array_equal(significant, adjusted < 0.05)
+def test_fdr_is_benjamini_hochberg_worked_by_hand(monkeypatch):
+    # m = 5 p-values; BH: p_adj(i) = min over j >= i of p(j) * m / j, with p sorted ascending (worked out by hand)
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
+    monkeypatch.setattr("brainldm.encoding.one_sided_p", lambda r, n: p)
+    _, adjusted, significant = significance(np.zeros(5), 20, q=0.05)
+    # sorted: 0.005*5/1=0.025, 0.01*5/2=0.025, 0.03*5/3=0.05, 0.04*5/4=0.05, 0.5*5/5=0.5
+    np.testing.assert_allclose(adjusted, [0.025, 0.05, 0.05, 0.025, 0.5])
+    # the boundary: an adjusted p equal to q is significant (BH's "<=", as statsmodels and the original paper)
+    np.testing.assert_array_equal(significant, [True, True, True, True, False])
 
 
 @pytest.mark.parametrize("rank, expected", [(None, 29), (5, 5)])

@@ -59,7 +59,7 @@ def tree(nsd_tree, tmp_path):
         ("reconstruct", ["--guidance", "0.5"], "--guidance: 0.5 is outside [1, inf]"),
         ("reconstruct", ["--strength", "0"], "--strength: 0 is outside (0, 1]"),
         ("reconstruct", ["--samples", "two"], "--samples: expected a whole number, got 'two'"),
-        ("extract_features", ["--subject", "9"], "--subject: 9 is outside [1, 8]"),
+        ("extract_features", ["--subject", "0"], "--subject: 0 is outside [1, inf]"),
         ("fit_maps", ["--c-rank", "-5"], "--c-rank: -5 is outside [1, inf]"),
         ("fit_maps", ["--c-rank", "0"], "--c-rank: 0 is outside [1, inf]"),
         ("fit_maps", ["--alphas", "1,0,10"], "--alphas: 0 is outside (0, inf]"),
@@ -81,6 +81,21 @@ def test_bad_arguments_are_refused_before_any_work(script, args, fragment, capsy
     assert code == EXIT_USER_ERROR
     assert_one_error_line(err, fragment)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("script", ["extract_features", "fit_maps", "encoding", "reconstruct"])
+def test_a_subject_beyond_nsds_eight_is_a_subject_like_any_other(script, capsys, tmp_path):
+    # a user's own experiment may number its subjects 9 or 40: only NSD's own scripts stop at 8
+    required = {
+        "reconstruct": ["--maps", tmp_path, "--data", tmp_path],
+        "extract_features": ["--data", tmp_path],
+        "fit_maps": ["--data", tmp_path, "--features", tmp_path],
+        "encoding": ["--data", tmp_path, "--features", tmp_path],
+    }[script]
+    code, err = run(script, [*required, "--subject", "40", "--out", tmp_path / "o"], capsys)
+    assert code == EXIT_USER_ERROR
+    assert_one_error_line(err)
+    assert "--subject:" not in err  # past the arguments: what is missing is the data (here, everything)
 
 
 def test_an_output_path_that_is_a_file_is_refused_before_the_work(tree, tmp_path, capsys):
