@@ -27,6 +27,11 @@ SHOWCASE = (TAKAGI2023.sampling.strength, TAKAGI2023.sampling.guidance_scale,
             TAKAGI2023.sampling.num_inference_steps, TAKAGI2023.sampling.seed, 1)  # fmt: skip
 
 
+# show_error: an API call with a value Gradio cannot read (a trial "seven") answers with what was wrong, not a bare
+# "the app raised an exception"
+LAUNCH_OPTIONS = {"show_error": True}
+
+
 def resolve_sources(maps: str | None, data: str | None, model: str | None, subjects: str | None) -> Sources:
     maps = maps or os.environ.get("BRAINLDM_MAPS") or "weights"
     data = data or os.environ.get("BRAINLDM_DATA")
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = parser.parse_args(argv)
     backend = DemoBackend(resolve_sources(args.maps, args.data, args.model, args.subjects), device=args.device)
-    build_demo(backend).launch(server_name=args.host, server_port=args.port)
+    build_demo(backend).launch(server_name=args.host, server_port=args.port, **LAUNCH_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,11 @@ class Subject:
         return len(self.test)
 
     def check_trial(self, trial) -> int:
-        if trial is None or not float(trial).is_integer() or not 0 <= int(trial) < len(self):
+        try:
+            number = float(trial)
+        except (TypeError, ValueError):
+            raise InputError(f"trial must be a test trial's number, got {trial!r}") from None
+        if not number.is_integer() or not 0 <= number < len(self):
             last = len(self) - 1
             raise InputError(f"trial {trial} is out of range: subject {self.subject} has test trials 0..{last}")
         return int(trial)

@@ -334,6 +334,11 @@ class SubjectMaps(
             return super().from_pretrained(source, **kwargs)
         except InputError:
             raise
+        except json.JSONDecodeError as err:  # ModelHubMixin reads config.json itself
+            raise InputError(
+                f"the {CONFIG_FILE} of {source} is not valid JSON ({oneline(err)}); it may have been edited or "
+                "truncated: write the maps again with scripts/fit_maps.py (or download them again)"
+            ) from err
         except (OSError, ValueError) as err:  # huggingface_hub's HTTP, offline and not-in-cache errors
             if local.is_dir():
                 raise

@@ -63,12 +63,26 @@ class Reconstructor:
     def dtype(self) -> torch.dtype:
         return self.img2img.unet.dtype
 
-    def check_inputs(self, z, c, sampling: Sampling) -> None:
+    def check_sampling(self, sampling: Sampling) -> None:
+        """The settings alone, before any work: strength, steps (within the scheduler's), guidance, samples, seed."""
         strength, num_inference_steps, num_samples = (
             sampling.strength,
             sampling.num_inference_steps,
             sampling.num_samples,
         )
+        if not 0 < strength <= 1:
+            raise InputError(f"strength must be in (0, 1], got {strength}")
+        check_sampling(self.img2img.scheduler, num_inference_steps, sampling.guidance_scale)
+        if num_samples < 1:
+            raise InputError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0 <= sampling.seed <= MAX_SEED - (num_samples - 1):
+            raise InputError(f"seed must be in 0..2^64-{num_samples} (sample k uses seed + k), got {sampling.seed}")
+        if int(num_inference_steps * strength) < 1:
+            raise InputError(
+                f"strength {strength} x {num_inference_steps} steps runs no denoising step; raise either of them"
+            )
+
+    def check_inputs(self, z, c, sampling: Sampling) -> None:
         vae, unet = self.img2img.vae, self.img2img.unet
         if z.ndim != 4 or z.shape[1] != vae.config.latent_channels:
             raise InputError(
@@ -83,17 +97,7 @@ class Reconstructor:
             )
         if len(z) != len(c):
             raise InputError(f"z and c hold different numbers of items ({len(z)} and {len(c)})")
-        if not 0 < strength <= 1:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
-        check_sampling(self.img2img.scheduler, num_inference_steps, sampling.guidance_scale)
-        if num_samples < 1:
-            raise InputError(f"num_samples must be >= 1, got {num_samples}")
-        if not 0 <= sampling.seed <= MAX_SEED - (num_samples - 1):
-            raise InputError(f"seed must be in 0..2^64-{num_samples} (sample k uses seed + k), got {sampling.seed}")
-        if int(num_inference_steps * strength) < 1:
-            raise InputError(
-                f"strength {strength} x {num_inference_steps} steps runs no denoising step; raise either of them"
-            )
+        self.check_sampling(sampling)
         check_finite("z", z)
         check_finite("c", c)
 
@@ -210,6 +214,7 @@ def reconstruct_trials(
     """
     from .data import load_trials, load_voxels
 
+    reconstructor.check_sampling(sampling)  # before anything is read or written
     trials = load_trials(data, subject, split)
     rows = list(range(len(trials))) if rows is None else [int(r) for r in rows]
     bad = [r for r in rows if not 0 <= r < len(trials)]

@@ -41,7 +41,9 @@ def sources(decoding_world, tmp_path_factory):
 def server(sources):
     demo = app_module.build_demo(DemoBackend(sources, device="cpu"))
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app_module.LAUNCH_OPTIONS
+    )
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -92,6 +94,8 @@ def test_cortical_maps_tab_says_when_there_are_none(client):
     [
         (lambda c: c.predict(1, 99, *FAST.values(), 1, api_name="/reconstruct"), "trial 99 is out of range"),
         (lambda c: c.predict(1, 0, 0.8, 5.0, 10, 2**70, 1, api_name="/reconstruct"), "seed|2\\^64|maximum"),
+        (lambda c: c.predict(1, "seven", *FAST.values(), 1, api_name="/reconstruct"), "value passed .* 'seven'"),
+        (lambda c: c.predict(1, 0, "high", 5.0, 10, 0, 1, api_name="/reconstruct"), "value passed .* 'high'"),
         (lambda c: c.predict(5, api_name="/load_subject"), "subj05 has no maps.safetensors|not a local folder"),
         (lambda c: c.predict(2, api_name="/load_subject"), "maps found for subject 2 are subject 1's"),
     ],
@@ -226,3 +230,13 @@ def test_the_knobs_are_explained_and_the_showcase_is_cached_lazily(sources):
     assert seed.minimum == 0 and seed.maximum == 2**64 - 1
     showcase = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
     assert len(showcase.samples) == 3 and showcase.samples[0][2:5] == [0.8, 5.0, 50]  # the paper's settings
+
+
+@pytest.mark.parametrize("trial, match", [("seven", "trial must be a test trial's number, got 'seven'"),
+                                          (None, "got None"), (2.5, "out of range"), (20, "out of range")])  # fmt: skip
+def test_a_trial_that_is_not_a_test_trial_is_named(decoding_world, trial, match):
+    from brainldm.demo import Subject
+    from brainldm.validation import InputError
+
+    with pytest.raises(InputError, match=match):
+        Subject(1, decoding_world.maps, str(decoding_world.data)).check_trial(trial)

@@ -194,6 +194,25 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world,
     assert meta["num_inference_steps"] == 5
 
 
+def test_more_steps_than_the_scheduler_was_trained_with_are_named_and_nothing_is_written(decoding_world, tiny, tmp_path):
+    from brainldm.presets import Sampling
+    from brainldm.reconstruct import Reconstructor, reconstruct_trials
+
+    with pytest.raises(InputError, match="steps must be in 1..1000 .*got 5000"):
+        reconstruct_trials(Reconstructor(tiny), decoding_world.maps, decoding_world.data, 1, tmp_path / "out",
+                           sampling=Sampling(num_inference_steps=5000), progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_json_that_is_not_json_is_named(decoding_world, tmp_path):
+    from brainldm.maps import SubjectMaps
+
+    decoding_world.maps.save_pretrained(tmp_path / "maps")
+    (tmp_path / "maps" / "config.json").write_text('{"subject": 1,')  # truncated
+    with pytest.raises(InputError, match="config.json of .*maps is not valid JSON"):
+        SubjectMaps.from_pretrained(tmp_path / "maps")
+
+
 def test_a_truncated_png_in_a_reconstruction_folder_is_named(decoding_world, tiny, tmp_path, capsys):
     from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor, reconstruct_trials
