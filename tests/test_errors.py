@@ -194,7 +194,7 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world,
     assert meta["num_inference_steps"] == 5
 
 
-def test_more_steps_than_the_scheduler_was_trained_with_are_named_and_nothing_is_written(decoding_world, tiny, tmp_path):
+def test_steps_beyond_the_schedulers_are_named_and_nothing_is_written(decoding_world, tiny, tmp_path):
     from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
