@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .readers import NSDReader, Reader
+from .storage import atomic_path
 from .validation import InputError
 from .voxels import VoxelTable
 
@@ -170,7 +171,8 @@ def _prepare(reader: Reader, out: Path, zscore: bool, progress: bool) -> Path:
             )
         if zscore:
             betas = zscore_sessionwise(betas)
-        _save_npy_atomic(cached, betas)
+        with atomic_path(cached) as tmp:
+            np.save(tmp, betas)
 
     def session_betas(session: int) -> np.ndarray:
         return np.load(work / "sessions" / f"session{session:02d}.npy", mmap_mode="r")
@@ -226,12 +228,6 @@ def _rows(stimulus_ids, trials, betas, reader: Reader, stimuli) -> dict:
     }
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -240,9 +236,8 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 # --- the dataset card and the Hub ----------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from PIL import Image
 
 from .data import load_trials, load_voxels, subject_name
 from .ldm import load_ldm
-from .maps import SubjectMaps
+from .maps import WEIGHTS_FILE, SubjectMaps
 from .presets import TAKAGI2023, Sampling
 from .reconstruct import Reconstruction, Reconstructor
+from .storage import atomic_path
 from .validation import InputError
 
 THUMBNAIL_SIZE = 128  # px, the gallery's longest side
@@ -51,9 +52,9 @@ class Sources:
 def find_subjects(maps: str) -> list[int]:
     """Subjects with maps in a local folder of ``subjNN/`` folders (or the one subject of a single map folder)."""
     folder = Path(maps)
-    if (folder / "maps.safetensors").is_file():
+    if (folder / WEIGHTS_FILE).is_file():
         return [SubjectMaps.from_pretrained(folder).subject]
-    return sorted(int(p.name[4:]) for p in folder.glob("subj[0-9][0-9]") if (p / "maps.safetensors").is_file())
+    return sorted(int(p.name[4:]) for p in folder.glob("subj[0-9][0-9]") if (p / WEIGHTS_FILE).is_file())
 
 
 def maps_location(maps: str, subject: int) -> str:
@@ -61,7 +62,7 @@ def maps_location(maps: str, subject: int) -> str:
     if "{subject" in maps:
         return maps.format(subject=subject)
     folder = Path(maps)
-    if (folder / "maps.safetensors").is_file():
+    if (folder / WEIGHTS_FILE).is_file():
         return str(folder)
     if folder.is_dir():
         return str(folder / subject_name(subject))
@@ -157,9 +158,8 @@ class Subject:
             if not path.exists():
                 image = row["image"].convert("RGB")
                 image.thumbnail((size, size), Image.Resampling.BICUBIC)
-                tmp = path.with_suffix(".tmp.jpg")
-                image.save(tmp, quality=90)
-                tmp.replace(path)
+                with atomic_path(path) as tmp:
+                    image.save(tmp, quality=90)
             items.append((str(path), row["captions"][0]))
         return items
 

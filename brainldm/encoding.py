@@ -23,9 +23,10 @@ import numpy as np
 import scipy.stats
 import torch
 
+from .features import UNET_BLOCKS
 from .metrics import dimension_correlation
 from .presets import TAKAGI2023
-from .ridge import RidgeCV
+from .ridge import RidgeCV, gram_eigh
 from .torch_utils import default_device
 from .validation import InputError
 
@@ -41,8 +42,8 @@ def fit_pca(features: np.ndarray, n_components: int = TAKAGI2023.n_pca, device=N
     x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device).reshape(len(features), -1)
     mean = x.mean(0)
     x = x - mean
-    primal = x.shape[0] >= x.shape[1]
-    e, vectors = torch.linalg.eigh(x.T @ x if primal else x @ x.T)
+    form, e, vectors = gram_eigh(x)
+    primal = form == "primal"
     e, vectors = e.flip(0), vectors.flip(1)
     # components: at most n_components, and only directions the data actually vary in
     k = min(n_components, int((e > e[0] * 1e-6).sum()))
@@ -255,7 +256,7 @@ def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, flo
                     "denoising step",
                     steps,
                 )
-    depth = {b: i for i, b in enumerate(("down0", "down1", "down2", "down3", "mid", "up0", "up1", "up2", "up3"))}
+    depth = {b: i for i, b in enumerate(UNET_BLOCKS)}
     for strength, step in sorted({(s.strength, s.step) for s in unet.values()}):
         blocks = {n: depth[s.block] for n, s in unet.items() if (s.strength, s.step) == (strength, step)}
         if len(blocks) >= 2:

@@ -18,6 +18,7 @@ import torch
 
 from .metrics import EVAL_SIZE, correlation_distance, pixcorr, retrieval_top1, ssim, two_way_identification
 from .reconstruct import is_done, load_trial_images
+from .torch_utils import clip_normalise
 from .validation import InputError
 
 Extractor = Callable[[list[np.ndarray]], np.ndarray]
@@ -146,16 +147,13 @@ def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extr
         model = CLIPVisionModelWithProjection.from_pretrained(model_id)
     model = model.eval().to(device)
     size = model.config.image_size
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 
     @torch.no_grad()
     def extract(images):
         from PIL import Image
 
         x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images])
-        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255) - mean) / std
-        out = model(pixel_values=x.to(device))
+        out = model(pixel_values=clip_normalise(torch.from_numpy(x)).to(device))
         embedding = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
         return embedding.cpu().numpy()
 

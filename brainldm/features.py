@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from .presets import TAKAGI2023
+from .storage import atomic_path
 from .validation import InputError, check_sampling, oneline
 
 ImageLike = Image.Image | np.ndarray
@@ -287,10 +288,8 @@ class FeatureStore:
         elif config is None:
             raise InputError(f"no {name} features in {Path(root)} (no {config_path}); run scripts/extract_features.py")
         else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = config_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(config, indent=2))
-            tmp.replace(config_path)
+            with atomic_path(config_path) as tmp:
+                tmp.write_text(json.dumps(config, indent=2))
             self.config = config
         self._index: dict[int, tuple[Path, int]] | None = None
 
@@ -314,13 +313,12 @@ class FeatureStore:
         """Add one shard of features (n, ...) for ``nsd_ids`` (n,)."""
         number = len(self._shards())
         path = self.folder / f"shard-{number:05d}.safetensors"
-        tmp = self.folder / f".shard-{number:05d}.tmp"
         tensors = {
             "nsd_id": np.asarray(nsd_ids, dtype=np.int64),
             "features": np.ascontiguousarray(np.asarray(features, dtype=np.float32)),
         }
-        save_file(tensors, str(tmp), metadata={"feature": self.name})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"feature": self.name})
         for row, nsd_id in enumerate(tensors["nsd_id"].tolist()):
             self.index[nsd_id] = (path, row)
         return path

@@ -13,6 +13,7 @@ Everything downstream takes a :class:`~diffusers.StableDiffusionImg2ImgPipeline`
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -63,19 +64,22 @@ def ddim_scheduler() -> DDIMScheduler:
     )
 
 
-def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A CLIP tokenizer over the 256 byte symbols with no merges, built without any Hub file.
+def byte_level_clip_tokenizer(model_max_length: int = 77, merges: Sequence[tuple[str, str]] = ()) -> CLIPTokenizer:
+    """A CLIP tokenizer over the 256 byte symbols (with and without CLIP's ``</w>``) and the given BPE ``merges``,
+    built without any Hub file, so any text tokenizes.
 
-    It tokenizes like CLIP's (lower-casing, BOS/EOS, padding to 77), one token per character.
+    It tokenizes like CLIP's (lower-casing, BOS/EOS, padding to 77); with no merges, one token per character.
     """
     from tokenizers.pre_tokenizers import ByteLevel
 
     symbols = sorted(ByteLevel.alphabet())
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
 
 
 def _assemble(unet_config: dict, vae_config: dict, text_config: dict, seed: int) -> StableDiffusionImg2ImgPipeline:

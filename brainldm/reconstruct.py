@@ -29,6 +29,7 @@ from .data import subject_name
 from .features import empty_prompt_embedding
 from .ldm import ldm_sizes
 from .presets import TAKAGI2023, Sampling
+from .storage import atomic_path
 from .validation import MAX_SEED, InputError, check_finite, check_sampling, oneline
 
 
@@ -273,16 +274,13 @@ def reconstruct_trials(
 def _write_trial(folder: Path, images: dict[str, np.ndarray], arrays: dict[str, np.ndarray], meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in images.items():
-        tmp = folder / f".{name}.tmp.png"
-        Image.fromarray(image).save(tmp)
-        tmp.replace(folder / f"{name}.png")
+        with atomic_path(folder / f"{name}.png") as tmp:
+            Image.fromarray(image).save(tmp)
     for name, array in arrays.items():
-        tmp = folder / f".{name}.tmp.npy"
-        np.save(tmp, array.astype(np.float16))
-        tmp.replace(folder / f"{name}.npy")
-    tmp = folder / ".meta.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(folder / "meta.json")
+        with atomic_path(folder / f"{name}.npy") as tmp:
+            np.save(tmp, array.astype(np.float16))
+    with atomic_path(folder / "meta.json") as tmp:  # written last: its presence marks the trial done
+        tmp.write_text(json.dumps(meta, indent=2))
 
 
 def load_trial_images(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

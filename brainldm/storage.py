@@ -249,10 +249,10 @@ class Storage:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; moved onto ``path`` when the block succeeds, removed if not.
-    Readers never see a half-written file, and a killed writer leaves only a ``.tmp`` file."""
+    Readers never see a half-written file, and a killed writer leaves at most a hidden ``.tmp`` file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix stays: PIL and numpy read formats from it
     try:
         yield tmp
         tmp.replace(path)

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .presets import TAKAGI2023
+from .torch_utils import clip_normalise
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,6 @@ def to_unit(pictures: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def clip_normalise(pictures: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, H, W, 3) at the vision tower's size -> CLIP-normalised float (n, 3, H, W)."""
-    x = pictures.permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-
-
 # --- the parts ---------------------------------------------------------------------------------------------
 
 
@@ -122,7 +116,8 @@ def caption_tokenizer(captions: list[list[str]], model_max_length: int = 77):
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
+
+    from .ldm import byte_level_clip_tokenizer
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
@@ -134,13 +129,7 @@ def caption_tokenizer(captions: list[list[str]], model_max_length: int = 77):
     bpe.train_from_iterator((cap for caps in captions for cap in caps), trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return byte_level_clip_tokenizer(model_max_length, merges)
 
 
 def build_clip(tokenizer, config: ToyConfig):
@@ -440,15 +429,16 @@ def score_toy(
     image_encoder,
     pictures: np.ndarray,
     captions: list[list[str]],
-    steps: int = 50,
-    guidance_scale: float = 5.0,
+    steps: int = TAKAGI2023.sampling.num_inference_steps,
+    guidance_scale: float = TAKAGI2023.sampling.guidance_scale,
     seed: int = 0,
 ) -> dict[str, float]:
     """The model card's figures on held-out pairs (uint8 pictures at the output size and their captions):
 
     - ``vae_pixcorr``: mean PixCorr of VAE round trips at the output size (and ``vae_pixcorr_z`` at z's size);
     - ``t2i_clip_id`` / ``t2i_pixel_id``: 2-way identification of text-to-image generations from the mean
-      caption embedding (c), in the toy vision tower's space and in pixel space (chance 0.5).
+      caption embedding (c), in the toy vision tower's space and in pixel space (chance 0.5);
+    - ``t2i_steps`` / ``t2i_guidance``: the sampling settings of those generations.
     """
     from .features import encode_c, encode_z
     from .metrics import pixcorr, two_way_identification
@@ -469,6 +459,7 @@ def score_toy(
     c = encode_c(ldm, captions)
     z = encode_z(ldm, list(pictures), image_size=z_size)
     generated = recon(z, c, Sampling(guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed)).Xc[:, 0]
+    scores["t2i_steps"], scores["t2i_guidance"] = steps, guidance_scale
     from .evaluate import clip_extractor
 
     extract = clip_extractor(image_encoder)
@@ -515,7 +506,8 @@ meaning, not only shapes. It knows nothing of natural images.
 | text-to-image from true captions, toy-CLIP 2-way identification | {100 * scores["t2i_clip_id"]:.1f}% |
 | text-to-image from true captions, pixel 2-way identification | {100 * scores["t2i_pixel_id"]:.1f}% |
 
-Text-to-image: c = the mean caption embedding, 50 DDIM steps, guidance 5, seed {config.seed}; chance is 50%.
+Text-to-image: c = the mean caption embedding, {scores.get("t2i_steps", 50)} DDIM steps, guidance \
+{scores.get("t2i_guidance", 5.0):g}, seed {config.seed}; chance is 50%.
 
 ## Training settings
 

@@ -22,6 +22,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from brainldm import cli
+from brainldm.presets import TAKAGI2023
 
 
 @cli.script
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval-steps",
         type=cli.positive,
-        default=50,
-        help="DDIM steps of the scored generations (default 50, the paper's)",
+        default=TAKAGI2023.sampling.num_inference_steps,
+        help="DDIM steps of the scored generations (default: the paper's 50)",
     )
     for f in fields(ToyConfig):
         if f.type in ("int", int) and f.name != "n_heldout":
@@ -82,7 +83,9 @@ def _load(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def train(config, out: Path, work: Path, device: str | None, eval_steps: int = 50) -> None:
+def train(
+    config, out: Path, work: Path, device: str | None, eval_steps: int = TAKAGI2023.sampling.num_inference_steps
+) -> None:
     import numpy as np
     import torch
     from tqdm.auto import tqdm
