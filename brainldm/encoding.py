@@ -188,7 +188,7 @@ def run_encoding(
     if space is not None:
         from .surfaces import check_space
 
-        check_space(space)  # before the long work, not after it
+        check_space(space, voxels.grid_shape)  # before the long work, not after it
 
     results = {}
     for name in tqdm(names, desc="encoding", unit="feature", disable=not progress):

@@ -193,9 +193,7 @@ class ExperimentReader:
             spec = json.loads(self.manifest.read_text())
         except ValueError as err:
             raise InputError(f"{self.manifest} is not valid JSON: {oneline(err)}") from err
-        missing = [key for key in MANIFEST_KEYS if key not in spec]
-        if missing:
-            raise InputError(f"{self.manifest} has no {', '.join(missing)}; it needs {', '.join(MANIFEST_KEYS)}")
+        _check_manifest(self.manifest, spec)
         here = self.manifest.parent
         self.subject, self.whole_brain = int(spec.get("subject", 1)), False
         betas = spec["betas"] if isinstance(spec["betas"], list) else [spec["betas"]]
@@ -216,6 +214,8 @@ class ExperimentReader:
             captions = json.loads(captions_path.read_text())
         except ValueError as err:
             raise InputError(f"{captions_path} is not valid JSON: {oneline(err)}") from err
+        if not isinstance(captions, dict) or not all(isinstance(c, list) for c in captions.values()):
+            raise InputError(f'{captions_path} must map image files to lists of captions: {{"a.png": ["..."]}}')
         without = [n for n in sorted(set(shown)) if not captions.get(n)]
         if without:
             raise InputError(f"{captions_path} has no captions for {without[0]!r}; every shown image needs some")
@@ -302,6 +302,29 @@ class ExperimentReader:
     @contextmanager
     def open_stimuli(self) -> Iterator[_ImageFolder]:
         yield _ImageFolder(self.image_dir, self.image_names)
+
+
+def _check_manifest(path: Path, spec) -> None:
+    """Every key present and of its type, before any file it names is opened."""
+    if not isinstance(spec, dict):
+        raise InputError(f"{path} must hold a JSON object with {', '.join(MANIFEST_KEYS)}, got {type(spec).__name__}")
+    missing = [key for key in MANIFEST_KEYS if key not in spec]
+    if missing:
+        raise InputError(f"{path} has no {', '.join(missing)}; it needs {', '.join(MANIFEST_KEYS)}")
+    for key in ("trials", "images", "captions", "test"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            raise InputError(f"{path}: {key!r} must be a path (a string), got {spec[key]!r}")
+    betas = spec["betas"]
+    if not (isinstance(betas, str) and betas) and not (
+        isinstance(betas, list) and betas and all(isinstance(b, str) and b for b in betas)
+    ):
+        raise InputError(f"{path}: 'betas' must be a path or a non-empty list of paths, got {betas!r}")
+    rois = spec["rois"]
+    if not isinstance(rois, dict) or not all(isinstance(v, str) and v for v in rois.values()):
+        raise InputError(f'{path}: \'rois\' must map ROI names to mask paths, e.g. {{"early": "rois/early.nii.gz"}}')
+    subject = spec.get("subject", 1)
+    if isinstance(subject, bool) or not isinstance(subject, int) or subject < 1:
+        raise InputError(f"{path}: 'subject' must be a whole number >= 1, got {subject!r}")
 
 
 class _ImageFolder:

@@ -75,8 +75,9 @@ def require_pycortex():
     return cortex
 
 
-def check_space(space: CorticalSpace) -> None:
-    """Raise an :class:`InputError` saying which command imports the subject when pycortex lacks it."""
+def check_space(space: CorticalSpace, grid_shape: tuple[int, ...] | None = None) -> None:
+    """Raise an :class:`InputError` saying which command imports the subject when pycortex lacks it, or (with
+    ``grid_shape``, the data's X, Y, Z) when the space's functional grid is another one."""
     cortex = require_pycortex()
     if space.subject not in cortex.db.subjects:
         hint = (
@@ -93,6 +94,14 @@ def check_space(space: CorticalSpace) -> None:
             f"pycortex subject {space.subject!r} has no transform {space.transform!r} (it has {sorted(transforms)}); "
             "scripts/import_nsd_subject.py writes NSD's"
         )
+    if grid_shape is not None:
+        grid = tuple(int(n) for n in cortex.db.get_xfm(space.subject, space.transform).shape[::-1])  # (Z, Y, X)
+        if grid != tuple(grid_shape):
+            raise InputError(
+                f"the cortical space {space.subject}/{space.transform} maps a {grid} grid, but the data's voxels "
+                f"lie in a {tuple(grid_shape)} grid; pass the --cortical-space SUBJECT/TRANSFORM made for this data "
+                f"(NSD subject N: subjNN/{NSD_TRANSFORM}, from scripts/import_nsd_subject.py)"
+            )
 
 
 @dataclass

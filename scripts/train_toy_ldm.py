@@ -93,14 +93,24 @@ def train(
     from brainldm import toy
     from brainldm.ldm import ddim_scheduler
     from brainldm.torch_utils import default_device
+    from brainldm.validation import InputError
 
     t0 = time.time()
     device = default_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     stamp = work / "config.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != toy.config_dict(config):
-        cli.fail(f"{work} holds checkpoints of a run with other settings; delete it or pass another --work")
+    stored, settings = (json.loads(stamp.read_text()) if stamp.exists() else None), toy.config_dict(config)
+    if stored is not None and stored != settings:
+        changed = ", ".join(
+            f"--{k.replace('_', '-')} {settings.get(k)} (the checkpoints': {stored.get(k)})"
+            for k in sorted(set(stored) | set(settings))
+            if stored.get(k) != settings.get(k)
+        )
+        raise InputError(
+            f"{work} holds checkpoints of a run with other settings: {changed}; resume with the same settings, or "
+            "delete it or pass another --work to start again"
+        )
     stamp.write_text(json.dumps(toy.config_dict(config), indent=1))
     print(f"training toy on {device}; checkpoints in {work}")
 

@@ -153,3 +153,48 @@ def test_the_script_prepares_an_experiment(experiment, tmp_path, capsys):
     _, manifest, _ = experiment
     code, _ = run("prepare_experiment", ["--manifest", manifest, "--out", tmp_path / "out"], capsys)
     assert code == 0 and len(load_trials(tmp_path / "out", 1, "test")) == 20
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"betas": None}, "'betas' must be a path or a non-empty list of paths, got None"),
+        ({"betas": []}, "'betas' must be a path or a non-empty list"),
+        ({"betas": ["betas/run1.nii.gz", 3]}, "'betas' must be a path"),
+        ({"trials": 7}, "'trials' must be a path \\(a string\\), got 7"),
+        ({"images": ["images"]}, "'images' must be a path"),
+        ({"rois": "rois/early.nii.gz"}, "'rois' must map ROI names to mask paths"),
+        ({"rois": {"early": 1}}, "'rois' must map ROI names to mask paths"),
+        ({"subject": "one"}, "'subject' must be a whole number >= 1, got 'one'"),
+        ({"subject": 0}, "'subject' must be a whole number >= 1"),
+        ({"test": "nowhere.txt"}, "missing test list: .*nowhere.txt does not exist"),
+        ({"captions": "trials.txt"}, "trials.txt is not valid JSON"),
+        ({"images": "trials.txt"}, "the images folder .*trials.txt does not exist"),
+        ({"rois": {"early": "rois/missing.nii.gz"}}, "missing ROI mask 'early'"),
+    ]
+    + [({key: "__delete__"}, f"has no {key}") for key in ("betas", "trials", "images", "captions", "rois", "test")],
+)
+def test_a_bad_manifest_field_is_named(experiment, tmp_path, change, match):
+    _, manifest, _ = experiment
+    spec = json.loads(manifest.read_text())
+    for key, value in change.items():
+        if value == "__delete__":
+            del spec[key]
+        else:
+            spec[key] = value
+    broken = manifest.with_name(f"broken-{tmp_path.name}.json")
+    broken.write_text(json.dumps(spec))
+    with pytest.raises(InputError, match=match):
+        prepare(ExperimentReader(broken), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_captions_that_are_not_a_mapping_are_named(experiment, tmp_path):
+    _, manifest, _ = experiment
+    spec = json.loads(manifest.read_text())
+    (manifest.parent / "list.json").write_text(json.dumps(["a caption"]))
+    spec["captions"] = "list.json"
+    broken = manifest.with_name("list-captions.json")
+    broken.write_text(json.dumps(spec))
+    with pytest.raises(InputError, match="must map image files to lists of captions"):
+        ExperimentReader(broken)

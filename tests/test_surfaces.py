@@ -88,6 +88,16 @@ def test_missing_subject_or_transform_says_how_to_import_it():
     assert CorticalSpace.parse("S1/fullhead") == CorticalSpace("S1", "fullhead")
 
 
+def test_a_cortical_space_of_another_grid_is_refused_before_the_work(decoding_world, tmp_path):
+    from brainldm.encoding import run_encoding
+
+    check_space(CorticalSpace("S1", "fullhead"), (100, 100, 31))  # S1's own functional grid fits
+    with pytest.raises(InputError, match=r"S1/fullhead maps a \(100, 100, 31\) grid, but the data's voxels lie in"):
+        run_encoding(decoding_world.data, decoding_world.features, 1, ["z"], tmp_path / "out", whole_brain=False,
+                     space=CorticalSpace("S1", "fullhead"), progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 def test_import_nsd_subject_names_the_missing_freesurfer_file(tmp_path):
     with pytest.raises(InputError, match=r"missing lh flat patch: .*nsddata/freesurfer/subj02/surf/lh.full.flat"):
         import_nsd_subject(tmp_path, 2)

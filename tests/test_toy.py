@@ -134,4 +134,5 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         script.main([*args, "--unet-batch", "8"])
-    assert refused.value.code == 2 and "other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "other settings: --unet-batch 8 (the checkpoints': 4)" in err, err
