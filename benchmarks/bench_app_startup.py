@@ -18,24 +18,18 @@ from pathlib import Path
 
 
 def build(work: Path, test_images: int, image_size: int) -> None:
-    from brainldm.data import SubjectStimuli, prepare_subject
-    from brainldm.features import extract_features, parse_features
     from brainldm.ldm import load_ldm
-    from brainldm.maps import fit_subject_maps
-    from brainldm.synthetic import write_nsd_tree
+    from brainldm.offline import build_offline_world
 
     if (work / "weights" / "subj01" / "maps.safetensors").exists():
         return
-    ldm = load_ldm("toy", device="cpu")
     per_subject = test_images + 100  # the test images plus 100 training images, each shown three times
-    trials = 3 * per_subject
     sessions = 10
-    tree = write_nsd_tree(work / "nsd", (1,), n_sessions=sessions, trials_per_session=-(-trials // sessions),
-                          n_shared=test_images, image_size=image_size, ldm=ldm, seed=0)  # fmt: skip
-    prepare_subject(tree.root, 1, work / "trials")
-    stimuli = SubjectStimuli(work / "trials", 1)
-    extract_features(ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), work / "features")
-    fit_subject_maps(work / "trials", work / "features", 1, device="cpu").save_pretrained(work / "weights" / "subj01")
+    world = build_offline_world(
+        work, load_ldm("toy", device="cpu"), "toy", n_sessions=sessions, n_shared=test_images, image_size=image_size,
+        trials_per_session=-(-3 * per_subject // sessions), seed=0, progress=True,
+    )  # fmt: skip
+    world.maps[1].save_pretrained(work / "weights" / "subj01")
 
 
 def measure(work: Path) -> dict:

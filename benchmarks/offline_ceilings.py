@@ -59,33 +59,24 @@ def project(x: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
 def run(work: Path, args) -> None:
     import torch
 
-    from brainldm.data import SubjectStimuli, load_trials, prepare_subject
+    from brainldm.data import SubjectStimuli, load_trials
     from brainldm.evaluate import clip_extractor
-    from brainldm.features import extract_features, load_features, parse_features
+    from brainldm.features import load_features
     from brainldm.ldm import load_ldm
-    from brainldm.maps import fit_subject_maps
     from brainldm.metrics import pixcorr, two_way_identification
+    from brainldm.offline import build_offline_world
     from brainldm.presets import Sampling
     from brainldm.reconstruct import Reconstructor
-    from brainldm.synthetic import OFFLINE_SNR, write_nsd_tree
+    from brainldm.synthetic import OFFLINE_SNR
 
     ldm = load_ldm("toy", device="cpu")
     snr = args.snr or OFFLINE_SNR
-    tree = write_nsd_tree(
-        work / "nsd",
-        (1,),
-        n_sessions=args.sessions,
-        trials_per_session=args.trials_per_session,
-        n_shared=args.shared,
-        snr=snr,
-        n_components=args.world_components,
-        ldm=ldm,
-        seed=args.seed,
-    )
-    prepare_subject(tree.root, 1, work / "trials")
+    world = build_offline_world(
+        work, ldm, "toy", n_sessions=args.sessions, trials_per_session=args.trials_per_session, n_shared=args.shared,
+        snr=snr, n_components=args.world_components, seed=args.seed, progress=True,
+    )  # fmt: skip
+    maps = world.maps[1]
     stimuli = SubjectStimuli(work / "trials", 1)
-    extract_features(ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), work / "features")
-    maps = fit_subject_maps(work / "trials", work / "features", 1, device="cpu")
 
     test = load_trials(work / "trials", 1, "test")
     test_ids = [int(i) for i in test["nsd_id"]]

@@ -77,32 +77,23 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
     """
     from importlib.util import find_spec
 
-    from .data import SubjectStimuli, prepare_subject
     from .encoding import run_encoding
-    from .features import extract_features, parse_features
-    from .maps import fit_subject_maps
+    from .offline import build_offline_world
     from .surfaces import OFFLINE_SPACE
-    from .synthetic import OFFLINE_SNR, write_nsd_tree
+    from .synthetic import OFFLINE_SNR
 
     root = Path(root or tempfile.mkdtemp(prefix="brainldm-offline-"))
-    ldm = load_ldm("toy", device="cpu")
     anatomy = "S1" if find_spec("cortex") else "blob"
-    tree = write_nsd_tree(
-        root / "nsd", subjects, n_sessions=6, trials_per_session=45, n_shared=20, snr=OFFLINE_SNR, ldm=ldm, seed=1,
-        anatomy=anatomy,
+    world = build_offline_world(
+        root, load_ldm("toy", device="cpu"), "toy", subjects, n_sessions=6, trials_per_session=45, n_shared=20,
+        snr=OFFLINE_SNR, seed=1, anatomy=anatomy,
     )  # fmt: skip
-    for subject in subjects:
-        prepare_subject(tree.root, subject, root / "trials", progress=False)
-        stimuli = SubjectStimuli(root / "trials", subject)
-        extract_features(
-            ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features", progress=False
-        )
-        maps = fit_subject_maps(root / "trials", root / "features", subject, device="cpu")
+    for subject, maps in world.maps.items():
         folder = root / "weights" / subject_name(subject)
         maps.save_pretrained(folder)
         if anatomy == "S1":  # encoding over the stored visual-cortex voxels: the whole brain would double start-up
             run_encoding(
-                root / "trials", root / "features", subject, ["z", "c"], folder / "figures", whole_brain=False,
+                world.data, world.features, subject, ["z", "c"], folder / "figures", whole_brain=False,
                 n_components=32, device="cpu", progress=False, space=OFFLINE_SPACE,
             )  # fmt: skip
     return Sources(str(root / "weights"), str(root / "trials"), "toy", list(subjects), offline=True)

@@ -30,20 +30,19 @@ def decoding_world(tmp_path_factory, tiny):
     """A high-SNR subject with enough images to decode from: trials dataset, z/c features and fitted maps."""
     from types import SimpleNamespace
 
-    from brainldm.data import SubjectStimuli, prepare_subject
-    from brainldm.features import extract_features, parse_features
-    from brainldm.maps import fit_subject_maps
-    from brainldm.synthetic import write_nsd_tree
+    from brainldm.offline import build_offline_world
 
     root = tmp_path_factory.mktemp("decoding")
-    tree = write_nsd_tree(
-        root / "nsd", subjects=(1, 2), n_sessions=6, trials_per_session=45, n_shared=20, snr=100.0, ldm=tiny, seed=1
+    world = build_offline_world(
+        root,
+        tiny,
+        "tiny",
+        subjects=(1, 2),
+        fit=(1,),
+        n_sessions=6,
+        trials_per_session=45,
+        n_shared=20,
+        snr=100.0,
+        seed=1,
     )
-    for subject in (1, 2):
-        prepare_subject(tree.root, subject, root / "trials", progress=False)
-        stimuli = SubjectStimuli(root / "trials", subject)
-        extract_features(
-            tiny, "tiny", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features", progress=False
-        )
-    maps = fit_subject_maps(root / "trials", root / "features", 1, device="cpu")
-    return SimpleNamespace(root=root, tree=tree, data=root / "trials", features=root / "features", maps=maps)
+    return SimpleNamespace(root=root, tree=world.tree, data=world.data, features=world.features, maps=world.maps[1])
