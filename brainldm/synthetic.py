@@ -172,16 +172,7 @@ def write_nsd_tree(
         affine = np.diag([1.8, 1.8, 1.8, 1.0])
         affine[:3, 3] = -0.9 * np.asarray(grid_shape)
 
-    # Image ids: NSD's 73k list, here n_shared + 8 * n_unique pictures; the shared ones spread through it.
-    n_images = n_shared + nsd.N_SUBJECTS * n_unique
-    order = rng.permutation(n_images)
-    shared = np.sort(order[:n_shared])
-    unique = order[n_shared:].reshape(nsd.N_SUBJECTS, n_unique)
-    # subjectim: each subject's list, shared images first (as in NSD), 1-based ids
-    subjectim = np.concatenate([np.tile(shared, (nsd.N_SUBJECTS, 1)), unique], axis=1) + 1
-    masterordering = rng.permutation(np.repeat(np.arange(per_subject), REPS))[:n_trials] + 1
-    trial_images = {s: subjectim[s - 1, masterordering - 1] - 1 for s in range(1, nsd.N_SUBJECTS + 1)}
-
+    n_images, shared, subjectim, masterordering, trial_images = _design(rng, n_trials, n_shared, n_unique)
     images, captions = zip(*(draw_picture(rng, image_size) for _ in range(n_images)))
     coco_ids = rng.choice(np.arange(9, 600_000), size=n_images, replace=False)
     coco_split = np.where(rng.random(n_images) < 0.9, "train2017", "val2017")
@@ -193,15 +184,7 @@ def write_nsd_tree(
 
     # Planted features for every image a written subject saw
     feature_ids = np.unique(np.concatenate([trial_images[s] for s in subjects]))
-    if features == "random":
-        z, c = (rng.standard_normal((len(feature_ids), 16)).astype(np.float32) for _ in range(2))
-    else:
-        from .features import encode_c, encode_z
-        from .ldm import load_ldm
-
-        ldm = ldm or load_ldm("toy", device="cpu")
-        z = encode_z(ldm, [images[i] for i in feature_ids]).numpy()
-        c = encode_c(ldm, [[cap.strip() for cap in captions[i]] for i in feature_ids]).numpy()
+    z, c = _features(rng, features, ldm, [images[i] for i in feature_ids], [captions[i] for i in feature_ids])
     flat = {"z": z.reshape(len(z), -1), "c": c.reshape(len(c), -1)}
     # Voxels see the features through their leading principal components (a smooth, low-dimensional tuning,
     # as real voxels pool over many feature dimensions), so the brain holds what a decoder can recover.
@@ -233,44 +216,74 @@ def write_nsd_tree(
         nsdgeneral, streams = rois[subject]
         for name, volume in (("nsdgeneral", nsdgeneral), ("streams", streams)):
             _save_nifti(nsd.roi_path(root, subject, name), volume.astype(np.int16), affine)
-        truth.voxels[subject] = {}
-        truth.weights[subject] = {}
-        signal, responsive = [], []
-        for name, roi in (("z", "early"), ("c", "ventral")):
-            ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
-            mixing = rng.standard_normal((components[name].shape[1], len(ijk))).astype(np.float32)
-            weights = components[name] @ mixing
-            response = standardised[name] @ weights
-            weights /= response.std(0, keepdims=True)  # unit signal variance per voxel over images
-            truth.voxels[subject][roi] = ijk
-            truth.weights[subject][name] = weights
-            signal.append(standardised[name] @ weights)
-            responsive.append(ijk)
-        for roi, z_share in MIXED_STREAMS.items():
-            ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
-            if len(ijk):
-                signal.append(
-                    np.sqrt(z_share) * _tuned(standardised["z"], components["z"], len(ijk), mixing_rng)
-                    + np.sqrt(1 - z_share) * _tuned(standardised["c"], components["c"], len(ijk), mixing_rng)
-                )
-                responsive.append(ijk)
+        responsive, signal = _plant_responses(truth, subject, streams, standardised, components, rng, mixing_rng)
         trial_rows = np.array([rows[i] for i in trial_images[subject].tolist()])
         _write_betas(
-            root,
-            subject,
-            rng,
-            nsdgeneral >= 0,
-            np.concatenate(responsive),
-            np.concatenate(signal, axis=1),
-            trial_rows,
-            n_sessions,
-            trials_per_session,
-            snr,
-            affine,
-            write_hdf5,
-            write_nifti,
-        )
+            root, subject, rng, nsdgeneral >= 0, responsive, signal, trial_rows, n_sessions, trials_per_session, snr,
+            affine, write_hdf5, write_nifti,
+        )  # fmt: skip
     return truth
+
+
+def _design(rng, n_trials: int, n_shared: int, n_unique: int):
+    """NSD's experiment design in small: (n_images, shared ids, subjectim, masterordering, subject -> trial images).
+
+    Image ids: NSD's 73k list, here n_shared + 8 * n_unique pictures; the shared ones spread through it.
+    """
+    per_subject = n_shared + n_unique
+    n_images = n_shared + nsd.N_SUBJECTS * n_unique
+    order = rng.permutation(n_images)
+    shared = np.sort(order[:n_shared])
+    unique = order[n_shared:].reshape(nsd.N_SUBJECTS, n_unique)
+    # subjectim: each subject's list, shared images first (as in NSD), 1-based ids
+    subjectim = np.concatenate([np.tile(shared, (nsd.N_SUBJECTS, 1)), unique], axis=1) + 1
+    masterordering = rng.permutation(np.repeat(np.arange(per_subject), REPS))[:n_trials] + 1
+    trial_images = {s: subjectim[s - 1, masterordering - 1] - 1 for s in range(1, nsd.N_SUBJECTS + 1)}
+    return n_images, shared, subjectim, masterordering, trial_images
+
+
+def _features(rng, kind: str, ldm, pictures: list, captions: list) -> tuple[np.ndarray, np.ndarray]:
+    """The planted (z, c) of the pictures: the LDM's (``ldm``, by default the trained ``toy``), or random."""
+    if kind == "random":
+        z, c = (rng.standard_normal((len(pictures), 16)).astype(np.float32) for _ in range(2))
+        return z, c
+    from .features import encode_c, encode_z
+    from .ldm import load_ldm
+
+    ldm = ldm or load_ldm("toy", device="cpu")
+    z = encode_z(ldm, pictures).numpy()
+    c = encode_c(ldm, [[cap.strip() for cap in caps] for caps in captions]).numpy()
+    return z, c
+
+
+def _plant_responses(truth: SyntheticNSD, subject: int, streams, standardised, components, rng, mixing_rng):
+    """(ijk, signal): the voxels that respond, and their noiseless responses (n_feature_images, n_voxels).
+
+    ``early`` voxels see z, ``ventral`` voxels c (their weights are recorded in ``truth``), the streams between a
+    mix of the two (:data:`MIXED_STREAMS`).
+    """
+    truth.voxels[subject] = {}
+    truth.weights[subject] = {}
+    signal, responsive = [], []
+    for name, roi in (("z", "early"), ("c", "ventral")):
+        ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
+        mixing = rng.standard_normal((components[name].shape[1], len(ijk))).astype(np.float32)
+        weights = components[name] @ mixing
+        response = standardised[name] @ weights
+        weights /= response.std(0, keepdims=True)  # unit signal variance per voxel over images
+        truth.voxels[subject][roi] = ijk
+        truth.weights[subject][name] = weights
+        signal.append(standardised[name] @ weights)
+        responsive.append(ijk)
+    for roi, z_share in MIXED_STREAMS.items():
+        ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
+        if len(ijk):
+            signal.append(
+                np.sqrt(z_share) * _tuned(standardised["z"], components["z"], len(ijk), mixing_rng)
+                + np.sqrt(1 - z_share) * _tuned(standardised["c"], components["c"], len(ijk), mixing_rng)
+            )
+            responsive.append(ijk)
+    return np.concatenate(responsive), np.concatenate(signal, axis=1)
 
 
 def principal_components(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
