@@ -22,10 +22,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
-from huggingface_hub import DatasetCard, DatasetCardData, HfApi, snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .cards import dataset_card
 from .readers import NSDReader, Reader
 from .storage import atomic_path
 from .validation import InputError
@@ -250,75 +251,6 @@ def write_dataset_card(out: str | Path) -> Path:
     card = dataset_card({name: json.loads((out / name / INFO_FILE).read_text()) for name in subjects})
     card.save(out / "README.md")
     return out / "README.md"
-
-
-NSD_TERMS = ("nsd-terms-and-conditions", "https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions")
-GATED_PROMPT = (
-    "These are data of the Natural Scenes Dataset (NSD). NSD is shared under the NSD Terms and Conditions; to "
-    "access these files you must agree to them."
-)
-
-
-def dataset_card(infos: dict[str, dict], repo_id: str = "<user>/nsd-trials") -> DatasetCard:
-    """The dataset card: one config per prepared subject (the first is the default), NSD's terms as gated access."""
-    configs = [
-        {"config_name": name, "data_files": [{"split": s, "path": f"{name}/{s}-*.parquet"} for s in SPLITS]}
-        for name in sorted(infos)
-    ]
-    if configs:
-        configs[0]["default"] = True  # `load_dataset(repo)` without a config name loads the first subject
-    data = DatasetCardData(
-        license="other",
-        license_name=NSD_TERMS[0],
-        license_link=NSD_TERMS[1],
-        pretty_name="NSD trials for brainldm",
-        task_categories=["image-to-image"],
-        tags=["fmri", "neuroscience", "natural-scenes-dataset", "brainldm"],
-        configs=configs,
-        extra_gated_prompt=GATED_PROMPT,
-        extra_gated_fields={f"I agree to the NSD Terms and Conditions ({NSD_TERMS[1]})": "checkbox"},
-    )
-    table = "\n".join(
-        f"| {name} | {i['n_train']} | {i['n_test']} | {i['n_voxels']} | {len(i['sessions'])} | "
-        f"{'yes' if i['zscore'] else 'no'} |"
-        for name, i in sorted(infos.items())
-    )
-    content = f"""---
-{data.to_yaml()}
----
-
-# NSD trials for brainldm
-
-Single-trial fMRI responses from the [Natural Scenes Dataset](https://naturalscenesdataset.org/) (Allen et al.,
-2022), with the COCO images and captions each subject saw, prepared by
-brainldm's `scripts/prepare_nsd.py` for image reconstruction with latent diffusion
-(Takagi & Nishimoto, CVPR 2023).
-
-**Terms of use.** NSD is shared under the [NSD Terms and Conditions]({NSD_TERMS[1]}); anyone using these data
-must agree to them, which is why access to this repo is gated. COCO images and captions are under their own
-licences.
-
-| config | train rows | test rows | voxels | sessions | z-scored |
-|---|---|---|---|---|---|
-{table}
-
-- `train`: one row per single trial of an image not in NSD's shared 1000.
-- `test`: one row per shared image seen in the used sessions; `betas` averaged over its `n_reps` repetitions.
-
-Columns: `nsd_id` (0-based 73k id), `coco_id`, `image` (the stimulus as stored in nsd_stimuli.hdf5),
-`captions` (all COCO captions, stripped), `n_reps`, `trials` (1-based NSD trial numbers used), `betas` (float32
-over the subject's stored voxels: nsdgeneral or any `streams` ROI; percent signal change, z-scored per voxel
-within each session unless the table says otherwise). `subjNN/voxels.safetensors` holds the voxel table
-(ijk in the func1pt8mm grid, affine, nsdgeneral and streams labels); load it with `brainldm.data.load_voxels`.
-`subjNN-wholebrain` configs hold every voxel inside the brain instead (for whole-brain encoding models).
-
-```python
-from brainldm.data import load_trials, load_voxels
-test = load_trials("{repo_id}", subject=1, split="test")  # downloads only subj01's test shards
-voxels = load_voxels("{repo_id}", subject=1)
-```
-"""
-    return DatasetCard(content)
 
 
 def push_to_hub(

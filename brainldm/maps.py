@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .data import load_trials, load_voxels, subject_name
+from .cards import maps_card
+from .data import load_trials, load_voxels
 from .features import FeatureStore
-from .ldm import MODEL_LICENSES
 from .metrics import dimension_correlation, identification, pattern_correlation
 from .presets import TAKAGI2023
 from .ridge import RidgeCV, reduced_rank
@@ -41,8 +41,6 @@ WEIGHTS_FILE = "maps.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "brainldm-subject-maps/2"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-NSD_LICENSE = ("nsd-terms-and-conditions", "https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions")
-PAPER_URL = "https://doi.org/10.1101/2022.11.18.517004"  # Takagi & Nishimoto, the preprint of the CVPR 2023 paper
 
 
 def voxel_fingerprint(voxels: VoxelTable) -> str:
@@ -202,12 +200,7 @@ class MapsConfig:
             raise InputError(f"{source} is damaged or incomplete ({oneline(err)}); download or refit the maps") from err
 
 
-class SubjectMaps(
-    ModelHubMixin,
-    library_name="brainldm",
-    paper_url=PAPER_URL,
-    tags=["fmri", "neuroscience", "brain-decoding", "natural-scenes-dataset", "stable-diffusion"],
-):
+class SubjectMaps(ModelHubMixin):
     """One subject's maps, keyed by target name (``maps["z"]``, ``maps["c"]``), and how they scored.
 
     Use :func:`fit_subject_maps` to make them, :meth:`from_pretrained` to load them (a local folder or a Hub repo,
@@ -408,99 +401,7 @@ class SubjectMaps(
 
     def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
         """The model card: YAML metadata (licences, base model, dataset, model-index results) and usage."""
-        return model_card(self.config, repo_id)
-
-
-def model_card(cfg: MapsConfig, repo_id: str | None = None) -> ModelCard:
-    """A model card for maps described by ``cfg``; ``repo_id`` fills in its usage example."""
-    repo_id = repo_id or f"<user>/brainldm-{subject_name(cfg.subject)}"
-    data_id = cfg.data or "<user>/nsd-trials"
-    base_model = cfg.model_id if "/" in cfg.model_id and not Path(cfg.model_id).exists() else None
-    model_licence = MODEL_LICENSES.get(cfg.model_id)
-    results = [
-        EvalResult(
-            task_type="brain-decoding",
-            task_name=f"fMRI to {name} ({t.roi} voxels)",
-            dataset_type=cfg.data or "nsd",
-            dataset_name=f"NSD subject {cfg.subject}, shared images",
-            dataset_split="test",
-            metric_type=metric,
-            metric_name=f"{name}: {title}",
-            metric_value=round(cfg.scores[name][key], 4),
-        )  # fmt: skip
-        for name, t in cfg.targets.items()
-        if "identification" in cfg.scores.get(name, {})
-        for key, metric, title in (
-            ("dimension_r", "pearsonr", "mean r per dimension"),
-            ("pattern_r", "pearsonr", "mean r per image"),
-            ("identification", "accuracy", "2-way identification"),
-        )
-    ]
-    data = ModelCardData(
-        library_name="brainldm",
-        license="other",
-        license_name=NSD_LICENSE[0],
-        license_link=NSD_LICENSE[1],
-        base_model=base_model,
-        datasets=[cfg.data] if cfg.data else None,
-        tags=["fmri", "neuroscience", "brain-decoding", "natural-scenes-dataset", "stable-diffusion", "brainldm"],
-        metrics=["pearsonr", "accuracy"],
-        model_name=f"brainldm subject {cfg.subject} maps" if results else None,
-        eval_results=results or None,
-    )
-    targets = "\n".join(
-        f"- **{name}** ({' x '.join(map(str, t.shape))}) from {t.n_voxels} {t.roi} voxels, "
-        f"{'rank ' + str(t.rank) if t.rank else 'dense'}"
-        for name, t in cfg.targets.items()
-    )
-    rows = "\n".join(
-        f"| {name} | {s['dimension_r']:.3f} | {s['pattern_r']:.3f} | {100 * s['identification']:.1f}% |"
-        for name, s in cfg.scores.items()
-        if "identification" in s
-    )
-    licence = (
-        f"The LDM `{cfg.model_id}` is under its own licence, [{model_licence[0]}]({model_licence[1]})."
-        if model_licence
-        else f"The LDM `{cfg.model_id}` is under its own licence."
-    )
-    content = f"""---
-{data.to_yaml()}
----
-
-# brainldm subject maps: NSD subject {cfg.subject}
-
-Linear maps from fMRI betas to the conditioning targets of the latent diffusion model `{cfg.model_id}`, fitted
-with brainldm (`scripts/fit_maps.py`) following Takagi & Nishimoto, CVPR 2023 ([paper]({PAPER_URL})):
-
-{targets}
-
-Ridge regression, alpha per target by grouped {cfg.cv}-fold CV over {len(cfg.alphas)} alphas; voxels standardised
-on the training trials ({cfg.n_train} single trials). Weights stored in {cfg.storage_dtype}.
-
-## Test scores ({cfg.n_test} shared images, betas averaged over repetitions)
-
-| target | mean r per dimension | mean r per image | 2-way identification |
-|---|---|---|---|
-{rows}
-
-## Usage
-
-```python
-from brainldm.data import load_trials, load_voxels
-from brainldm.maps import SubjectMaps
-
-maps = SubjectMaps.from_pretrained("{repo_id}")
-test = load_trials("{data_id}", subject={cfg.subject}, split="test").with_format("numpy")
-decoded = maps.predict(test["betas"][:4], voxels=load_voxels("{data_id}", {cfg.subject}))
-z, c = decoded["z"], decoded["c"]
-```
-
-## Licence
-
-These maps are derived from the Natural Scenes Dataset and are shared under the
-[NSD Terms and Conditions]({NSD_LICENSE[1]}): anyone using them must agree to those terms. {licence}
-"""
-    return ModelCard(content)
+        return maps_card(self.config, repo_id)
 
 
 def fit_subject_maps(

@@ -91,6 +91,7 @@ def train(
     from tqdm.auto import tqdm
 
     from brainldm import toy
+    from brainldm.cards import toy_card
     from brainldm.ldm import ddim_scheduler
     from brainldm.torch_utils import default_device
     from brainldm.validation import InputError
@@ -228,7 +229,7 @@ def train(
     for k, v in scores.items():
         print(f"  {k}: {v:.3f}")
     size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
-    (tmp / "README.md").write_text(toy.model_card(config, scores, minutes, str(device), size_mb))
+    (tmp / "README.md").write_text(toy_card(config, scores, minutes, str(device), size_mb))
     (tmp / "training.json").write_text(
         json.dumps(
             {"config": toy.config_dict(config), "scores": scores, "train_minutes": minutes, "device": str(device)},

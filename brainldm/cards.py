@@ -1,0 +1,224 @@
+"""Every card brainldm writes, in one place: the subject maps' model card, the trials' dataset card and the ``toy``
+model's README, with what they share (NSD's terms, the tags, the paper).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+
+LIBRARY = "brainldm"
+TAGS = ["fmri", "neuroscience", "natural-scenes-dataset", LIBRARY]
+NSD_TERMS = ("nsd-terms-and-conditions", "https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions")
+PAPER_URL = "https://doi.org/10.1101/2022.11.18.517004"  # Takagi & Nishimoto, the preprint of the CVPR 2023 paper
+GATED_PROMPT = (
+    "These are data of the Natural Scenes Dataset (NSD). NSD is shared under the NSD Terms and Conditions; to "
+    "access these files you must agree to them."
+)
+
+
+def maps_card(cfg, repo_id: str | None = None) -> ModelCard:
+    """The card of subject maps described by ``cfg`` (a :class:`~brainldm.maps.MapsConfig`); ``repo_id`` fills in its
+    usage example."""
+    from .data import subject_name
+    from .ldm import MODEL_LICENSES
+
+    repo_id = repo_id or f"<user>/brainldm-{subject_name(cfg.subject)}"
+    data_id = cfg.data or "<user>/nsd-trials"
+    base_model = cfg.model_id if "/" in cfg.model_id and not Path(cfg.model_id).exists() else None
+    model_licence = MODEL_LICENSES.get(cfg.model_id)
+    results = [
+        EvalResult(
+            task_type="brain-decoding",
+            task_name=f"fMRI to {name} ({t.roi} voxels)",
+            dataset_type=cfg.data or "nsd",
+            dataset_name=f"NSD subject {cfg.subject}, shared images",
+            dataset_split="test",
+            metric_type=metric,
+            metric_name=f"{name}: {title}",
+            metric_value=round(cfg.scores[name][key], 4),
+        )  # fmt: skip
+        for name, t in cfg.targets.items()
+        if "identification" in cfg.scores.get(name, {})
+        for key, metric, title in (
+            ("dimension_r", "pearsonr", "mean r per dimension"),
+            ("pattern_r", "pearsonr", "mean r per image"),
+            ("identification", "accuracy", "2-way identification"),
+        )
+    ]
+    data = ModelCardData(
+        library_name=LIBRARY,
+        license="other",
+        license_name=NSD_TERMS[0],
+        license_link=NSD_TERMS[1],
+        base_model=base_model,
+        datasets=[cfg.data] if cfg.data else None,
+        tags=[*TAGS, "brain-decoding", "stable-diffusion"],
+        metrics=["pearsonr", "accuracy"],
+        model_name=f"brainldm subject {cfg.subject} maps" if results else None,
+        eval_results=results or None,
+    )
+    targets = "\n".join(
+        f"- **{name}** ({' x '.join(map(str, t.shape))}) from {t.n_voxels} {t.roi} voxels, "
+        f"{'rank ' + str(t.rank) if t.rank else 'dense'}"
+        for name, t in cfg.targets.items()
+    )
+    rows = "\n".join(
+        f"| {name} | {s['dimension_r']:.3f} | {s['pattern_r']:.3f} | {100 * s['identification']:.1f}% |"
+        for name, s in cfg.scores.items()
+        if "identification" in s
+    )
+    licence = (
+        f"The LDM `{cfg.model_id}` is under its own licence, [{model_licence[0]}]({model_licence[1]})."
+        if model_licence
+        else f"The LDM `{cfg.model_id}` is under its own licence."
+    )
+    content = f"""---
+{data.to_yaml()}
+---
+
+# brainldm subject maps: NSD subject {cfg.subject}
+
+Linear maps from fMRI betas to the conditioning targets of the latent diffusion model `{cfg.model_id}`, fitted
+with brainldm (`scripts/fit_maps.py`) following Takagi & Nishimoto, CVPR 2023 ([paper]({PAPER_URL})):
+
+{targets}
+
+Ridge regression, alpha per target by grouped {cfg.cv}-fold CV over {len(cfg.alphas)} alphas; voxels standardised
+on the training trials ({cfg.n_train} single trials). Weights stored in {cfg.storage_dtype}.
+
+## Test scores ({cfg.n_test} shared images, betas averaged over repetitions)
+
+| target | mean r per dimension | mean r per image | 2-way identification |
+|---|---|---|---|
+{rows}
+
+## Usage
+
+```python
+from brainldm.data import load_trials, load_voxels
+from brainldm.maps import SubjectMaps
+
+maps = SubjectMaps.from_pretrained("{repo_id}")
+test = load_trials("{data_id}", subject={cfg.subject}, split="test").with_format("numpy")
+decoded = maps.predict(test["betas"][:4], voxels=load_voxels("{data_id}", {cfg.subject}))
+z, c = decoded["z"], decoded["c"]
+```
+
+## Licence
+
+These maps are derived from the Natural Scenes Dataset and are shared under the
+[NSD Terms and Conditions]({NSD_TERMS[1]}): anyone using them must agree to those terms. {licence}
+"""
+    return ModelCard(content)
+
+
+def dataset_card(infos: dict[str, dict], repo_id: str = "<user>/nsd-trials") -> DatasetCard:
+    """The dataset card: one config per prepared subject (the first is the default), NSD's terms as gated access."""
+    configs = [
+        {"config_name": name, "data_files": [{"split": s, "path": f"{name}/{s}-*.parquet"} for s in ("train", "test")]}
+        for name in sorted(infos)
+    ]
+    if configs:
+        configs[0]["default"] = True  # `load_dataset(repo)` without a config name loads the first subject
+    data = DatasetCardData(
+        license="other",
+        license_name=NSD_TERMS[0],
+        license_link=NSD_TERMS[1],
+        pretty_name="NSD trials for brainldm",
+        task_categories=["image-to-image"],
+        tags=TAGS,
+        configs=configs,
+        extra_gated_prompt=GATED_PROMPT,
+        extra_gated_fields={f"I agree to the NSD Terms and Conditions ({NSD_TERMS[1]})": "checkbox"},
+    )
+    table = "\n".join(
+        f"| {name} | {i['n_train']} | {i['n_test']} | {i['n_voxels']} | {len(i['sessions'])} | "
+        f"{'yes' if i['zscore'] else 'no'} |"
+        for name, i in sorted(infos.items())
+    )
+    content = f"""---
+{data.to_yaml()}
+---
+
+# NSD trials for brainldm
+
+Single-trial fMRI responses from the [Natural Scenes Dataset](https://naturalscenesdataset.org/) (Allen et al.,
+2022), with the COCO images and captions each subject saw, prepared by
+brainldm's `scripts/prepare_nsd.py` for image reconstruction with latent diffusion
+(Takagi & Nishimoto, CVPR 2023).
+
+**Terms of use.** NSD is shared under the [NSD Terms and Conditions]({NSD_TERMS[1]}); anyone using these data
+must agree to them, which is why access to this repo is gated. COCO images and captions are under their own
+licences.
+
+| config | train rows | test rows | voxels | sessions | z-scored |
+|---|---|---|---|---|---|
+{table}
+
+- `train`: one row per single trial of an image not in NSD's shared 1000.
+- `test`: one row per shared image seen in the used sessions; `betas` averaged over its `n_reps` repetitions.
+
+Columns: `nsd_id` (0-based 73k id), `coco_id`, `image` (the stimulus as stored in nsd_stimuli.hdf5),
+`captions` (all COCO captions, stripped), `n_reps`, `trials` (1-based NSD trial numbers used), `betas` (float32
+over the subject's stored voxels: nsdgeneral or any `streams` ROI; percent signal change, z-scored per voxel
+within each session unless the table says otherwise). `subjNN/voxels.safetensors` holds the voxel table
+(ijk in the func1pt8mm grid, affine, nsdgeneral and streams labels); load it with `brainldm.data.load_voxels`.
+`subjNN-wholebrain` configs hold every voxel inside the brain instead (for whole-brain encoding models).
+
+```python
+from brainldm.data import load_trials, load_voxels
+test = load_trials("{repo_id}", subject=1, split="test")  # downloads only subj01's test shards
+voxels = load_voxels("{repo_id}", subject=1)
+```
+"""
+    return DatasetCard(content)
+
+
+def toy_card(config, scores: dict[str, float], minutes: float, device: str, size_mb: float) -> str:
+    """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.toy.ToyConfig`): how it was trained and
+    what it scores."""
+    from .toy import config_dict
+
+    settings = "\n".join(f"| `{k}` | {v} |" for k, v in config_dict(config).items())
+    return f"""---
+license: mit
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [{LIBRARY}, toy, offline]
+---
+
+# toy: brainldm's offline latent diffusion model
+
+A small Stable-Diffusion-shaped model (CLIP text and vision towers, `AutoencoderKL`, `UNet2DConditionModel`, DDIM)
+trained from scratch by `scripts/train_toy_ldm.py` on the offline world's synthetic pictures and captions
+(`brainldm.synthetic.draw_picture`). It exists so that offline reconstructions, encoding maps and tests can check
+meaning, not only shapes. It knows nothing of natural images.
+
+- Output {config.image_size} px; z is encoded at {config.image_size * 5 // 8} px (SD: 320 of 512).
+- Text tower: `CLIPTextModel`, hidden size {config.text_hidden}, so c is 77 x {config.text_hidden}; BPE merges learnt
+  from the captions. Vision tower with projection (`image_encoder`): the offline stand-in for CLIP ViT-L/14.
+- Weights stored in float16 ({size_mb:.1f} MB in all).
+- Trained on {device} in {minutes:.1f} minutes, seed {config.seed}.
+
+## Scores on {config.n_heldout} held-out pairs
+
+| figure | value |
+|---|---|
+| VAE PixCorr at {config.image_size} px (round trip) | {scores["vae_pixcorr"]:.3f} |
+| VAE PixCorr at {config.image_size * 5 // 8} px (z's size) | {scores["vae_pixcorr_z"]:.3f} |
+| text-to-image from true captions, toy-CLIP 2-way identification | {100 * scores["t2i_clip_id"]:.1f}% |
+| text-to-image from true captions, pixel 2-way identification | {100 * scores["t2i_pixel_id"]:.1f}% |
+
+Text-to-image: c = the mean caption embedding, {scores.get("t2i_steps", 50)} DDIM steps, guidance \
+{scores.get("t2i_guidance", 5.0):g}, seed {config.seed}; chance is 50%.
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+
+Reproduce: `python scripts/train_toy_ldm.py --out brainldm/models/toy` (seeded; resumable from its `.work` folder).
+"""
