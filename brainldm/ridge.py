@@ -19,7 +19,7 @@ import torch
 
 from .presets import TAKAGI2023
 from .torch_utils import default_device
-from .validation import InputError, check_finite
+from .validation import InputError, check_finite, oneline
 
 SCORINGS = ("correlation", "mse")
 
@@ -209,7 +209,7 @@ class RidgeCV:
         cv: number of folds.
         scoring: ``"correlation"`` (Pearson r on each validation fold, the default) or ``"mse"``.
         device: where to compute (default: CUDA when available). Y stays on the CPU between target batches.
-        dtype: compute dtype (float32 default; float64 for tight agreement with float64 solvers).
+        dtype: compute dtype, ``"float32"`` (default) or ``"float64"`` (for tight agreement with float64 solvers).
         target_batch_size: targets per batch; lower it if GPU memory runs out.
         random_state: seed of the fold assignment.
         tf32_cv: on CUDA, let the cross-validation matmuls use TF32 (several times faster on Ampere/Hopper; the
@@ -220,8 +220,9 @@ class RidgeCV:
         best_alphas_: (n_targets,) chosen alpha per target.  cv_scores_: (n_alphas, n_targets) mean CV score.
         n_features_in_: number of features seen in ``fit``.
 
-    Follows scikit-learn's estimator contract (``get_params`` / ``set_params``, so ``sklearn.base.clone`` works;
-    parameters are stored as given and checked in ``fit``) without depending on scikit-learn.
+    Follows scikit-learn's estimator contract without depending on scikit-learn: ``get_params`` / ``set_params``
+    (so ``sklearn.base.clone`` works; parameters are stored as given and checked in ``fit``), ``score``, tags, and
+    ``sklearn.utils.estimator_checks.check_estimator`` passes (``tests/test_ridge.py``).
     """
 
     def __init__(
@@ -230,7 +231,7 @@ class RidgeCV:
         cv: int = TAKAGI2023.cv_folds,
         scoring: str = "correlation",
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: str = "float32",
         target_batch_size: int = 4096,
         random_state: int = 0,
         tf32_cv: bool = True,
@@ -264,26 +265,43 @@ class RidgeCV:
         return f"RidgeCV({changed})"
 
     def fit(self, X, Y, groups: Sequence | None = None) -> RidgeCV:
-        """Fit on X (n_samples, n_features) and Y (n_samples, n_targets); ``groups`` keeps samples together in CV."""
+        """Fit on X (n_samples, n_features) and Y (n_samples, n_targets) or (n_samples,); ``groups`` keeps samples
+        together in CV. Arrays, tensors or anything ``np.asarray`` reads."""
         alphas = np.asarray(self.alphas, dtype=np.float64).ravel()
         if alphas.size == 0 or not np.all(alphas > 0):
             raise InputError(f"alphas must all be > 0, got {alphas.tolist()}")
         if self.scoring not in SCORINGS:
             raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if Y is None:
+            raise InputError("RidgeCV requires y to be passed, but the target y is None")
+        X, Y = _as_numbers("X", X), _as_numbers("Y", Y)
+        self._single_target = Y.ndim == 1
+        if self._single_target:
+            Y = Y.reshape(-1, 1)
         if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
             raise InputError(
-                f"expected X (n_samples, n_features) and Y (n_samples, n_targets), got {X.shape}, {Y.shape}"
+                f"expected X (n_samples, n_features) and Y (n_samples, n_targets), got {tuple(X.shape)}, "
+                f"{tuple(Y.shape)}; reshape a single feature with X.reshape(-1, 1)"
+            )
+        n_samples, n_features = X.shape
+        for what, n, array in (("sample", n_samples, X), ("feature", n_features, X), ("target", Y.shape[1], Y)):
+            if n == 0:  # scikit-learn's wording
+                raise InputError(f"0 {what}(s) (shape={tuple(array.shape)}) while a minimum of 1 is required.")
+        if n_samples < max(2, self.cv):
+            raise InputError(
+                f"{self.cv}-fold cross-validation needs at least {max(2, self.cv)} samples, got n_samples = {n_samples}"
             )
         check_finite("X", X)
         check_finite("Y", Y)
         device = default_device(self.device)
-        X_t = _to(X, torch.empty(0, device=device, dtype=self.dtype))
-        alphas_t = torch.as_tensor(alphas, device=device, dtype=self.dtype)
+        dtype = _torch_dtype(self.dtype)
+        X_t = _to(X, torch.empty(0, device=device, dtype=dtype))
+        alphas_t = torch.as_tensor(alphas, device=device, dtype=dtype)
         y_bytes = Y.shape[0] * Y.shape[1] * X_t.element_size()  # Y moves in the compute dtype (4 or 8 bytes)
         if device.type == "cuda" and 3 * y_bytes < torch.cuda.mem_get_info(device)[0]:
             Y = _to(Y, X_t)  # fits with room to spare: one transfer instead of one per fold and target batch
 
-        folds = make_folds(X.shape[0], self.cv, groups, self.random_state)
+        folds = make_folds(n_samples, self.cv, groups, self.random_state)
         # TF32 tensor cores for the CV predictions only (where the time goes); the final refit stays full fp32.
         with _cuda_tf32(self.tf32_cv and device.type == "cuda"):
             scores = ridge_cv_scores(X_t, Y, alphas_t, folds, self.scoring, self.target_batch_size)
@@ -291,20 +309,98 @@ class RidgeCV:
         self.cv_scores_ = scores.cpu()
         self.best_alphas_ = alphas_t[best].cpu()
         self.coef_, self.intercept_ = solve_ridge(X_t, Y, alphas_t[best], self.target_batch_size)
-        self.n_features_in_ = X.shape[1]
+        self.n_features_in_ = n_features
         return self
 
     def __sklearn_is_fitted__(self) -> bool:
         """scikit-learn's fitted-ness protocol (``sklearn.utils.validation.check_is_fitted``)."""
         return getattr(self, "coef_", None) is not None
 
+    def __sklearn_tags__(self):
+        """What scikit-learn's checks may expect: a regressor of one or many targets, dense real input."""
+        from sklearn.utils import InputTags, RegressorTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="regressor",
+            target_tags=TargetTags(required=True, one_d_labels=False, two_d_labels=False, multi_output=True,
+                                   single_output=True),
+            regressor_tags=RegressorTags(),
+            input_tags=InputTags(two_d_array=True, sparse=False, allow_nan=False),
+        )  # fmt: skip
+
     def predict(self, X):
-        """X (n_samples, n_features) -> (n_samples, n_targets); numpy in, numpy out."""
+        """X (n_samples, n_features) -> (n_samples, n_targets), or (n_samples,) if fit on a 1-D Y. A tensor in gives
+        a tensor out; anything else gives a numpy array, float64 for float64 input."""
         if not self.__sklearn_is_fitted__():
-            raise InputError("this RidgeCV is not fitted yet; call fit first")
-        is_numpy = isinstance(X, np.ndarray)
+            raise _not_fitted_error()
+        is_tensor = isinstance(X, torch.Tensor)
+        X = _as_numbers("X", X)
+        if X.ndim != 2:
+            raise InputError(
+                f"expected X (n_samples, n_features), got shape {tuple(X.shape)}; Reshape your data with "
+                "X.reshape(-1, 1) for one feature or X.reshape(1, -1) for one sample"
+            )
+        if X.shape[1] != self.n_features_in_:
+            raise InputError(
+                f"X has {X.shape[1]} features, but RidgeCV is expecting {self.n_features_in_} features as input"
+            )
+        check_finite("X", X)
         X_t = torch.as_tensor(X, dtype=self.coef_.dtype)
-        if X_t.shape[-1] != self.coef_.shape[0]:
-            raise InputError(f"X has {X_t.shape[-1]} features but the model was fit on {self.coef_.shape[0]}")
         prediction = X_t @ self.coef_ + self.intercept_
-        return prediction.numpy() if is_numpy else prediction
+        if self._single_target:
+            prediction = prediction[:, 0]
+        if is_tensor:
+            return prediction
+        return prediction.numpy().astype(np.float64 if X.dtype == np.float64 else prediction.numpy().dtype)
+
+    def score(self, X, y) -> float:
+        """R^2 of the predictions, averaged uniformly over targets (as scikit-learn's regressors)."""
+        y = np.asarray(_as_numbers("y", y), dtype=np.float64)
+        pred = np.asarray(self.predict(X), dtype=np.float64).reshape(y.shape)
+        y2, p2 = y.reshape(len(y), -1), pred.reshape(len(pred), -1)
+        residual = ((y2 - p2) ** 2).sum(0)
+        total = ((y2 - y2.mean(0)) ** 2).sum(0)
+        r2 = np.where(total > 0, 1 - residual / np.where(total > 0, total, 1), np.where(residual > 0, 0.0, 1.0))
+        return float(r2.mean())
+
+
+def _as_numbers(name: str, values):
+    """A tensor as it is, anything else as a numpy array of real numbers; sparse and complex input is refused."""
+    if hasattr(values, "toarray") or type(values).__module__.startswith("scipy.sparse"):
+        raise InputError(f"RidgeCV does not accept sparse {name}; pass a dense array (e.g. {name}.toarray())")
+    if isinstance(values, torch.Tensor):
+        if values.is_complex():
+            raise InputError(f"Complex data not supported: {name} is a complex tensor")
+        return values
+    array = np.asarray(values)
+    if array.dtype.kind == "c":
+        raise InputError(f"Complex data not supported: {name} has dtype {array.dtype}")
+    if array.dtype.kind not in "biuf":
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError) as err:  # TypeError, as numpy's own for a non-number
+            raise TypeError(f"{name} must hold numbers, got dtype {array.dtype} ({oneline(err)})") from None
+    return array
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    """``"float32"``, ``"float64"`` (or a torch dtype) -> the torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ("float32", "float64"):
+        raise InputError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _not_fitted_error() -> Exception:
+    """scikit-learn's NotFittedError where it is installed (the estimator contract names it), else one with the same
+    bases; either way a bug in the caller, not bad input."""
+    message = "this RidgeCV is not fitted yet; call fit first"
+    try:
+        from sklearn.exceptions import NotFittedError
+    except ImportError:
+
+        class NotFittedError(ValueError, AttributeError):
+            pass
+
+    return NotFittedError(message)
