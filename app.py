@@ -30,6 +30,21 @@ SHOWCASE = (TAKAGI2023.sampling.strength, TAKAGI2023.sampling.guidance_scale,
 # show_error: an API call with a value Gradio cannot read (a trial "seven") answers with what was wrong, not a bare
 # "the app raised an exception"
 LAUNCH_OPTIONS = {"show_error": True}
+# how the quality table names the decoded targets it knows; any other target (from the maps) shows by its own name
+TARGET_NAMES = {"z": "z (image latent)", "c": "c (caption embedding)"}
+
+
+def quality_report(quality: dict | None, captions: list[str]) -> str:
+    """The markdown under the images: how well each decoded target scored at fit time (one row per target the maps
+    hold), then the captions."""
+    if quality is None:
+        table = "This image was not scored when the maps were fitted.\n\n"
+    else:
+        table = f"| | r with the true features | identification rank (of {quality['n_candidates']}) |\n|---|---|---|\n"
+        for name, target in quality["targets"].items():
+            table += f"| {TARGET_NAMES.get(name, name)} | {target['r']:.3f} | {target['rank']} |\n"
+        table += "\n"
+    return table + f"Captions: {' / '.join(captions)}"
 
 
 def resolve_sources(maps: str | None, data: str | None, model: str | None, subjects: str | None) -> Sources:
@@ -72,14 +87,7 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
             out = backend.reconstruct(subject, trial, sampling, generate=generate)
         except (InputError, OSError) as err:
             raise gr.Error(str(err)) from err
-        q = out["quality"]
-        report = (
-            f"| | r with the true features | identification rank (of {q['n_candidates']}) |\n|---|---|---|\n"
-            f"| z (image latent) | {q['z_r']:.3f} | {q['z_rank']} |\n"
-            f"| c (caption embedding) | {q['c_r']:.3f} | {q['c_rank']} |\n\n"
-            if q
-            else "This image was not scored when the maps were fitted.\n\n"
-        ) + f"Captions: {' / '.join(out['captions'])}"
+        report = quality_report(out["quality"], out["captions"])
         return out["presented"], out["Xz"], out["Xc"], out["Xzc"], report
 
     def cortical(subject):

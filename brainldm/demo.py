@@ -131,11 +131,12 @@ class Subject:
         betas = np.asarray(self.test.with_format("numpy")[self.check_trial(trial)]["betas"])
         return self.maps.predict(betas[None])
 
-    def quality(self, trial: int) -> dict[str, float] | None:
-        """How well this trial's z and c were decoded (r with the true features, identification rank), as scored
-        when the maps were fitted; None if the maps hold no score for its image."""
+    def quality(self, trial: int) -> dict | None:
+        """How well this trial's targets (z, c, ...) were decoded, ``{"targets": {name: {"r", "rank"}},
+        "n_candidates"}`` (r with the true features, identification rank), as scored when the maps were fitted; None
+        if the maps hold no score for its image."""
         scores = self.maps.image_scores(int(self.nsd_ids[self.check_trial(trial)]))
-        return None if scores is None else {**scores, "n_candidates": self.maps.config.n_test}
+        return None if scores is None else {"targets": scores, "n_candidates": self.maps.config.n_test}
 
     def thumbnails(self, folder: Path, size: int = THUMBNAIL_SIZE) -> list[tuple[str, str]]:
         """(JPEG path, first caption) of every test trial, written once into ``folder`` (the gallery sends these

@@ -287,15 +287,21 @@ def evaluate(
 
 
 def _retrieval(folder: Path, trials, features) -> dict:
-    """Retrieval between predicted (brain) and true (image) z and c, where trials saved their predictions."""
-    from .features import load_features
+    """Retrieval between predicted (brain) and true (image) features of every decoded target (z, c, and any other
+    the maps hold) that the trials saved and the feature store has."""
+    from .features import FeatureStore, load_features
 
-    if not all((folder / f"{t[0]['split']}-{t[0]['row']:05d}" / "z.npy").exists() for t in trials):
-        return {}
+    def trial_folder(meta: dict) -> Path:
+        return folder / f"{meta['split']}-{meta['row']:05d}"
+
+    saved = [{p.stem for p in trial_folder(meta).glob("*.npy")} for meta, _ in trials]
+    names = sorted(set.intersection(*saved)) if saved else []
     out = {}
     ids = [meta["nsd_id"] for meta, _ in trials]
-    for name in ("z", "c"):
-        brain = np.stack([np.load(folder / f"{m['split']}-{m['row']:05d}" / f"{name}.npy") for m, _ in trials])
+    for name in names:
+        if not (Path(features) / name).is_dir() or FeatureStore(features, name).missing(ids):
+            continue
+        brain = np.stack([np.load(trial_folder(m) / f"{name}.npy") for m, _ in trials])
         out[name] = retrieval_top1(brain.astype(np.float32), load_features(features, name, ids))
     return out
 

@@ -261,19 +261,19 @@ class SubjectMaps(ModelHubMixin):
             for name, target in self.config.targets.items()
         }
 
-    def image_scores(self, nsd_id: int) -> dict[str, float] | None:
-        """The fit-time test scores of one image (``<target>_r``, ``<target>_rank``), or None if it was not scored."""
+    def image_scores(self, nsd_id: int) -> dict[str, dict[str, float]] | None:
+        """The fit-time test scores of one image, ``{target: {"r": ..., "rank": ...}}`` for every target, or None if
+        it was not scored."""
         if not self.per_image:
             return None
         found = np.flatnonzero(self.per_image["nsd_id"] == int(nsd_id))
         if not len(found):
             return None
         row = found[0]
-        out = {}
-        for name in self.config.targets:
-            out[f"{name}_r"] = float(self.per_image[f"{name}.r"][row])
-            out[f"{name}_rank"] = int(self.per_image[f"{name}.rank"][row])
-        return out
+        return {
+            name: {"r": float(self.per_image[f"{name}.r"][row]), "rank": int(self.per_image[f"{name}.rank"][row])}
+            for name in self.config.targets
+        }
 
     @property
     def nbytes(self) -> int:

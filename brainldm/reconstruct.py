@@ -262,7 +262,7 @@ def reconstruct_trials(
                 **settings,
                 "process_index": process_index,
             }
-            arrays = {"z": z[k].cpu().numpy(), "c": c[k].cpu().numpy()}  # the decoded features, for retrieval
+            arrays = {name: t[k].cpu().numpy() for name, t in decoded.items()}  # every decoded target, for retrieval
             _write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
             with log.open("a") as f:
                 f.write(f"{row}\n")

@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> None:
         "%(default)s); ROI names are the dataset's own (NSD streams, or your experiment's masks)",
     )
     parser.add_argument("--cv", type=cli.integer(2), default=TAKAGI2023.cv_folds, help="CV folds (grouped by image)")
-    parser.add_argument("--c-rank", type=cli.positive, help="store the c map at this rank (e.g. 1024); default dense")
-    parser.add_argument("--z-rank", type=cli.positive, help="store the z map at this rank; default dense")
+    parser.add_argument(
+        "--ranks",
+        type=cli.name_values(cli.positive),
+        default={},
+        help="store these targets' maps at a reduced rank, as target=rank pairs (e.g. c=1024); default dense",
+    )
     parser.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--push", metavar="REPO_ID", help="also upload to this Hub model repo")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         decoders=tuple((target, roi) for target, roi in pairs),
         alphas=args.alphas,
         cv=args.cv,
-        ranks={name: rank for name, rank in (("z", args.z_rank), ("c", args.c_rank)) if rank is not None},
+        ranks=args.ranks,
         storage_dtype="float16" if args.fp16 else "float32",
         device=args.device,
     )

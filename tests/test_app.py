@@ -162,7 +162,7 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
     demo = app_module.build_demo(backend)
     assert any(getattr(block, "value", None) == OFFLINE_BANNER for block in demo.blocks.values())
     out = backend.reconstruct(1, 0, Sampling(num_inference_steps=10))
-    assert out["Xzc"][0].shape == (128, 128, 3) and out["quality"]["z_rank"] >= 1  # toy's own output size
+    assert out["Xzc"][0].shape == (128, 128, 3) and out["quality"]["targets"]["z"]["rank"] >= 1  # toy's own output size
     if find_spec("cortex"):  # with pycortex, the "Cortical maps" tab shows the S1-shaped subjects' flatmaps first
         for subject in (1, 2):
             figures = [Path(path).name for path, _ in backend.cortical_maps(subject)]
@@ -179,8 +179,9 @@ def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(d
     ids, decoded = np.asarray(test["nsd_id"]), decoding_world.maps.predict(np.asarray(test["betas"]))
     true_c = load_features(decoding_world.features, "c", ids)
     quality = state.quality(4)
-    assert quality["c_rank"] == identification_rank(decoded["c"].numpy(), true_c)[4] and quality["n_candidates"] == 20
-    assert quality["c_r"] == pytest.approx(pattern_correlation(decoded["c"].numpy(), true_c)[4], abs=1e-5)
+    c = quality["targets"]["c"]
+    assert c["rank"] == identification_rank(decoded["c"].numpy(), true_c)[4] and quality["n_candidates"] == 20
+    assert c["r"] == pytest.approx(pattern_correlation(decoded["c"].numpy(), true_c)[4], abs=1e-5)
     torch.testing.assert_close(state.decode(4)["z"], decoded["z"][4:5])  # one row or all: float rounding only
 
 

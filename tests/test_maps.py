@@ -228,3 +228,34 @@ def test_saved_maps_hold_no_local_path(decoding_world, tmp_path):
     with safe_open(str(folder / "maps.safetensors"), "pt") as f:
         assert local not in json.dumps(f.metadata())
     assert decoding_world.maps.config.data is None
+
+
+def test_a_third_target_flows_through_fit_card_evaluation_and_the_app(decoding_world, tiny, tmp_path):
+    """Targets are data: a decoder added to the preset (a new target from a new ROI) needs no code change."""
+    import app as app_module
+    from brainldm.demo import Subject
+    from brainldm.evaluate import evaluate
+    from brainldm.presets import Sampling
+    from brainldm.reconstruct import Reconstructor, reconstruct_trials
+
+    features = tmp_path / "features"
+    shutil.copytree(decoding_world.features, features)
+    shutil.copytree(features / "c", features / "c2")  # a third target: c again, decoded from the lateral stream
+    decoders = (("z", "early"), ("c", "ventral"), ("c2", "lateral"))
+    fit_subject_maps(decoding_world.data, features, 1, decoders=decoders, device="cpu").save_pretrained(tmp_path / "m")
+    maps = SubjectMaps.from_pretrained(tmp_path / "m")
+    assert list(maps.config.targets) == ["z", "c", "c2"] and maps.config.targets["c2"].roi == "lateral"
+    test = load_trials(decoding_world.data, 1, "test").with_format("numpy")
+    decoded = maps.predict(np.asarray(test["betas"][:3]))
+    assert decoded["c2"].shape == decoded["c"].shape
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "**c2**" in card and "c2: 2-way identification" in card and "| c2 |" in card
+    # evaluation: the reconstructions keep every decoded target, and retrieval scores each
+    reconstruct_trials(Reconstructor(tiny), maps, decoding_world.data, 1, tmp_path / "recon", rows=[0, 1, 2],
+                       sampling=Sampling(num_inference_steps=2), progress=False)  # fmt: skip
+    results = evaluate(tmp_path / "recon", names=["pixcorr"], features=features)
+    assert set(results["retrieval"]["subj01"]) == {"z", "c", "c2"}
+    # the app's quality table has a row per target
+    quality = Subject(1, maps, str(decoding_world.data)).quality(0)
+    report = app_module.quality_report(quality, ["a caption"])
+    assert "| z (image latent) |" in report and "| c2 |" in report
