@@ -160,14 +160,18 @@ def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extr
     return extract
 
 
-def toy_clip_extractor(device="cpu") -> Extractor:
-    """The ``toy`` model's CLIP vision tower: the offline stand-in for CLIP ViT-L/14 on reconstructions by ``toy``
-    (its own contrastive image space, so it scores the meaning of toy pictures; not comparable with published CLIP)."""
+def stand_in_clip_extractor(model_id: str, device="cpu") -> Extractor | None:
+    """The CLIP extractor of a model's own vision tower where it ships one as a stand-in (``toy``; see
+    :func:`brainldm.ldm.clip_stand_in`): its own contrastive image space, so it scores the meaning of its pictures,
+    offline; not comparable with published CLIP figures. None for other models."""
     from transformers import CLIPVisionModelWithProjection
 
-    from .ldm import TOY_DIR
+    from .ldm import clip_stand_in
 
-    return clip_extractor(CLIPVisionModelWithProjection.from_pretrained(TOY_DIR / "image_encoder"), device=device)
+    tower = clip_stand_in(model_id)
+    if tower is None:
+        return None
+    return clip_extractor(CLIPVisionModelWithProjection.from_pretrained(tower), device=device)
 
 
 def recon_model_ids(recon: str | Path) -> set[str]:
@@ -241,10 +245,14 @@ def evaluate(
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
     stand_ins = {}
-    if "clip" in names and not (extractors and "clip" in extractors) and recon_model_ids(recon) == {"toy"}:
-        # offline world: CLIP ViT-L/14 can't be downloaded and would not know toy pictures; toy has its own tower
-        extractors = dict(extractors or {}, clip=toy_clip_extractor(device))
-        stand_ins["clip"] = "the toy model's CLIP vision tower (offline stand-in for CLIP ViT-L/14)"
+    models = recon_model_ids(recon)
+    if "clip" in names and not (extractors and "clip" in extractors) and len(models) == 1:
+        # an offline model (toy): CLIP ViT-L/14 can't be downloaded and would not know its pictures; it has its own
+        (model_id,) = models
+        stand_in = stand_in_clip_extractor(model_id, device)
+        if stand_in is not None:
+            extractors = dict(extractors or {}, clip=stand_in)
+            stand_ins["clip"] = f"the {model_id} model's CLIP vision tower (offline stand-in for CLIP ViT-L/14)"
     extractors, unavailable = load_extractors(names, extractors, device)
     folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
     if not folders:

@@ -277,6 +277,8 @@ class FeatureStore:
         config_path = self.folder / "config.json"
         if config_path.exists():
             stored = json.loads(config_path.read_text())
+            if "model" in stored:  # stores written before the key was model_id, as everywhere else
+                stored["model_id"] = stored.pop("model")
             if config is not None and stored != config:
                 changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
                 raise InputError(
@@ -392,7 +394,7 @@ def extract_features(
         check_sampling(ldm.scheduler, num_inference_steps, guidance_scale)
     from .ldm import ldm_sizes
 
-    common = {"model": model_id, "z_image_size": ldm_sizes(ldm)[0]}
+    common = {"model_id": model_id, "z_image_size": ldm_sizes(ldm)[0]}
     run = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
     stores = {}
     for spec in specs:

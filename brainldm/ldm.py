@@ -37,6 +37,16 @@ MODEL_LICENSES = {
 }
 
 
+def clip_stand_in(model_id_or_dir: str | Path) -> Path | None:
+    """The CLIP vision tower a model trained by brainldm's toy recipe ships as its stand-in for CLIP ViT-L/14 (the
+    ``image_encoder`` beside the ``training.json`` that ``scripts/train_toy_ldm.py`` writes), or None for any other
+    model: real LDMs' reconstructions are scored with CLIP ViT-L/14 itself."""
+    folder = TOY_DIR if str(model_id_or_dir) == TOY else Path(model_id_or_dir)
+    if (folder / "training.json").is_file() and (folder / "image_encoder").is_dir():
+        return folder / "image_encoder"
+    return None
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """fp16 on GPU (as the paper's pipeline ran), fp32 on CPU (where fp16 is slow or unsupported)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32

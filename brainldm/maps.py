@@ -444,7 +444,7 @@ def fit_subject_maps(
     train_ids, test_ids = np.asarray(train["nsd_id"]), np.asarray(test["nsd_id"])
     train_betas, test_betas = np.asarray(train["betas"], dtype=np.float32), np.asarray(test["betas"], dtype=np.float32)
     stores = {name: FeatureStore(features, name) for name in decoders}
-    models = {name: store.config.get("model") for name, store in stores.items()}
+    models = {name: store.config.get("model_id") for name, store in stores.items()}
     if len(set(models.values())) > 1:
         said = " but ".join(f"the {name} features from {model!r}" for name, model in models.items())
         raise InputError(

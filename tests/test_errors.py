@@ -160,7 +160,7 @@ def test_features_of_different_models_are_refused_at_fit_time(decoding_world, tm
     features = tmp_path / "features"
     shutil.copytree(decoding_world.features, features)
     config = json.loads((features / "c" / "config.json").read_text())
-    (features / "c" / "config.json").write_text(json.dumps({**config, "model": "CompVis/stable-diffusion-v1-4"}))
+    (features / "c" / "config.json").write_text(json.dumps({**config, "model_id": "CompVis/stable-diffusion-v1-4"}))
     args = ["--data", decoding_world.data, "--features", features, "--subject", "1", "--out", tmp_path / "maps"]
     code, err = run("fit_maps", args, capsys)
     assert code == EXIT_USER_ERROR

@@ -126,6 +126,20 @@ def test_end_to_end_evaluation_with_a_tiny_clip(reconstructions, decoding_world,
     assert paths["plot"].stat().st_size > 5_000 and "| subj01 Xzc |" in paths["table"].read_text()
 
 
+def test_an_offline_models_own_clip_tower_stands_in_for_clip_and_nothing_else_does(reconstructions, tmp_path):
+    import shutil
+
+    shutil.copytree(reconstructions, tmp_path / "toy")
+    for path in (tmp_path / "toy").rglob("meta.json"):  # as if toy had made them: toy's folder ships a stand-in
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model_id": "toy"}))
+    results = evaluate(tmp_path / "toy", ["clip"])
+    assert "toy model's CLIP vision tower" in results["stand_ins"]["clip"]
+    assert 0 <= results["subjects"]["subj01"]["Xzc"]["clip"] <= 1
+    # tiny ships none: CLIP ViT-L/14 is asked for, and offline it is unavailable, with the reason
+    results = evaluate(reconstructions, ["clip"])
+    assert not results["stand_ins"] and results["unavailable"]["clip"]
+
+
 def test_takagis_protocol_averages_each_metric_over_the_samples_of_each_image(reconstructions):
     from brainldm.evaluate import load_subject_reconstructions, score_images
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from brainldm import toy
-from brainldm.evaluate import toy_clip_extractor
+from brainldm.evaluate import stand_in_clip_extractor
 from brainldm.features import encode_c, encode_z
-from brainldm.ldm import TOY_DIR, ldm_sizes, load_ldm
+from brainldm.ldm import TOY_DIR, clip_stand_in, ldm_sizes, load_ldm
 from brainldm.metrics import pixcorr, two_way_identification
 from brainldm.presets import Sampling
 from brainldm.reconstruct import Reconstructor
@@ -36,7 +36,7 @@ def heldout():
 
 @pytest.fixture(scope="module")
 def clip_features():
-    extract = toy_clip_extractor()
+    extract = stand_in_clip_extractor("toy")
     return lambda images: extract(list(images))
 
 
@@ -136,3 +136,11 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
         script.main([*args, "--unet-batch", "8"])
     err = capsys.readouterr().err
     assert refused.value.code == 2 and "other settings: --unet-batch 8 (the checkpoints': 4)" in err, err
+
+
+def test_a_clip_stand_in_is_a_property_of_the_models_folder(tmp_path):
+    # toy ships one (its image_encoder, beside the training.json its recipe writes); a model folder without does not
+    assert clip_stand_in("toy") == clip_stand_in(str(TOY_DIR)) == TOY_DIR / "image_encoder"
+    (tmp_path / "image_encoder").mkdir()
+    assert clip_stand_in(tmp_path) is None  # an image encoder alone (say, SD unCLIP's) is not a stand-in
+    assert clip_stand_in("CompVis/stable-diffusion-v1-4") is None
