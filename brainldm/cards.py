@@ -4,6 +4,7 @@ model's README, with what they share (NSD's terms, the tags, the paper).
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
@@ -18,13 +19,11 @@ GATED_PROMPT = (
 )
 
 
-def maps_card(cfg, repo_id: str | None = None) -> ModelCard:
+def maps_card(cfg, repo_id: str) -> ModelCard:
     """The card of subject maps described by ``cfg`` (a :class:`~brainldm.maps.MapsConfig`); ``repo_id`` fills in its
     usage example."""
-    from .data import subject_name
     from .ldm import MODEL_LICENSES
 
-    repo_id = repo_id or f"<user>/brainldm-{subject_name(cfg.subject)}"
     data_id = cfg.data or "<user>/nsd-trials"
     base_model = cfg.model_id if "/" in cfg.model_id and not Path(cfg.model_id).exists() else None
     model_licence = MODEL_LICENSES.get(cfg.model_id)
@@ -179,9 +178,7 @@ voxels = load_voxels("{repo_id}", subject=1)
 def toy_card(config, scores: dict[str, float], minutes: float, device: str, size_mb: float) -> str:
     """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.toy.ToyConfig`): how it was trained and
     what it scores."""
-    from .toy import config_dict
-
-    settings = "\n".join(f"| `{k}` | {v} |" for k, v in config_dict(config).items())
+    settings = "\n".join(f"| `{k}` | {v} |" for k, v in asdict(config).items())
     return f"""---
 license: mit
 library_name: diffusers

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .cards import maps_card
-from .data import load_trials, load_voxels
+from .data import load_trials, load_voxels, subject_name
 from .features import FeatureStore
 from .metrics import dimension_correlation, identification, pattern_correlation
 from .presets import TAKAGI2023
@@ -401,7 +401,7 @@ class SubjectMaps(ModelHubMixin):
 
     def generate_model_card(self, repo_id: str | None = None, **kwargs) -> ModelCard:
         """The model card: YAML metadata (licences, base model, dataset, model-index results) and usage."""
-        return maps_card(self.config, repo_id)
+        return maps_card(self.config, repo_id or f"<user>/brainldm-{subject_name(self.config.subject)}")
 
 
 def fit_subject_maps(

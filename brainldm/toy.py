@@ -25,9 +25,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .presets import TAKAGI2023
+from .storage import atomic_path
 from .torch_utils import clip_normalise
 
 
@@ -472,3 +476,203 @@ def score_toy(
 
 def config_dict(config: ToyConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+# --- training: every phase, checkpointed and resumable ----------------------------------------------------------
+
+
+def _save_checkpoint(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load_checkpoint(path: Path):
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def train_toy(
+    config: ToyConfig,
+    out: str | Path,
+    work: str | Path,
+    device: str | None = None,
+    eval_steps: int = TAKAGI2023.sampling.num_inference_steps,
+) -> None:
+    """Train toy with ``config`` into the diffusers folder ``out``, checkpointing every phase into ``work``.
+
+    Phases: draw pictures and captions -> CLIP pair (contrastive) -> VAE -> encode latents -> U-Net (noise
+    prediction, conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on
+    held-out pairs (``eval_steps`` DDIM steps) -> model card. Seeded and resumable: a rerun continues where a killed
+    run stopped; a rerun with other settings into the same ``work`` is refused, naming them.
+    """
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    from .cards import toy_card
+    from .ldm import ddim_scheduler, load_ldm
+    from .torch_utils import default_device
+    from .validation import InputError
+
+    t0 = time.time()
+    device = default_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    stamp = work / "config.json"
+    stored, settings = (json.loads(stamp.read_text()) if stamp.exists() else None), config_dict(config)
+    if stored is not None and stored != settings:
+        changed = ", ".join(
+            f"--{k.replace('_', '-')} {settings.get(k)} (the checkpoints': {stored.get(k)})"
+            for k in sorted(set(stored) | set(settings))
+            if stored.get(k) != settings.get(k)
+        )
+        raise InputError(
+            f"{work} holds checkpoints of a run with other settings: {changed}; resume with the same settings, or "
+            "delete it or pass another --work to start again"
+        )
+    stamp.write_text(json.dumps(config_dict(config), indent=1))
+    print(f"training toy on {device}; checkpoints in {work}")
+
+    # 1. pictures and captions
+    data = work / "pairs.npz"
+    if not data.exists():
+        train_pics, train_caps = draw_pairs(config.n_train, config.seed, config.image_size)
+        held_pics, held_caps = draw_pairs(config.n_heldout, config.seed + 1_000_000, config.image_size)
+        tmp = work / "pairs.tmp.npz"
+        np.savez(
+            tmp, train=train_pics, heldout=held_pics, captions=json.dumps({"train": train_caps, "heldout": held_caps})
+        )
+        tmp.replace(data)
+    with np.load(data) as f:
+        pictures, heldout = f["train"], f["heldout"]
+        captions = json.loads(str(f["captions"]))
+    print(f"{len(pictures)} training and {len(heldout)} held-out pictures ({time.time() - t0:.0f} s)")
+
+    tokenizer = caption_tokenizer(captions["train"])
+    owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(captions["train"])])
+    token_ids = tokenize(tokenizer, [c for caps in captions["train"] for c in caps])
+
+    # 2. CLIP pair
+    torch.manual_seed(config.seed)
+    clip = build_clip(tokenizer, config).to(device)
+    opt = torch.optim.AdamW(clip.parameters(), lr=config.clip_lr, weight_decay=0.1)
+    start = _resume(work / "clip.pt", clip, opt)
+    vision_pics = resize(pictures, config.vision_size)
+    with tqdm(total=config.clip_steps, initial=start, desc="CLIP pair") as bar:
+        train_clip(
+            clip,
+            opt,
+            token_ids,
+            owner,
+            vision_pics,
+            config,
+            start,
+            device,
+            _checkpointer(work / "clip.pt", clip, opt),
+            progress=bar,
+        )
+    text_encoder, image_encoder = (m.to(device) for m in split_clip(clip.cpu()))
+
+    # 3. VAE
+    torch.manual_seed(config.seed + 1)
+    vae = build_vae(config).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    start = _resume(work / "vae.pt", vae, opt)
+    with tqdm(total=config.vae_steps, initial=start, desc="VAE") as bar:
+        train_vae(vae, opt, pictures, config, start, device, _checkpointer(work / "vae.pt", vae, opt), progress=bar)
+
+    # 4. latents of the training pictures, and the scaling factor that gives them unit variance
+    latents_path = work / "latents.pt"
+    if not latents_path.exists():
+        with tqdm(total=len(pictures), desc="latents") as bar:
+            _save_checkpoint(encode_latents(vae, pictures, device, progress=bar), latents_path)
+    latents = _load_checkpoint(latents_path)
+    scaling_factor = float(1.0 / latents.std())
+    latents = latents * scaling_factor
+
+    # 5. U-Net
+    torch.manual_seed(config.seed + 2)
+    unet = build_unet(config).to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.01)
+    ema = EMA(unet, config.ema_decay)
+    start = _resume(work / "unet.pt", unet, opt, ema)
+    with tqdm(total=len(token_ids), desc="caption states") as bar:
+        states = encode_text(text_encoder, token_ids, device, progress=bar)
+    empty = encode_text(text_encoder, tokenize(tokenizer, [""]), device)[0]
+    if device.type == "cuda":
+        states = states.to(device)
+    with tqdm(total=config.unet_steps, initial=start, desc="U-Net") as bar:
+        train_unet(
+            unet,
+            opt,
+            ema,
+            latents,
+            states,
+            owner,
+            empty,
+            ddim_scheduler(),
+            config,
+            start,
+            device,
+            _checkpointer(work / "unet.pt", unet, opt, ema),
+            progress=bar,
+        )
+    ema.copy_to(unet)
+    minutes = (time.time() - t0) / 60
+
+    # 6. save (fp16), reload as any diffusers model is loaded, score, write the card
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    vae.register_to_config(scaling_factor=scaling_factor)
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    ).to(dtype=torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+
+    ldm = load_ldm(str(tmp), device=device, dtype=torch.float32)
+    print("scoring on held-out pairs ...")
+    scores = score_toy(ldm, ldm.image_encoder, heldout, captions["heldout"], steps=eval_steps, seed=config.seed)
+    for k, v in scores.items():
+        print(f"  {k}: {v:.3f}")
+    size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
+    (tmp / "README.md").write_text(toy_card(config, scores, minutes, str(device), size_mb))
+    (tmp / "training.json").write_text(
+        json.dumps(
+            {"config": config_dict(config), "scores": scores, "train_minutes": minutes, "device": str(device)},
+            indent=1,
+        )
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    print(f"wrote {out} ({size_mb:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
+
+
+def _resume(path: Path, model, optimizer, ema=None) -> int:
+    state = _load_checkpoint(path)
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    return int(state["step"])
+
+
+def _checkpointer(path: Path, model, optimizer, ema=None):
+    def checkpoint(step: int, loss: float) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "loss": loss}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        _save_checkpoint(state, path)
+
+    return checkpoint
