@@ -461,8 +461,8 @@ def fit_subject_maps(
         rank = ranks.get(name)
         if rank is not None and rank > min(len(selection), n_dims):
             raise InputError(
-                f"--{name}-rank {rank} is above what the {name} map can hold: it maps {len(selection)} {roi} voxels to "
-                f"{n_dims} dimensions, so its rank is at most {min(len(selection), n_dims)}"
+                f"--ranks {name}={rank} is above what the {name} map can hold: it maps {len(selection)} {roi} voxels "
+                f"to {n_dims} dimensions, so its rank is at most {min(len(selection), n_dims)}"
             )
         fitted[name], ridge = fit_linear_map(
             train_betas, train_targets.reshape(len(train_targets), -1), selection, voxels.ijk[selection], train_ids,

@@ -171,7 +171,7 @@ def test_features_of_different_models_are_refused_at_fit_time(decoding_world, tm
 def test_a_rank_above_the_maps_dimensions_is_refused(decoding_world, tmp_path):
     from brainldm.maps import fit_subject_maps
 
-    with pytest.raises(InputError, match=r"--z-rank 100000 is above what the z map can hold"):
+    with pytest.raises(InputError, match=r"--ranks z=100000 is above what the z map can hold"):
         fit_subject_maps(decoding_world.data, decoding_world.features, 1, ranks={"z": 100_000}, device="cpu")
 
 
