@@ -16,9 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import EVAL_SIZE, correlation_distance, pixcorr, retrieval_top1, ssim, two_way_identification
+from .metrics import (
+    EVAL_SIZE,
+    as_evaluated,
+    as_mindeye2_original,
+    as_mindeye2_reconstruction,
+    correlation_distance,
+    pixcorr,
+    retrieval_top1,
+    ssim,
+    two_way_identification,
+)
 from .reconstruct import is_done, load_trial_images
-from .torch_utils import clip_normalise
+from .torch_utils import CLIP_MEAN, CLIP_STD
 from .validation import InputError
 
 Extractor = Callable[[list[np.ndarray]], np.ndarray]
@@ -93,14 +103,14 @@ REFERENCE_ROWS = {
 # --- feature extractors, loaded lazily -----------------------------------------------------------------------
 
 
-def _imagenet_batch(images: list[np.ndarray], size: int, device) -> torch.Tensor:
-    from PIL import Image
+def _batch(images: list[np.ndarray], size: int, mean, std, device) -> torch.Tensor:
+    """Images (uint8 (H, W, 3) or float (3, H, W) in [0, 1]) at ``size`` (:func:`~brainldm.metrics.as_evaluated`),
+    normalised by ``mean`` and ``std`` -> (n, 3, size, size) on ``device``."""
+    x = torch.from_numpy(np.stack([as_evaluated(im, size) for im in images]))
+    return ((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]).to(device)
 
-    x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR)) for im in images])
-    x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    return ((x - mean) / std).to(device)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def torchvision_extractor(name: str, device="cpu") -> Extractor:
@@ -122,7 +132,7 @@ def torchvision_extractor(name: str, device="cpu") -> Extractor:
 
     @torch.no_grad()
     def extract(images):
-        return extractor(_imagenet_batch(images, size, device))[node].flatten(1).cpu().numpy()
+        return extractor(_batch(images, size, IMAGENET_MEAN, IMAGENET_STD, device))[node].flatten(1).cpu().numpy()
 
     return extract
 
@@ -134,7 +144,8 @@ def swav_extractor(device="cpu") -> Extractor:
 
     @torch.no_grad()
     def extract(images):
-        return model(_imagenet_batch(images, METRICS["swav"].input_size, device)).cpu().numpy()
+        x = _batch(images, METRICS["swav"].input_size, IMAGENET_MEAN, IMAGENET_STD, device)
+        return model(x).cpu().numpy()
 
     return extract
 
@@ -150,10 +161,7 @@ def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extr
 
     @torch.no_grad()
     def extract(images):
-        from PIL import Image
-
-        x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images])
-        out = model(pixel_values=clip_normalise(torch.from_numpy(x)).to(device))
+        out = model(pixel_values=_batch(images, size, CLIP_MEAN, CLIP_STD, device))
         embedding = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
         return embedding.cpu().numpy()
 
@@ -210,7 +218,16 @@ def load_subject_reconstructions(folder: Path) -> list[tuple[dict, dict[str, np.
 def score_images(
     originals: list[np.ndarray], reconstructions: list[np.ndarray], names: Sequence[str], extractors: dict
 ) -> dict[str, float]:
-    """Each available metric of ``names`` for one set of reconstructions (a float per metric)."""
+    """Each available metric of ``names`` for one set of reconstructions (a float per metric), on MindEye2's image path:
+
+    1. originals as MindEye2 stores them: resized to 224 px and kept in float16 (its ``coco_images_224``);
+    2. reconstructions as MindEye2 scores them: resized to 256 px;
+    3. each metric resizes both to its input size (425 for PixCorr and SSIM, 224 for CLIP, ...), all as float tensors
+       in [0, 1] with bilinear interpolation and no antialiasing (:func:`~brainldm.metrics.as_evaluated`), then
+       normalises for its network.
+    """
+    originals = [as_mindeye2_original(o) for o in originals]
+    reconstructions = [as_mindeye2_reconstruction(r) for r in reconstructions]
     scores = {}
     for name in names:
         kind = METRICS[name].kind

@@ -59,28 +59,56 @@ def identification_rank(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 # --- image metrics -------------------------------------------------------------------------------------------
 
 EVAL_SIZE = 425  # NSD's stimulus size: PixCorr and SSIM compare images at 425 x 425
+# MindEye2 scores its 224-px originals (coco_images_224, float16) and its 256-px reconstructions
+ORIGINAL_SIZE, RECONSTRUCTION_SIZE = 224, 256
 
 
-def _resize(image: np.ndarray, size: int = EVAL_SIZE) -> np.ndarray:
-    from PIL import Image
+def as_evaluated(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` as MindEye2's evaluation code sees it at ``size`` x ``size`` -> float32 (3, size, size) in [0, 1].
 
-    return np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    A uint8 (H, W, 3) image becomes a float tensor in [0, 1]; a float (3, H, W) one is taken as it is. MindEye2 then
+    resizes with ``transforms.Resize(size, InterpolationMode.BILINEAR)`` on tensors, which its pinned torchvision
+    (0.16) computes without antialiasing: ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        x = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
+    else:
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=False)[0]
+    return x.numpy()
+
+
+def as_mindeye2_original(image: np.ndarray) -> np.ndarray:
+    """An original as MindEye2 stores it: at 224 px, in float16 (its ``coco_images_224_float16.hdf5``)."""
+    return as_evaluated(image, ORIGINAL_SIZE).astype(np.float16).astype(np.float32)
+
+
+def as_mindeye2_reconstruction(image: np.ndarray) -> np.ndarray:
+    """A reconstruction as MindEye2 scores it: at 256 px."""
+    return as_evaluated(image, RECONSTRUCTION_SIZE)
 
 
 def pixcorr(reconstruction: np.ndarray, original: np.ndarray) -> float:
-    """Pearson r between all pixel values (RGB, 425 x 425) of a reconstruction and its original."""
-    a = _resize(reconstruction).astype(np.float64).ravel()
-    b = _resize(original).astype(np.float64).ravel()
+    """Pearson r between all pixel values (RGB, 425 x 425, :func:`as_evaluated`) of a reconstruction and its original,
+    as MindEye2's ``np.corrcoef`` over the flattened images."""
+    a = as_evaluated(reconstruction, EVAL_SIZE).astype(np.float64).ravel()
+    b = as_evaluated(original, EVAL_SIZE).astype(np.float64).ravel()
     return float(np.corrcoef(a, b)[0, 1])
 
 
 def ssim(reconstruction: np.ndarray, original: np.ndarray) -> float:
-    """SSIM of the grayscale images at 425 x 425 (Gaussian weights, sigma 1.5, data range 1), as later papers."""
+    """SSIM of the grayscale images at 425 x 425 (:func:`as_evaluated`; scikit-image's ``rgb2gray``, Gaussian weights,
+    sigma 1.5, no sample covariance, data range 1), as MindEye2's evaluation."""
     from skimage.color import rgb2gray
     from skimage.metrics import structural_similarity
 
-    a = rgb2gray(_resize(reconstruction) / 255.0)
-    b = rgb2gray(_resize(original) / 255.0)
+    a = rgb2gray(as_evaluated(reconstruction, EVAL_SIZE).transpose(1, 2, 0))
+    b = rgb2gray(as_evaluated(original, EVAL_SIZE).transpose(1, 2, 0))
     return float(
         structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
     )

@@ -4,10 +4,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
-from brainldm.evaluate import METRICS, REFERENCE_ROWS, clip_extractor, evaluate, metrics_table, write_report
+from brainldm.evaluate import (
+    METRICS,
+    REFERENCE_ROWS,
+    clip_extractor,
+    evaluate,
+    metrics_table,
+    score_images,
+    write_report,
+)
 from brainldm.metrics import (
     correlation_distance,
     identification_rank,
@@ -39,17 +49,48 @@ def test_identification_worked_by_hand():
     np.testing.assert_array_equal(identification_rank(pred, true), [1, 2, 1])
 
 
-def test_pixcorr_and_ssim_match_direct_numpy_and_skimage_calls():
+def _mindeye2_pixcorr_and_ssim(original: np.ndarray, reconstruction: np.ndarray) -> tuple[float, float]:
+    """MindEye2's evaluation code, re-derived: float tensors in [0, 1] (originals stored at 224 px in float16,
+    reconstructions at 256), ``transforms.Resize(425, BILINEAR)`` on tensors (torchvision 0.16: no antialiasing),
+    ``np.corrcoef`` of the flattened images, and skimage's SSIM of ``rgb2gray`` images."""
+    import torch.nn.functional as F
+
+    def tensor(image):
+        return torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None] / 255
+
+    def resize(x, size):
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+    images = resize(resize(tensor(original), 224).half().float(), 425)
+    recons = resize(resize(tensor(reconstruction), 256), 425)
+    pix = np.corrcoef(images.reshape(1, -1)[0].numpy(), recons.reshape(1, -1)[0].numpy())[0][1]
+    img_gray = rgb2gray(images.permute((0, 2, 3, 1)).numpy())[0]
+    recon_gray = rgb2gray(recons.permute((0, 2, 3, 1)).numpy())[0]
+    score = structural_similarity(
+        recon_gray, img_gray, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+    )
+    return float(pix), float(score)
+
+
+def test_pixcorr_and_ssim_are_mindeye2s_on_its_image_path():
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (425, 425, 3), dtype=np.uint8)
-    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
-    assert pixcorr(a, b) == pytest.approx(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
-    expected = structural_similarity(
-        rgb2gray(a / 255.0), rgb2gray(b / 255.0), gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-        data_range=1.0,
-    )  # fmt: skip
-    assert ssim(a, b) == pytest.approx(expected)
-    assert ssim(a, a) == pytest.approx(1.0) and pixcorr(a, a) == pytest.approx(1.0)
+    yy, xx = np.mgrid[0:425, 0:425] / 425
+    smooth = np.stack([np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in range(3)], -1)
+    original = np.clip(127 + 100 * smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+    reconstruction = np.clip(127 + 90 * np.roll(smooth, 9, axis=1) + rng.normal(0, 30, (512, 512, 3))[:425, :425], 0,
+                             255).astype(np.uint8)  # fmt: skip
+    reconstruction = np.asarray(Image.fromarray(reconstruction).resize((512, 512)))  # a 512-px reconstruction
+    expected_pixcorr, expected_ssim = _mindeye2_pixcorr_and_ssim(original, reconstruction)
+    scores = score_images([original], [reconstruction], ["pixcorr", "ssim"], {})
+    assert abs(scores["pixcorr"] - expected_pixcorr) < 1e-4
+    assert abs(scores["ssim"] - expected_ssim) < 1e-4
+    # the image path matters: PIL's antialiased resize of uint8 images (the path before) gives another SSIM
+    pil = [
+        np.asarray(Image.fromarray(im).resize((425, 425), Image.Resampling.BILINEAR))
+        for im in (original, reconstruction)
+    ]
+    assert abs(ssim(pil[1], pil[0]) - expected_ssim) > 1e-3
+    assert ssim(original, original) == pytest.approx(1.0) and pixcorr(original, original) == pytest.approx(1.0)
 
 
 def test_correlation_distance_and_retrieval():
