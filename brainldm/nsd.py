@@ -228,8 +228,8 @@ class Stimuli:
                 part = slice(start, start + batch)
                 blocks = self.storage.read_ranges(STIMULI, offsets[part], sizes[part])
                 for nsd_id, block in zip(missing[part], blocks):
-                    with atomic_path(self.folder / f"{nsd_id}.npy") as tmp, open(tmp, "wb") as f:
-                        np.save(f, np.frombuffer(block, np.uint8).reshape(shape))
+                    with atomic_path(self.folder / f"{nsd_id}.npy") as tmp:
+                        np.save(tmp, np.frombuffer(block, np.uint8).reshape(shape))
 
     def __getitem__(self, nsd_id: int) -> np.ndarray:
         try:
@@ -351,7 +351,8 @@ def read_betas(root: str | Path | Storage, subject: int, session: int, ijk: np.n
 @contextmanager
 def _open_nifti(storage: Storage, rel: str):
     """(header, stream positioned at the data) of a gzipped NIfTI, local or remote, without reading its data."""
-    raw = open(storage.local(rel), "rb") if not storage.remote else RangeFile(storage, rel, block=4 * 2**20)
+    # read front to back: a few 4 MB blocks at a time, not the whole session kept in memory
+    raw = open(storage.local(rel), "rb") if not storage.remote else RangeFile(storage, rel, block=4 * 2**20, keep=2)
     with raw, gzip.GzipFile(fileobj=raw) as stream:
         header = nib.Nifti1Header.from_fileobj(stream)
         stream.seek(int(header.get_data_offset()))

@@ -138,9 +138,10 @@ class Storage:
         if not self.remote:
             return (self.root / rel).stat().st_size
         folder, _, name = rel.rpartition("/")
-        if name not in self._listing(folder):
+        sizes = self._listing(folder)
+        if name not in sizes:
             raise InputError(f"missing file: {self.url(rel)} does not exist")
-        return self._listing(folder)[name]
+        return sizes[name]
 
     def read_ranges(
         self, rel: str, starts: Sequence[int], sizes: Sequence[int], max_gap: int = DEFAULT_MAX_GAP
