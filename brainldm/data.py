@@ -9,7 +9,8 @@ Layout of a prepared folder (and of its Hub dataset repo)::
     OUT/subj01/info.json                          how it was made (sessions, z-scoring, split sizes)
 
 Columns: ``nsd_id`` (0-based 73k id), ``coco_id``, ``image``, ``captions``, ``n_reps``, ``trials`` (1-based trial
-numbers used), ``betas`` (float32 over the stored voxels: nsdgeneral == 1 or streams > 0).
+numbers used), ``sessions`` (the session of each of those trials), ``betas`` (float32 over the stored voxels:
+nsdgeneral == 1 or streams > 0).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ FEATURES = datasets.Features(
         "captions": datasets.List(datasets.Value("string")),
         "n_reps": datasets.Value("int32"),
         "trials": datasets.List(datasets.Value("int32")),
+        "sessions": datasets.List(datasets.Value("int32")),
         "betas": datasets.List(datasets.Value("float32")),
     }
 )
@@ -225,6 +227,7 @@ def _rows(stimulus_ids, trials, betas, reader: Reader, stimuli) -> dict:
         "captions": captions,
         "n_reps": [len(t) for t in trials],
         "trials": [list(map(int, t)) for t in trials],
+        "sessions": [[int(reader.session_of_trial[i - 1]) for i in t] for t in trials],
         "betas": list(np.asarray(betas, dtype=np.float32)),
     }
 

@@ -259,6 +259,7 @@ def reconstruct_trials(
                 "row": row,
                 "nsd_id": int(item["nsd_id"]),
                 "captions": item["captions"],
+                "sessions": item.get("sessions"),  # which test sets the image belongs to (evaluate.test_sets)
                 **settings,
                 "process_index": process_index,
             }

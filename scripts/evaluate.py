@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> None:
         help="mindeye2 (default): sample 0 of each image, as the tables the field compares; takagi: each metric "
         "averaged over the samples of each image (reconstruct with --samples 5)",
     )
+    parser.add_argument(
+        "--first-sessions",
+        type=cli.positive,
+        default=37,
+        help="also score the images shown within the first N sessions, when the data run past them (default: 37, "
+        "NSD's 982-image test set of Takagi & Nishimoto and Brain-Diffuser; all 40 sessions give 1,000 images)",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
@@ -47,7 +54,13 @@ def main(argv: list[str] | None = None) -> None:
 
     names = list(METRICS) if "all" in args.metrics else args.metrics
     results = evaluate(
-        args.recon, names, args.kinds, features=args.features, device=args.device, protocol=args.protocol
+        args.recon,
+        names,
+        args.kinds,
+        features=args.features,
+        device=args.device,
+        protocol=args.protocol,
+        first_sessions=args.first_sessions,
     )
     paths = write_report(results, args.out, names)
     print(metrics_table(results, names))

@@ -60,6 +60,7 @@ def test_test_rows_average_each_shared_image_over_its_repetitions(nsd_tree, prep
         trials = np.flatnonzero(images == nsd_id)
         assert test[row]["trials"] == (trials + 1).tolist()
         assert test[row]["n_reps"] == len(trials)
+        assert test[row]["sessions"] == (trials // nsd_tree.trials_per_session + 1).tolist()
         np.testing.assert_allclose(betas[row], all_betas[trials].mean(0), atol=1e-5)
 
 

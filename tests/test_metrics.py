@@ -113,15 +113,19 @@ def test_table_lays_out_rows_unavailable_metrics_and_quoted_references():
     lines = table.splitlines()
     assert lines[0] == "| Method | PixCorr ↑ | SSIM ↑ | Alex(2) ↑ | Alex(5) ↑ | Incep ↑ | CLIP ↑ | Eff ↓ | SwAV ↓ |"
     assert "| subj01 Xzc | 0.100 | 0.300 | n/a | n/a | n/a | 75.0% | n/a | n/a |" in lines
-    assert all(f"*{label}, {row.n_test_images} test images*" in table for label, row in REFERENCE_ROWS.items())
+    assert all(f"*{label} ({row.source}), {row.n_test_images} images*" in table for label, row in REFERENCE_ROWS.items())
+    assert all(len(row.scores) == 8 and row.n_test_images in (982, 1000) for row in REFERENCE_ROWS.values())
     brain_diffuser = (
-        "| *Brain-Diffuser 2023 (quoted), 982 test images* | 0.273 | 0.365 | 94.4% | 96.6% | 91.3% | 90.9% | 0.728 "
-        "| 0.422 |"
+        "| *Brain-Diffuser 2023 (MindEye2 Table 1), 982 images* | 0.273 | 0.365 | 94.4% | 96.6% | 91.3% | 90.9% "
+        "| 0.728 | 0.422 |"
     )
     assert brain_diffuser in lines  # the row MindEye2's Table 1 prints
+    neurovla = "| *NeuroVLA, NeurIPS 2024 (NeuroVLA Table 2), 982 images* | 0.265 | 0.357 | 93.1% | 97.1% | 96.8% | 97.5% "
+    assert neurovla + "| 0.633 | 0.321 |" in lines
     # published figures go by metric name: a table of some metrics, in another order, keeps each in its column
     reordered = metrics_table(results, ["clip", "pixcorr"]).splitlines()
-    assert "| *MindEye2 2024 (quoted), 1000 test images* | 93.0% | 0.322 |" in reordered
+    assert "| *MindEye2, ICML 2024 (MindEye2 Table 1), 1000 images* | 93.0% | 0.322 |" in reordered
+    assert "| *MindTuner, AAAI 2025 (ZEBRA Table 1), 1000 images* | 93.8% | 0.322 |" in reordered
     assert "Alex(2): ModuleNotFoundError: No module named 'torchvision'" in table
     assert "not computed here" in table
 
@@ -192,6 +196,26 @@ def test_takagis_protocol_averages_each_metric_over_the_samples_of_each_image(re
     expected = (per_sample[0]["pixcorr"] + per_sample[1]["pixcorr"]) / 2
     assert takagi["Xzc, mean of 2 samples"]["pixcorr"] == pytest.approx(expected)
     assert per_sample[0]["pixcorr"] != per_sample[1]["pixcorr"]  # the samples differ, so the protocols do
+
+
+def test_both_test_sets_are_scored_when_the_data_run_past_the_first_sessions(reconstructions):
+    from brainldm.evaluate import load_subject_reconstructions, score_images, test_sets
+
+    trials = load_subject_reconstructions(reconstructions / "subj01")
+    sessions = [meta["sessions"] for meta, _ in trials]
+    early = [i for i, s in enumerate(sessions) if min(s) <= 1]
+    assert 0 < len(early) < len(trials)  # the offline world shows some test images only after session 1
+    results = evaluate(reconstructions, ["pixcorr"], kinds=["Xzc"], first_sessions=1)
+    assert results["test_sets"]["subj01"] == {"all": len(trials), "first 1 sessions": len(early)}
+    rows = results["subjects"]["subj01"]
+    subset = [trials[i] for i in early]
+    expected = score_images([im["original"] for _, im in subset], [im["Xzc_0"] for _, im in subset], ["pixcorr"], {})
+    assert rows["Xzc (first 1 sessions)"]["pixcorr"] == pytest.approx(expected["pixcorr"])
+    assert rows["Xzc (first 1 sessions)"] != rows["Xzc"]
+    assert "Test images, subj01: all: 8; first 1 sessions" in metrics_table(results, ["pixcorr"])
+    # NSD's rule on its own numbers: the data of 37 sessions allow one test set, of 40 sessions two
+    assert set(test_sets([[2, 9, 38], [38, 39, 40]])) == {"all", "first 37 sessions"}
+    assert set(test_sets([[2, 9, 30], [3, 4, 5]])) == set(test_sets([[1], None])) == {"all"}
 
 
 def test_metric_inputs_follow_mindeye2s_evaluation():
