@@ -162,8 +162,9 @@ licences.
 Columns: `nsd_id` (0-based 73k id), `coco_id`, `image` (the stimulus as stored in nsd_stimuli.hdf5),
 `captions` (all COCO captions, stripped), `n_reps`, `trials` (1-based NSD trial numbers used), `sessions` (the
 session of each), `betas` (float32 over the subject's stored voxels: nsdgeneral or any `streams` ROI; percent signal
-change, z-scored per voxel within each session unless the table says otherwise). `subjNN/voxels.safetensors` holds the voxel table
-(ijk in the func1pt8mm grid, affine, nsdgeneral and streams labels); load it with `brainldm.data.load_voxels`.
+change, z-scored per voxel within each session unless the table says otherwise). `subjNN/voxels.safetensors` holds
+the voxel table (ijk in the func1pt8mm grid, affine, nsdgeneral and streams labels); load it with
+`brainldm.data.load_voxels`.
 `subjNN-wholebrain` configs hold every voxel inside the brain instead (for whole-brain encoding models).
 
 ```python

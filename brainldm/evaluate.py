@@ -97,7 +97,7 @@ REFERENCE_ROWS = {
     "Takagi & Nishimoto 2023": _row("MindEye2 Table 1", 982, .246, .410, .789, .856, .838, .821, .811, .504),
     "Brain-Diffuser 2023": _row("MindEye2 Table 1", 982, .273, .365, .944, .966, .913, .909, .728, .422),
     "DREAM, WACV 2024": _row("NeuroVLA Table 2", 982, .288, .338, .950, .975, .948, .952, .638, .413),
-    "MindBridge, CVPR 2024": _row("ZEBRA Table 1, NeuroVLA Table 2", 982, .151, .263, .877, .955, .924, .947, .712, .418),
+    "MindBridge, CVPR 2024": _row("ZEBRA T1, NeuroVLA T2", 982, .151, .263, .877, .955, .924, .947, .712, .418),
     "MindEye2, ICML 2024": _row("MindEye2 Table 1", 1000, .322, .431, .961, .986, .954, .930, .619, .344),
     "NeuroPictor, ECCV 2024": _row("ZEBRA Table 1", 982, .229, .375, .965, .984, .945, .933, .639, .350),
     "UMBRAE, ECCV 2024": _row("ZEBRA Table 1", 982, .283, .341, .955, .970, .917, .935, .700, .393),

@@ -121,6 +121,26 @@ def _assemble(unet_config: dict, vae_config: dict, text_config: dict, seed: int)
     return pipe
 
 
+# The Stable Diffusion v1.4 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M), as diffusers and
+# transformers configs; the smaller models here are these with a few entries changed.
+SD14_UNET = dict(
+    sample_size=64,  # SD-1.x's 512 px output (the weights do not depend on it)
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)  # fmt: skip
+SD14_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, sample_size=512,
+)  # fmt: skip
+SD14_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+    projection_dim=768, hidden_act="quick_gelu",
+)  # fmt: skip
+
+
 def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
     """A Stable-Diffusion-shaped img2img pipeline with seeded random weights, built in about a second on CPU.
 
@@ -128,38 +148,13 @@ def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
     with scaling factor 0.18215 (so z of a 320 px image is 4 x 40 x 40), the UNet is cross-attention
     conditioned on 77 tokens, the text encoder is a CLIPTextModel (hidden size 32, so c is 77 x 32).
     """
-    unet = dict(
-        sample_size=64,  # SD-1.x's 512 px output (the weights do not depend on it)
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        # cross-attention at the lower resolution only: attention over 40x40 tokens would dominate CPU time
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
-    vae = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    text = dict(
-        vocab_size=514,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=32,
-    )
+    # cross-attention at the lower resolution only: attention over 40x40 tokens would dominate CPU time
+    unet = dict(SD14_UNET, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
+                attention_head_dim=4, norm_num_groups=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
+    vae = dict(SD14_VAE, block_out_channels=(4, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+    text = dict(SD14_TEXT, vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                num_hidden_layers=2, projection_dim=32)  # fmt: skip
     pipe = _assemble(unet, vae, text, seed)
     # Random weights give latents ~25x smaller than SD's; rescale the latent map (and its inverse in the decoder)
     # so scaled z has SD's unit variance and noise levels mean the same as in Stable Diffusion.
@@ -172,43 +167,11 @@ def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
 
 
 def random_sd14_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
-    """The full Stable Diffusion v1.4 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text 123M), random weights.
+    """The full Stable Diffusion v1.4 architecture with random weights (:data:`SD14_UNET`, ...).
 
     For speed benchmarks only: compute and memory match the real checkpoint, the images do not.
     """
-    unet = dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-    )
-    text = dict(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    return _assemble(unet, vae, text, seed)
+    return _assemble(SD14_UNET, SD14_VAE, SD14_TEXT, seed)
 
 
 def load_ldm(

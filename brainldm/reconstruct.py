@@ -136,35 +136,26 @@ class Reconstructor:
         c_items = c.to(self.device, self.dtype).repeat_interleave(num_samples, dim=0)
         uncond = empty_prompt_embedding(self.img2img).to(self.device, self.dtype).expand(len(c_items), -1, -1)
 
-        def generators() -> list[torch.Generator]:
-            return [torch.Generator().manual_seed(seed + s) for _ in range(n) for s in range(num_samples)]
+        def conditioned_on_c() -> dict:
+            """What both pipelines get: c with classifier-free guidance, the steps, and fresh seeded generators."""
+            return dict(
+                prompt_embeds=c_items,
+                negative_prompt_embeds=uncond,
+                num_inference_steps=sampling.num_inference_steps,
+                guidance_scale=sampling.guidance_scale,
+                generator=[torch.Generator().manual_seed(seed + s) for _ in range(n) for s in range(num_samples)],
+                output_type="np",
+            )
 
         # 2. Xc: text-to-image from c alone
         if include_xc:
-            xc = self.txt2img(
-                prompt_embeds=c_items,
-                negative_prompt_embeds=uncond,
-                height=self.output_size,
-                width=self.output_size,
-                num_inference_steps=sampling.num_inference_steps,
-                guidance_scale=sampling.guidance_scale,
-                generator=generators(),
-                output_type="np",
-            ).images
+            size = dict(height=self.output_size, width=self.output_size)
+            xc = self.txt2img(**size, **conditioned_on_c()).images
         else:
             xc = np.zeros((0, self.output_size, self.output_size, 3), dtype=np.float32)
 
         # 3. Xzc: img2img from Xz, conditioned on c
-        xzc = self.img2img(
-            image=xz_items,
-            prompt_embeds=c_items,
-            negative_prompt_embeds=uncond,
-            strength=sampling.strength,
-            num_inference_steps=sampling.num_inference_steps,
-            guidance_scale=sampling.guidance_scale,
-            generator=generators(),
-            output_type="np",
-        ).images
+        xzc = self.img2img(image=xz_items, strength=sampling.strength, **conditioned_on_c()).images
 
         size = self.output_size
         return Reconstruction(

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,13 +268,25 @@ def _descend(optimizer, loss: torch.Tensor, lr: float, clip_params=None) -> None
     optimizer.step()
 
 
-def _report(step: int, steps: int, loss: float, checkpoint, every: int, progress, digits: int = 4) -> None:
-    """Advance the progress bar and call ``checkpoint`` every ``every`` steps and after the last one."""
-    if progress is not None:
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.{digits}f}")
-    if (step + 1) % every == 0 or step + 1 == steps:
-        checkpoint(step + 1, loss)
+@dataclass
+class Stage:
+    """One training stage's bookkeeping: its optimizer, the step it starts (or resumes) from, the device, and what it
+    calls on the way: ``checkpoint(step, loss)`` every ``every`` steps and after the last, and a progress bar."""
+
+    optimizer: torch.optim.Optimizer
+    config: ToyConfig
+    device: torch.device
+    start: int = 0
+    checkpoint: Callable[[int, float], None] = lambda step, loss: None
+    every: int = 250
+    progress: Any = None
+
+    def report(self, step: int, steps: int, loss: float, digits: int = 4) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{loss:.{digits}f}")
+        if (step + 1) % self.every == 0 or step + 1 == steps:
+            self.checkpoint(step + 1, loss)
 
 
 def _caption_index(caption_owner, n_pictures: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,24 +301,13 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def train_clip(
-    clip,
-    optimizer,
-    token_ids,
-    caption_owner,
-    pictures,
-    config: ToyConfig,
-    start: int,
-    device,
-    checkpoint: Callable[[int, float], None],
-    every: int = 250,
-    progress=None,
-) -> None:
+def train_clip(clip, token_ids, caption_owner, pictures, stage: Stage) -> None:
     """Contrastive (InfoNCE) training on (picture, one of its captions). ``token_ids``: (n_captions, 77);
     ``caption_owner``: (n_captions,) picture index of each; ``pictures``: uint8 at the vision tower's size."""
+    config, device = stage.config, stage.device
     counts, first = _caption_index(caption_owner, len(pictures))
     clip.train()
-    for step in range(start, config.clip_steps):
+    for step in range(stage.start, config.clip_steps):
         g = step_generator(config.seed, "clip", step)
         items = torch.randperm(len(pictures), generator=g)[: config.clip_batch]
         captions = first[items] + torch.randint(0, 1 << 30, (len(items),), generator=g) % counts[items]
@@ -314,29 +316,20 @@ def train_clip(
             pixel_values=clip_normalise(torch.from_numpy(pictures[items.numpy()])).to(device),
             return_loss=True,
         )
-        _descend(optimizer, out.loss, lr_at(step, config.clip_steps, config.clip_lr))
-        _report(step, config.clip_steps, out.loss.item(), checkpoint, every, progress, digits=3)
+        _descend(stage.optimizer, out.loss, lr_at(step, config.clip_steps, config.clip_lr))
+        stage.report(step, config.clip_steps, out.loss.item(), digits=3)
     clip.eval()
 
 
-def train_vae(
-    vae,
-    optimizer,
-    pictures,
-    config: ToyConfig,
-    start: int,
-    device,
-    checkpoint: Callable[[int, float], None],
-    every: int = 250,
-    progress=None,
-) -> None:
+def train_vae(vae, pictures, stage: Stage) -> None:
     """Reconstruction training on random crops of the pictures at the output size and at z's size (5/8 of it),
     so the VAE serves both Xz (decoded from z at 5/8) and img2img (at the output size).
     Loss: L1 + MSE on pixels in [-1, 1], plus a small KL term."""
+    config, device = stage.config, stage.device
     small = resize(pictures, config.image_size * 5 // 8)
     crop = config.vae_crop
     vae.train()
-    for step in range(start, config.vae_steps):
+    for step in range(stage.start, config.vae_steps):
         g = step_generator(config.seed, "vae", step)
         source = small if step % 2 else pictures
         items = torch.randint(0, len(source), (config.vae_batch,), generator=g).numpy()
@@ -346,8 +339,8 @@ def train_vae(
         eps = torch.randn(posterior.mean.shape, generator=g).to(device)
         recon = vae.decode(posterior.mean + posterior.std * eps).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean()
-        _descend(optimizer, loss, lr_at(step, config.vae_steps, config.vae_lr), vae.parameters())
-        _report(step, config.vae_steps, loss.item(), checkpoint, every, progress)
+        _descend(stage.optimizer, loss, lr_at(step, config.vae_steps, config.vae_lr), vae.parameters())
+        stage.report(step, config.vae_steps, loss.item())
     vae.eval()
 
 
@@ -374,22 +367,7 @@ def encode_text(text_encoder, token_ids: torch.Tensor, device, batch: int = 256,
     return torch.cat(out)
 
 
-def train_unet(
-    unet,
-    optimizer,
-    ema,
-    latents,
-    caption_states,
-    caption_owner,
-    empty_state,
-    scheduler,
-    config: ToyConfig,
-    start: int,
-    device,
-    checkpoint: Callable[[int, float], None],
-    every: int = 250,
-    progress=None,
-) -> None:
+def train_unet(unet, ema, latents, caption_states, caption_owner, empty_state, scheduler, stage: Stage) -> None:
     """Noise prediction (epsilon, MSE) on scaled latents (n, 4, h, w), conditioned on the frozen text tower's
     states of the captions (``caption_states``: (n_captions, 77, hidden), computed once; ``caption_owner``: the
     picture of each caption; ``empty_state``: (77, hidden) for "").
@@ -397,6 +375,7 @@ def train_unet(
     Per item, the condition is the mean over all its captions (what c is) or one of them, each half the time,
     or the empty caption with probability ``caption_dropout`` (so classifier-free guidance works).
     """
+    config, device = stage.config, stage.device
     owner = torch.as_tensor(caption_owner)
     counts, first = _caption_index(owner, len(latents))
     mean_states = torch.zeros((len(latents), *caption_states.shape[1:]), device=caption_states.device)
@@ -404,7 +383,7 @@ def train_unet(
     mean_states = (mean_states / counts.to(mean_states.device)[:, None, None]).to(caption_states.dtype)
     empty_state = empty_state.to(device, torch.float32)
     unet.train()
-    for step in range(start, config.unet_steps):
+    for step in range(stage.start, config.unet_steps):
         g = step_generator(config.seed, "unet", step)
         items = torch.randint(0, len(latents), (config.unet_batch,), generator=g)
         mode = torch.rand(len(items), generator=g)
@@ -419,9 +398,9 @@ def train_unet(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),), generator=g).to(device)
         noisy = scheduler.add_noise(x0, noise, t)
         loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
-        _descend(optimizer, loss, lr_at(step, config.unet_steps, config.unet_lr), unet.parameters())
+        _descend(stage.optimizer, loss, lr_at(step, config.unet_steps, config.unet_lr), unet.parameters())
         ema.update(unet)
-        _report(step, config.unet_steps, loss.item(), checkpoint, every, progress)
+        stage.report(step, config.unet_steps, loss.item())
     unet.eval()
 
 
@@ -558,18 +537,8 @@ def train_toy(
     start = _resume(work / "clip.pt", clip, opt)
     vision_pics = resize(pictures, config.vision_size)
     with tqdm(total=config.clip_steps, initial=start, desc="CLIP pair") as bar:
-        train_clip(
-            clip,
-            opt,
-            token_ids,
-            owner,
-            vision_pics,
-            config,
-            start,
-            device,
-            _checkpointer(work / "clip.pt", clip, opt),
-            progress=bar,
-        )
+        stage = Stage(opt, config, device, start, _checkpointer(work / "clip.pt", clip, opt), progress=bar)
+        train_clip(clip, token_ids, owner, vision_pics, stage)
     text_encoder, image_encoder = (m.to(device) for m in split_clip(clip.cpu()))
 
     # 3. VAE
@@ -578,7 +547,8 @@ def train_toy(
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     start = _resume(work / "vae.pt", vae, opt)
     with tqdm(total=config.vae_steps, initial=start, desc="VAE") as bar:
-        train_vae(vae, opt, pictures, config, start, device, _checkpointer(work / "vae.pt", vae, opt), progress=bar)
+        stage = Stage(opt, config, device, start, _checkpointer(work / "vae.pt", vae, opt), progress=bar)
+        train_vae(vae, pictures, stage)
 
     # 4. latents of the training pictures, and the scaling factor that gives them unit variance
     latents_path = work / "latents.pt"
@@ -601,21 +571,8 @@ def train_toy(
     if device.type == "cuda":
         states = states.to(device)
     with tqdm(total=config.unet_steps, initial=start, desc="U-Net") as bar:
-        train_unet(
-            unet,
-            opt,
-            ema,
-            latents,
-            states,
-            owner,
-            empty,
-            ddim_scheduler(),
-            config,
-            start,
-            device,
-            _checkpointer(work / "unet.pt", unet, opt, ema),
-            progress=bar,
-        )
+        stage = Stage(opt, config, device, start, _checkpointer(work / "unet.pt", unet, opt, ema), progress=bar)
+        train_unet(unet, ema, latents, states, owner, empty, ddim_scheduler(), stage)
     ema.copy_to(unet)
     minutes = (time.time() - t0) / 60
 
