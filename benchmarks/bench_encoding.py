@@ -24,7 +24,7 @@ def make_problem(n_trials: int, n_features: int, n_voxels: int, n_test: int, see
     ids = np.repeat(np.arange(n_images), 3)
     betas = latent[ids] @ weights + rng.standard_normal((n_trials, n_voxels), dtype=np.float32)
     test_betas = latent[n_images:] @ weights + rng.standard_normal((n_test, n_voxels), dtype=np.float32) / 1.7
-    return features[ids], betas, ids, features[n_images:], test_betas
+    return features[:n_images], betas, ids, features[n_images:], test_betas
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> None:
 
         backend = set_backend("torch", on_error="raise")
         start = time.perf_counter()
-        _, first = np.unique(ids, return_index=True)
-        mean, components = fit_pca(train_f[first], args.components, "cpu")  # same PCA step
+        mean, components = fit_pca(train_f, args.components, "cpu")  # same PCA step
         model = HimalayaRidgeCV(alphas=alphas, cv=5, fit_intercept=True).fit(
-            pca_transform(train_f, mean, components), train_b
+            pca_transform(train_f[ids], mean, components), train_b  # one row per trial, as himalaya takes them
         )
         prediction = backend.to_numpy(model.predict(pca_transform(test_f, mean, components)))
         r = dimension_correlation(prediction, test_b)

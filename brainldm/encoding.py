@@ -122,13 +122,24 @@ def fit_encoding(
     q: float = TAKAGI2023.fdr_q,
     device=None,
 ) -> EncodingResult:
-    """Fit and score one feature space. Features are per trial (n, ...); PCA is fit on unique training images."""
+    """Fit and score one feature space.
+
+    ``train_features``: (n_images, ...) the features of each distinct training image, in ``np.unique(train_ids)``
+    order; ``train_betas``: (n_trials, n_voxels) with ``train_ids`` (n_trials,) the image of each trial. PCA and the
+    ridge work on the distinct images (each weighted by its trials; the same fit as on one row per trial), and CV
+    folds keep an image's trials together.
+    """
     if n_components < 1:
         raise InputError(f"PCA components must be >= 1, got {n_components}")
-    _, first = np.unique(train_ids, return_index=True)
-    mean, components = fit_pca(train_features[first], n_components, device)
+    images, rows = np.unique(train_ids, return_inverse=True)
+    if len(train_features) != len(images):
+        raise InputError(
+            f"{feature or 'features'}: {len(train_features)} rows of training features for {len(images)} distinct "
+            "training images; pass one row per image, in np.unique(train_ids) order"
+        )
+    mean, components = fit_pca(train_features, n_components, device)
     ridge = RidgeCV(alphas=alphas, cv=cv, device=device)
-    ridge.fit(pca_transform(train_features, mean, components), train_betas, groups=train_ids)
+    ridge.fit(pca_transform(train_features, mean, components), train_betas, groups=train_ids, rows=rows)
     prediction = ridge.predict(pca_transform(test_features, mean, components))
     r = dimension_correlation(prediction, test_betas).astype(np.float32)  # Pearson r per voxel
     p, p_fdr, significant = significance(r, len(test_betas), q)
@@ -194,7 +205,7 @@ def run_encoding(
     for name in tqdm(names, desc="encoding", unit="feature", disable=not progress):
         store = stores[name]
         results[name] = fit_encoding(
-            store.load(train_ids), train_betas, train_ids, store.load(test_ids), test_betas, voxels.streams,
+            store.load(np.unique(train_ids)), train_betas, train_ids, store.load(test_ids), test_betas, voxels.streams,
             voxels.roi_names, feature=name, n_components=n_components, alphas=alphas, cv=cv, q=q, device=device,
         )  # fmt: skip
     write_results(results, voxels, out, space)

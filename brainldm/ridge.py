@@ -3,8 +3,10 @@
 Solver functions take and return tensors and hold no state; :class:`RidgeCV` validates input, calls them and
 stores the fitted attributes (scikit-learn style). The work per fold is one eigendecomposition of the training
 Gram matrix (``X^T X`` when n_samples >= n_features, else ``X X^T``), reused for every alpha and every batch of
-targets: with ``X = eigenbasis``, the ridge prediction for any alpha is ``L diag(1 / (e + alpha)) R``, where L and
-R do not depend on alpha. Targets are processed in batches, so Y can be far larger than GPU memory.
+targets: from it, each alpha's map from training targets to validation predictions is computed once per fold, and
+every alpha's predictions of a target batch are one matrix product. Targets are processed in batches, so Y can be
+far larger than GPU memory. Samples that share a feature row (an image shown three times) can be fit on the distinct
+rows, weighted by their counts: the same solution, with the work of the distinct rows (``rows`` in ``fit``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,53 @@ def ridge_factors(
     return left, right
 
 
+class _Design:
+    """The training side of one fit, on X's distinct rows: ``rows`` (n_samples,) says which row of X each sample has
+    (repeated presentations of one image share a row), and the fit on the samples ``train`` is the same as a ridge on
+    the distinct rows they use, each weighted by how often it occurs. So the Gram matrix, its eigendecomposition and
+    every prediction are computed once per distinct row instead of once per sample.
+
+    With weights c, centring on the weighted means, and ``Xw = sqrt(c) (X - x_mean)``, ``Yw = (Ysum - c y_mean) /
+    sqrt(c)`` (Ysum: each row's summed targets), ``Xw^T Xw`` and ``Xw^T Yw`` are the sample-level ``X^T X`` and
+    ``X^T Y`` of the centred data, so the solution is the sample-level one exactly.
+    """
+
+    def __init__(self, X: torch.Tensor, rows: torch.Tensor, train: torch.Tensor):
+        counts = torch.bincount(rows[train], minlength=len(X)).to(X.dtype)
+        self.used = torch.nonzero(counts).ravel()
+        self.counts = counts[self.used]
+        self.n = len(train)
+        self.X_mean = (self.counts[:, None] * X[self.used]).sum(0) / self.n
+        self.Xw = (X[self.used] - self.X_mean) * self.counts.sqrt()[:, None]
+        self.decomposition = gram_eigh(self.Xw)
+
+    def prediction_maps(self, X_eval: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+        """For each alpha, the map from the training targets to predictions at X_eval -> (n_alphas, n_eval, d):
+        ``X_eval (Xw^T Xw + alpha)^-1`` applied to ``Xw^T Yw`` (primal, d = n_features) or ``X_eval Xw^T (Xw Xw^T +
+        alpha)^-1`` applied to ``Yw`` (dual, d = distinct rows). Independent of the targets, so computed once per fold
+        and reused for every target batch."""
+        form, e, vectors = self.decomposition
+        left = X_eval @ vectors if form == "primal" else (X_eval @ self.Xw.T) @ vectors
+        return torch.stack([(left / (e + alpha)) @ vectors.T for alpha in alphas])
+
+    def targets(self, Y_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Yw, y_mean) from the training samples' targets summed per row of X (n_rows, T)."""
+        Y_sum = Y_sum[self.used]
+        Y_mean = Y_sum.sum(0) / self.n
+        return (Y_sum - self.counts[:, None] * Y_mean) / self.counts.sqrt()[:, None], Y_mean
+
+
+def _row_sums(rows: torch.Tensor, Y: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Targets summed over the samples of each row of X -> (n_rows, T)."""
+    return torch.zeros(n_rows, Y.shape[1], device=Y.device, dtype=Y.dtype).index_add_(0, rows, Y)
+
+
+def _sample_rows(rows, n_samples: int, device) -> torch.Tensor:
+    if rows is None:
+        return torch.arange(n_samples, device=device)
+    return torch.as_tensor(np.asarray(rows), device=device, dtype=torch.long)
+
+
 def ridge_cv_scores(
     X: torch.Tensor,
     Y: torch.Tensor | np.ndarray,
@@ -94,40 +143,58 @@ def ridge_cv_scores(
     folds: list[np.ndarray],
     scoring: str = "correlation",
     target_batch_size: int = 4096,
+    rows: Sequence[int] | np.ndarray | None = None,
 ) -> torch.Tensor:
     """Mean validation score over folds for every alpha and target -> (n_alphas, n_targets), on X's device.
 
     X (n_samples, n_features) lives on the compute device; Y (n_samples, n_targets) may stay on the CPU and is
     moved one target batch at a time. Each fold's training data are centred on their own means (intercept).
     The folds' eigendecompositions are computed once and reused for every target batch and alpha.
+
+    ``rows`` (n_samples,): when samples share feature rows (an image shown three times), X may hold only the
+    distinct rows and ``rows`` the row of each sample; scores are the same as with the expanded X, and the work
+    scales with the distinct rows (see :class:`_Design`). Folds and scores stay per sample.
     """
     n, n_targets = Y.shape
     device = X.device
+    rows = _sample_rows(rows, n, device)
     fold_state = []
     for validation in folds:
-        train = torch.from_numpy(np.setdiff1d(np.arange(n), validation)).to(device)
-        X_mean = X[train].mean(0)
-        fold_state.append((train, torch.from_numpy(validation).to(device), X_mean, gram_eigh(X[train] - X_mean)))
+        validation = torch.from_numpy(validation).to(device)
+        train = torch.from_numpy(np.setdiff1d(np.arange(n), validation.cpu().numpy())).to(device)
+        design = _Design(X, rows, train)
+        val_rows, val_of_sample = torch.unique(rows[validation], return_inverse=True)
+        val_counts = torch.bincount(val_of_sample).to(X.dtype)[:, None]
+        maps = design.prediction_maps(X[val_rows] - design.X_mean, alphas)
+        fold_state.append((design, validation, val_rows, val_of_sample, val_counts, maps))
     scores = torch.zeros(len(alphas), n_targets, device=device, dtype=X.dtype)
     for start in range(0, n_targets, target_batch_size):
         Y_batch = _to(Y[:, start : start + target_batch_size], X)
-        cross_all = X.T @ Y_batch  # X^T Y once per batch; each fold subtracts its validation rows
-        for train, validation, X_mean, decomposition in fold_state:
-            X_train, X_val, Y_val = X[train] - X_mean, X[validation] - X_mean, Y_batch[validation]
-            Y_mean = (Y_batch.sum(0) - Y_val.sum(0)) / len(train)
-            if decomposition[0] == "primal":  # (X_tr - mean)^T (Y_tr - mean) from the batch-wide product
-                cross = cross_all - X[validation].T @ Y_val - len(train) * torch.outer(X_mean, Y_mean)
-                left, right = ridge_factors(X_train, None, X_val, decomposition, cross)
+        Y_sum_all = _row_sums(rows, Y_batch, len(X))
+        cross_all = X.T @ Y_sum_all  # X^T Y once per batch; each fold subtracts its validation rows
+        for design, validation, val_rows, val_of_sample, val_counts, maps in fold_state:
+            Y_val = Y_batch[validation]
+            Y_val_sum = _row_sums(val_of_sample, Y_val, len(val_rows))
+            Y_sum = Y_sum_all.index_add(0, val_rows, Y_val_sum, alpha=-1)  # the training samples' sums
+            if design.decomposition[0] == "primal":  # the maps take Xw^T Yw: from the batch-wide product
+                Y_mean = Y_sum.sum(0) / design.n
+                Y_w = cross_all - X[val_rows].T @ Y_val_sum - design.n * torch.outer(design.X_mean, Y_mean)
             else:
-                left, right = ridge_factors(X_train, Y_batch[train] - Y_mean, X_val, decomposition)
-            e = decomposition[1]
+                Y_w, Y_mean = design.targets(Y_sum)
             block = scores[:, start : start + target_batch_size]
-            for a, alpha in enumerate(alphas):
-                p = left @ (right / (e + alpha)[:, None])
-                if scoring == "correlation":  # the intercept cancels in a correlation
-                    block[a] += correlation_score(Y_val, p)
-                else:
-                    block[a] += neg_mse_score(Y_val, p + Y_mean)
+            Y_centred = Y_val - Y_val.mean(0)
+            Y_centred_sum = _row_sums(val_of_sample, Y_centred, len(val_rows))
+            Y_norm = Y_centred.norm(dim=0)
+            p = maps @ Y_w  # (n_alphas, distinct validation rows, targets): every alpha in one product
+            if scoring == "correlation":  # Pearson r over the validation samples; the intercept cancels
+                p = p - (val_counts * p).sum(1, keepdim=True) / len(validation)
+                p_norm = (val_counts * p * p).sum(1).sqrt()
+                denominator = (p_norm * Y_norm).clamp_min(torch.finfo(p.dtype).tiny)
+                block += (p * Y_centred_sum).sum(1) / denominator
+            else:  # mean squared error over the validation samples, negated
+                p = p + Y_mean
+                squares = (Y_val * Y_val).sum(0) - 2 * (p * Y_val_sum).sum(1) + (val_counts * p * p).sum(1)
+                block -= squares / len(validation)
     return scores / len(folds)
 
 
@@ -136,26 +203,26 @@ def solve_ridge(
     Y: torch.Tensor | np.ndarray,
     alphas: torch.Tensor,
     target_batch_size: int = 4096,
+    rows: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge with an intercept and one alpha per target (n_targets,) -> coef (n_features, n_targets), intercept.
 
-    One eigendecomposition for all targets; coef and intercept are returned on the CPU.
+    One eigendecomposition for all targets; coef and intercept are returned on the CPU. ``rows`` as in
+    :func:`ridge_cv_scores`.
     """
-    X_mean = X.mean(0)
-    X_centred = X - X_mean
-    decomposition = gram_eigh(X_centred)
-    e = decomposition[1]
-    n_targets = Y.shape[1]
+    n_samples, n_targets = Y.shape
+    rows = _sample_rows(rows, n_samples, X.device)
+    design = _Design(X, rows, torch.arange(n_samples, device=X.device))
+    e = design.decomposition[1]
     coef = torch.empty(X.shape[1], n_targets, dtype=X.dtype)
     intercept = torch.empty(n_targets, dtype=X.dtype)
     for start in range(0, n_targets, target_batch_size):
         stop = min(start + target_batch_size, n_targets)
-        Y_batch = _to(Y[:, start:stop], X)
-        Y_mean = Y_batch.mean(0)
-        left, right = ridge_factors(X_centred, Y_batch - Y_mean, None, decomposition)
+        Y_w, Y_mean = design.targets(_row_sums(rows, _to(Y[:, start:stop], X), len(X)))
+        left, right = ridge_factors(design.Xw, Y_w, None, design.decomposition)
         weights = left @ (right / (e[:, None] + alphas[start:stop].to(X)[None, :]))
         coef[:, start:stop] = weights.cpu()
-        intercept[start:stop] = (Y_mean - X_mean @ weights).cpu()
+        intercept[start:stop] = (Y_mean - design.X_mean @ weights).cpu()
     return coef, intercept
 
 
@@ -264,9 +331,13 @@ class RidgeCV:
         changed = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if repr(v) != repr(defaults[k]))
         return f"RidgeCV({changed})"
 
-    def fit(self, X, Y, groups: Sequence | None = None) -> RidgeCV:
+    def fit(self, X, Y, groups: Sequence | None = None, rows: Sequence[int] | None = None) -> RidgeCV:
         """Fit on X (n_samples, n_features) and Y (n_samples, n_targets) or (n_samples,); ``groups`` keeps samples
-        together in CV. Arrays, tensors or anything ``np.asarray`` reads."""
+        together in CV. Arrays, tensors or anything ``np.asarray`` reads.
+
+        ``rows`` (n_samples,): when samples share feature rows (each image shown several times), pass X's distinct
+        rows only and the row of each sample here. The fit is the same as on the expanded X, with the work of the
+        distinct rows (a third of it for NSD's three presentations)."""
         alphas = np.asarray(self.alphas, dtype=np.float64).ravel()
         if alphas.size == 0 or not np.all(alphas > 0):
             raise InputError(f"alphas must all be > 0, got {alphas.tolist()}")
@@ -278,15 +349,22 @@ class RidgeCV:
         self._single_target = Y.ndim == 1
         if self._single_target:
             Y = Y.reshape(-1, 1)
-        if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+        if X.ndim != 2 or Y.ndim != 2 or (rows is None and X.shape[0] != Y.shape[0]):
             raise InputError(
                 f"expected X (n_samples, n_features) and Y (n_samples, n_targets), got {tuple(X.shape)}, "
                 f"{tuple(Y.shape)}; reshape a single feature with X.reshape(-1, 1)"
             )
-        n_samples, n_features = X.shape
+        n_samples, n_features = Y.shape[0], X.shape[1]
         for what, n, array in (("sample", n_samples, X), ("feature", n_features, X), ("target", Y.shape[1], Y)):
             if n == 0:  # scikit-learn's wording
                 raise InputError(f"0 {what}(s) (shape={tuple(array.shape)}) while a minimum of 1 is required.")
+        if rows is not None:
+            rows = np.asarray(rows)
+            if rows.shape != (n_samples,) or rows.dtype.kind not in "iu" or not 0 <= rows.min() <= rows.max() < len(X):
+                raise InputError(
+                    f"rows must hold one index into X's {len(X)} rows per sample ({Y.shape[0]}), got {rows.shape} "
+                    f"{rows.dtype} values"
+                )
         if n_samples < max(2, self.cv):
             raise InputError(
                 f"{self.cv}-fold cross-validation needs at least {max(2, self.cv)} samples, got n_samples = {n_samples}"
@@ -304,11 +382,11 @@ class RidgeCV:
         folds = make_folds(n_samples, self.cv, groups, self.random_state)
         # TF32 tensor cores for the CV predictions only (where the time goes); the final refit stays full fp32.
         with _cuda_tf32(self.tf32_cv and device.type == "cuda"):
-            scores = ridge_cv_scores(X_t, Y, alphas_t, folds, self.scoring, self.target_batch_size)
+            scores = ridge_cv_scores(X_t, Y, alphas_t, folds, self.scoring, self.target_batch_size, rows)
         best = scores.argmax(0)
         self.cv_scores_ = scores.cpu()
         self.best_alphas_ = alphas_t[best].cpu()
-        self.coef_, self.intercept_ = solve_ridge(X_t, Y, alphas_t[best], self.target_batch_size)
+        self.coef_, self.intercept_ = solve_ridge(X_t, Y, alphas_t[best], self.target_batch_size, rows)
         self.n_features_in_ = n_features
         return self
 

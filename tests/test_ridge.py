@@ -47,6 +47,26 @@ def test_cv_scores_equal_brute_force_refits_per_fold():
     np.testing.assert_array_equal(model.best_alphas_.numpy(), np.asarray(alphas)[expected.argmax(0)])
 
 
+@pytest.mark.parametrize("n_images, p", [(60, 12), (30, 80)])  # primal and dual forms on the distinct rows
+@pytest.mark.parametrize("scoring", ["correlation", "mse"])
+def test_distinct_rows_fit_as_the_expanded_samples_do(n_images, p, scoring):
+    """Repeated presentations: X's distinct rows plus the row of each sample give the expanded X's fit exactly,
+    also when some images have fewer presentations than others and a row's samples straddle folds."""
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((n_images, p)) * 2 + 0.5
+    rows = np.concatenate([np.repeat(np.arange(n_images), 3), np.arange(n_images // 2)])  # some shown 4 times
+    Y = images[rows] @ rng.standard_normal((p, 5)) + 4 * rng.standard_normal((len(rows), 5)) + 3
+    for groups in (rows, None):  # grouped folds, and plain ones that split an image's samples
+        kwargs = dict(alphas=[0.1, 10.0, 1000.0], cv=3, scoring=scoring, device="cpu", dtype="float64")
+        expanded = RidgeCV(**kwargs).fit(images[rows], Y, groups=groups)
+        distinct = RidgeCV(**kwargs).fit(images, Y, groups=groups, rows=rows)
+        torch.testing.assert_close(distinct.cv_scores_, expanded.cv_scores_, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(distinct.coef_, expanded.coef_, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(distinct.intercept_, expanded.intercept_, rtol=1e-9, atol=1e-9)
+    with pytest.raises(InputError, match="rows must hold one index into X's"):
+        RidgeCV(cv=3, device="cpu").fit(images, Y, rows=rows[:-1])
+
+
 def test_alpha_is_chosen_per_target():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((300, 20)).astype(np.float32)
