@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         mean, components = fit_pca(train_f, args.components, "cpu")  # same PCA step
         model = HimalayaRidgeCV(alphas=alphas, cv=5, fit_intercept=True).fit(
-            pca_transform(train_f[ids], mean, components), train_b  # one row per trial, as himalaya takes them
+            pca_transform(train_f[ids], mean, components),
+            train_b,  # one row per trial, as himalaya takes them
         )
         prediction = backend.to_numpy(model.predict(pca_transform(test_f, mean, components)))
         r = dimension_correlation(prediction, test_b)
