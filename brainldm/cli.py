@@ -107,6 +107,19 @@ def numbers(minimum: float | None = None, above: bool = False) -> Callable[[str]
     return parse
 
 
+def integers(minimum: int | None = None) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated whole numbers, each as :func:`integer` checks it, without repeats."""
+    one = integer(minimum)
+
+    def parse(text: str) -> list[int]:
+        values = list(dict.fromkeys(one(part) for part in text.split(",") if part.strip()))
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+        return values
+
+    return parse
+
+
 def name_values(value: Callable[[str], object]) -> Callable[[str], dict]:
     """An argparse type: comma-separated ``name=value`` pairs, each value read by ``value`` (e.g. ``c=1024``)."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -369,14 +370,16 @@ def load_voxels(
 
 
 class SubjectStimuli:
-    """The unique images a subject saw, across splits: ``nsd_ids`` and ``stimuli[nsd_id] -> (image, captions)``."""
+    """The unique images a subject (or several: NSD's shared pictures once) saw, across splits: ``nsd_ids`` and
+    ``stimuli[nsd_id] -> (image, captions)``."""
 
-    def __init__(self, source: str | Path, subject: int, splits: tuple[str, ...] = SPLITS):
+    def __init__(self, source: str | Path, subject: int | Sequence[int], splits: tuple[str, ...] = SPLITS):
         self._rows: dict[int, tuple[datasets.Dataset, int]] = {}
-        for split in splits:
-            table = load_trials(source, subject, split).select_columns(["nsd_id", "image", "captions"])
-            for row, nsd_id in enumerate(table["nsd_id"]):
-                self._rows.setdefault(int(nsd_id), (table, row))
+        for one in [subject] if isinstance(subject, int) else subject:
+            for split in splits:
+                table = load_trials(source, one, split).select_columns(["nsd_id", "image", "captions"])
+                for row, nsd_id in enumerate(table["nsd_id"]):
+                    self._rows.setdefault(int(nsd_id), (table, row))
         self.nsd_ids = sorted(self._rows)
 
     def __len__(self) -> int:

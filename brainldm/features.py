@@ -7,7 +7,7 @@ from it, so SD-1.x (z 4x40x40, c 77x768), SD-2.x and ``tiny_ldm`` go through the
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +101,21 @@ def encode_c(ldm, captions: Sequence[Sequence[str]]) -> torch.Tensor:
 # --- feature specs -------------------------------------------------------------------------------------------
 
 UNET_BLOCKS = ("down0", "down1", "down2", "down3", "mid", "up0", "up1", "up2", "up3")
-REDUCTIONS = ("mean", "flatten")
+# How a U-Net tap (channels x height x width) is reduced as it is recorded: "mean" over space (C values), "poolN"
+# (average over an N x N grid of regions: C x N x N) or "flatten" (all of it). With SD-1.4 on 320 px images the block
+# outputs are 320x20x20 (down0), 640x10x10, 1280x5x5, 1280x5x5, 1280x5x5 (mid), 1280x10x10 (up0), 1280x20x20,
+# 640x40x40 and 320x40x40 (up3): flattened, up2 is 4 MB per image (40 GB for a subject's 10,000); pool4 is 40 kB.
+REDUCTIONS = ("mean", "pool2", "pool4", "pool8", "flatten")
+
+
+def reduce_tap(hidden: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A U-Net tap (n, C, H, W) reduced as :data:`REDUCTIONS` says -> (n, d) float32."""
+    hidden = hidden.float()
+    if reduction == "mean":
+        return hidden.mean(dim=(2, 3))
+    if reduction.startswith("pool"):
+        return torch.nn.functional.adaptive_avg_pool2d(hidden, int(reduction[4:])).flatten(1)
+    return hidden.flatten(1)
 
 
 @dataclass(frozen=True)
@@ -113,7 +127,7 @@ class FeatureSpec:
       so ``zc@S`` has z's shape and tends to z as S -> 0).
     - ``unet.BLOCK@S#K``: the output of U-Net block BLOCK (down0..down3, mid, up0..up3) at the K-th denoising step
       (1-based, of the steps the img2img run at strength S actually runs), conditional branch, reduced by the
-      store's ``unet_reduce`` (spatial ``mean`` -> channels, or ``flatten``).
+      store's ``unet_reduce`` (:data:`REDUCTIONS`: spatial ``mean`` -> channels, ``poolN``, or ``flatten``).
     """
 
     kind: str
@@ -238,8 +252,7 @@ def img2img_latents(
             if step["k"] in wanted:
                 hidden = output[0] if isinstance(output, tuple) else output
                 hidden = hidden.chunk(2)[1] if guidance_scale > 1 else hidden  # the conditional branch
-                hidden = hidden.float().mean(dim=(2, 3)) if unet_reduce == "mean" else hidden.float().flatten(1)
-                recorded[wanted[step["k"]]] = hidden.cpu()
+                recorded[wanted[step["k"]]] = reduce_tap(hidden, unet_reduce).cpu()
 
         hooks.append(block_module(block).register_forward_hook(hook))
     hooks.append(ldm.unet.register_forward_pre_hook(lambda module, args: step.__setitem__("k", step["k"] + 1)))
@@ -269,11 +282,18 @@ class FeatureStore:
     Each shard holds ``nsd_id`` (n,) and ``features`` (n, ...); ``config.json`` records how they were computed,
     so a store is never silently extended with features of another model or setting. Shards are written to a
     temporary name and renamed, so a killed run leaves only whole shards, and a rerun computes only what is missing.
+    Images are keys, not subjects: one store serves every subject who saw them.
+
+    ``part``: the process number when several processes fill the store at once; each writes ``partK-*`` files of
+    its own (read like shards), and :meth:`merge_parts` renames them into shards once all have finished.
     """
 
-    def __init__(self, root: str | Path, name: str, config: dict | None = None):
+    def __init__(self, root: str | Path, name: str, config: dict | None = None, part: int | None = None):
         self.folder = Path(root) / name
         self.name = name
+        self.part = part
+        self.written = 0  # images this object wrote
+        self.reused = 0  # of the images an extraction asked for, those the store held already
         config_path = self.folder / "config.json"
         if config_path.exists():
             stored = json.loads(config_path.read_text())
@@ -296,7 +316,12 @@ class FeatureStore:
         self._index: dict[int, tuple[Path, int]] | None = None
 
     def _shards(self) -> list[Path]:
-        return sorted(self.folder.glob("shard-*.safetensors"))
+        return sorted(self.folder.glob("shard-*.safetensors")) + sorted(self.folder.glob("part*-*.safetensors"))
+
+    def _next(self, prefix: str) -> Path:
+        """The file after the last one named ``prefix-NNNNN`` (numbers are never reused, even after a merge)."""
+        numbers = [int(p.stem.rsplit("-", 1)[1]) for p in self.folder.glob(f"{prefix}-*.safetensors")]
+        return self.folder / f"{prefix}-{max(numbers, default=-1) + 1:05d}.safetensors"
 
     @property
     def index(self) -> dict[int, tuple[Path, int]]:
@@ -313,8 +338,7 @@ class FeatureStore:
 
     def write(self, nsd_ids: Sequence[int], features: torch.Tensor | np.ndarray) -> Path:
         """Add one shard of features (n, ...) for ``nsd_ids`` (n,)."""
-        number = len(self._shards())
-        path = self.folder / f"shard-{number:05d}.safetensors"
+        path = self._next("shard" if self.part is None else f"part{self.part}")
         tensors = {
             "nsd_id": np.asarray(nsd_ids, dtype=np.int64),
             "features": np.ascontiguousarray(np.asarray(features, dtype=np.float32)),
@@ -323,7 +347,18 @@ class FeatureStore:
             save_file(tensors, str(tmp), metadata={"feature": self.name})
         for row, nsd_id in enumerate(tensors["nsd_id"].tolist()):
             self.index[nsd_id] = (path, row)
+        self.written += len(tensors["nsd_id"])
         return path
+
+    def merge_parts(self) -> int:
+        """Rename every process's parts into shards, in the order of their first image (the order one process
+        writes its batches in, so the store is the one a single process writes); returns how many. Run it once
+        every process has finished. Renames are atomic: a merge killed halfway is finished by the next one."""
+        parts = sorted(self.folder.glob("part*-*.safetensors"), key=lambda p: int(_read_tensor(p, "nsd_id")[0]))
+        for part in parts:
+            part.replace(self._next("shard"))
+        self._index = None
+        return len(parts)
 
     def load(self, nsd_ids: Sequence[int]) -> np.ndarray:
         """Features of ``nsd_ids`` in that order -> (n, ...) float32. Every id must be present."""
@@ -374,18 +409,27 @@ def extract_features(
     seed: int = TAKAGI2023.sampling.seed,
     unet_reduce: str = "mean",
     progress: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait_for_everyone: Callable[[], None] | None = None,
 ) -> dict[str, FeatureStore]:
     """Compute the missing features of ``nsd_ids`` in batches and store them under ``out``.
 
     Args:
         ldm: a diffusers Stable Diffusion pipeline (see :func:`brainldm.ldm.load_ldm`).
         model_id: recorded with the features, so stores of different models never mix.
-        nsd_ids: unique image ids.
+        nsd_ids: unique image ids (of one subject or several: what a store holds already is not computed again).
         get_item: ``nsd_id -> (image, captions)``.
         specs: the feature spaces (see :class:`FeatureSpec`).
+        process_index, num_processes, wait_for_everyone: data parallelism (accelerate's ``PartialState`` gives all
+            three). The missing images are cut into the batches one process would run, and process k runs batches
+            k, k + n, ...; each writes its own parts, and once ``wait_for_everyone()`` returns, process 0 merges
+            them (:meth:`FeatureStore.merge_parts`) into the store one process would have written.
     Returns:
-        name -> FeatureStore.
+        name -> FeatureStore (``written``: the images this process computed; ``reused``: those the store held).
     """
+    if num_processes > 1 and wait_for_everyone is None:
+        raise ValueError("several processes need wait_for_everyone, so that the parts are merged after all finish")
     if unet_reduce not in REDUCTIONS:
         raise InputError(f"unet_reduce must be one of {REDUCTIONS}, got {unet_reduce!r}")
     if batch_size < 1:
@@ -396,20 +440,31 @@ def extract_features(
 
     common = {"model_id": model_id, "z_image_size": ldm_sizes(ldm)[0]}
     run = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
-    stores = {}
-    for spec in specs:
+
+    def config_of(spec: FeatureSpec) -> dict:
+        """How the features are computed, as the store records it."""
         config = dict(common, feature=spec.name)
         if spec.kind in ("zc", "unet"):
             config.update(run, strength=spec.strength)
         if spec.kind == "unet":
             config["unet_reduce"] = unet_reduce
             check_step(spec, num_inference_steps)
-        stores[spec.name] = FeatureStore(out, spec.name, config)
+        return config
 
+    # every process checks (or writes, atomically and identically) each config.json, so a mismatch stops them all
+    part = process_index if num_processes > 1 else None
+    stores = {spec.name: FeatureStore(out, spec.name, config_of(spec), part) for spec in specs}
+
+    for store in stores.values():
+        store.reused = len(nsd_ids) - len(store.missing(nsd_ids))
     todo = sorted({i for store in stores.values() for i in store.missing(nsd_ids)})
-    bar = tqdm(total=len(todo), desc="features", unit="image", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+    if num_processes > 1:
+        wait_for_everyone()  # every process has listed the stores before any writes: all cut the same batches
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    mine = batches[process_index::num_processes]
+    desc = "features" if num_processes == 1 else f"features [{process_index}]"
+    bar = tqdm(total=sum(map(len, mine)), desc=desc, unit="image", disable=not progress)
+    for batch in mine:
         images, captions = zip(*(get_item(i) for i in batch))
         need = {name for name, store in stores.items() if store.missing(batch)}
         z = encode_z(ldm, images) if need - {"c"} else None
@@ -429,4 +484,9 @@ def extract_features(
             stores[name].write([batch[k] for k in rows], computed[name][rows])
         bar.update(len(batch))
     bar.close()
+    if num_processes > 1:
+        wait_for_everyone()
+    if process_index == 0:
+        for store in stores.values():
+            store.merge_parts()  # also finishes the merge of an earlier killed sharded run
     return stores

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import io
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,7 +254,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Readers never see a half-written file, and a killed writer leaves at most a hidden ``.tmp`` file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix stays: PIL and numpy read formats from it
+    # per process and thread, so writers of the same file (ranks of one run) never share a temporary; the suffix
+    # stays: PIL and numpy read formats from it
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
     try:
         yield tmp
         tmp.replace(path)

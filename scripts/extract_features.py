@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Extract LDM features (z, c, zc@strength, U-Net taps) of every image a subject saw, cached per nsd_id.
+"""Extract LDM features (z, c, zc@strength, U-Net taps) of every image the subjects saw, cached per nsd_id.
 
 Features are written as safetensors shards under OUT/<feature>/ and shared across subjects and reruns: an image is
-computed once, and a killed run resumes where it stopped. Examples of --features:
+computed once (--subjects 1,2,5,7 computes NSD's 1,000 shared pictures once, and a later subject reuses what the
+store holds), and a killed run resumes where it stopped. Data-parallel over GPUs and nodes with accelerate (each
+process computes its share of the batches; process 0 merges them into the store one process would write):
+  accelerate launch --multi_gpu --num_processes 4 scripts/extract_features.py --data DATA --subjects 1,2,5,7 ...
+Examples of --features:
   z,c                         the decoders' targets (the paper's z and c)
   z,c,zc@0.2,zc@0.5,zc@0.8    the encoding analysis' noise-level sweep
   unet.mid@0.8#1,unet.mid@0.8#20,unet.up1@0.8#40   U-Net taps: block @ strength # step (1-based)
+U-Net taps are reduced as they are recorded (--unet-reduce): mean over space (the default), poolN (an N x N grid of
+regional means) or flatten. With SD-1.4 a flattened up2 tap is 4 MB per image, pool4 40 kB.
 """
 
 from __future__ import annotations
@@ -19,12 +25,18 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
+    from brainldm.features import REDUCTIONS
     from brainldm.presets import TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset: a local folder or a Hub dataset repo id")
     parser.add_argument(
-        "--subject", type=cli.positive, required=True, help="subject number (NSD: 1-8; your own experiment: any)"
+        "--subjects",
+        "--subject",
+        dest="subjects",
+        type=cli.integers(1),
+        required=True,
+        help="subject number(s), comma-separated (NSD: 1-8; your own experiment: any)",
     )
     parser.add_argument("--model", default=TAKAGI2023.model_id, help="diffusers model id or folder, or 'tiny'")
     parser.add_argument(
@@ -41,19 +53,25 @@ def main(argv: list[str] | None = None) -> None:
         "--guidance", type=cli.number(1.0), default=TAKAGI2023.sampling.guidance_scale, help="guidance for zc/U-Net"
     )
     parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.sampling.seed)
-    parser.add_argument("--unet-reduce", choices=["mean", "flatten"], default="mean", help="U-Net tap reduction")
+    parser.add_argument(
+        "--unet-reduce", choices=REDUCTIONS, default="mean", help="U-Net tap reduction (default: mean over space)"
+    )
     args = parser.parse_args(argv)
 
     import torch
+    from accelerate import PartialState
 
     from brainldm.data import SubjectStimuli
     from brainldm.features import extract_features, parse_features
     from brainldm.ldm import load_ldm
 
     specs = parse_features(args.features)
-    stimuli = SubjectStimuli(args.data, args.subject)
+    # cpu=True lets accelerate form a multi-process CPU group (gloo) when launched without GPUs
+    state = PartialState(cpu=not torch.cuda.is_available())
+    stimuli = SubjectStimuli(args.data, args.subjects)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    ldm = load_ldm(args.model, device=args.device, dtype=dtype)
+    device = state.device if state.num_processes > 1 else args.device  # one device per process
+    ldm = load_ldm(args.model, device=device, dtype=dtype)
     stores = extract_features(
         ldm,
         args.model,
@@ -66,9 +84,17 @@ def main(argv: list[str] | None = None) -> None:
         guidance_scale=args.guidance,
         seed=args.seed,
         unet_reduce=args.unet_reduce,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        wait_for_everyone=state.wait_for_everyone,
     )
-    for name, store in stores.items():
-        print(f"{name}: {len(store.index)} images in {store.folder}")
+    if state.is_main_process:
+        for name, store in stores.items():
+            subjects = ",".join(map(str, args.subjects))
+            print(
+                f"{name}: {len(stimuli)} images of subjects {subjects}, {store.reused} of them already in the store; "
+                f"{len(store.index)} in {store.folder}"
+            )
 
 
 if __name__ == "__main__":

@@ -192,6 +192,105 @@ def test_a_killed_extraction_resumes_with_the_same_result(tiny, pictures, tmp_pa
         )
 
 
+def _store_files(root, names):
+    """{feature: [(shard file name, its nsd_ids, its features)]}: a store as it is on disk."""
+    from safetensors.numpy import load_file
+
+    out = {}
+    for name in names:
+        shards = sorted((root / name).glob("*.safetensors"))
+        out[name] = [(s.name, *(load_file(s)[k] for k in ("nsd_id", "features"))) for s in shards]
+    return out
+
+
+def _as_processes(tiny, run, n=2) -> list:
+    """``run(rank, ldm, wait_for_everyone)`` in n threads at once, each with its own copy of the model (U-Net taps
+    hook the model) and a real barrier: processes of one run, as accelerate starts them."""
+    import copy
+    import threading
+
+    barrier, results, errors = threading.Barrier(n, timeout=120), [None] * n, []
+
+    def target(rank, ldm):
+        try:
+            results[rank] = run(rank, ldm, barrier.wait)
+        except BaseException as err:  # noqa: BLE001 (re-raised below, in the test's thread)
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(k, copy.deepcopy(tiny))) for k in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_sharded_extraction_writes_the_store_one_process_writes(tiny, pictures, tmp_path):
+    items = _items(pictures)
+    specs = parse_features("z,c,unet.mid@0.5#1")
+    kwargs = dict(batch_size=2, num_inference_steps=4, progress=False, unet_reduce="pool2")
+    extract_features(tiny, "tiny", list(items), items.__getitem__, specs, tmp_path / "one", **kwargs)
+    seen = {0: [], 1: []}
+
+    def run(rank, ldm, wait_for_everyone):
+        def get_item(nsd_id):
+            seen[rank].append(nsd_id)
+            return items[nsd_id]
+
+        return extract_features(
+            ldm, "tiny", list(items), get_item, specs, tmp_path / "two", process_index=rank, num_processes=2,
+            wait_for_everyone=wait_for_everyone, **kwargs,
+        )  # fmt: skip
+
+    stores = _as_processes(tiny, run)[0]
+    assert seen == {0: [100, 101, 104], 1: [102, 103]}  # batches 0 and 2 to process 0, batch 1 to process 1
+    assert stores["z"].written == 3
+    one, two = _store_files(tmp_path / "one", stores), _store_files(tmp_path / "two", stores)
+    assert [[f[0] for f in files] for files in two.values()] == [["shard-00000.safetensors", "shard-00001.safetensors",
+                                                                  "shard-00002.safetensors"]] * 3  # fmt: skip
+    for name in stores:
+        for (file_one, ids_one, features_one), (file_two, ids_two, features_two) in zip(one[name], two[name]):
+            assert file_one == file_two and ids_one.tolist() == ids_two.tolist()
+            np.testing.assert_array_equal(features_one, features_two)
+    assert two["unet.mid@0.5#1"][0][2].shape == (2, tiny.unet.config.block_out_channels[-1] * 4)  # pool2: C x 2 x 2
+
+
+def test_a_killed_sharded_extraction_resumes(tiny, pictures, tmp_path):
+    items = _items(pictures)
+    specs = parse_features("z,c")
+    sharded = dict(batch_size=1, progress=False, num_processes=2, wait_for_everyone=lambda: None)
+
+    def dying(nsd_id):  # process 1 is killed in its second batch; process 0 with it, before its first
+        if nsd_id == 103:
+            raise KeyboardInterrupt
+        return items[nsd_id]
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tiny, "tiny", list(items), dying, specs, tmp_path, process_index=1, **sharded)
+    assert FeatureStore(tmp_path, "z").missing(list(items)) == [100, 102, 103, 104]  # 101 was kept, as a part
+    computed = []
+
+    def counting(nsd_id):
+        computed.append(nsd_id)
+        return items[nsd_id]
+
+    def run(rank, ldm, wait_for_everyone):
+        extract_features(
+            ldm, "tiny", list(items), counting, specs, tmp_path, process_index=rank,
+            **dict(sharded, wait_for_everyone=wait_for_everyone),
+        )  # fmt: skip
+
+    _as_processes(tiny, run)
+    assert sorted(computed) == [100, 102, 103, 104]  # only what the killed run had not finished
+    assert not list(tmp_path.glob("*/part*"))  # all merged into shards
+    expected = {"z": encode_z(tiny, [p for p, _ in pictures]), "c": encode_c(tiny, [c for _, c in pictures])}
+    for name in ("z", "c"):
+        np.testing.assert_allclose(load_features(tmp_path, name, list(items)), expected[name].numpy(), atol=1e-3)
+
+
 def test_store_refuses_features_of_another_model(tiny, pictures, tmp_path):
     items = _items(pictures[:1])
     extract_features(tiny, "tiny", list(items), items.__getitem__, parse_features("z"), tmp_path, progress=False)
@@ -214,31 +313,86 @@ def test_missing_ids_and_corrupt_shards_are_named(tiny, pictures, tmp_path):
         load_features(tmp_path, "z", [100])
 
 
-def test_extract_features_script_on_a_prepared_subject(nsd_tree, tmp_path, capsys):
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def two_subjects(nsd_tree, tmp_path_factory):
     from brainldm.data import prepare_subject
 
-    prepare_subject(nsd_tree.root, 1, tmp_path / "trials", sessions=1, progress=False)
-    script = ["scripts/extract_features.py", "--data", str(tmp_path / "trials"), "--subject", "1"]
-    run = subprocess.run(
-        [sys.executable, *script, "--model", "tiny", "--out", str(tmp_path / "f"), "--features", "z,c"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
-    from brainldm.data import SubjectStimuli
+    out = tmp_path_factory.mktemp("trials")
+    for subject in (1, 2):
+        prepare_subject(nsd_tree.root, subject, out, sessions=1, progress=False)
+    return out
 
-    ids = SubjectStimuli(tmp_path / "trials", 1).nsd_ids
-    assert load_features(tmp_path / "f", "c", ids).shape == (len(ids), 77, 32)
-    np.testing.assert_allclose(load_features(tmp_path / "f", "z", ids[:2]), nsd_tree.features(ids[:2], "z"), atol=1e-4)
-    # a bad feature name, in this process (the run above showed the script runs as a script)
+
+def _script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("extract_features", "scripts/extract_features.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_extract_features_script_with_two_processes_under_accelerate(nsd_tree, two_subjects, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from brainldm.data import SubjectStimuli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = ["--data", str(two_subjects), "--subjects", "1,2", "--model", "tiny", "--features", "z,c"]
+    args += ["--batch-size", "4"]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+        "scripts/extract_features.py", *args, "--out", str(tmp_path / "two"),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun runs each process: the same float summation order
+    try:
+        _script().main([*args, "--out", str(tmp_path / "one")])  # one process, in this one
+    finally:
+        torch.set_num_threads(threads)
+    ids = SubjectStimuli(two_subjects, [1, 2]).nsd_ids
+    assert set(ids) == set(SubjectStimuli(two_subjects, 1).nsd_ids) | set(SubjectStimuli(two_subjects, 2).nsd_ids)
+    one, two = _store_files(tmp_path / "one", ["z", "c"]), _store_files(tmp_path / "two", ["z", "c"])
+    for name in ("z", "c"):
+        assert [f[0] for f in one[name]] == [f[0] for f in two[name]]  # the same shards, after the merge
+        for (_, ids_one, features_one), (_, ids_two, features_two) in zip(one[name], two[name]):
+            assert ids_one.tolist() == ids_two.tolist()
+            np.testing.assert_array_equal(features_one, features_two)
+    assert sorted(np.concatenate([f[1] for f in two["z"]]).tolist()) == ids
+    z = load_features(tmp_path / "two", "z", ids[:2])
+    np.testing.assert_allclose(z, nsd_tree.features(ids[:2], "z"), atol=1e-4)
+    assert load_features(tmp_path / "two", "c", ids).shape == (len(ids), 77, 32)
+
+
+def test_a_second_subject_reuses_the_shared_pictures(two_subjects, tmp_path, capsys):
+    from brainldm.data import SubjectStimuli
+
+    first, second = (set(SubjectStimuli(two_subjects, s).nsd_ids) for s in (1, 2))
+    assert first & second and second - first  # shared pictures, and pictures of subject 2's own
+    script = _script()
+    base = ["--data", str(two_subjects), "--model", "tiny", "--features", "z", "--out", str(tmp_path)]
+    script.main([*base, "--subject", "1"])
+    assert f"z: {len(first)} images of subjects 1, 0 of them already in the store" in capsys.readouterr().out
+    computed = []
+    real = encode_z
+
+    def counting(ldm, images, *args, **kwargs):
+        computed.extend(images)
+        return real(ldm, images, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("brainldm.features.encode_z", counting)
+        script.main([*base, "--subject", "2"])
+    assert len(computed) == len(second - first)  # counted, not timed: only subject 2's own pictures
+    shared = len(first & second)
+    assert f"z: {len(second)} images of subjects 2, {shared} of them already in the store" in capsys.readouterr().out
     with pytest.raises(SystemExit) as bad:
-        module.main([*script[1:], "--model", "tiny", "--out", str(tmp_path / "f"), "--features", "zc@7"])
+        script.main([*base, "--subject", "1", "--features", "zc@7"])
     assert bad.value.code == 2 and "error: bad feature 'zc@7'" in capsys.readouterr().err
