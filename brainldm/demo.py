@@ -73,11 +73,12 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
     """Build the offline world: a synthetic NSD tree, its trials dataset, toy-LDM features and fitted maps.
 
     With pycortex installed the subjects are laid out on its S1 subject, and each subject's encoding flatmaps
-    (z vs c) are drawn into ``weights/subjNN/figures`` for the app's "Cortical maps" tab.
+    (z vs c) are drawn into ``weights/subjNN/figures`` and their group summary into ``weights/figures``, for the
+    app's "Cortical maps" tab.
     """
     from importlib.util import find_spec
 
-    from .encoding import run_encoding
+    from .encoding import run_encoding, write_group_summary
     from .offline import build_offline_world
     from .surfaces import OFFLINE_SPACE
     from .synthetic import OFFLINE_SNR
@@ -88,14 +89,17 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
         root, load_ldm("toy", device="cpu"), "toy", subjects, n_sessions=6, trials_per_session=45, n_shared=20,
         snr=OFFLINE_SNR, seed=1, anatomy=anatomy,
     )  # fmt: skip
+    encoded = {}
     for subject, maps in world.maps.items():
         folder = root / "weights" / subject_name(subject)
         maps.save_pretrained(folder)
         if anatomy == "S1":  # encoding over the stored visual-cortex voxels: the whole brain would double start-up
-            run_encoding(
+            encoded[subject] = run_encoding(
                 world.data, world.features, subject, ["z", "c"], folder / "figures", whole_brain=False,
                 n_components=32, device="cpu", progress=False, space=OFFLINE_SPACE,
             )  # fmt: skip
+    if len(encoded) > 1:
+        write_group_summary(encoded, root / "weights" / "figures")
     return Sources(str(root / "weights"), str(root / "trials"), "toy", list(subjects), offline=True)
 
 
@@ -231,11 +235,15 @@ class DemoBackend:
         }
 
     def cortical_maps(self, subject: int) -> list[tuple[str, str]]:
-        """(PNG path, title) of the subject's cortical map figures, if any were saved beside its maps."""
-        location = Path(maps_location(self.sources.maps, int(subject)))
-        folder = location / "figures"
-        if not folder.is_dir():
-            return []
-        # flatmaps first: they are what people read these results from
-        paths = sorted(folder.glob("*.png"), key=lambda p: (not p.stem.startswith("flatmap"), p.name))
-        return [(str(p), p.stem.replace("_", " ")) for p in paths]
+        """(PNG path, title) of the subject's cortical map figures, if any were saved beside its maps, after the
+        summary across subjects (``figures/group_rois.png`` in a folder of subjects' maps) when there is one."""
+        from .encoding import GROUP_FIGURE
+
+        group = Path(self.sources.maps) / "figures" / GROUP_FIGURE
+        shown = [(str(group), "all subjects: encoding accuracy per ROI")] if group.is_file() else []
+        folder = Path(maps_location(self.sources.maps, int(subject))) / "figures"
+        if folder.is_dir():
+            # flatmaps first: they are what people read these results from
+            paths = sorted(folder.glob("*.png"), key=lambda p: (not p.stem.startswith("flatmap"), p.name))
+            shown += [(str(p), p.stem.replace("_", " ")) for p in paths]
+        return shown

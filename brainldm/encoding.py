@@ -9,7 +9,8 @@ For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.featur
    and Benjamini-Hochberg FDR (:func:`significance`);
 5. per-ROI summaries over the voxel table's ROI labels (NSD's ``streams``, or a user's own ROIs).
 
-:func:`run_encoding` does all of it for one subject and writes r maps as NIfTI, summaries as JSON/CSV and figures.
+:func:`run_encoding` does all of it for one subject and writes r maps as NIfTI, summaries as JSON/CSV and figures;
+:func:`run_group_encoding` runs it for several subjects and summarises across them (the paper's four).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .presets import TAKAGI2023
 from .ridge import RidgeCV, gram_eigh
 from .torch_utils import default_device
 from .validation import InputError
+
+GROUP_SUMMARY, GROUP_FIGURE = "group_summary.json", "group_rois.png"
 
 # --- pure functions ------------------------------------------------------------------------------------------
 
@@ -210,6 +213,77 @@ def run_encoding(
         )  # fmt: skip
     write_results(results, voxels, out, space)
     return results
+
+
+def run_group_encoding(
+    data: str | Path,
+    features: str | Path,
+    subjects: Sequence[int],
+    names: Sequence[str],
+    out: str | Path,
+    spaces: dict | None = None,
+    whole_brain: bool = True,
+    **kwargs,
+) -> dict[int, dict[str, EncodingResult]]:
+    """:func:`run_encoding` for every subject into ``out/subjNN`` (``spaces``: subject -> its
+    :class:`~brainldm.surfaces.CorticalSpace`, for flatmaps on each subject's own surface), then the group summary
+    across them in ``out`` (:func:`write_group_summary`). Returns subject -> feature -> result."""
+    from .data import load_voxels, subject_name
+    from .surfaces import check_space
+
+    spaces = spaces or {}
+    for subject, space in spaces.items():  # every subject's surface checked before the long work
+        check_space(space, load_voxels(data, subject, whole_brain).grid_shape)
+    results = {
+        subject: run_encoding(
+            data, features, subject, names, Path(out) / subject_name(subject), whole_brain=whole_brain,
+            space=spaces.get(subject), **kwargs,
+        )  # fmt: skip
+        for subject in subjects
+    }
+    write_group_summary(results, out)
+    return results
+
+
+def group_summary(results: dict[int, dict[str, EncodingResult]]) -> dict:
+    """Per feature space and ROI: each subject's mean r and fraction of significant voxels, and the mean r over
+    subjects with its standard error -> {feature: {roi: {"subjects": {subjNN: {...}}, "mean_r", "sem_r"}}}."""
+    from .data import subject_name
+
+    summary: dict = {}
+    for subject, per_feature in results.items():
+        for name, result in per_feature.items():
+            for roi, stats in result.rois.items():
+                entry = summary.setdefault(name, {}).setdefault(roi, {"subjects": {}})
+                entry["subjects"][subject_name(subject)] = {
+                    "mean_r": stats["mean_r"],
+                    "fraction_significant": stats["fraction_significant"],
+                }
+    for per_roi in summary.values():
+        for entry in per_roi.values():
+            r = np.array([s["mean_r"] for s in entry["subjects"].values()])
+            entry["mean_r"] = float(r.mean())
+            entry["sem_r"] = float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0
+    return summary
+
+
+def write_group_summary(results: dict[int, dict[str, EncodingResult]], out: str | Path) -> list[Path]:
+    """``group_summary.json`` (:func:`group_summary`) and ``group_rois.png`` (per ROI and feature space, the mean
+    over subjects with every subject shown) in ``out``; returns their paths."""
+    from . import viz
+    from .storage import atomic_path
+
+    out = Path(out)
+    summary = group_summary(results)
+    with atomic_path(out / GROUP_SUMMARY) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    values = {
+        name: {roi: {s: v["mean_r"] for s, v in entry["subjects"].items()} for roi, entry in per_roi.items()
+               if roi != "unknown"}
+        for name, per_roi in summary.items()
+    }  # fmt: skip
+    title = f"encoding accuracy per ROI, {len(results)} subjects (bars: mean over subjects; points: each subject)"
+    return [out / GROUP_SUMMARY, viz.group_rois(values, out / GROUP_FIGURE, title)]
 
 
 def write_results(results: dict[str, EncodingResult], voxels, out: str | Path, space=None) -> list[Path]:

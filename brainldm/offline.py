@@ -45,11 +45,11 @@ def build_offline_world(
     tree = write_nsd_tree(root / "nsd", subjects, ldm=ldm, **world)
     for subject in subjects:
         prepare_subject(tree.root, subject, root / "trials", progress=progress)
-        stimuli = SubjectStimuli(root / "trials", subject)
-        extract_features(
-            ldm, model_id, stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features",
-            progress=progress,
-        )  # fmt: skip
+    stimuli = SubjectStimuli(root / "trials", subjects)  # the shared pictures once
+    extract_features(
+        ldm, model_id, stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features",
+        progress=progress,
+    )  # fmt: skip
     offline = OfflineWorld(root, tree, root / "trials", root / "features")
     for subject in subjects if fit is None else fit:
         offline.maps[subject] = fit_subject_maps(offline.data, offline.features, subject, device="cpu")

@@ -133,6 +133,37 @@ def roi_bars(values: dict[str, dict[str, float]], path: str | Path, title: str) 
     return path
 
 
+def group_rois(values: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str) -> Path:
+    """One panel per feature space: per ROI, a bar at the mean over subjects and a point for every subject.
+    ``values[feature][roi][subject]`` is a subject's mean test r in that ROI."""
+    plt = _pyplot()
+    features = list(values)
+    rois = list(values[features[0]])
+    subjects = sorted({s for per_roi in values.values() for per_subject in per_roi.values() for s in per_subject})
+    colours = dict(zip(subjects, plt.get_cmap("tab10").colors))
+    figure, axes = plt.subplots(
+        1, len(features), figsize=(max(4, 0.7 * len(rois)) * len(features), 4), squeeze=False, sharey=True
+    )
+    for ax, feature in zip(axes[0], features):
+        x = np.arange(len(rois))
+        ax.bar(x, [np.mean(list(values[feature][r].values())) for r in rois], 0.6, color="lightgray", label="mean")
+        for k, subject in enumerate(subjects):
+            jitter = (k - (len(subjects) - 1) / 2) * 0.6 / max(len(subjects), 1)
+            ys = [values[feature][r].get(subject, np.nan) for r in rois]
+            ax.plot(x + jitter, ys, "o", markersize=4, color=colours[subject], label=subject)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xticks(x, rois, rotation=30, fontsize=8)
+        ax.set_title(feature, fontsize=10)
+    axes[0][0].set_ylabel("mean test r")
+    axes[0][-1].legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], path: str | Path, title: str) -> Path:
     """Axial slices of a categorical (X, Y, Z) map: ``winner`` holds 1..len(names) (which name wins), NaN elsewhere."""
     plt = _pyplot()

@@ -6,6 +6,10 @@ by image), test r, one-sided p against the Gaussian null, Benjamini-Hochberg FDR
 (NIfTI), summary.json/csv and figures: an r map per feature, z vs c vs zc, and the noise / step / layer sweeps the
 requested features allow, as volume slices and (--flatmaps) pycortex flatmaps. Needs the whole-brain dataset
 (prepare_nsd.py --whole-brain) and the features (extract_features.py --features z,c,zc@0.2,...).
+
+With several subjects (--subjects 1,2,5,7, the paper's four) each gets OUT/subjNN, with its flatmaps on its own
+surface, and OUT holds the group summary: group_summary.json and group_rois.png (per ROI and feature space, the mean
+over subjects with every subject shown). With one subject, OUT is that subject's folder.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="prepared dataset (local folder or Hub dataset repo id)")
     parser.add_argument("--features", required=True, help="feature folder from extract_features.py")
     parser.add_argument(
-        "--subject", type=cli.positive, required=True, help="subject number (NSD: 1-8; your own experiment: any)"
+        "--subjects",
+        "--subject",
+        dest="subjects",
+        type=cli.integers(1),
+        required=True,
+        help="subject number(s), comma-separated (NSD: 1-8; your own experiment: any)",
     )
     parser.add_argument(
         "--names", "--feature-names", dest="names", default="z,c", help="feature spaces, e.g. z,c,zc@0.5"
@@ -39,38 +48,38 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--cortical-space",
-        help="pycortex SUBJECT/TRANSFORM of the data's grid (default: NSD's subjNN/func1pt8_to_anat0pt8_autoFSbbr, "
-        "from scripts/import_nsd_subject.py; the S1 offline world is S1/fullhead)",
+        help="pycortex SUBJECT/TRANSFORM of the data's grid, for every subject (default: each NSD subject's own "
+        "subjNN/func1pt8_to_anat0pt8_autoFSbbr, from scripts/import_nsd_subject.py; the S1 offline world is "
+        "S1/fullhead)",
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
 
-    from brainldm.encoding import run_encoding
+    from brainldm.encoding import GROUP_FIGURE, run_encoding, run_group_encoding
     from brainldm.features import parse_features
     from brainldm.surfaces import CorticalSpace
 
     names = [spec.name for spec in parse_features(args.names)]
-    space = None
+    spaces = {}
     if args.flatmaps:
-        space = CorticalSpace.parse(args.cortical_space) if args.cortical_space else CorticalSpace.for_nsd(args.subject)
-    results = run_encoding(
-        args.data,
-        args.features,
-        args.subject,
-        names,
-        args.out,
-        whole_brain=not args.roi_voxels,
-        n_components=args.components,
-        cv=args.cv,
-        device=args.device,
-        space=space,
-    )
-    for name, result in results.items():
-        best = max(result.rois.items(), key=lambda item: item[1]["mean_r"])
-        print(
-            f"{name}: {result.significant.sum()} of {len(result.r)} voxels significant (FDR q <= {result.q:g}); "
-            f"best ROI {best[0]} (mean r {best[1]['mean_r']:.3f})"
-        )
+        given = CorticalSpace.parse(args.cortical_space) if args.cortical_space else None
+        spaces = {subject: given or CorticalSpace.for_nsd(subject) for subject in args.subjects}
+    options = dict(whole_brain=not args.roi_voxels, n_components=args.components, cv=args.cv, device=args.device)
+    if len(args.subjects) == 1:
+        (subject,) = args.subjects
+        results = {subject: run_encoding(args.data, args.features, subject, names, args.out, space=spaces.get(subject),
+                                         **options)}  # fmt: skip
+    else:
+        results = run_group_encoding(args.data, args.features, args.subjects, names, args.out, spaces, **options)
+    for subject, per_feature in results.items():
+        for name, result in per_feature.items():
+            best = max(result.rois.items(), key=lambda item: item[1]["mean_r"])
+            print(
+                f"subject {subject}, {name}: {result.significant.sum()} of {len(result.r)} voxels significant "
+                f"(FDR q <= {result.q:g}); best ROI {best[0]} (mean r {best[1]['mean_r']:.3f})"
+            )
+    if len(results) > 1:
+        print(f"group summary: {args.out / GROUP_FIGURE}")
     print(f"wrote maps, summaries and figures to {args.out}")
 
 

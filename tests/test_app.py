@@ -163,10 +163,10 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
     assert any(getattr(block, "value", None) == OFFLINE_BANNER for block in demo.blocks.values())
     out = backend.reconstruct(1, 0, Sampling(num_inference_steps=10))
     assert out["Xzc"][0].shape == (128, 128, 3) and out["quality"]["targets"]["z"]["rank"] >= 1  # toy's own output size
-    if find_spec("cortex"):  # with pycortex, the "Cortical maps" tab shows the S1-shaped subjects' flatmaps first
+    if find_spec("cortex"):  # with pycortex, the "Cortical maps" tab shows the group summary, then the flatmaps
         for subject in (1, 2):
             figures = [Path(path).name for path, _ in backend.cortical_maps(subject)]
-            assert figures[:2] == ["flatmap_compare.png", "flatmap_compare_winner.png"], figures
+            assert figures[:3] == ["group_rois.png", "flatmap_compare.png", "flatmap_compare_winner.png"], figures
 
 
 def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(decoding_world):

@@ -93,6 +93,37 @@ def test_fdr_is_benjamini_hochberg_worked_by_hand(monkeypatch):
     np.testing.assert_array_equal(significant, [True, True, True, True, False])
 
 
+def test_several_subjects_get_their_own_results_and_a_group_summary(decoding_world, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("encoding_script", "scripts/encoding.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--data", str(decoding_world.data), "--features", str(decoding_world.features), "--subjects", "1,2"]
+    script.main([*args, "--roi-voxels", "--names", "z,c", "--components", "16", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "subject 2, c:" in printed and "group summary" in printed
+    for subject in ("subj01", "subj02"):
+        assert (tmp_path / subject / "summary.json").is_file() and (tmp_path / subject / "compare_rois.png").is_file()
+    summary = json.loads((tmp_path / "group_summary.json").read_text())
+    for subject in ("subj01", "subj02"):  # the paper's point: the correspondence holds in every subject
+        per_subject = json.loads((tmp_path / subject / "summary.json").read_text())
+        r = {
+            (name, roi): summary[name][roi]["subjects"][subject]["mean_r"]
+            for name in "zc"
+            for roi in ("early", "ventral")
+        }
+        assert r["z", "early"] == per_subject["z"]["rois"]["early"]["mean_r"]
+        assert r["z", "early"] > r["c", "early"] and r["c", "ventral"] > r["z", "ventral"]
+    early_z = summary["z"]["early"]
+    assert early_z["mean_r"] == pytest.approx(np.mean([s["mean_r"] for s in early_z["subjects"].values()]))
+    with Image.open(tmp_path / "group_rois.png") as figure:
+        assert figure.size[0] > 600 and np.asarray(figure.convert("L")).std() > 10  # drawn, not blank
+
+
 @pytest.mark.parametrize("rank, expected", [(None, 29), (5, 5)])
 def test_pca_keeps_the_components_the_data_have_and_spans_them(rank, expected):
     rng = np.random.default_rng(0)
