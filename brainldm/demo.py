@@ -235,13 +235,18 @@ class DemoBackend:
         }
 
     def cortical_maps(self, subject: int) -> list[tuple[str, str]]:
-        """(PNG path, title) of the subject's cortical map figures, if any were saved beside its maps, after the
-        summary across subjects (``figures/group_rois.png`` in a folder of subjects' maps) when there is one."""
+        """(PNG path, title) of the subject's cortical map figures, after the summary across subjects when there is
+        one. In a folder of subjects' maps, ``figures/`` holds what ``encoding.py --subjects`` writes (the group
+        summary, and each subject's figures in ``figures/subjNN``); ``subjNN/figures`` beside the maps, if there, is
+        used instead."""
         from .encoding import GROUP_FIGURE
 
-        group = Path(self.sources.maps) / "figures" / GROUP_FIGURE
-        shown = [(str(group), "all subjects: encoding accuracy per ROI")] if group.is_file() else []
-        folder = Path(maps_location(self.sources.maps, int(subject))) / "figures"
+        group = Path(self.sources.maps) / "figures"
+        shown = []
+        if (group / GROUP_FIGURE).is_file():
+            shown.append((str(group / GROUP_FIGURE), "all subjects: encoding accuracy per ROI"))
+        own = Path(maps_location(self.sources.maps, int(subject))) / "figures"
+        folder = own if own.is_dir() else group / subject_name(int(subject))
         if folder.is_dir():
             # flatmaps first: they are what people read these results from
             paths = sorted(folder.glob("*.png"), key=lambda p: (not p.stem.startswith("flatmap"), p.name))

@@ -109,14 +109,19 @@ class _Design:
         self.Xw = (X[self.used] - self.X_mean) * self.counts.sqrt()[:, None]
         self.decomposition = gram_eigh(self.Xw)
 
-    def prediction_maps(self, X_eval: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-        """For each alpha, the map from the training targets to predictions at X_eval -> (n_alphas, n_eval, d):
-        ``X_eval (Xw^T Xw + alpha)^-1`` applied to ``Xw^T Yw`` (primal, d = n_features) or ``X_eval Xw^T (Xw Xw^T +
-        alpha)^-1`` applied to ``Yw`` (dual, d = distinct rows). Independent of the targets, so computed once per fold
-        and reused for every target batch."""
+    def prediction_factors(self, X_eval: torch.Tensor, alphas: torch.Tensor, n_targets: int) -> tuple:
+        """Predictions at X_eval for every alpha are ``A @ (B @ T)`` with T the training targets as the solver takes
+        them (``Xw^T Yw`` in the primal form, ``Yw`` in the dual) -> (A (n_alphas, n_eval, k), B or None).
+
+        ``A B`` is, per alpha, ``X_eval (Xw^T Xw + alpha)^-1`` (primal) or ``X_eval Xw^T (Xw Xw^T + alpha)^-1``
+        (dual). It does not depend on the targets: with more targets than alphas x evaluation rows it is formed once
+        per fold (B None), and each target batch costs one product; with fewer, B is applied to each batch instead."""
         form, e, vectors = self.decomposition
         left = X_eval @ vectors if form == "primal" else (X_eval @ self.Xw.T) @ vectors
-        return torch.stack([(left / (e + alpha)) @ vectors.T for alpha in alphas])
+        scaled = torch.stack([left / (e + alpha) for alpha in alphas])
+        if len(alphas) * len(X_eval) < n_targets:
+            return scaled @ vectors.T, None
+        return scaled, vectors.T
 
     def targets(self, Y_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Yw, y_mean) from the training samples' targets summed per row of X (n_rows, T)."""
@@ -165,14 +170,14 @@ def ridge_cv_scores(
         design = _Design(X, rows, train)
         val_rows, val_of_sample = torch.unique(rows[validation], return_inverse=True)
         val_counts = torch.bincount(val_of_sample).to(X.dtype)[:, None]
-        maps = design.prediction_maps(X[val_rows] - design.X_mean, alphas)
-        fold_state.append((design, validation, val_rows, val_of_sample, val_counts, maps))
+        factors = design.prediction_factors(X[val_rows] - design.X_mean, alphas, n_targets)
+        fold_state.append((design, validation, val_rows, val_of_sample, val_counts, factors))
     scores = torch.zeros(len(alphas), n_targets, device=device, dtype=X.dtype)
     for start in range(0, n_targets, target_batch_size):
         Y_batch = _to(Y[:, start : start + target_batch_size], X)
         Y_sum_all = _row_sums(rows, Y_batch, len(X))
         cross_all = X.T @ Y_sum_all  # X^T Y once per batch; each fold subtracts its validation rows
-        for design, validation, val_rows, val_of_sample, val_counts, maps in fold_state:
+        for design, validation, val_rows, val_of_sample, val_counts, (A, B) in fold_state:
             Y_val = Y_batch[validation]
             Y_val_sum = _row_sums(val_of_sample, Y_val, len(val_rows))
             Y_sum = Y_sum_all.index_add(0, val_rows, Y_val_sum, alpha=-1)  # the training samples' sums
@@ -185,16 +190,17 @@ def ridge_cv_scores(
             Y_centred = Y_val - Y_val.mean(0)
             Y_centred_sum = _row_sums(val_of_sample, Y_centred, len(val_rows))
             Y_norm = Y_centred.norm(dim=0)
-            p = maps @ Y_w  # (n_alphas, distinct validation rows, targets): every alpha in one product
-            if scoring == "correlation":  # Pearson r over the validation samples; the intercept cancels
-                p = p - (val_counts * p).sum(1, keepdim=True) / len(validation)
-                p_norm = (val_counts * p * p).sum(1).sqrt()
-                denominator = (p_norm * Y_norm).clamp_min(torch.finfo(p.dtype).tiny)
-                block += (p * Y_centred_sum).sum(1) / denominator
-            else:  # mean squared error over the validation samples, negated
-                p = p + Y_mean
-                squares = (Y_val * Y_val).sum(0) - 2 * (p * Y_val_sum).sum(1) + (val_counts * p * p).sum(1)
-                block -= squares / len(validation)
+            predictions = A @ (Y_w if B is None else B @ Y_w)  # (alphas, distinct validation rows, targets)
+            for a, p in enumerate(predictions):
+                if scoring == "correlation":  # Pearson r over the validation samples; the intercept cancels
+                    p -= (val_counts * p).sum(0) / len(validation)
+                    p_norm = (val_counts * p * p).sum(0).sqrt()
+                    denominator = (p_norm * Y_norm).clamp_min(torch.finfo(p.dtype).tiny)
+                    block[a] += (p * Y_centred_sum).sum(0) / denominator
+                else:  # mean squared error over the validation samples, negated
+                    p += Y_mean
+                    squares = (Y_val * Y_val).sum(0) - 2 * (p * Y_val_sum).sum(0) + (val_counts * p * p).sum(0)
+                    block[a] -= squares / len(validation)
     return scores / len(folds)
 
 

@@ -169,6 +169,21 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
             assert figures[:3] == ["group_rois.png", "flatmap_compare.png", "flatmap_compare_winner.png"], figures
 
 
+def test_cortical_maps_come_from_either_layout_with_the_group_summary_first(tmp_path):
+    from types import SimpleNamespace
+
+    group = ["figures/group_rois.png", "figures/subj01/compare_rois.png", "figures/subj01/flatmap_z.png"]
+    for path in [*group, "figures/subj02/flatmap_c.png", "subj02/figures/flatmap_z.png"]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"png")
+    backend = SimpleNamespace(sources=SimpleNamespace(maps=str(tmp_path)))
+    names = {s: [Path(p).relative_to(tmp_path).as_posix() for p, _ in DemoBackend.cortical_maps(backend, s)]
+             for s in (1, 2, 3)}  # fmt: skip
+    assert names[1] == ["figures/group_rois.png", "figures/subj01/flatmap_z.png", "figures/subj01/compare_rois.png"]
+    assert names[2] == ["figures/group_rois.png", "subj02/figures/flatmap_z.png"]  # figures beside its maps
+    assert names[3] == ["figures/group_rois.png"]
+
+
 def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(decoding_world):
     from brainldm.demo import Subject
     from brainldm.features import load_features
