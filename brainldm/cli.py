@@ -136,6 +136,18 @@ seed = integer(0, MAX_SEED)
 positive = integer(1)
 
 
+def add_subjects(parser: argparse.ArgumentParser) -> None:
+    """``--subjects 1,2,5,7`` (or ``--subject 1``): the subject numbers a script works over, as ``args.subjects``."""
+    parser.add_argument(
+        "--subjects",
+        "--subject",
+        dest="subjects",
+        type=integers(1),
+        required=True,
+        help="subject number(s), comma-separated (NSD: 1-8; your own experiment: any)",
+    )
+
+
 def output_folder(text: str) -> Path:
     """An argparse type: a folder that can be written (existing, or creatable), checked before any work starts."""
     path = Path(text)

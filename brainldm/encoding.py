@@ -236,8 +236,14 @@ def run_group_encoding(
         check_space(space, load_voxels(data, subject, whole_brain).grid_shape)
     results = {
         subject: run_encoding(
-            data, features, subject, names, Path(out) / subject_name(subject), whole_brain=whole_brain,
-            space=spaces.get(subject), **kwargs,
+            data,
+            features,
+            subject,
+            names,
+            Path(out) / subject_name(subject),
+            whole_brain=whole_brain,
+            space=spaces.get(subject),
+            **kwargs,
         )  # fmt: skip
         for subject in subjects
     }

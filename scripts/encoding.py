@@ -26,14 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset (local folder or Hub dataset repo id)")
     parser.add_argument("--features", required=True, help="feature folder from extract_features.py")
-    parser.add_argument(
-        "--subjects",
-        "--subject",
-        dest="subjects",
-        type=cli.integers(1),
-        required=True,
-        help="subject number(s), comma-separated (NSD: 1-8; your own experiment: any)",
-    )
+    cli.add_subjects(parser)
     parser.add_argument(
         "--names", "--feature-names", dest="names", default="z,c", help="feature spaces, e.g. z,c,zc@0.5"
     )

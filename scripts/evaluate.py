@@ -53,15 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     from brainldm.evaluate import evaluate, metrics_table, write_report
 
     names = list(METRICS) if "all" in args.metrics else args.metrics
-    results = evaluate(
-        args.recon,
-        names,
-        args.kinds,
-        features=args.features,
-        device=args.device,
-        protocol=args.protocol,
-        first_sessions=args.first_sessions,
-    )
+    options = dict(features=args.features, protocol=args.protocol, first_sessions=args.first_sessions)
+    results = evaluate(args.recon, names, args.kinds, device=args.device, **options)
     paths = write_report(results, args.out, names)
     print(metrics_table(results, names))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

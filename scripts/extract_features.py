@@ -30,14 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset: a local folder or a Hub dataset repo id")
-    parser.add_argument(
-        "--subjects",
-        "--subject",
-        dest="subjects",
-        type=cli.integers(1),
-        required=True,
-        help="subject number(s), comma-separated (NSD: 1-8; your own experiment: any)",
-    )
+    cli.add_subjects(parser)
     parser.add_argument("--model", default=TAKAGI2023.model_id, help="diffusers model id or folder, or 'tiny'")
     parser.add_argument(
         "--out", type=cli.output_folder, required=True, help="feature folder (one subfolder per feature)"
