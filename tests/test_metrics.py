@@ -219,6 +219,21 @@ def test_both_test_sets_are_scored_when_the_data_run_past_the_first_sessions(rec
     assert set(test_sets([[2, 9, 30], [3, 4, 5]])) == set(test_sets([[1], None])) == {"all"}
 
 
+def test_evaluate_script_writes_the_report(reconstructions, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", "scripts/evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--recon", str(reconstructions), "--out", str(tmp_path), "--metrics", "pixcorr,ssim", "--kinds", "Xz",
+                 "--first-sessions", "1"])  # fmt: skip
+    assert "| subj01 Xz (first 1 sessions) |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_sets"]["subj01"]["all"] == 8
+    with pytest.raises(SystemExit) as bad:
+        script.main(["--recon", str(reconstructions), "--out", str(tmp_path), "--first-sessions", "0"])
+    assert bad.value.code == 2 and "--first-sessions" in capsys.readouterr().err
+
+
 def test_metric_inputs_follow_mindeye2s_evaluation():
     sizes = {name: metric.input_size for name, metric in METRICS.items()}
     assert sizes == {"pixcorr": 425, "ssim": 425, "alexnet2": 256, "alexnet5": 256, "inception": 342, "clip": 224,
