@@ -3,8 +3,9 @@
 Solver functions take and return tensors and hold no state; :class:`RidgeCV` validates input, calls them and
 stores the fitted attributes (scikit-learn style). The work per fold is one eigendecomposition of the training
 Gram matrix (``X^T X`` when n_samples >= n_features, else ``X X^T``), reused for every alpha and every batch of
-targets: from it, each alpha's map from training targets to validation predictions is computed once per fold, and
-every alpha's predictions of a target batch are one matrix product. Targets are processed in batches, so Y can be
+targets: from it, each alpha's map from training targets to validation predictions is computed once per fold (where
+that costs less than applying its factors to each target batch), and every alpha's predictions of a target batch are
+one matrix product. Targets are processed in batches, so Y can be
 far larger than GPU memory. Samples that share a feature row (an image shown three times) can be fit on the distinct
 rows, weighted by their counts: the same solution, with the work of the distinct rows (``rows`` in ``fit``).
 """
@@ -43,19 +44,6 @@ def make_folds(n_samples: int, cv: int, groups: Sequence | None = None, seed: in
     return [np.flatnonzero(fold == k) for k in range(cv)]
 
 
-def correlation_score(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
-    """Pearson r per column (target) between (n, T) tensors -> (T,). A constant column scores 0."""
-    yt = y_true - y_true.mean(0)
-    yp = y_pred - y_pred.mean(0)
-    denominator = (yt.norm(dim=0) * yp.norm(dim=0)).clamp_min(torch.finfo(yt.dtype).tiny)
-    return (yt * yp).sum(0) / denominator
-
-
-def neg_mse_score(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
-    """Negative mean squared error per column -> (T,), so that higher is better for every scoring."""
-    return -((y_true - y_pred) ** 2).mean(0)
-
-
 def gram_eigh(X: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
     """Eigendecomposition of X's smaller Gram matrix -> (form, eigenvalues, eigenvectors).
 
@@ -67,26 +55,13 @@ def gram_eigh(X: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
     return ("primal" if primal else "dual"), e.clamp_min(0), vectors
 
 
-def ridge_factors(
-    X_train: torch.Tensor,
-    Y_train: torch.Tensor | None,
-    X_eval: torch.Tensor | None,
-    decomposition,
-    cross: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, R) such that the ridge prediction at X_eval, for any alpha, is ``L @ (R / (e + alpha)[:, None])``.
-
-    With ``X_eval=None``, L is the map from the eigenbasis back to features, so ``L @ (R / (e + alpha))`` is the
-    coefficient matrix (n_features, n_targets) itself. ``cross`` may pass ``X_train.T @ Y_train`` if known.
-    """
+def ridge_factors(X_train: torch.Tensor, Y_train: torch.Tensor, decomposition) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) such that the ridge coefficients (n_features, n_targets) for any alpha are ``L @ (R / (e + alpha))``,
+    from the eigendecomposition of X_train's Gram matrix (:func:`gram_eigh`)."""
     form, _, vectors = decomposition
     if form == "primal":
-        right = vectors.T @ (X_train.T @ Y_train if cross is None else cross)
-        left = vectors if X_eval is None else X_eval @ vectors
-    else:
-        right = vectors.T @ Y_train
-        left = X_train.T @ vectors if X_eval is None else (X_eval @ X_train.T) @ vectors
-    return left, right
+        return vectors, vectors.T @ (X_train.T @ Y_train)
+    return X_train.T @ vectors, vectors.T @ Y_train
 
 
 class _Design:
@@ -176,7 +151,8 @@ def ridge_cv_scores(
     for start in range(0, n_targets, target_batch_size):
         Y_batch = _to(Y[:, start : start + target_batch_size], X)
         Y_sum_all = _row_sums(rows, Y_batch, len(X))
-        cross_all = X.T @ Y_sum_all  # X^T Y once per batch; each fold subtracts its validation rows
+        # X^T Y once per batch for the primal folds, each subtracting its validation rows
+        cross_all = X.T @ Y_sum_all if any(f[0].decomposition[0] == "primal" for f in fold_state) else None
         for design, validation, val_rows, val_of_sample, val_counts, (A, B) in fold_state:
             Y_val = Y_batch[validation]
             Y_val_sum = _row_sums(val_of_sample, Y_val, len(val_rows))
@@ -225,7 +201,7 @@ def solve_ridge(
     for start in range(0, n_targets, target_batch_size):
         stop = min(start + target_batch_size, n_targets)
         Y_w, Y_mean = design.targets(_row_sums(rows, _to(Y[:, start:stop], X), len(X)))
-        left, right = ridge_factors(design.Xw, Y_w, None, design.decomposition)
+        left, right = ridge_factors(design.Xw, Y_w, design.decomposition)
         weights = left @ (right / (e[:, None] + alphas[start:stop].to(X)[None, :]))
         coef[:, start:stop] = weights.cpu()
         intercept[start:stop] = (Y_mean - design.X_mean @ weights).cpu()
