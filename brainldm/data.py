@@ -355,7 +355,10 @@ def load_trials(
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     folder = subject_dir(source, subject, whole_brain, split=split, revision=revision, token=token)
     files = sorted(str(p) for p in folder.glob(f"{split}-*.parquet"))
-    return datasets.load_dataset("parquet", data_files={split: files}, split=split, features=FEATURES)
+    # datasets prepared before a column was added (sessions) load without it
+    present = set(pq.read_schema(files[0]).names) if files else set(FEATURES)
+    features = datasets.Features({name: kind for name, kind in FEATURES.items() if name in present})
+    return datasets.load_dataset("parquet", data_files={split: files}, split=split, features=features)
 
 
 def load_voxels(

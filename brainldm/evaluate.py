@@ -252,7 +252,9 @@ def score_images(
 FIRST_SESSIONS = 37
 
 
-def test_sets(sessions: Sequence[Sequence[int] | None], first_sessions: int = FIRST_SESSIONS) -> dict[str, list[int]]:
+def sets_of_test_images(
+    sessions: Sequence[Sequence[int] | None], first_sessions: int = FIRST_SESSIONS
+) -> dict[str, list[int]]:
     """Positions of the test images in each test set the data allow, from the sessions each image was shown in:
     ``"all"``, and ``"first N sessions"`` (the images shown at least once in sessions 1..N) when that is some of
     them but not all (the data run past session N). Images with unknown sessions (older folders) allow only "all"."""
@@ -310,7 +312,7 @@ def evaluate(
     }
     for folder in folders:
         trials = load_subject_reconstructions(folder)
-        sets = test_sets([meta.get("sessions") for meta, _ in trials], first_sessions)
+        sets = sets_of_test_images([meta.get("sessions") for meta, _ in trials], first_sessions)
         results["test_sets"][folder.name] = {name: len(positions) for name, positions in sets.items()}
         rows = {}
         for set_name, positions in sets.items():

@@ -250,7 +250,7 @@ def reconstruct_trials(
                 "row": row,
                 "nsd_id": int(item["nsd_id"]),
                 "captions": item["captions"],
-                "sessions": item.get("sessions"),  # which test sets the image belongs to (evaluate.test_sets)
+                "sessions": item.get("sessions"),  # which test sets the image belongs to (evaluate.sets_of_test_images)
                 **settings,
                 "process_index": process_index,
             }

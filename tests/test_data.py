@@ -64,6 +64,19 @@ def test_test_rows_average_each_shared_image_over_its_repetitions(nsd_tree, prep
         np.testing.assert_allclose(betas[row], all_betas[trials].mean(0), atol=1e-5)
 
 
+def test_a_dataset_prepared_before_the_sessions_column_still_loads(prepared, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    shutil.copytree(prepared / "subj02", tmp_path / "subj02")
+    for path in (tmp_path / "subj02").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(["sessions"]), path)
+    old = load_trials(tmp_path, 2, "test")
+    assert "sessions" not in old.column_names
+    assert old["nsd_id"] == load_trials(prepared, 2, "test")["nsd_id"]
+
+
 def test_fewer_sessions_give_partial_repetitions(nsd_tree, tmp_path):
     prepare_subject(nsd_tree.root, 1, tmp_path, sessions=1, progress=False)
     test = load_trials(tmp_path, 1, "test")

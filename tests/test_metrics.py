@@ -200,7 +200,7 @@ def test_takagis_protocol_averages_each_metric_over_the_samples_of_each_image(re
 
 
 def test_both_test_sets_are_scored_when_the_data_run_past_the_first_sessions(reconstructions):
-    from brainldm.evaluate import load_subject_reconstructions, score_images, test_sets
+    from brainldm.evaluate import load_subject_reconstructions, score_images, sets_of_test_images
 
     trials = load_subject_reconstructions(reconstructions / "subj01")
     sessions = [meta["sessions"] for meta, _ in trials]
@@ -215,8 +215,8 @@ def test_both_test_sets_are_scored_when_the_data_run_past_the_first_sessions(rec
     assert rows["Xzc (first 1 sessions)"] != rows["Xzc"]
     assert "Test images, subj01: all: 8; first 1 sessions" in metrics_table(results, ["pixcorr"])
     # NSD's rule on its own numbers: the data of 37 sessions allow one test set, of 40 sessions two
-    assert set(test_sets([[2, 9, 38], [38, 39, 40]])) == {"all", "first 37 sessions"}
-    assert set(test_sets([[2, 9, 30], [3, 4, 5]])) == set(test_sets([[1], None])) == {"all"}
+    assert set(sets_of_test_images([[2, 9, 38], [38, 39, 40]])) == {"all", "first 37 sessions"}
+    assert set(sets_of_test_images([[2, 9, 30], [3, 4, 5]])) == set(sets_of_test_images([[1], None])) == {"all"}
 
 
 def test_evaluate_script_writes_the_report(reconstructions, tmp_path, capsys):
