@@ -357,8 +357,12 @@ class FeatureStore:
         parts = sorted(self.folder.glob("part*-*.safetensors"), key=lambda p: int(_read_tensor(p, "nsd_id")[0]))
         for part in parts:
             part.replace(self._next("shard"))
-        self._index = None
+        self.refresh()
         return len(parts)
+
+    def refresh(self) -> None:
+        """Forget the cached index: the folder changed under this object (another process merged its parts)."""
+        self._index = None
 
     def load(self, nsd_ids: Sequence[int]) -> np.ndarray:
         """Features of ``nsd_ids`` in that order -> (n, ...) float32. Every id must be present."""
@@ -489,4 +493,8 @@ def extract_features(
     if process_index == 0:
         for store in stores.values():
             store.merge_parts()  # also finishes the merge of an earlier killed sharded run
+    if num_processes > 1:
+        wait_for_everyone()  # every process returns stores that read the merged shards
+        for store in stores.values():
+            store.refresh()
     return stores
