@@ -16,6 +16,7 @@ For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.featur
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,23 @@ def fit_pca(features: np.ndarray, n_components: int = TAKAGI2023.n_pca, device=N
 
 def pca_transform(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
     return (np.asarray(features, dtype=np.float32).reshape(len(features), -1) - mean) @ components
+
+
+def physical_memory() -> int:
+    """This machine's RAM in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(name: str, n_images: int, size: int) -> None:
+    """Refuse, before any work, a feature space whose PCA would not fit in RAM: its features are held as float32,
+    with a centred copy, for every training and test image."""
+    needed = 2 * 4 * n_images * size
+    if needed > 0.8 * physical_memory():
+        raise InputError(
+            f"{name}: {n_images} images x {size:,} values need about {needed / 2**30:.3g} GiB for the PCA, more than "
+            f"this machine's {physical_memory() / 2**30:.3g} GiB; extract it reduced (extract_features.py "
+            "--unet-reduce pool4 or mean) into another feature folder"
+        )
 
 
 def one_sided_p(r: np.ndarray, n: int) -> np.ndarray:
@@ -199,6 +217,8 @@ def run_encoding(
         raise InputError(f"subject {subject} has {len(test_ids)} test images; encoding needs at least 4")
     train_betas, test_betas = np.asarray(train["betas"]), np.asarray(test["betas"])
     stores = {name: FeatureStore(features, name) for name in names}  # fails early on a missing feature space
+    for name, store in stores.items():
+        check_memory(name, len(np.unique(train_ids)) + len(test_ids), int(np.prod(store.feature_shape)))
     if space is not None:
         from .surfaces import check_space
 

@@ -360,6 +360,18 @@ class FeatureStore:
         self.refresh()
         return len(parts)
 
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one image's features, read from a shard's header (nothing is loaded); () when empty."""
+        shards = self._shards()
+        if not shards:
+            return ()
+        try:
+            with safe_open(str(shards[0]), framework="numpy") as f:
+                return tuple(f.get_slice("features").get_shape()[1:])
+        except Exception as err:  # safetensors raises several types for a truncated or foreign file
+            raise InputError(f"could not read feature shard {shards[0]}: {oneline(err)}; delete it and rerun") from err
+
     def refresh(self) -> None:
         """Forget the cached index: the folder changed under this object (another process merged its parts)."""
         self._index = None

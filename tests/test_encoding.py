@@ -182,6 +182,17 @@ def test_maps_summaries_and_figures_are_written(encoded):
     assert "feature,roi,n_voxels,mean_r,fraction_significant" in (out / "summary.csv").read_text()
 
 
+def test_a_feature_space_too_large_for_memory_is_refused_before_any_work(encoded, tmp_path, monkeypatch):
+    root, _, _ = encoded
+    from brainldm.features import FeatureStore
+
+    assert FeatureStore(root / "features", "c").feature_shape == (77, 32)
+    monkeypatch.setattr("brainldm.encoding.physical_memory", lambda: 2**20)  # a machine with 1 MiB of RAM
+    with pytest.raises(InputError, match=r"z: 90 images x 6,400 values need about 0.00429 GiB .* --unet-reduce pool4"):
+        run_encoding(root / "trials", root / "features", 1, ["z", "c"], tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_encoding_script_and_its_errors(encoded, tmp_path):
     root, _, _ = encoded
     args = [sys.executable, "scripts/encoding.py", "--data", str(root / "trials"), "--features", str(root / "features")]
