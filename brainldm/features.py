@@ -318,10 +318,10 @@ class FeatureStore:
     def _shards(self) -> list[Path]:
         return sorted(self.folder.glob("shard-*.safetensors")) + sorted(self.folder.glob("part*-*.safetensors"))
 
-    def _next(self, prefix: str) -> Path:
-        """The file after the last one named ``prefix-NNNNN`` (numbers are never reused, even after a merge)."""
+    def _next(self, prefix: str) -> int:
+        """The number after the last file named ``prefix-NNNNN`` (numbers are never reused, even after a merge)."""
         numbers = [int(p.stem.rsplit("-", 1)[1]) for p in self.folder.glob(f"{prefix}-*.safetensors")]
-        return self.folder / f"{prefix}-{max(numbers, default=-1) + 1:05d}.safetensors"
+        return max(numbers, default=-1) + 1
 
     @property
     def index(self) -> dict[int, tuple[Path, int]]:
@@ -338,7 +338,8 @@ class FeatureStore:
 
     def write(self, nsd_ids: Sequence[int], features: torch.Tensor | np.ndarray) -> Path:
         """Add one shard of features (n, ...) for ``nsd_ids`` (n,)."""
-        path = self._next("shard" if self.part is None else f"part{self.part}")
+        prefix = "shard" if self.part is None else f"part{self.part}"
+        path = self.folder / f"{prefix}-{self._next(prefix):05d}.safetensors"
         tensors = {
             "nsd_id": np.asarray(nsd_ids, dtype=np.int64),
             "features": np.ascontiguousarray(np.asarray(features, dtype=np.float32)),
@@ -355,8 +356,8 @@ class FeatureStore:
         writes its batches in, so the store is the one a single process writes); returns how many. Run it once
         every process has finished. Renames are atomic: a merge killed halfway is finished by the next one."""
         parts = sorted(self.folder.glob("part*-*.safetensors"), key=lambda p: int(_read_tensor(p, "nsd_id")[0]))
-        for part in parts:
-            part.replace(self._next("shard"))
+        for number, part in enumerate(parts, self._next("shard")):
+            part.replace(self.folder / f"shard-{number:05d}.safetensors")
         self.refresh()
         return len(parts)
 
