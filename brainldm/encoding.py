@@ -254,19 +254,12 @@ def run_group_encoding(
     spaces = spaces or {}
     for subject, space in spaces.items():  # every subject's surface checked before the long work
         check_space(space, load_voxels(data, subject, whole_brain).grid_shape)
-    results = {
-        subject: run_encoding(
-            data,
-            features,
-            subject,
-            names,
-            Path(out) / subject_name(subject),
-            whole_brain=whole_brain,
-            space=spaces.get(subject),
-            **kwargs,
-        )  # fmt: skip
-        for subject in subjects
-    }
+    results = {}
+    for subject in subjects:
+        folder = Path(out) / subject_name(subject)
+        results[subject] = run_encoding(
+            data, features, subject, names, folder, whole_brain=whole_brain, space=spaces.get(subject), **kwargs
+        )
     write_group_summary(results, out)
     return results
 
