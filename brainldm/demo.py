@@ -242,9 +242,9 @@ class DemoBackend:
         from .encoding import GROUP_FIGURE
 
         group = Path(self.sources.maps) / "figures"
-        shown = []
-        if (group / GROUP_FIGURE).is_file():
-            shown.append((str(group / GROUP_FIGURE), "all subjects: encoding accuracy per ROI"))
+        # the summary across subjects: accuracy per ROI first, then the sweeps
+        summaries = sorted(group.glob("group_*.png"), key=lambda p: (p.name != GROUP_FIGURE, p.name))
+        shown = [(str(p), "all subjects: " + p.stem.removeprefix("group_").replace("_", " ")) for p in summaries]
         own = Path(maps_location(self.sources.maps, int(subject))) / "figures"
         folder = own if own.is_dir() else group / subject_name(int(subject))
         if folder.is_dir():

@@ -287,8 +287,9 @@ def group_summary(results: dict[int, dict[str, EncodingResult]]) -> dict:
 
 
 def write_group_summary(results: dict[int, dict[str, EncodingResult]], out: str | Path) -> list[Path]:
-    """``group_summary.json`` (:func:`group_summary`) and ``group_rois.png`` (per ROI and feature space, the mean
-    over subjects with every subject shown) in ``out``; returns their paths."""
+    """``group_summary.json`` (:func:`group_summary`), ``group_rois.png`` (per ROI and feature space, the mean over
+    subjects with every subject shown) and ``group_<sweep>.png`` for each sweep :func:`figure_plan` finds in the
+    feature spaces (each subject's line and their mean, ROI by ROI) in ``out``; returns their paths."""
     from . import viz
     from .storage import atomic_path
 
@@ -302,7 +303,16 @@ def write_group_summary(results: dict[int, dict[str, EncodingResult]], out: str 
         for name, per_roi in summary.items()
     }  # fmt: skip
     title = f"encoding accuracy per ROI, {len(results)} subjects (bars: mean over subjects; points: each subject)"
-    return [out / GROUP_SUMMARY, viz.group_rois(values, out / GROUP_FIGURE, title)]
+    paths = [out / GROUP_SUMMARY, viz.group_rois(values, out / GROUP_FIGURE, title)]
+    # the sweeps (noise levels, denoising steps, U-Net layers), every subject's line and their mean, ROI by ROI
+    for stem, (heading, xlabel, members) in figure_plan(list(summary)).items():
+        if stem == "compare":
+            continue
+        rois = values[next(iter(members))]
+        series = {roi: {s: {x: values[n][roi][s] for n, x in members.items()} for s in rois[roi]} for roi in rois}
+        title = f"{heading}, {len(results)} subjects (thin: each subject; thick: their mean)"
+        paths.append(viz.group_lines(series, out / f"group_{stem}.png", xlabel, title))
+    return paths
 
 
 def write_results(results: dict[str, EncodingResult], voxels, out: str | Path, space=None) -> list[Path]:

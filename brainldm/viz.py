@@ -164,6 +164,39 @@ def group_rois(values: dict[str, dict[str, dict[str, float]]], path: str | Path,
     return path
 
 
+def group_lines(series: dict[str, dict[str, dict[float, float]]], path: str | Path, xlabel: str, title: str) -> Path:
+    """One panel per ROI: mean r (y) against a swept setting (x) for every subject (thin) and their mean (thick).
+    ``series[roi][subject]`` is ``{x: mean r}``."""
+    plt = _pyplot()
+    rois = list(series)
+    subjects = sorted({s for per_subject in series.values() for s in per_subject})
+    colours = dict(zip(subjects, plt.get_cmap("tab10").colors))
+    n_cols = min(4, len(rois))
+    n_rows = -(-len(rois) // n_cols)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.6 * n_rows + 0.6), squeeze=False, sharey=True)
+    for ax in axes.ravel()[len(rois) :]:
+        ax.axis("off")
+    for ax, roi in zip(axes.ravel(), rois):
+        xs = sorted({x for points in series[roi].values() for x in points})
+        for subject in subjects:
+            points = series[roi].get(subject, {})
+            ax.plot(xs, [points.get(x, np.nan) for x in xs], marker="o", markersize=3, linewidth=1,
+                    color=colours[subject], alpha=0.7, label=subject)  # fmt: skip
+        mean = [np.nanmean([series[roi][s].get(x, np.nan) for s in series[roi]]) for x in xs]
+        ax.plot(xs, mean, color="black", linewidth=2.5, label="mean")
+        ax.set_title(roi, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("mean test r")
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], path: str | Path, title: str) -> Path:
     """Axial slices of a categorical (X, Y, Z) map: ``winner`` holds 1..len(names) (which name wins), NaN elsewhere."""
     plt = _pyplot()

@@ -8,8 +8,9 @@ requested features allow, as volume slices and (--flatmaps) pycortex flatmaps. N
 (prepare_nsd.py --whole-brain) and the features (extract_features.py --features z,c,zc@0.2,...).
 
 With several subjects (--subjects 1,2,5,7, the paper's four) each gets OUT/subjNN, with its flatmaps on its own
-surface, and OUT holds the group summary: group_summary.json and group_rois.png (per ROI and feature space, the mean
-over subjects with every subject shown). With one subject, OUT is that subject's folder.
+surface, and OUT holds the group summary: group_summary.json, group_rois.png (per ROI and feature space, the mean
+over subjects with every subject shown) and group_sweep_*.png (each sweep the features allow, every subject's line and
+their mean). With one subject, OUT is that subject's folder.
 """
 
 from __future__ import annotations

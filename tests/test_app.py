@@ -172,16 +172,18 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
 def test_cortical_maps_come_from_either_layout_with_the_group_summary_first(tmp_path):
     from types import SimpleNamespace
 
-    group = ["figures/group_rois.png", "figures/subj01/compare_rois.png", "figures/subj01/flatmap_z.png"]
+    group = ["figures/group_rois.png", "figures/group_sweep_noise.png", "figures/subj01/compare_rois.png",
+             "figures/subj01/flatmap_z.png"]  # fmt: skip
     for path in [*group, "figures/subj02/flatmap_c.png", "subj02/figures/flatmap_z.png"]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_bytes(b"png")
     backend = SimpleNamespace(sources=SimpleNamespace(maps=str(tmp_path)))
     names = {s: [Path(p).relative_to(tmp_path).as_posix() for p, _ in DemoBackend.cortical_maps(backend, s)]
              for s in (1, 2, 3)}  # fmt: skip
-    assert names[1] == ["figures/group_rois.png", "figures/subj01/flatmap_z.png", "figures/subj01/compare_rois.png"]
-    assert names[2] == ["figures/group_rois.png", "subj02/figures/flatmap_z.png"]  # figures beside its maps
-    assert names[3] == ["figures/group_rois.png"]
+    summaries = ["figures/group_rois.png", "figures/group_sweep_noise.png"]
+    assert names[1] == [*summaries, "figures/subj01/flatmap_z.png", "figures/subj01/compare_rois.png"]
+    assert names[2] == [*summaries, "subj02/figures/flatmap_z.png"]  # figures beside its maps
+    assert names[3] == summaries
 
 
 def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(decoding_world):

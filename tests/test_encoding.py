@@ -1,5 +1,6 @@
 """Encoding models: planted z -> early and c -> ventral are found, p-values and FDR are right, figures written."""
 
+import json
 import subprocess
 import sys
 
@@ -122,6 +123,30 @@ def test_several_subjects_get_their_own_results_and_a_group_summary(decoding_wor
     assert early_z["mean_r"] == pytest.approx(np.mean([s["mean_r"] for s in early_z["subjects"].values()]))
     with Image.open(tmp_path / "group_rois.png") as figure:
         assert figure.size[0] > 600 and np.asarray(figure.convert("L")).std() > 10  # drawn, not blank
+
+
+def test_the_group_summary_draws_each_sweep_with_every_subject(tmp_path):
+    from brainldm.encoding import EncodingResult, write_group_summary
+
+    def result(name, early, ventral):
+        rois = {"early": {"n_voxels": 5, "mean_r": early, "fraction_significant": 1.0},
+                "ventral": {"n_voxels": 5, "mean_r": ventral, "fraction_significant": 0.5}}  # fmt: skip
+        zeros = np.zeros(10)
+        return EncodingResult(name, zeros, zeros, zeros, zeros > 0, zeros, 8, 20, rois)
+
+    results = {
+        subject: {name: result(name, early + shift, 0.5 - early + shift)
+                  for name, early in (("z", 0.6), ("zc@0.3", 0.5), ("zc@0.9", 0.2))}
+        for subject, shift in ((1, 0.0), (5, 0.1))
+    }  # fmt: skip
+    paths = write_group_summary(results, tmp_path)
+    assert [p.name for p in paths] == ["group_summary.json", "group_rois.png", "group_sweep_noise.png"]
+    assert all(p.stat().st_size > 5_000 for p in paths[1:])
+    summary = json.loads(paths[0].read_text())
+    early = summary["zc@0.3"]["early"]
+    assert {s: v["mean_r"] for s, v in early["subjects"].items()} == {"subj01": 0.5, "subj05": pytest.approx(0.6)}
+    assert summary["zc@0.3"]["early"]["mean_r"] == pytest.approx(0.55)
+    assert summary["zc@0.3"]["early"]["sem_r"] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("rank, expected", [(None, 29), (5, 5)])
