@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from brainldm.encoding import fit_encoding, fit_pca, pca_transform
+    from brainldm.encoding import fit_encoding, pca_scores
     from brainldm.metrics import dimension_correlation
     from brainldm.nsd import STREAMS as NSD_STREAMS
     from brainldm.presets import TAKAGI2023
@@ -60,10 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     ours = fit_encoding(
-        train_f,
+        [(train_f, test_f)],
         train_b,
         ids,
-        test_f,
         test_b,
         streams,
         NSD_STREAMS,
@@ -83,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
 
         backend = set_backend("torch", on_error="raise")
         start = time.perf_counter()
-        mean, components = fit_pca(train_f, args.components, "cpu")  # same PCA step
+        train_scores, test_scores = pca_scores([(train_f, test_f)], args.components, "cpu")  # the same PCA step
         model = HimalayaRidgeCV(alphas=alphas, cv=5, fit_intercept=True).fit(
-            pca_transform(train_f[ids], mean, components),
+            train_scores[ids],
             train_b,  # one row per trial, as himalaya takes them
         )
-        prediction = backend.to_numpy(model.predict(pca_transform(test_f, mean, components)))
+        prediction = backend.to_numpy(model.predict(test_scores))
         r = dimension_correlation(prediction, test_b)
         himalaya_seconds = time.perf_counter() - start
         print(f"| himalaya RidgeCV (torch backend, CPU) | {himalaya_seconds:.1f} s | mean test r {r.mean():.4f} |")

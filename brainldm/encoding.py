@@ -2,7 +2,8 @@
 
 For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.features`):
 
-1. PCA to at most 6,400 dimensions, fit on the unique training images only (:func:`fit_pca`);
+1. PCA to at most 6,400 dimensions, fit on the unique training images only (:func:`pca_scores`, from Gram matrices
+   summed over blocks of the features, so a space of any width fits in memory);
 2. ridge from the components to every voxel, alpha per voxel by CV grouped by image (:class:`brainldm.ridge.RidgeCV`);
 3. Pearson r between predicted and measured test responses (betas averaged over repetitions);
 4. a one-sided p-value per voxel against the null of r between independent Gaussian vectors of the test length,
@@ -16,8 +17,7 @@ For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.featur
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch
 from .features import UNET_BLOCKS
 from .metrics import dimension_correlation
 from .presets import TAKAGI2023
-from .ridge import RidgeCV, gram_eigh
+from .ridge import RidgeCV
 from .torch_utils import default_device
 from .validation import InputError
 
@@ -37,44 +37,32 @@ GROUP_SUMMARY, GROUP_FIGURE = "group_summary.json", "group_rois.png"
 # --- pure functions ------------------------------------------------------------------------------------------
 
 
-def fit_pca(features: np.ndarray, n_components: int = TAKAGI2023.n_pca, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of (n_samples, n_features) -> (mean (n_features,), components (n_features, k)), k <= n_components.
+def pca_scores(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]], n_components: int = TAKAGI2023.n_pca, device=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """PCA fit on training rows, as the scores of the training and the test rows -> ((n, k), (t, k)), k at most
+    ``n_components`` and only directions the training rows vary in.
 
-    Uses the smaller Gram matrix, so 9,000 images x 59,136 features costs a 9,000 x 9,000 eigendecomposition.
+    ``blocks``: (train (n, ...), test (t, ...)) column blocks that together are the features: one pair of whole
+    arrays, or :meth:`~brainldm.features.FeatureStore.blocks`. Only the Gram matrices (n x n and t x n) are summed over
+    the blocks, each block centred on its training columns' means, so a feature space of any width (a flattened U-Net
+    tap: a million values an image) costs n x n memory, never n x width, and no component matrix is formed.
     """
     device = default_device(device)
-    x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device).reshape(len(features), -1)
-    mean = x.mean(0)
-    x = x - mean
-    form, e, vectors = gram_eigh(x)
-    primal = form == "primal"
-    e, vectors = e.flip(0), vectors.flip(1)
-    # components: at most n_components, and only directions the data actually vary in
+    gram = cross = None
+    for train, test in blocks:
+        x = torch.as_tensor(np.asarray(train, dtype=np.float32), device=device).reshape(len(train), -1)
+        y = torch.as_tensor(np.asarray(test, dtype=np.float32), device=device).reshape(len(test), -1)
+        mean = x.mean(0)
+        x, y = x - mean, y - mean
+        gram = x @ x.T if gram is None else gram.add_(x @ x.T)
+        cross = y @ x.T if cross is None else cross.add_(y @ x.T)
+    e, vectors = torch.linalg.eigh(gram)
+    e, vectors = e.flip(0).clamp_min(0), vectors.flip(1)
     k = min(n_components, int((e > e[0] * 1e-6).sum()))
     e, vectors = e[:k], vectors[:, :k]
-    components = vectors if primal else (x.T @ vectors) / e.sqrt()
-    return mean.cpu().numpy(), components.cpu().numpy()
-
-
-def pca_transform(features: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    return (np.asarray(features, dtype=np.float32).reshape(len(features), -1) - mean) @ components
-
-
-def physical_memory() -> int:
-    """This machine's RAM in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_memory(name: str, n_images: int, size: int) -> None:
-    """Refuse, before any work, a feature space whose PCA would not fit in RAM: its features are held as float32,
-    with a centred copy, for every training and test image."""
-    needed = 2 * 4 * n_images * size
-    if needed > 0.8 * physical_memory():
-        raise InputError(
-            f"{name}: {n_images} images x {size:,} values need about {needed / 2**30:.3g} GiB for the PCA, more than "
-            f"this machine's {physical_memory() / 2**30:.3g} GiB; extract it reduced (extract_features.py "
-            "--unet-reduce pool4 or mean) into another feature folder"
-        )
+    # with Xc = U diag(sqrt(e)) V^T, the scores Xc V are U sqrt(e), and a test row's are (y Xc^T) U / sqrt(e)
+    return (vectors * e.sqrt()).cpu().numpy(), (cross @ vectors / e.sqrt()).cpu().numpy()
 
 
 def one_sided_p(r: np.ndarray, n: int) -> np.ndarray:
@@ -129,10 +117,9 @@ class EncodingResult:
 
 
 def fit_encoding(
-    train_features: np.ndarray,
+    features: Iterable[tuple[np.ndarray, np.ndarray]],
     train_betas: np.ndarray,
     train_ids: np.ndarray,
-    test_features: np.ndarray,
     test_betas: np.ndarray,
     streams: np.ndarray,
     roi_names: dict[int, str],
@@ -145,23 +132,29 @@ def fit_encoding(
 ) -> EncodingResult:
     """Fit and score one feature space.
 
-    ``train_features``: (n_images, ...) the features of each distinct training image, in ``np.unique(train_ids)``
-    order; ``train_betas``: (n_trials, n_voxels) with ``train_ids`` (n_trials,) the image of each trial. PCA and the
+    ``features``: the features of each distinct training image (in ``np.unique(train_ids)`` order) and of each test
+    image, as (train, test) column blocks (see :func:`pca_scores`): ``[(train_features, test_features)]`` for whole
+    arrays. ``train_betas``: (n_trials, n_voxels) with ``train_ids`` (n_trials,) the image of each trial. PCA and the
     ridge work on the distinct images (each weighted by its trials; the same fit as on one row per trial), and CV
     folds keep an image's trials together.
     """
     if n_components < 1:
         raise InputError(f"PCA components must be >= 1, got {n_components}")
     images, rows = np.unique(train_ids, return_inverse=True)
-    if len(train_features) != len(images):
-        raise InputError(
-            f"{feature or 'features'}: {len(train_features)} rows of training features for {len(images)} distinct "
-            "training images; pass one row per image, in np.unique(train_ids) order"
-        )
-    mean, components = fit_pca(train_features, n_components, device)
+
+    def checked(blocks):
+        for train, test in blocks:
+            if len(train) != len(images):
+                raise InputError(
+                    f"{feature or 'features'}: {len(train)} rows of training features for {len(images)} distinct "
+                    "training images; pass one row per image, in np.unique(train_ids) order"
+                )
+            yield train, test
+
+    train_scores, test_scores = pca_scores(checked(features), n_components, device)
     ridge = RidgeCV(alphas=alphas, cv=cv, device=device)
-    ridge.fit(pca_transform(train_features, mean, components), train_betas, groups=train_ids, rows=rows)
-    prediction = ridge.predict(pca_transform(test_features, mean, components))
+    ridge.fit(train_scores, train_betas, groups=train_ids, rows=rows)
+    prediction = ridge.predict(test_scores)
     r = dimension_correlation(prediction, test_betas).astype(np.float32)  # Pearson r per voxel
     p, p_fdr, significant = significance(r, len(test_betas), q)
     return EncodingResult(
@@ -171,7 +164,7 @@ def fit_encoding(
         p_fdr=p_fdr,
         significant=significant,
         best_alphas=ridge.best_alphas_.numpy(),
-        n_components=components.shape[1],
+        n_components=train_scores.shape[1],
         n_test=len(test_betas),
         rois=roi_summary(r, significant, streams, roi_names),
         q=q,
@@ -217,8 +210,6 @@ def run_encoding(
         raise InputError(f"subject {subject} has {len(test_ids)} test images; encoding needs at least 4")
     train_betas, test_betas = np.asarray(train["betas"]), np.asarray(test["betas"])
     stores = {name: FeatureStore(features, name) for name in names}  # fails early on a missing feature space
-    for name, store in stores.items():
-        check_memory(name, len(np.unique(train_ids)) + len(test_ids), int(np.prod(store.feature_shape)))
     if space is not None:
         from .surfaces import check_space
 
@@ -226,10 +217,10 @@ def run_encoding(
 
     results = {}
     for name in tqdm(names, desc="encoding", unit="feature", disable=not progress):
-        store = stores[name]
+        blocks = stores[name].blocks(np.unique(train_ids), test_ids)  # a block at a time: a space of any width fits
         results[name] = fit_encoding(
-            store.load(np.unique(train_ids)), train_betas, train_ids, store.load(test_ids), test_betas, voxels.streams,
-            voxels.roi_names, feature=name, n_components=n_components, alphas=alphas, cv=cv, q=q, device=device,
+            blocks, train_betas, train_ids, test_betas, voxels.streams, voxels.roi_names, feature=name,
+            n_components=n_components, alphas=alphas, cv=cv, q=q, device=device,
         )  # fmt: skip
     write_results(results, voxels, out, space)
     return results

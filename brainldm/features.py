@@ -7,7 +7,7 @@ from it, so SD-1.x (z 4x40x40, c 77x768), SD-2.x and ``tiny_ldm`` go through the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -373,12 +373,24 @@ class FeatureStore:
         except Exception as err:  # safetensors raises several types for a truncated or foreign file
             raise InputError(f"could not read feature shard {shards[0]}: {oneline(err)}; delete it and rerun") from err
 
+    def blocks(self, *id_lists: Sequence[int], max_values: int = 2**28) -> Iterator[tuple[np.ndarray, ...]]:
+        """The features of each list of ids, a range of the first feature axis (channels, tokens) at a time, each
+        flattened -> tuples of (len(ids), block width) float32 arrays; at most ``max_values`` values per tuple (1 GiB
+        by default), so a feature space of any width is read without being held whole."""
+        shape = self.feature_shape
+        per_channel = int(np.prod(shape[1:]))
+        step = max(1, max_values // max(1, sum(map(len, id_lists)) * per_channel))
+        for start in range(0, shape[0], step):
+            channels = slice(start, min(start + step, shape[0]))
+            yield tuple(self.load(ids, channels).reshape(len(ids), -1) for ids in id_lists)
+
     def refresh(self) -> None:
         """Forget the cached index: the folder changed under this object (another process merged its parts)."""
         self._index = None
 
-    def load(self, nsd_ids: Sequence[int]) -> np.ndarray:
-        """Features of ``nsd_ids`` in that order -> (n, ...) float32. Every id must be present."""
+    def load(self, nsd_ids: Sequence[int], channels: slice | None = None) -> np.ndarray:
+        """Features of ``nsd_ids`` in that order -> (n, ...) float32. Every id must be present. ``channels``: only
+        that range of the first feature axis (a block of a feature space too large to hold whole)."""
         missing = self.missing(nsd_ids)
         if missing:
             raise InputError(
@@ -390,17 +402,17 @@ class FeatureStore:
             rows_by_shard.setdefault(self.index[int(nsd_id)][0], []).append(position)
         out = None
         for shard, positions in rows_by_shard.items():
-            block = _read_tensor(shard, "features")
+            block = _read_tensor(shard, "features", channels)
             if out is None:
                 out = np.empty((len(nsd_ids), *block.shape[1:]), dtype=np.float32)
             out[positions] = block[[self.index[int(nsd_ids[p])][1] for p in positions]]
         return out if out is not None else np.empty((0,), dtype=np.float32)
 
 
-def _read_tensor(shard: Path, key: str) -> np.ndarray:
+def _read_tensor(shard: Path, key: str, channels: slice | None = None) -> np.ndarray:
     try:
         with safe_open(str(shard), framework="numpy") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(key) if channels is None else f.get_slice(key)[:, channels]
     except Exception as err:  # safetensors raises several types for a truncated or foreign file
         raise InputError(f"could not read feature shard {shard}: {oneline(err)}; delete it and rerun") from err
 

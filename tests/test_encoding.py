@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from brainldm.data import SubjectStimuli, load_trials, load_voxels, prepare_subject
-from brainldm.encoding import fit_encoding, fit_pca, one_sided_p, run_encoding, significance
+from brainldm.encoding import fit_encoding, one_sided_p, pca_scores, run_encoding, significance
 from brainldm.features import extract_features, parse_features
 from brainldm.validation import InputError
 
@@ -150,19 +150,29 @@ def test_the_group_summary_draws_each_sweep_with_every_subject(tmp_path):
 
 
 @pytest.mark.parametrize("rank, expected", [(None, 29), (5, 5)])
-def test_pca_keeps_the_components_the_data_have_and_spans_them(rank, expected):
+def test_pca_scores_are_scikit_learns_and_keep_the_components_the_data_have(rank, expected):
+    from sklearn.decomposition import PCA
+
     rng = np.random.default_rng(0)
+    width = 200
     features = (
-        rng.standard_normal((30, 200))
+        rng.standard_normal((30, width))
         if rank is None
-        else rng.standard_normal((30, rank)) @ rng.standard_normal((rank, 200))
+        else rng.standard_normal((30, rank)) @ rng.standard_normal((rank, width))
     )
-    mean, components = fit_pca(features, n_components=6400, device="cpu")
-    assert components.shape == (200, expected)
-    np.testing.assert_allclose(components.T @ components, np.eye(expected), atol=1e-3)
-    centred = features - mean
-    np.testing.assert_allclose(centred @ components @ components.T, centred, atol=1e-3)
-    assert fit_pca(features, n_components=3, device="cpu")[1].shape == (200, 3)
+    test = rng.standard_normal((7, width))
+    train_scores, test_scores = pca_scores([(features, test)], n_components=6400, device="cpu")
+    assert train_scores.shape == (30, expected) and test_scores.shape == (7, expected)
+    reference = PCA(n_components=expected).fit(features)
+    signs = np.sign((train_scores * reference.transform(features)).sum(0))  # a component's sign is arbitrary
+    np.testing.assert_allclose(train_scores * signs, reference.transform(features), atol=1e-3)
+    np.testing.assert_allclose(test_scores * signs, reference.transform(test), atol=1e-3)
+    assert pca_scores([(features, test)], n_components=3, device="cpu")[0].shape == (30, 3)
+    # column blocks (a store read a block at a time) give the same scores as the whole arrays
+    blocks = [(features[:, i : i + 64], test[:, i : i + 64]) for i in range(0, width, 64)]
+    blocked_train, blocked_test = pca_scores(blocks, n_components=6400, device="cpu")
+    np.testing.assert_allclose(blocked_train @ blocked_train.T, train_scores @ train_scores.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(blocked_test @ blocked_train.T, test_scores @ train_scores.T, rtol=1e-4, atol=1e-3)
 
 
 def test_the_pca_is_fit_on_the_training_images_only():
@@ -177,7 +187,7 @@ def test_the_pca_is_fit_on_the_training_images_only():
     moved = test + 10 * rng.standard_normal((12, 1)) * unseen / np.linalg.norm(unseen)
 
     def r(test_features):
-        return fit_encoding(train, train_betas, np.arange(40), test_features, test_betas, np.ones(6, int),
+        return fit_encoding([(train, test_features)], train_betas, np.arange(40), test_betas, np.ones(6, int),
                             {1: "early"}, n_components=20, device="cpu").r  # fmt: skip
 
     np.testing.assert_allclose(r(moved), r(test), atol=1e-4)
@@ -207,15 +217,18 @@ def test_maps_summaries_and_figures_are_written(encoded):
     assert "feature,roi,n_voxels,mean_r,fraction_significant" in (out / "summary.csv").read_text()
 
 
-def test_a_feature_space_too_large_for_memory_is_refused_before_any_work(encoded, tmp_path, monkeypatch):
-    root, _, _ = encoded
+def test_a_store_is_read_a_block_of_channels_at_a_time(encoded):
     from brainldm.features import FeatureStore
 
-    assert FeatureStore(root / "features", "c").feature_shape == (77, 32)
-    monkeypatch.setattr("brainldm.encoding.physical_memory", lambda: 2**20)  # a machine with 1 MiB of RAM
-    with pytest.raises(InputError, match=r"z: 90 images x 6,400 values need about 0.00429 GiB .* --unet-reduce pool4"):
-        run_encoding(root / "trials", root / "features", 1, ["z", "c"], tmp_path / "x", progress=False)
-    assert not (tmp_path / "x").exists()
+    root, _, _ = encoded
+    store = FeatureStore(root / "features", "c")
+    ids = store.missing([]) or sorted(store.index)[:10]
+    assert store.feature_shape == (77, 32)
+    blocks = list(store.blocks(ids[:6], ids[6:], max_values=10 * 32 * 20))  # 20 tokens of 10 images a block
+    assert [b[0].shape for b in blocks] == [(6, 640)] * 3 + [(6, 17 * 32)]
+    for part, ids_part in ((0, ids[:6]), (1, ids[6:])):
+        whole = np.concatenate([b[part] for b in blocks], axis=1)
+        np.testing.assert_array_equal(whole, store.load(ids_part).reshape(len(ids_part), -1))
 
 
 def test_encoding_script_and_its_errors(encoded, tmp_path):
