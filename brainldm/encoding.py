@@ -57,6 +57,8 @@ def pca_scores(
         x, y = x - mean, y - mean
         gram = x @ x.T if gram is None else gram.add_(x @ x.T)
         cross = y @ x.T if cross is None else cross.add_(y @ x.T)
+    if gram is None:
+        raise InputError("no feature blocks to fit the PCA on")
     e, vectors = torch.linalg.eigh(gram)
     e, vectors = e.flip(0).clamp_min(0), vectors.flip(1)
     k = min(n_components, int((e > e[0] * 1e-6).sum()))
