@@ -53,6 +53,17 @@ def contact_sheet(
 # --- cortical maps and the encoding comparisons --------------------------------------------------------------
 
 
+def _save(figure, path: str | Path) -> Path:
+    """Lay the figure out, write it as a PNG at ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def _pyplot():
     import matplotlib
 
@@ -107,11 +118,7 @@ def roi_lines(series: dict[str, dict[float, float]], path: str | Path, xlabel: s
     ax.set_ylabel("mean test r")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def roi_bars(values: dict[str, dict[str, float]], path: str | Path, title: str) -> Path:
@@ -126,11 +133,7 @@ def roi_bars(values: dict[str, dict[str, float]], path: str | Path, title: str) 
     ax.set_ylabel("mean test r")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def group_rois(values: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str) -> Path:
@@ -157,11 +160,7 @@ def group_rois(values: dict[str, dict[str, dict[str, float]]], path: str | Path,
     axes[0][0].set_ylabel("mean test r")
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def group_lines(series: dict[str, dict[str, dict[float, float]]], path: str | Path, xlabel: str, title: str) -> Path:
@@ -190,11 +189,7 @@ def group_lines(series: dict[str, dict[str, dict[float, float]]], path: str | Pa
         row[0].set_ylabel("mean test r")
     axes[0][0].legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], path: str | Path, title: str) -> Path:
