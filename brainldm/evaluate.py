@@ -232,18 +232,49 @@ def score_images(
        in [0, 1] with bilinear interpolation and no antialiasing (:func:`~brainldm.metrics.as_evaluated`), then
        normalises for its network.
     """
-    originals = [as_mindeye2_original(o) for o in originals]
+    return score_sets(originals, reconstructions, names, extractors, {"all": list(range(len(originals)))})["all"]
+
+
+def score_sets(
+    originals: list[np.ndarray],
+    reconstructions: list[np.ndarray],
+    names: Sequence[str],
+    extractors: dict,
+    sets: dict[str, list[int]],
+    cache: dict | None = None,
+) -> dict[str, dict[str, float]]:
+    """:func:`score_images` on each set of positions (``sets``: name -> positions) -> {set: {metric: value}}.
+
+    Each image's metric inputs and network features are computed once, whatever the sets: pixel metrics are
+    averaged over each set's images, and identification is among each set's images. ``cache`` (the originals
+    on MindEye2's path under ``"originals"``, and their features under each metric's name), when given, is filled on
+    first use and reused: the originals are the same for every kind and sample of reconstruction.
+    """
+    cache = {} if cache is None else cache
+    if "originals" not in cache:
+        cache["originals"] = [as_mindeye2_original(o) for o in originals]
+    originals = cache["originals"]
     reconstructions = [as_mindeye2_reconstruction(r) for r in reconstructions]
-    scores = {}
+    scores: dict[str, dict[str, float]] = {name: {} for name in sets}
     for name in names:
         kind = METRICS[name].kind
         if kind == "pixel":
             metric = pixcorr if name == "pixcorr" else ssim
-            scores[name] = float(np.mean([metric(r, o) for r, o in zip(reconstructions, originals)]))
+            values = np.array([metric(r, o) for r, o in zip(reconstructions, originals)])
         elif name in extractors:
-            pred, true = extractors[name](reconstructions), extractors[name](originals)
-            value = two_way_identification(pred, true) if kind == "identification" else correlation_distance(pred, true)
-            scores[name] = float(np.mean(value))
+            if name not in cache:
+                cache[name] = np.asarray(extractors[name](originals))
+            pred, true = np.asarray(extractors[name](reconstructions)), cache[name]
+        else:
+            continue
+        for set_name, positions in sets.items():
+            if kind == "pixel":
+                value = values[positions]
+            elif kind == "identification":
+                value = two_way_identification(pred[positions], true[positions])
+            else:
+                value = correlation_distance(pred[positions], true[positions])
+            scores[set_name][name] = float(np.mean(value))
     return scores
 
 
@@ -315,9 +346,8 @@ def evaluate(
         sets = sets_of_test_images([meta.get("sessions") for meta, _ in trials], first_sessions)
         results["test_sets"][folder.name] = {name: len(positions) for name, positions in sets.items()}
         rows = {}
-        for set_name, positions in sets.items():
+        for set_name, scored in _score_kinds(trials, kinds, names, extractors, protocol, sets).items():
             suffix = "" if set_name == "all" else f" ({set_name})"
-            scored = _score_kinds([trials[i] for i in positions], kinds, names, extractors, protocol)
             rows.update({label + suffix: scores for label, scores in scored.items()})
         results["subjects"][folder.name] = rows
         if features is not None:
@@ -334,21 +364,28 @@ def evaluate(
     return results
 
 
-def _score_kinds(trials, kinds: Sequence[str], names: Sequence[str], extractors: dict, protocol: str) -> dict:
-    """{row label: scores} of each kind of reconstruction over ``trials`` ([(meta, images)]) under ``protocol``."""
+def _score_kinds(trials, kinds: Sequence[str], names: Sequence[str], extractors: dict, protocol: str, sets) -> dict:
+    """{set: {row label: scores}} of each kind of reconstruction over ``trials`` ([(meta, images)]) under
+    ``protocol``, for each set of positions in ``sets``."""
     originals = [images["original"] for _, images in trials]
-    rows = {}
+    cache: dict = {}  # the originals' metric inputs and features, computed once for every kind and sample
+
+    def score(name: str) -> dict[str, dict[str, float]]:
+        reconstructions = [images[name] for _, images in trials]
+        return score_sets(originals, reconstructions, names, extractors, sets, cache)
+
+    rows: dict[str, dict] = {set_name: {} for set_name in sets}
     for kind in kinds:
         if kind == "Xz":  # a plain decode: one image, whatever the protocol
-            rows[kind] = score_images(originals, [images["Xz"] for _, images in trials], names, extractors)
+            for set_name, scores in score("Xz").items():
+                rows[set_name][kind] = scores
             continue
         samples = min(meta["num_samples"] for meta, _ in trials) if protocol == "takagi" else 1
-        per_sample = [
-            score_images(originals, [images[f"{kind}_{s}"] for _, images in trials], names, extractors)
-            for s in range(samples)
-        ]
+        per_sample = [score(f"{kind}_{s}") for s in range(samples)]
         label = kind if samples == 1 else f"{kind}, mean of {samples} samples"
-        rows[label] = {n: float(np.mean([p[n] for p in per_sample])) for n in per_sample[0]}
+        for set_name in sets:
+            per_set = [p[set_name] for p in per_sample]
+            rows[set_name][label] = {n: float(np.mean([p[n] for p in per_set])) for n in per_set[0]}
     return rows
 
 
