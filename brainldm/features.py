@@ -484,9 +484,10 @@ def extract_features(
     part = process_index if num_processes > 1 else None
     stores = {spec.name: FeatureStore(out, spec.name, config_of(spec), part) for spec in specs}
 
-    for store in stores.values():
-        store.reused = len(nsd_ids) - len(store.missing(nsd_ids))
-    todo = sorted({i for store in stores.values() for i in store.missing(nsd_ids)})
+    missing = {name: store.missing(nsd_ids) for name, store in stores.items()}
+    for name, store in stores.items():
+        store.reused = len(nsd_ids) - len(missing[name])
+    todo = sorted({i for ids in missing.values() for i in ids})
     if num_processes > 1:
         wait_for_everyone()  # every process has listed the stores before any writes: all cut the same batches
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]

@@ -140,8 +140,8 @@ def ridge_cv_scores(
     rows = _sample_rows(rows, n, device)
     fold_state = []
     for validation in folds:
+        train = torch.from_numpy(np.setdiff1d(np.arange(n), validation)).to(device)
         validation = torch.from_numpy(validation).to(device)
-        train = torch.from_numpy(np.setdiff1d(np.arange(n), validation.cpu().numpy())).to(device)
         design = _Design(X, rows, train)
         val_rows, val_of_sample = torch.unique(rows[validation], return_inverse=True)
         val_counts = torch.bincount(val_of_sample).to(X.dtype)[:, None]

@@ -163,14 +163,13 @@ class Storage:
                 if isinstance(block, Exception):
                     with self._errors(rel):
                         raise block
-            self._count(sum(len(b) for b in blocks), len(spans))
         else:
             with open(self.root / rel, "rb") as f:
                 blocks = []
                 for start, end in spans:
                     f.seek(start)
                     blocks.append(f.read(end - start))
-            self._count(sum(len(b) for b in blocks), len(spans))
+        self._count(sum(len(b) for b in blocks), len(spans))
         out = []
         span_starts = [s for s, _ in spans]
         for start, size in zip(starts, sizes):
