@@ -270,10 +270,11 @@ def _plant_responses(truth: SyntheticNSD, subject: int, streams, standardised, c
         mixing = rng.standard_normal((components[name].shape[1], len(ijk))).astype(np.float32)
         weights = components[name] @ mixing
         response = standardised[name] @ weights
-        weights /= response.std(0, keepdims=True)  # unit signal variance per voxel over images
+        scale = response.std(0, keepdims=True)  # unit signal variance per voxel over images
+        weights /= scale
         truth.voxels[subject][roi] = ijk
         truth.weights[subject][name] = weights
-        signal.append(standardised[name] @ weights)
+        signal.append(response / scale)
         responsive.append(ijk)
     for roi, z_share in MIXED_STREAMS.items():
         ijk = np.argwhere(streams == nsd.STREAM_IDS[roi])
