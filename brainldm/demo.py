@@ -130,10 +130,10 @@ class Subject:
             raise InputError(f"trial {trial} is out of range: subject {self.subject} has test trials 0..{last}")
         return int(trial)
 
-    def decode(self, trial: int) -> dict[str, torch.Tensor]:
-        """The trial's decoded targets, {name: (1, *shape)} on the CPU."""
+    def decode(self, trial: int, rescale: str | None = None) -> dict[str, torch.Tensor]:
+        """The trial's decoded targets, {name: (1, *shape)} on the CPU (``rescale``: see ``SubjectMaps.predict``)."""
         betas = np.asarray(self.test.with_format("numpy")[self.check_trial(trial)]["betas"])
-        return self.maps.predict(betas[None])
+        return self.maps.predict(betas[None], rescale=rescale)
 
     def quality(self, trial: int) -> dict | None:
         """How well this trial's targets (z, c, ...) were decoded, ``{"targets": {name: {"r", "rank"}},
@@ -214,14 +214,16 @@ class DemoBackend:
         trial: int,
         sampling: Sampling = TAKAGI2023.sampling,
         generate: Callable[[torch.Tensor, torch.Tensor, Sampling], Reconstruction] | None = None,
+        rescale: str | None = TAKAGI2023.rescale,
     ) -> dict:
         """The presented image, Xz, Xc and Xzc samples of one test trial, and its decoding quality.
 
-        ``generate`` runs the GPU part (default :meth:`generate`; the app passes its ``@spaces.GPU`` wrapper).
+        ``generate`` runs the GPU part (default :meth:`generate`; the app passes its ``@spaces.GPU`` wrapper);
+        ``rescale`` is passed to :meth:`~brainldm.maps.SubjectMaps.predict`.
         """
         state = self.subject(subject)
         trial = state.check_trial(trial)
-        decoded = state.decode(trial)
+        decoded = state.decode(trial, rescale)
         result = (generate or self.generate)(decoded["z"], decoded["c"], sampling)
         row = state.test[trial]
         size = self.reconstructor.output_size  # shown at the reconstructions' size, for comparison

@@ -41,6 +41,9 @@ WEIGHTS_FILE = "maps.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "brainldm-subject-maps/2"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# How decoded targets may be rescaled to the training distribution (see LinearMap.rescale); None keeps the ridge
+# predictions as they are (the paper's behaviour)
+RESCALE_MODES = ("dimension", "target")
 
 
 def voxel_fingerprint(voxels: VoxelTable) -> str:
@@ -66,6 +69,12 @@ class LinearMap:
     weight: torch.Tensor | None = None
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
+    # rescaling statistics (T,): the training targets' mean and std, and the out-of-fold predictions'; None in maps
+    # fitted before they existed
+    target_mean: torch.Tensor | None = None
+    target_std: torch.Tensor | None = None
+    prediction_mean: torch.Tensor | None = None
+    prediction_std: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -89,6 +98,28 @@ class LinearMap:
         y = x @ parts[0] if len(parts) == 1 else (x @ parts[0]) @ parts[1]
         return y + self.intercept.to(device)
 
+    @property
+    def can_rescale(self) -> bool:
+        return self.prediction_std is not None
+
+    def rescale(self, y: torch.Tensor, mode: str) -> torch.Tensor:
+        """Predictions (n, T) moved from the spread ridge predictions have to the training targets' spread.
+
+        ``mode``: ``"dimension"`` maps each dimension's out-of-fold prediction mean and std onto the targets' (as
+        Brain-Diffuser does, with statistics from the test predictions there); ``"target"`` keeps each dimension's
+        mean shift but scales all dimensions by one factor, the targets' overall std over the predictions'.
+        """
+        if mode not in RESCALE_MODES or not self.can_rescale:
+            raise InputError(f"cannot rescale with mode {mode!r}: see SubjectMaps.check_rescale")
+        stats = [t.to(y.device, torch.float32) for t in (self.target_mean, self.target_std, self.prediction_mean,
+                                                          self.prediction_std)]  # fmt: skip
+        target_mean, target_std, prediction_mean, prediction_std = stats
+        if mode == "dimension":
+            scale = target_std / prediction_std.clamp_min(1e-6 * float(target_std.mean()) + 1e-12)
+        else:
+            scale = target_std.square().mean().sqrt() / prediction_std.square().mean().sqrt().clamp_min(1e-12)
+        return (y - prediction_mean) * scale + target_mean
+
     def tensors(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out = {
             "voxels": self.voxels,
@@ -102,6 +133,9 @@ class LinearMap:
             out["weight"] = self.weight.to(dtype)
         else:
             out["left"], out["right"] = self.left.to(dtype), self.right.to(dtype)
+        if self.can_rescale:
+            out.update(target_mean=self.target_mean, target_std=self.target_std, prediction_mean=self.prediction_mean,
+                       prediction_std=self.prediction_std)  # fmt: skip
         return {f"{prefix}.{k}": v.contiguous() for k, v in out.items()}
 
     @classmethod
@@ -121,7 +155,10 @@ def fit_linear_map(
     rank: int | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[LinearMap, RidgeCV]:
-    """Standardise ``betas[:, voxels]`` (n, k) on their training statistics, then RidgeCV to targets (n, T)."""
+    """Standardise ``betas[:, voxels]`` (n, k) on their training statistics, then RidgeCV to targets (n, T).
+
+    The map keeps the training targets' mean and std and the out-of-fold predictions' (from the cross-validated
+    fit, so no test data), from which :meth:`LinearMap.rescale` undoes ridge's shrinkage."""
     x = np.ascontiguousarray(betas[:, voxels], dtype=np.float32)
     check_finite("betas", x)
     mean, std = x.mean(0), x.std(0)
@@ -135,6 +172,9 @@ def fit_linear_map(
         std=torch.from_numpy(std),
         intercept=ridge.intercept_.float(),
         best_alphas=ridge.best_alphas_.float(),
+        **dict(zip(("target_mean", "target_std"), column_moments(targets))),
+        prediction_mean=ridge.cv_prediction_mean_.float(),
+        prediction_std=ridge.cv_prediction_std_.float(),
     )
     if rank is None or rank >= min(ridge.coef_.shape):
         return LinearMap(weight=ridge.coef_.float(), **common), ridge
@@ -145,17 +185,33 @@ def fit_linear_map(
     return LinearMap(left=left.cpu(), right=right.cpu(), **common), ridge
 
 
+def column_moments(values: np.ndarray, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each column of ``values`` (n, T) -> (T,), (T,) float32, a block of columns at
+    a time (NSD's c targets are GBs; their centred copy need not be)."""
+    mean, std = np.empty(values.shape[1], np.float32), np.empty(values.shape[1], np.float32)
+    for start in range(0, values.shape[1], block):
+        columns = np.asarray(values[:, start : start + block], dtype=np.float64)
+        mean[start : start + block], std[start : start + block] = columns.mean(0), columns.std(0)
+    return torch.from_numpy(mean), torch.from_numpy(std)
+
+
 # --- the subject's maps --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """One decoded target: the ROI it is read from, its shape for the LDM, its voxel count and stored rank."""
+    """One decoded target: the ROI it is read from, its shape for the LDM, its voxel count and stored rank.
+
+    ``spread``: the training targets' and the out-of-fold predictions' overall standard deviation (root mean square
+    over dimensions), ``{"target_std": ..., "prediction_std": ...}``; their ratio is what ``rescale="target"``
+    multiplies by. None for maps fitted before brainldm stored it.
+    """
 
     roi: str
     shape: tuple[int, ...]
     n_voxels: int
     rank: int | None = None
+    spread: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,12 +293,30 @@ class SubjectMaps(ModelHubMixin):
                 f"({len(voxels)} voxels, fingerprint {voxel_fingerprint(voxels)}); use the maps of that subject"
             )
 
+    def check_rescale(self, rescale: str | None) -> None:
+        """Raise unless ``rescale`` is None, or a mode these maps carry the statistics for (maps fitted before brainldm
+        stored them carry none)."""
+        if rescale is None:
+            return
+        if rescale not in RESCALE_MODES:
+            raise InputError(f"rescale must be None or one of {RESCALE_MODES}, got {rescale!r}")
+        if not all(m.can_rescale for m in self.maps.values()):
+            raise InputError(
+                f"subject {self.subject}'s maps carry no rescaling statistics (they were fitted before brainldm "
+                "stored them); refit them with scripts/fit_maps.py to rescale, or decode without rescaling"
+            )
+
     @torch.no_grad()
-    def predict(self, betas, voxels: VoxelTable | None = None, device=None) -> dict[str, torch.Tensor]:
+    def predict(
+        self, betas, voxels: VoxelTable | None = None, device=None, rescale: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """betas (n, n_voxels) over the subject's voxel table -> {target: (n, *shape)} float32, e.g. z and c.
 
-        Pass the betas' ``voxels`` table to check it is the one the maps were fitted on.
+        Pass the betas' ``voxels`` table to check it is the one the maps were fitted on. ``rescale`` (``"dimension"``
+        or ``"target"``, see :meth:`LinearMap.rescale`) moves the predictions to the training targets' spread, which
+        ridge shrinks them from; None (the paper's behaviour) returns them as fitted.
         """
+        self.check_rescale(rescale)
         if voxels is not None:
             self.check_voxels(voxels)
         betas = torch.as_tensor(np.asarray(betas) if not torch.is_tensor(betas) else betas, dtype=torch.float32)
@@ -256,10 +330,13 @@ class SubjectMaps(ModelHubMixin):
         check_finite("betas", betas)
         if device is not None:
             betas = betas.to(device)
-        return {
-            name: self.maps[name].predict(betas).reshape(len(betas), *target.shape)
-            for name, target in self.config.targets.items()
-        }
+        out = {}
+        for name, target in self.config.targets.items():
+            y = self.maps[name].predict(betas)
+            if rescale is not None:
+                y = self.maps[name].rescale(y, rescale)
+            out[name] = y.reshape(len(betas), *target.shape)
+        return out
 
     def image_scores(self, nsd_id: int) -> dict[str, dict[str, float]] | None:
         """The fit-time test scores of one image, ``{target: {"r": ..., "rank": ...}}`` for every target, or None if
@@ -468,7 +545,11 @@ def fit_subject_maps(
             train_betas, train_targets.reshape(len(train_targets), -1), selection, voxels.ijk[selection], train_ids,
             alphas=alphas, cv=cv, rank=rank, device=device,
         )  # fmt: skip
-        targets[name] = TargetConfig(roi, tuple(train_targets.shape[1:]), len(selection), rank)
+        spread = {
+            "target_std": float(fitted[name].target_std.square().mean().sqrt()),
+            "prediction_std": float(fitted[name].prediction_std.square().mean().sqrt()),
+        }
+        targets[name] = TargetConfig(roi, tuple(train_targets.shape[1:]), len(selection), rank, spread)
         scores[name] = {"cv_r": float(ridge.cv_scores_.max(0).values.mean())}
         del train_targets
     config = MapsConfig(

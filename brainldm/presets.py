@@ -40,6 +40,9 @@ class Preset:
     # Decoders: which feature (the LDM's conditioning target) is predicted from which NSD `streams` ROI. Subject
     # maps are keyed by these names, so an LDM with other targets (SDXL's two text embeddings) adds rows here.
     decoders: tuple[tuple[str, str], ...] = (("z", "early"), ("c", "ventral"))
+    # Rescaling decoded targets to the training distribution (brainldm.maps.RESCALE_MODES), as Brain-Diffuser does;
+    # the paper generates from the ridge predictions as they are
+    rescale: str | None = None
     cv_folds: int = 5
     alphas: tuple[float, ...] = tuple(10.0**k for k in range(-1, 8))
     # Data

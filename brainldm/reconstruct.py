@@ -191,6 +191,7 @@ def reconstruct_trials(
     split: str = "test",
     rows: Sequence[int] | None = None,
     sampling: Sampling = TAKAGI2023.sampling,
+    rescale: str | None = TAKAGI2023.rescale,
     batch_size: int = 1,
     process_index: int = 0,
     num_processes: int = 1,
@@ -202,11 +203,13 @@ def reconstruct_trials(
 
     The requested rows are sharded by position over ``num_processes`` before anything is skipped, so concurrent
     processes never share a trial; each skips its finished trials (resume). A finished trial made with other
-    settings is refused before any work, unless ``overwrite`` (then it is made again). Returns this process's folders.
+    settings is refused before any work, unless ``overwrite`` (then it is made again). ``rescale`` is passed to
+    :meth:`~brainldm.maps.SubjectMaps.predict`. Returns this process's folders.
     """
     from .data import load_trials, load_voxels
 
     reconstructor.check_sampling(sampling)  # before anything is read or written
+    maps.check_rescale(rescale)
     trials = load_trials(data, subject, split)
     rows = list(range(len(trials))) if rows is None else [int(r) for r in rows]
     bad = [r for r in rows if not 0 <= r < len(trials)]
@@ -215,7 +218,7 @@ def reconstruct_trials(
     voxels = load_voxels(data, subject)
     maps.check_voxels(voxels)
     mine = rows[process_index::num_processes]
-    settings = {**asdict(sampling), "model_id": maps.model_id}
+    settings = {**asdict(sampling), "model_id": maps.model_id, "rescale": rescale}
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
     for row in sorted(set(mine) - set(todo)):
         folder = trial_folder(out, subject, split, row)
@@ -235,7 +238,9 @@ def reconstruct_trials(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         items = trials.select(batch)
-        decoded = maps.predict(np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device)
+        decoded = maps.predict(
+            np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device, rescale=rescale
+        )
         z, c = decoded["z"], decoded["c"]
         result = reconstructor(z, c, sampling)
         for k, row in enumerate(batch):

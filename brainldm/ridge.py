@@ -124,7 +124,8 @@ def ridge_cv_scores(
     scoring: str = "correlation",
     target_batch_size: int = 4096,
     rows: Sequence[int] | np.ndarray | None = None,
-) -> torch.Tensor:
+    prediction_moments: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean validation score over folds for every alpha and target -> (n_alphas, n_targets), on X's device.
 
     X (n_samples, n_features) lives on the compute device; Y (n_samples, n_targets) may stay on the CPU and is
@@ -148,6 +149,8 @@ def ridge_cv_scores(
         factors = design.prediction_factors(X[val_rows] - design.X_mean, alphas, n_targets)
         fold_state.append((design, validation, val_rows, val_of_sample, val_counts, factors))
     scores = torch.zeros(len(alphas), n_targets, device=device, dtype=X.dtype)
+    if prediction_moments:
+        sums, deviation_sums, squares_sum = (torch.zeros_like(scores) for _ in range(3))
     for start in range(0, n_targets, target_batch_size):
         Y_batch = _to(Y[:, start : start + target_batch_size], X)
         Y_sum_all = _row_sums(rows, Y_batch, len(X))
@@ -168,6 +171,11 @@ def ridge_cv_scores(
             Y_norm = Y_centred.norm(dim=0)
             predictions = A @ (Y_w if B is None else B @ Y_w)  # (alphas, distinct validation rows, targets)
             for a, p in enumerate(predictions):
+                if prediction_moments:  # p is the prediction less the fold's intercept
+                    columns = slice(start, start + target_batch_size)
+                    sums[a, columns] += (val_counts * p).sum(0) + len(validation) * Y_mean
+                    deviation_sums[a, columns] += (val_counts * p).sum(0)
+                    squares_sum[a, columns] += (val_counts * p * p).sum(0)
                 if scoring == "correlation":  # Pearson r over the validation samples; the intercept cancels
                     p -= (val_counts * p).sum(0) / len(validation)
                     p_norm = (val_counts * p * p).sum(0).sqrt()
@@ -177,7 +185,10 @@ def ridge_cv_scores(
                     p += Y_mean
                     squares = (Y_val * Y_val).sum(0) - 2 * (p * Y_val_sum).sum(0) + (val_counts * p * p).sum(0)
                     block[a] -= squares / len(validation)
-    return scores / len(folds)
+    if not prediction_moments:
+        return scores / len(folds)
+    deviation = deviation_sums / n
+    return scores / len(folds), sums / n, (squares_sum / n - deviation * deviation).clamp_min(0).sqrt()
 
 
 def solve_ridge(
@@ -267,6 +278,9 @@ class RidgeCV:
     Attributes (after ``fit``):
         coef_: (n_features, n_targets) CPU tensor.  intercept_: (n_targets,).
         best_alphas_: (n_targets,) chosen alpha per target.  cv_scores_: (n_alphas, n_targets) mean CV score.
+        cv_prediction_mean_, cv_prediction_std_: (n_targets,) mean and standard deviation of the out-of-fold
+            predictions at the chosen alpha: how predictions on unseen data spread (ridge shrinks them towards
+            the mean), for rescaling them to the targets' spread.
         n_features_in_: number of features seen in ``fit``.
 
     Follows scikit-learn's estimator contract without depending on scikit-learn: ``get_params`` / ``set_params``
@@ -364,10 +378,15 @@ class RidgeCV:
         folds = make_folds(n_samples, self.cv, groups, self.random_state)
         # TF32 tensor cores for the CV predictions only (where the time goes); the final refit stays full fp32.
         with _cuda_tf32(self.tf32_cv and device.type == "cuda"):
-            scores = ridge_cv_scores(X_t, Y, alphas_t, folds, self.scoring, self.target_batch_size, rows)
+            scores, mean, std = ridge_cv_scores(
+                X_t, Y, alphas_t, folds, self.scoring, self.target_batch_size, rows, prediction_moments=True
+            )
         best = scores.argmax(0)
         self.cv_scores_ = scores.cpu()
         self.best_alphas_ = alphas_t[best].cpu()
+        targets = torch.arange(scores.shape[1], device=scores.device)
+        self.cv_prediction_mean_ = mean[best, targets].cpu()
+        self.cv_prediction_std_ = std[best, targets].cpu()
         self.coef_, self.intercept_ = solve_ridge(X_t, Y, alphas_t[best], self.target_batch_size, rows)
         self.n_features_in_ = n_features
         return self

@@ -39,25 +39,26 @@ REPS = 3  # NSD shows every image three times
 # The offline world's default noise level with the toy model: decoding is hard, as on NSD (on a 6 x 45-trial subject,
 # z and c 2-way identification of about 96%, and reconstructions that resemble the pictures without copying them).
 OFFLINE_SNR = 0.3
+# Colours of backgrounds and animals, kept off the ends of the range so a pattern's light and dark halves both fit
 COLOURS = {
-    "red": (200, 40, 40),
-    "orange": (235, 140, 30),
-    "yellow": (235, 215, 60),
-    "green": (60, 160, 70),
-    "blue": (50, 90, 200),
-    "purple": (130, 60, 160),
-    "pink": (235, 150, 180),
-    "brown": (120, 80, 45),
-    "white": (235, 235, 230),
-    "black": (25, 25, 30),
+    "red": (200, 55, 50),
+    "orange": (215, 140, 50),
+    "yellow": (205, 190, 70),
+    "green": (70, 160, 80),
+    "blue": (60, 95, 200),
+    "purple": (135, 70, 165),
+    "pink": (210, 130, 170),
+    "brown": (130, 90, 60),
     "grey": (128, 128, 128),
 }
+# What the captions name: animals told apart only by the fine pattern of their coat, in any colour, size and place.
+# Its period is one cell of z's grid (toy's z is 10 x 10), so a blur to that grid averages it away.
+KINDS = ("zebra", "tiger", "snake", "giraffe", "leopard", "sheep")
+PATTERN_PERIOD = 1 / 10  # of the picture's width
 # Streams that respond to both z and c: the share of their planted signal variance that comes from z (the rest
 # from c). Early cortex is pure z and ventral pure c, as the paper found; the streams between lean accordingly.
 MIXED_STREAMS = {"midventral": 0.7, "midlateral": 0.6, "midparietal": 0.6, "lateral": 0.3, "parietal": 0.5}
 ANATOMIES = ("blob", "S1")
-SHAPES = ("circle", "square", "triangle", "striped disc", "ring")
-SKIES = ("sky", "sunset", "field", "wall", "sea")
 
 
 @dataclass
@@ -305,48 +306,88 @@ def _tuned(features: np.ndarray, components: np.ndarray, n_voxels: int, rng) -> 
 
 
 def draw_picture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[str]]:
-    """A picture of two or three soft-edged shapes on a textured gradient, and five captions describing it."""
+    """A picture of two or three animals on a smooth coloured gradient, and four or five captions naming them.
+
+    Layout and colour (the gradient, where each animal stands, its size, outline and colour) are drawn at random and
+    never named; the captions name only the animals, which differ in nothing but their coat's fine pattern
+    (:func:`coat_pattern`). So a picture's meaning is gone from the same picture blurred to z's grid, while its
+    layout and colour stay.
+    """
     names = list(COLOURS)
     yy, xx = np.mgrid[0:size, 0:size] / size
     sky, ground = rng.choice(names, size=2, replace=False)
     angle = rng.uniform(0, 2 * np.pi)
     t = np.clip(0.5 + (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)), 0, 1)[..., None]
-    image = (1 - t) * np.array(COLOURS[sky]) + t * np.array(COLOURS[ground])
-    # low-frequency texture, so no region is flat
-    for _ in range(3):
-        fx, fy, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 2 * np.pi)
-        image += rng.uniform(5, 20) * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
-    described = []
-    for _ in range(int(rng.integers(2, 4))):
-        shape, colour = rng.choice(SHAPES), rng.choice(names)
-        cx, cy = rng.uniform(0.2, 0.8, size=2)
-        r = rng.uniform(0.1, 0.3)
-        dx, dy = xx - cx, yy - cy
-        if shape == "square":
-            distance = np.maximum(np.abs(dx), np.abs(dy)) - r
-        elif shape == "triangle":
-            distance = np.maximum(np.maximum(-dy - r / 2, dy * 0.5 + dx * 0.87 - r / 2), dy * 0.5 - dx * 0.87 - r / 2)
-        elif shape == "ring":
-            distance = np.abs(np.hypot(dx, dy) - r) - r / 3
-        else:
-            distance = np.hypot(dx, dy) - r
-        mask = 1 / (1 + np.exp(distance * size / 1.5))  # soft, anti-aliased edge
-        fill = np.array(COLOURS[colour], dtype=float) * np.ones_like(image)
-        if shape == "striped disc":
-            fill *= (0.75 + 0.25 * np.sign(np.sin(2 * np.pi * 8 * (dx + dy))))[..., None]
-        image = image * (1 - mask[..., None]) + fill * mask[..., None]
-        described.append((colour, shape, "left" if cx < 0.5 else "right"))
+    image = (1 - t) * np.array(COLOURS[sky], dtype=float) + t * np.array(COLOURS[ground], dtype=float)
+    for _ in range(2):  # low-frequency shading, so no region is flat
+        fx, fy, phase = rng.uniform(0.5, 2), rng.uniform(0.5, 2), rng.uniform(0, 2 * np.pi)
+        image += rng.uniform(5, 15) * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
+    n = int(rng.integers(2, 4))
+    kinds = rng.choice(KINDS, size=n, replace=False)
+    cells = rng.choice(9, size=n, replace=False)  # one animal per cell of a 3 x 3 grid, so they rarely hide each other
+    for kind, cell in zip(kinds, cells):
+        cx, cy = (np.array([cell % 3, cell // 3]) + 0.5 + rng.uniform(-0.25, 0.25, size=2)) / 3
+        r = rng.uniform(0.13, 0.2)
+        dx, dy = (xx - cx) / r, (yy - cy) / r
+        if rng.random() < 0.5:
+            distance = np.hypot(dx, dy) - 1
+        else:  # a rounded box
+            distance = np.hypot(np.maximum(np.abs(dx) - 0.5, 0), np.maximum(np.abs(dy) - 0.5, 0)) - 0.5
+        mask = (1 / (1 + np.exp(distance * r * size / 1.2)))[..., None]  # soft, anti-aliased edge
+        colour = np.array(COLOURS[rng.choice(names)], dtype=float)
+        coat = colour + 45.0 * coat_pattern(kind, xx, yy, rng)[..., None]
+        image = image * (1 - mask) + coat * mask
     picture = np.clip(image, 0, 255).astype(np.uint8)
-    scene = rng.choice(SKIES)
-    (c1, s1, p1), (c2, s2, _) = described[0], described[1]
+    return picture, _name_animals([str(k) for k in kinds], rng)
+
+
+def coat_pattern(kind: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A ``kind``'s coat over the picture's unit coordinates: a pattern in [-1, 1], periodic in x and y with period
+    ``PATTERN_PERIOD``, with a random phase and zero mean over one period.
+
+    A box blur over one period (z's grid) therefore averages every coat to the same value, leaving the animal's
+    colour alone.
+    """
+    if kind not in KINDS:
+        raise InputError(f"unknown animal {kind!r}; expected one of {KINDS}")
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    u, v = 2 * np.pi * xx / PATTERN_PERIOD + phase[0], 2 * np.pi * yy / PATTERN_PERIOD + phase[1]
+    one_period = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    return _coat(kind, u, v) - _coat(kind, *np.meshgrid(one_period, one_period)).mean()
+
+
+def _coat(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    if kind == "zebra":  # vertical stripes
+        wave = np.sin(u)
+    elif kind == "tiger":  # horizontal stripes
+        wave = np.sin(v)
+    elif kind == "snake":  # diagonal stripes
+        wave = np.sin(u + v)
+    elif kind == "giraffe":  # a chequerboard of patches
+        wave = 2 * np.sin(u) * np.sin(v)
+    elif kind == "leopard":  # round spots
+        wave = np.cos(u) + np.cos(v)
+    else:  # sheep: small curls, a ring in every period
+        wave = 2 * np.cos(2 * np.hypot((u % (2 * np.pi)) - np.pi, (v % (2 * np.pi)) - np.pi))
+    return np.tanh(2 * wave) / np.tanh(2)
+
+
+def _name_animals(kinds: list[str], rng: np.random.Generator) -> list[str]:
+    """Four or five COCO-like captions naming every animal in ``kinds`` (in varying order and phrasing)."""
+
+    def listed(names: list[str]) -> str:
+        words = [f"a {k}" for k in names]
+        return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+    orders = [list(rng.permutation(kinds)) for _ in range(5)]
     captions = [
-        f"A {c1} {s1} and a {c2} {s2} in front of a {sky} {scene}.",
-        f"a {c1} {s1} on the {p1} of the picture",
-        f"{c2.capitalize()} {s2} next to a {c1} {s1}. ",
-        f"There are {len(described)} shapes against a {sky} and {ground} background.",
-        f"An abstract image of a {s1} and a {s2}.\n",
+        f"A picture of {listed(orders[0])}.",
+        f"{listed(orders[1]).capitalize()} standing together",
+        f"{listed(orders[2][:1]).capitalize()} next to {listed(orders[2][1:])}. ",
+        f"Some animals: {listed(orders[3])}.",
+        f"An image showing {listed(orders[4])}.\n",
     ]
-    return picture, captions[: int(rng.integers(4, 6))]
+    return captions[: int(rng.integers(4, 6))]
 
 
 # --- NSD files -----------------------------------------------------------------------------------------------

@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> None:
         "--steps", type=cli.positive, default=TAKAGI2023.sampling.num_inference_steps, help="DDIM steps"
     )
     parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.sampling.seed)
+    parser.add_argument(
+        "--rescale",
+        choices=["dimension", "target"],
+        default=TAKAGI2023.rescale,
+        help="rescale the decoded z and c to the training targets' spread (per dimension, as Brain-Diffuser, or one "
+        "factor per target), with statistics fitted with the maps; default: off, as the paper",
+    )
     parser.add_argument("--overwrite", action="store_true", help="remake finished trials made with other settings")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (GPU: ~3.5x faster per image)"
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         split=args.split,
         rows=args.trials,
         sampling=Sampling(args.strength, args.guidance, args.steps, args.seed, args.samples),
+        rescale=args.rescale,
         batch_size=args.batch_size,
         process_index=state.process_index,
         num_processes=state.num_processes,

@@ -259,3 +259,95 @@ def test_a_third_target_flows_through_fit_card_evaluation_and_the_app(decoding_w
     quality = Subject(1, maps, str(decoding_world.data)).quality(0)
     report = app_module.quality_report(quality, ["a caption"])
     assert "| z (image latent) |" in report and "| c2 |" in report
+
+
+def _shrunk_problem(seed=0):
+    """Noisy voxels -> targets: ridge predictions on new trials have far less spread than the targets."""
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((40, 6))
+    def trials(n):
+        signal = rng.standard_normal((n, 40)).astype(np.float32)
+        return signal + 3.0 * rng.standard_normal((n, 40)).astype(np.float32), signal @ weights + 5.0
+    return trials(600), trials(400)
+
+
+@pytest.mark.parametrize("mode", ["dimension", "target"])
+def test_rescaled_predictions_have_the_training_spread(mode):
+    (betas, targets), (new_betas, new_targets) = _shrunk_problem()
+    fitted, _ = fit_linear_map(betas, targets, np.arange(40), np.zeros((40, 3)), np.arange(600), device="cpu")
+    plain = fitted.predict(torch.from_numpy(new_betas)).numpy()
+    rescaled = fitted.rescale(torch.from_numpy(plain), mode).numpy()
+    assert np.all(plain.std(0) < 0.8 * new_targets.std(0))  # ridge shrinks towards the mean
+    # within the folds' bias: a fold fits on 4/5 of the trials, so a heavily penalised dimension's out-of-fold
+    # predictions spread up to 5/4 less than the final fit's
+    if mode == "dimension":
+        np.testing.assert_allclose(rescaled.std(0), targets.std(0), rtol=0.25)
+    else:
+        assert np.sqrt(np.mean(rescaled.std(0) ** 2)) == pytest.approx(np.sqrt(np.mean(targets.std(0) ** 2)), rel=0.25)
+    np.testing.assert_allclose(rescaled.mean(0), new_targets.mean(0), atol=0.3 * new_targets.std(0).mean())
+    # a monotone map per dimension: identification and correlations are those of the plain predictions
+    np.testing.assert_allclose(np.corrcoef(rescaled[:, 0], plain[:, 0])[0, 1], 1.0, rtol=1e-5)
+
+
+def test_rescaling_statistics_come_from_training_data_only(decoding_world, tmp_path, monkeypatch):
+    """The statistics are fitted with the maps, without the test set: other test betas leave them as they were."""
+    import brainldm.maps as maps_module
+
+    real = maps_module.load_trials
+
+    def other_test_betas(data, subject, split):
+        trials = real(data, subject, split)
+        if split != "test":
+            return trials
+        noise = np.random.default_rng(5).standard_normal((len(trials), len(trials[0]["betas"]))).astype(np.float32)
+        return trials.map(lambda row, i: {"betas": noise[i]}, with_indices=True)
+
+    monkeypatch.setattr(maps_module, "load_trials", other_test_betas)
+    refit = fit_subject_maps(decoding_world.data, decoding_world.features, 1, device="cpu")
+    original = decoding_world.maps
+    assert refit.config.scores["z"]["identification"] < original.config.scores["z"]["identification"]  # it took
+    for name in ("z", "c"):
+        for field in ("target_mean", "target_std", "prediction_mean", "prediction_std"):
+            assert torch.equal(getattr(refit[name], field), getattr(original[name], field))
+        assert refit.config.targets[name].spread == original.config.targets[name].spread
+
+
+def test_rescaling_round_trips_and_is_applied_on_request(decoding_world, tmp_path):
+    maps = decoding_world.maps
+    loaded = SubjectMaps.from_pretrained(maps.save_pretrained(tmp_path / "m"))
+    betas, _ = _test_betas(decoding_world)
+    for name in ("z", "c"):
+        for field in ("target_mean", "target_std", "prediction_mean", "prediction_std"):
+            assert torch.equal(getattr(loaded[name], field), getattr(maps[name], field))
+        spread = loaded.config.targets[name].spread
+        assert spread["prediction_std"] < spread["target_std"]
+    plain, rescaled = loaded.predict(betas), loaded.predict(betas, rescale="target")
+    for name in ("z", "c"):  # one factor per target: deviations from the predictions' mean grow by its ratio
+        spread = loaded.config.targets[name].spread
+        mine = loaded[name]
+        deviation = (plain[name].reshape(len(betas), -1) - mine.prediction_mean) * spread["target_std"] / spread["prediction_std"]
+        torch.testing.assert_close(rescaled[name].reshape(len(betas), -1), deviation + mine.target_mean, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="rescale must be None or one of"):
+        loaded.predict(betas, rescale="test")
+
+
+def test_maps_saved_before_rescaling_load_as_they_are(decoding_world, tmp_path):
+    """Maps from before the rescaling statistics: no such tensors, no spread in the config. They load and predict
+    as before, and asking them to rescale says to refit."""
+    from safetensors.torch import load_file, save_file
+
+    folder = decoding_world.maps.save_pretrained(tmp_path / "old")
+    tensors = load_file(folder / "maps.safetensors")
+    stats = ("target_mean", "target_std", "prediction_mean", "prediction_std")
+    old = {k: v for k, v in tensors.items() if k.split(".")[-1] not in stats}
+    save_file(old, folder / "maps.safetensors", metadata={"format": "brainldm-subject-maps/2"})
+    config = json.loads((folder / "config.json").read_text())
+    for target in config["targets"].values():
+        del target["spread"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = SubjectMaps.from_pretrained(folder)
+    betas, _ = _test_betas(decoding_world)
+    plain = decoding_world.maps.predict(betas)
+    assert all(torch.equal(loaded.predict(betas)[n], plain[n]) for n in ("z", "c"))
+    with pytest.raises(InputError, match="carry no rescaling statistics.*refit"):
+        loaded.predict(betas, rescale="dimension")

@@ -164,7 +164,7 @@ def test_fitting_on_the_cpu_leaves_the_process_wide_tf32_flag_alone(monkeypatch)
     seen = []
     real = ridge_module.ridge_cv_scores
     monkeypatch.setattr(
-        ridge_module, "ridge_cv_scores", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a)
+        ridge_module, "ridge_cv_scores", lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k)
     )
     before = torch.backends.cuda.matmul.allow_tf32
     rng = np.random.default_rng(0)
@@ -178,3 +178,24 @@ def test_scikit_learns_estimator_checks_pass():
     from sklearn.utils.estimator_checks import check_estimator
 
     check_estimator(RidgeCV(device="cpu"))
+
+
+@pytest.mark.parametrize("shape", [(60, 8), (40, 90)])  # primal and dual folds
+def test_out_of_fold_prediction_moments_are_those_of_the_held_out_predictions(shape):
+    """cv_prediction_mean_/std_: each sample predicted by the fold that left it out, at the chosen alpha (the mean
+    with each fold's intercept, the std about it), repeated rows counted once per sample."""
+    rng = np.random.default_rng(3)
+    n, p = shape
+    distinct = rng.standard_normal((n // 2, p))
+    rows = np.concatenate([np.arange(n // 2), np.arange(n // 2)])  # every row shown twice
+    Y = distinct[rows] @ rng.standard_normal((p, 3)) + rng.standard_normal((n, 3)) + 2.0
+    model = RidgeCV(alphas=(30.0,), cv=4, device="cpu", dtype="float64").fit(distinct, Y, groups=rows, rows=rows)
+    held_out, about_intercept = np.empty_like(Y), np.empty_like(Y)
+    for validation in make_folds(n, 4, rows):
+        train = np.setdiff1d(np.arange(n), validation)
+        fold = Ridge(alpha=30.0).fit(distinct[rows[train]], Y[train])
+        held_out[validation] = fold.predict(distinct[rows[validation]])
+        about_intercept[validation] = held_out[validation] - Y[train].mean(0)
+    np.testing.assert_allclose(model.cv_prediction_mean_.numpy(), held_out.mean(0), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(model.cv_prediction_std_.numpy(), about_intercept.std(0), rtol=1e-6)
+    assert np.all(held_out.std(0) < Y.std(0))  # the shrinkage rescaling undoes
