@@ -63,6 +63,20 @@ def maps_card(cfg, repo_id: str) -> ModelCard:
         f"{'rank ' + str(t.rank) if t.rank else 'dense'}"
         for name, t in cfg.targets.items()
     )
+    spreads = [
+        f"{name} {100 * t.spread['prediction_std'] / t.spread['target_std']:.0f}%"
+        for name, t in cfg.targets.items()
+        if t.spread
+    ]
+    rescaling = (
+        "Ridge shrinks predictions towards the mean: on held-out folds they spread "
+        f"{', '.join(spreads)} as much as the training targets. The maps store the statistics to undo that (the "
+        "training targets' and the out-of-fold predictions' mean and std per dimension, fitted without the test set): "
+        '`maps.predict(betas, rescale="dimension")` (per dimension, as Brain-Diffuser) or `rescale="target"` (one '
+        "factor per target). By default predictions are used as fitted, as Takagi & Nishimoto did."
+        if spreads
+        else "These maps carry no rescaling statistics (fitted before brainldm stored them)."
+    )
     rows = "\n".join(
         f"| {name} | {s['dimension_r']:.3f} | {s['pattern_r']:.3f} | {100 * s['identification']:.1f}% |"
         for name, s in cfg.scores.items()
@@ -86,6 +100,8 @@ with brainldm (`scripts/fit_maps.py`) following Takagi & Nishimoto, CVPR 2023 ([
 
 Ridge regression, alpha per target by grouped {cfg.cv}-fold CV over {len(cfg.alphas)} alphas; voxels standardised
 on the training trials ({cfg.n_train} single trials). Weights stored in {cfg.storage_dtype}.
+
+{rescaling}
 
 ## Test scores ({cfg.n_test} shared images, betas averaged over repetitions)
 

@@ -310,9 +310,9 @@ def evaluate(
     """Metrics of every subject in a ``scripts/reconstruct.py`` output folder, and their average over subjects.
 
     Returns {"subjects": {subj: {row: {metric: value}}}, "average": {row: {metric: value}}, "unavailable": {...},
-    "retrieval": {subj: ...}, "protocol": ..., "test_sets": {subj: {set: n_images}}}. One row per kind;
-    ``protocol`` (see :data:`PROTOCOLS`) says how several samples per image count: ``"mindeye2"`` scores sample 0,
-    ``"takagi"`` averages over the samples. When the data run past ``first_sessions`` sessions, each kind also gets
+    "retrieval": {subj: ...}, "protocol": ..., "test_sets": {subj: {set: n_images}}, "rescale": {subj: [how the
+    trials' z and c were rescaled]}}. One row per kind; ``protocol`` (see :data:`PROTOCOLS`) says how several
+    samples per image count: ``"mindeye2"`` scores sample 0, ``"takagi"`` averages over the samples. When the data run past ``first_sessions`` sessions, each kind also gets
     a row on the images shown within them (NSD's 982-image test set for 37), next to the row on all of them.
     """
     unknown = [n for n in names if n not in METRICS]
@@ -340,9 +340,11 @@ def evaluate(
         "retrieval": {},
         "protocol": protocol,
         "test_sets": {},
+        "rescale": {},
     }
     for folder in folders:
         trials = load_subject_reconstructions(folder)
+        results["rescale"][folder.name] = sorted({str(meta.get("rescale")) for meta, _ in trials})
         sets = sets_of_test_images([meta.get("sessions") for meta, _ in trials], first_sessions)
         results["test_sets"][folder.name] = {name: len(positions) for name, positions in sets.items()}
         rows = {}
@@ -445,6 +447,9 @@ def metrics_table(results: dict, names: Sequence[str] = tuple(METRICS)) -> str:
         )
     if "protocol" in results:
         text += f"\n\nProtocol: {results['protocol']}, {PROTOCOLS[results['protocol']]}."
+    for subject, modes in results.get("rescale", {}).items():
+        said = ", ".join("as fitted (no rescaling)" if m == "None" else f"rescaled per {m}" for m in modes)
+        text += f"\n\nDecoded targets, {subject}: {said}."
     for subject, sets in results.get("test_sets", {}).items():
         text += f"\n\nTest images, {subject}: " + "; ".join(f"{name}: {n}" for name, n in sets.items()) + "."
     if any(len(sets) > 1 for sets in results.get("test_sets", {}).values()):

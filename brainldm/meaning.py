@@ -87,8 +87,9 @@ class CaptionWords:
         self.words_ = tuple(self.words or KINDS)
         X = picture_features(pictures)
         self.mean_, self.scale_ = X.mean(0), X.std(0) + 1e-6
-        self.ridge_ = RidgeCV(alphas=self.alphas, device="cpu").fit((X - self.mean_) / self.scale_,
-                                                                   caption_words(captions, self.words_))
+        self.ridge_ = RidgeCV(alphas=self.alphas, device="cpu").fit(
+            (X - self.mean_) / self.scale_, caption_words(captions, self.words_)
+        )
         return self
 
     def predict(self, pictures: np.ndarray) -> np.ndarray:

@@ -265,9 +265,11 @@ def _shrunk_problem(seed=0):
     """Noisy voxels -> targets: ridge predictions on new trials have far less spread than the targets."""
     rng = np.random.default_rng(seed)
     weights = rng.standard_normal((40, 6))
+
     def trials(n):
         signal = rng.standard_normal((n, 40)).astype(np.float32)
         return signal + 3.0 * rng.standard_normal((n, 40)).astype(np.float32), signal @ weights + 5.0
+
     return trials(600), trials(400)
 
 
@@ -325,8 +327,14 @@ def test_rescaling_round_trips_and_is_applied_on_request(decoding_world, tmp_pat
     for name in ("z", "c"):  # one factor per target: deviations from the predictions' mean grow by its ratio
         spread = loaded.config.targets[name].spread
         mine = loaded[name]
-        deviation = (plain[name].reshape(len(betas), -1) - mine.prediction_mean) * spread["target_std"] / spread["prediction_std"]
-        torch.testing.assert_close(rescaled[name].reshape(len(betas), -1), deviation + mine.target_mean, rtol=1e-4, atol=1e-4)
+        deviation = (
+            (plain[name].reshape(len(betas), -1) - mine.prediction_mean)
+            * spread["target_std"]
+            / spread["prediction_std"]
+        )
+        torch.testing.assert_close(
+            rescaled[name].reshape(len(betas), -1), deviation + mine.target_mean, rtol=1e-4, atol=1e-4
+        )
     with pytest.raises(InputError, match="rescale must be None or one of"):
         loaded.predict(betas, rescale="test")
 

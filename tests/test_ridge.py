@@ -164,7 +164,9 @@ def test_fitting_on_the_cpu_leaves_the_process_wide_tf32_flag_alone(monkeypatch)
     seen = []
     real = ridge_module.ridge_cv_scores
     monkeypatch.setattr(
-        ridge_module, "ridge_cv_scores", lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k)
+        ridge_module,
+        "ridge_cv_scores",
+        lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k),
     )
     before = torch.backends.cuda.matmul.allow_tf32
     rng = np.random.default_rng(0)
