@@ -84,7 +84,7 @@ def prepare_subject(
     nsd_root: str | Path,
     subject: int,
     out: str | Path,
-    sessions: int | None = None,
+    sessions: int | list[int] | None = None,
     zscore: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -98,7 +98,8 @@ def prepare_subject(
             ``s3://natural-scenes-dataset``: then only what the subject needs is fetched (:mod:`brainldm.storage`).
         subject: 1-based NSD subject.
         out: the dataset folder; other subjects already in it are kept.
-        sessions: use the first ``sessions`` sessions (default: all the subject's consecutive sessions).
+        sessions: use the first K sessions, or the sessions listed (default: all the subject's consecutive sessions);
+            every trial keeps the number NSD's design gives it.
         zscore: z-score each voxel within each session (the default); else raw percent signal change.
         overwrite: rebuild ``OUT/subjNN`` if it exists.
         whole_brain: store every in-brain voxel (as ``OUT/subjNN-wholebrain``), for the encoding analysis.
@@ -195,7 +196,7 @@ def _prepare(reader: Reader, out: Path, zscore: bool, progress: bool) -> Path:
         for shard, session in enumerate(tqdm(train_sessions, desc=f"{name} train", disable=not progress)):
             trials = np.flatnonzero((session_of_trial == session) & ~is_test)
             betas = session_betas(session)[trials - first_trial[session]]
-            rows = _rows(images[trials], [[t + 1] for t in trials], betas, reader, stimuli)
+            rows = _rows(images[trials], [[t] for t in trials], betas, reader, stimuli)
             _write_shard(rows, staging / f"train-{shard:05d}-of-{len(train_sessions):05d}.parquet")
 
         test_ids = np.unique(images[is_test])
@@ -203,7 +204,7 @@ def _prepare(reader: Reader, out: Path, zscore: bool, progress: bool) -> Path:
         for shard, chunk in enumerate(np.array_split(test_ids, n_shards)):
             trial_lists = [np.flatnonzero(images == i) for i in chunk]
             betas = [np.mean([trial_betas(t) for t in ts], axis=0) for ts in trial_lists]
-            rows = _rows(chunk, [(ts + 1).tolist() for ts in trial_lists], betas, reader, stimuli)
+            rows = _rows(chunk, [ts.tolist() for ts in trial_lists], betas, reader, stimuli)
             _write_shard(rows, staging / f"test-{shard:05d}-of-{n_shards:05d}.parquet")
 
     voxels.save(staging / VOXELS_FILE)
@@ -220,6 +221,7 @@ def _prepare(reader: Reader, out: Path, zscore: bool, progress: bool) -> Path:
 
 
 def _rows(stimulus_ids, trials, betas, reader: Reader, stimuli) -> dict:
+    """One row per stimulus; ``trials`` lists, per row, the positions of its trials in the reader's trial arrays."""
     coco_ids, captions = reader.stimulus_info([int(i) for i in stimulus_ids])
     return {
         "nsd_id": [int(i) for i in stimulus_ids],
@@ -227,8 +229,8 @@ def _rows(stimulus_ids, trials, betas, reader: Reader, stimuli) -> dict:
         "image": [_png(stimuli[i]) for i in stimulus_ids],
         "captions": captions,
         "n_reps": [len(t) for t in trials],
-        "trials": [list(map(int, t)) for t in trials],
-        "sessions": [[int(reader.session_of_trial[i - 1]) for i in t] for t in trials],
+        "trials": [[int(reader.trial_numbers[i]) for i in t] for t in trials],
+        "sessions": [[int(reader.session_of_trial[i]) for i in t] for t in trials],
         "betas": list(np.asarray(betas, dtype=np.float32)),
     }
 

@@ -36,6 +36,7 @@ STREAMS = {
 STREAM_IDS = {name: label for label, name in STREAMS.items()}
 
 N_SUBJECTS = 8
+DESIGN_SESSIONS = 40  # NSD's design: 40 sessions of 750 trials for every subject (some subjects did fewer)
 BETAS_SCALE = 300.0  # stored int16 betas are percent signal change x 300
 COCO_SPLITS = ("train2017", "val2017")
 
@@ -102,13 +103,28 @@ class ExpDesign:
     subjectim: np.ndarray
     sharedix: np.ndarray
 
-    def trial_images(self, subject: int, n_trials: int) -> np.ndarray:
-        """0-based 73k image id of each of the subject's first ``n_trials`` trials."""
-        if n_trials > len(self.masterordering):
+    @property
+    def trials_per_session(self) -> int:
+        """Trials in every session of the design (NSD: 30,000 / 40 = 750): trial t (0-based) is volume
+        ``t % trials_per_session`` of session ``t // trials_per_session + 1``."""
+        n = len(self.masterordering)
+        if n == 0 or n % DESIGN_SESSIONS:
             raise InputError(
-                f"the betas hold {n_trials} trials but masterordering lists only {len(self.masterordering)}"
+                f"nsd_expdesign.mat's masterordering lists {n} trials, not {DESIGN_SESSIONS} sessions' worth; "
+                "the file is damaged or not NSD's: download it again"
             )
-        return self.subjectim[subject - 1, self.masterordering[:n_trials] - 1] - 1
+        return n // DESIGN_SESSIONS
+
+    def session_trials(self, session: int) -> np.ndarray:
+        """The 0-based trial numbers of one session's volumes, in volume order."""
+        if not 1 <= session <= DESIGN_SESSIONS:
+            raise InputError(f"NSD's design has sessions 1..{DESIGN_SESSIONS}, not {session}")
+        per = self.trials_per_session
+        return np.arange((session - 1) * per, session * per)
+
+    def trial_images(self, subject: int, trials: np.ndarray) -> np.ndarray:
+        """0-based 73k image id shown in each of the subject's given 0-based ``trials``."""
+        return self.subjectim[subject - 1, self.masterordering[np.asarray(trials)] - 1] - 1
 
     @property
     def shared(self) -> np.ndarray:
@@ -272,13 +288,7 @@ def list_sessions(root: str | Path | Storage, subject: int, first: int | None = 
     """
     storage = as_storage(root)
     folder = storage.url(betas_folder(subject))
-    present = {
-        int(name[len("betas_session") :].split(".")[0])
-        for name in storage.listdir(betas_folder(subject))
-        if name.startswith("betas_session") and name.endswith((".nii.gz", ".hdf5"))
-    }
-    if not present:
-        raise InputError(f"no betas for subject {subject}: no betas_sessionNN.nii.gz or .hdf5 in {folder}")
+    present = _present_sessions(storage, subject)
     wanted = range(1, (first or max(present)) + 1)
     missing = [s for s in wanted if s not in present]
     if missing and (first is None or first <= max(present)):
@@ -294,6 +304,36 @@ def list_sessions(root: str | Path | Storage, subject: int, first: int | None = 
             f"--sessions {first} asks for more sessions than subject {subject} has ({max(present)}, in {folder})"
         )
     return list(wanted)
+
+
+def check_sessions(root: str | Path | Storage, subject: int, sessions) -> list[int]:
+    """The given session numbers (any order, any subset, as NSD's withheld sessions leave) as a list, each checked
+    to be there, once."""
+    storage = as_storage(root)
+    sessions = [int(s) for s in sessions]
+    present = _present_sessions(storage, subject)
+    repeated = sorted({s for s in sessions if sessions.count(s) > 1})
+    if not sessions or repeated:
+        raise InputError(f"--sessions must name each session once, got {sessions}")
+    missing = [s for s in sessions if s not in present]
+    if missing:
+        raise InputError(
+            f"session {missing[0]} of subject {subject} is not in {storage.url(betas_folder(subject))} (sessions "
+            f"there: {', '.join(map(str, sorted(present)))})"
+        )
+    return sessions
+
+
+def _present_sessions(storage: Storage, subject: int) -> set[int]:
+    folder = storage.url(betas_folder(subject))
+    present = {
+        int(name[len("betas_session") :].split(".")[0])
+        for name in storage.listdir(betas_folder(subject))
+        if name.startswith("betas_session") and name.endswith((".nii.gz", ".hdf5"))
+    }
+    if not present:
+        raise InputError(f"no betas for subject {subject}: no betas_sessionNN.nii.gz or .hdf5 in {folder}")
+    return present
 
 
 def betas_source(root: str | Path | Storage, subject: int, session: int) -> str:

@@ -36,6 +36,7 @@ class Reader(Protocol):
     voxels: VoxelTable
     sessions: list[int]
     session_of_trial: np.ndarray  # (n_trials,) the session of each trial, in order
+    trial_numbers: np.ndarray  # (n_trials,) each trial's 1-based number in the experiment's design
     trial_stimuli: np.ndarray  # (n_trials,) the 0-based stimulus id each trial showed (the dataset's ``nsd_id``)
     test_stimuli: np.ndarray  # stimulus ids of the test split; their trials are averaged per stimulus
 
@@ -84,38 +85,55 @@ class NSDReader:
 
     ``root`` is a local NSD folder or a URL such as NSD's bucket ``s3://natural-scenes-dataset``, from which only
     what the subject needs is fetched (see :mod:`brainldm.storage`; ``cache_dir`` holds what was fetched).
-    ``sessions``: use the first K sessions (default: all the subject's consecutive sessions). The test split is
-    NSD's shared images (``sharedix``) seen in those sessions.
+    ``sessions``: use the first K sessions, or a list of session numbers in any order (default: all the subject's
+    consecutive sessions). The test split is NSD's shared images (``sharedix``) seen in those sessions.
+
+    Trials sit where NSD's design puts them: the volumes of session s are trials ``750 (s - 1)`` to ``750 s - 1``,
+    whichever sessions are read and in whatever order. A session file that does not hold the design's 750 trials
+    (cut short by a failed copy, another file under its name) is an error naming it, never a shift of every later
+    trial onto another picture; ``nsd_stim_info_merged.csv`` is compared with the design on every trial it lists.
     """
 
     def __init__(
         self,
         root: str | Path | Storage,
         subject: int,
-        sessions: int | None = None,
+        sessions: int | Sequence[int] | None = None,
         whole_brain: bool = False,
         cache_dir: str | Path | None = None,
         progress: bool = False,
     ):
-        if sessions is not None and sessions < 1:
+        if isinstance(sessions, int) and sessions < 1:
             raise InputError(f"--sessions must be >= 1, got {sessions}")
         storage = root if isinstance(root, Storage) else Storage(root, cache_dir=cache_dir, progress=progress)
         self.root, self.subject, self.whole_brain = storage, int(subject), whole_brain
         design = nsd.read_expdesign(storage)
         self.info = nsd.read_stim_info(storage)
-        self.sessions = nsd.list_sessions(storage, subject, sessions)
+        if sessions is None or isinstance(sessions, int):
+            self.sessions = nsd.list_sessions(storage, subject, sessions)
+        else:
+            self.sessions = nsd.check_sessions(storage, subject, sessions)
         self.voxels = nsd_voxel_table(storage, subject, whole_brain)
-        shapes = [nsd.betas_shape(storage, subject, s) for s in self.sessions]
-        for session, shape in zip(self.sessions, shapes):
+        per_session = design.trials_per_session
+        for session in self.sessions:
+            shape = nsd.betas_shape(storage, subject, session)
             if tuple(shape[:3]) != self.voxels.grid_shape:
                 raise InputError(
                     f"{self.describe_session(session)} has grid {tuple(shape[:3])} but the ROIs of "
                     f"subject {subject} have grid {self.voxels.grid_shape}; are they from the same resolution "
                     "(func1pt8mm)?"
                 )
-        self.session_of_trial = np.concatenate([np.full(shape[3], s) for s, shape in zip(self.sessions, shapes)])
-        self.trial_stimuli = design.trial_images(subject, len(self.session_of_trial))
-        self._cross_check()
+            if shape[3] != per_session:
+                raise InputError(
+                    f"{self.describe_session(session)} holds {shape[3]} trials, but NSD's design has {per_session} "
+                    f"in every session (trial t is volume t % {per_session} of session t // {per_session} + 1); the "
+                    "file is cut short or is not this session's: download it again"
+                )
+        trials = np.concatenate([design.session_trials(s) for s in self.sessions])
+        self.trial_numbers = trials + 1
+        self.session_of_trial = np.repeat(self.sessions, per_session)
+        self.trial_stimuli = design.trial_images(subject, trials)
+        self._cross_check(design)
         coco_ids = self.info.loc[np.unique(self.trial_stimuli), "cocoId"].astype(np.int64)
         self.captions = nsd.read_captions(storage, coco_ids.to_numpy())
         self.test_stimuli = np.unique(self.trial_stimuli[np.isin(self.trial_stimuli, design.shared)])
@@ -143,8 +161,10 @@ class NSDReader:
     def open_stimuli(self) -> nsd.Stimuli:
         return nsd.Stimuli(self.root, np.unique(self.trial_stimuli))
 
-    def _cross_check(self) -> None:
-        """The stim-info rep columns must name each trial under the image that expdesign says it showed."""
+    def _cross_check(self, design: nsd.ExpDesign) -> None:
+        """The stim-info rep columns and the design must agree on every trial read: each trial is listed under the
+        image the design says it showed, and every trial the rep columns list shows, by the design, their row's
+        image."""
         info, subject, images = self.info, self.subject, self.trial_stimuli
         columns = [f"subject{subject}_rep{r}" for r in range(3)]
         if not set(columns) <= set(info.columns):
@@ -152,14 +172,25 @@ class NSDReader:
         missing = np.setdiff1d(np.unique(images), info.index.to_numpy())
         if len(missing):
             raise InputError(f"nsd_stim_info_merged.csv has no row for nsdId {missing[0]} shown to subject {subject}")
+        disagree = (
+            "nsd_expdesign.mat and nsd_stim_info_merged.csv disagree: trial {t} of subject {subject} shows nsdId "
+            "{design} by the design, but nsd_stim_info_merged.csv lists it under nsdId {listed}"
+        )
         reps = info.loc[images, columns].to_numpy()
-        trials = np.arange(1, len(images) + 1)[:, None]
-        wrong = np.flatnonzero(~(reps == trials).any(axis=1))
+        wrong = np.flatnonzero(~(reps == self.trial_numbers[:, None]).any(axis=1))
         if len(wrong):
-            t = int(wrong[0]) + 1
+            t = int(self.trial_numbers[wrong[0]])
+            listed = info.index[(info[columns].to_numpy() == t).any(axis=1)].tolist()
+            raise InputError(disagree.format(t=t, subject=subject, design=images[wrong[0]], listed=listed or "none"))
+        listed = info[columns].to_numpy()
+        row, rep = np.nonzero(np.isin(listed, self.trial_numbers))
+        trials = listed[row, rep]
+        shown = design.trial_images(subject, trials - 1)
+        wrong = np.flatnonzero(shown != info.index.to_numpy()[row])
+        if len(wrong):
+            k = wrong[0]
             raise InputError(
-                f"nsd_expdesign.mat and nsd_stim_info_merged.csv disagree: trial {t} of subject {subject} shows "
-                f"nsdId {images[t - 1]} by the design, but that image's {columns} do not list trial {t}"
+                disagree.format(t=int(trials[k]), subject=subject, design=shown[k], listed=info.index[row[k]])
             )
 
 
@@ -179,10 +210,13 @@ class ExperimentReader:
           "images": "images/",            // the stimulus images, any format PIL reads
           "captions": "captions.json",    // {"image file": ["a caption", ...], ...}
           "rois": {"early": "rois/early.nii.gz", "ventral": "rois/ventral.nii.gz"},  // masks in the betas grid
-          "test": "test.txt"              // the test split's image files, one per line
+          "test": "test.txt",             // the test split's image files, one per line
+          "trials_per_session": 120       // optional: trials in each betas file (a number, or one per file)
         }
 
-    Stimulus ids are the images' positions in sorted file-name order. The stored voxels are those in any ROI mask
+    Trials are numbered by the trials list's lines. ``trials_per_session`` guards that numbering: a betas file
+    with another trial count (cut short by a failed copy) is an error naming it, not a shift of every later trial
+    onto another image. Stimulus ids are the images' positions in sorted file-name order. The stored voxels are those in any ROI mask
     (labelled by the first mask that holds them, in the manifest's order); ``nsdgeneral`` is their union. Name the
     ROIs ``early`` and ``ventral`` to decode z and c with the paper's settings (or choose others when fitting).
     """
@@ -222,6 +256,15 @@ class ExperimentReader:
         self.captions = {ids[n]: [str(c).strip() for c in caps] for n, caps in captions.items() if n in ids}
 
         lengths = [self._n_trials(path) for path in self.betas]
+        expected = spec.get("trials_per_session")
+        if expected is not None:
+            expected = [expected] * len(self.betas) if isinstance(expected, int) else expected
+            for path, n, want in zip(self.betas, lengths, expected):
+                if n != want:
+                    raise InputError(
+                        f"{path} holds {n} trials, but {self.manifest.name} gives that session {want} "
+                        "(trials_per_session); the file is cut short or is not that session's"
+                    )
         if sum(lengths) != len(shown):
             raise InputError(
                 f"the betas hold {sum(lengths)} trials ({', '.join(map(str, lengths))} per file) but the trials list "
@@ -229,6 +272,7 @@ class ExperimentReader:
             )
         self.sessions = list(range(1, len(self.betas) + 1))
         self.session_of_trial = np.concatenate([np.full(n, s) for s, n in zip(self.sessions, lengths)])
+        self.trial_numbers = np.arange(1, len(shown) + 1)  # the trials list's lines
         self.trial_stimuli = np.array([ids[n] for n in shown], dtype=np.int64)
         self.test_stimuli = np.unique([ids[n] for n in test])
         if (
@@ -322,6 +366,17 @@ def _check_manifest(path: Path, spec) -> None:
     rois = spec["rois"]
     if not isinstance(rois, dict) or not all(isinstance(v, str) and v for v in rois.values()):
         raise InputError(f'{path}: \'rois\' must map ROI names to mask paths, e.g. {{"early": "rois/early.nii.gz"}}')
+    per_session = spec.get("trials_per_session")
+    is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    n_files = len(betas) if isinstance(betas, list) else 1
+    if per_session is not None and not (
+        is_count(per_session)
+        or (isinstance(per_session, list) and len(per_session) == n_files and all(map(is_count, per_session)))
+    ):
+        raise InputError(
+            f"{path}: 'trials_per_session' must be a whole number >= 1 or one per betas file ({n_files}), got "
+            f"{per_session!r}"
+        )
     subject = spec.get("subject", 1)
     if isinstance(subject, bool) or not isinstance(subject, int) or subject < 1:
         raise InputError(f"{path}: 'subject' must be a whole number >= 1, got {subject!r}")

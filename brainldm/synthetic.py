@@ -155,9 +155,10 @@ def write_nsd_tree(
     n_trials = n_sessions * trials_per_session
     per_subject = -(-n_trials // REPS)
     n_unique = per_subject - n_shared
-    if n_sessions < 1 or trials_per_session < 1 or n_shared < 1 or n_unique < 1:
+    if not 1 <= n_sessions <= nsd.DESIGN_SESSIONS or trials_per_session < 1 or n_shared < 1 or n_unique < 1:
         raise InputError(
-            f"need >= 1 session, trial and shared image, and more images per subject ({per_subject}) "
+            f"need 1 to {nsd.DESIGN_SESSIONS} sessions, >= 1 trial and shared image, and more images per subject "
+            f"({per_subject}) "
             f"than shared images ({n_shared}); got n_sessions={n_sessions}, "
             f"trials_per_session={trials_per_session}, n_shared={n_shared}"
         )
@@ -173,7 +174,9 @@ def write_nsd_tree(
         affine = np.diag([1.8, 1.8, 1.8, 1.0])
         affine[:3, 3] = -0.9 * np.asarray(grid_shape)
 
-    n_images, shared, subjectim, masterordering, trial_images = _design(rng, n_trials, n_shared, n_unique)
+    n_images, shared, subjectim, masterordering, trial_images = _design(
+        rng, n_trials, trials_per_session, n_shared, n_unique
+    )
     images, captions = zip(*(draw_picture(rng, image_size) for _ in range(n_images)))
     coco_ids = rng.choice(np.arange(9, 600_000), size=n_images, replace=False)
     coco_split = np.where(rng.random(n_images) < 0.9, "train2017", "val2017")
@@ -226,8 +229,9 @@ def write_nsd_tree(
     return truth
 
 
-def _design(rng, n_trials: int, n_shared: int, n_unique: int):
-    """NSD's experiment design in small: (n_images, shared ids, subjectim, masterordering, subject -> trial images).
+def _design(rng, n_trials: int, trials_per_session: int, n_shared: int, n_unique: int):
+    """NSD's experiment design in small: (n_images, shared ids, subjectim, masterordering, subject -> trial images
+    of the first ``n_trials`` trials, those the betas hold).
 
     Image ids: NSD's 73k list, here n_shared + 8 * n_unique pictures; the shared ones spread through it.
     """
@@ -238,8 +242,12 @@ def _design(rng, n_trials: int, n_shared: int, n_unique: int):
     unique = order[n_shared:].reshape(nsd.N_SUBJECTS, n_unique)
     # subjectim: each subject's list, shared images first (as in NSD), 1-based ids
     subjectim = np.concatenate([np.tile(shared, (nsd.N_SUBJECTS, 1)), unique], axis=1) + 1
-    masterordering = rng.permutation(np.repeat(np.arange(per_subject), REPS))[:n_trials] + 1
-    trial_images = {s: subjectim[s - 1, masterordering - 1] - 1 for s in range(1, nsd.N_SUBJECTS + 1)}
+    shown = rng.permutation(np.repeat(np.arange(per_subject), REPS))[:n_trials]
+    # as in NSD, the design runs to 40 sessions whatever a subject did; the trials past the betas' repeat the images
+    design_trials = nsd.DESIGN_SESSIONS * trials_per_session
+    beyond = rng.integers(0, per_subject, size=design_trials - n_trials)
+    masterordering = np.concatenate([shown, beyond]) + 1
+    trial_images = {s: subjectim[s - 1, shown] - 1 for s in range(1, nsd.N_SUBJECTS + 1)}
     return n_images, shared, subjectim, masterordering, trial_images
 
 

@@ -17,6 +17,17 @@ import argparse
 from brainldm import cli
 
 
+def sessions_argument(text: str) -> int | list[int]:
+    """An argparse type: K (the first K sessions) or a comma-separated list of session numbers."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K or a list such as 1,2,5, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sessions are numbered from 1, got {text!r}")
+    return values[0] if "," not in text else values
+
+
 @cli.script
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=cli.output_folder, required=True, help="dataset folder; the subject lands in OUT/subjNN"
     )
-    parser.add_argument("--sessions", type=cli.positive, help="use the first K sessions (default: all)")
+    parser.add_argument(
+        "--sessions",
+        type=sessions_argument,
+        help="use the first K sessions (e.g. 37, as the paper), or the sessions listed (e.g. 1,2,5); default: all",
+    )
     parser.add_argument("--no-zscore", action="store_true", help="keep raw percent signal change")
     parser.add_argument("--overwrite", action="store_true", help="rebuild OUT/subjNN if it exists")
     parser.add_argument(

@@ -323,3 +323,69 @@ def test_trial_to_image_mapping_on_other_tree_shapes(tmp_path, tiny, shape):
     assert len(train) + sum(test["n_reps"]) == shape["n_sessions"] * shape["trials_per_session"]
     assert np.asarray(test[0]["image"]).shape == (shape.get("image_size", 128),) * 2 + (3,)  # write_nsd_tree default
     assert load_voxels(tmp_path / "out", 3).grid_shape == shape["grid_shape"]
+
+
+# --- trials sit where NSD's design puts them -------------------------------------------------------------------
+
+
+def _cut_session(root, subject, session, keep, formats=(".nii.gz", ".hdf5")):
+    """Rewrite one session's betas with only its first ``keep`` volumes, as a failed copy leaves them."""
+    from brainldm.synthetic import write_betas_hdf5
+
+    image = nib.load(nsd.betas_path(root, subject, session))
+    volume = np.asarray(image.dataobj)[..., :keep]
+    if ".hdf5" in formats and nsd.betas_path(root, subject, session, ".hdf5").exists():
+        write_betas_hdf5(nsd.betas_path(root, subject, session, ".hdf5"), volume)
+    if ".nii.gz" in formats:
+        nib.save(nib.Nifti1Image(volume, image.affine), nsd.betas_path(root, subject, session))
+
+
+@pytest.mark.parametrize("session", [1, 3])  # the first (every later trial would shift) and the last (dropped)
+@pytest.mark.parametrize("betas", ["hdf5", "nifti"])
+def test_a_session_with_fewer_trials_than_the_design_is_an_error_naming_it(nsd_tree, tmp_path, session, betas):
+    copy = tmp_path / "nsd"
+    shutil.copytree(nsd_tree.root, copy)
+    if betas == "nifti":
+        for path in copy.rglob("betas_session*.hdf5"):
+            path.unlink()
+    _cut_session(copy, 1, session, 25)
+    if betas == "hdf5":  # the twins only, as the bucket reader prefers them
+        for path in copy.rglob("betas_session*.nii.gz"):
+            path.unlink()
+    suffix = ".hdf5" if betas == "hdf5" else ".nii.gz"
+    _assert_fails(copy, tmp_path, rf"betas_session{session:02d}\{suffix} holds 25 trials, but NSD's design has 30")
+
+
+def test_sessions_out_of_order_or_missing_keep_the_designs_trial_numbers(nsd_tree, prepared, tmp_path):
+    """Sessions 3 and 1 (2 withheld, as NSD withholds some): each trial keeps its number, image and betas."""
+    subset = prepare_subject(nsd_tree.root, 2, tmp_path / "subset", sessions=[3, 1], progress=False)
+    full = load_trials(prepared, 2, "train").with_format("numpy")
+    by_trial = {int(t[0]): i for i, t in enumerate(full["trials"])}
+    part = load_trials(subset.parent, 2, "train").with_format("numpy")
+    per = nsd_tree.trials_per_session
+    numbers = [int(t[0]) for t in part["trials"]]
+    assert {(n - 1) // per + 1 for n in numbers} == {1, 3}
+    assert [int(s[0]) for s in part["sessions"]] == [(n - 1) // per + 1 for n in numbers]
+    rows = [by_trial[n] for n in numbers]
+    np.testing.assert_array_equal(part["nsd_id"], full["nsd_id"][rows])
+    np.testing.assert_array_equal(part["nsd_id"], nsd_tree.trial_images[2][np.array(numbers) - 1])
+    # z-scoring is within each session, so a session's betas do not depend on which others were read
+    np.testing.assert_allclose(np.stack(part["betas"]), np.stack(full["betas"][rows]), atol=1e-6)
+
+
+def test_stim_info_that_misplaces_a_trial_is_caught_by_the_cross_check(nsd_tree, tmp_path):
+    """Two trials' numbers swapped between their images in nsd_stim_info_merged.csv: the design and the file disagree
+    on both, whichever direction is compared first."""
+    copy = tmp_path / "nsd"
+    shutil.copytree(nsd_tree.root, copy)
+    info = pd.read_csv(nsd.stim_info_path(copy), index_col=0)
+    images = nsd_tree.trial_images[1]
+    a, b = 5, 1 + int(np.flatnonzero(images != images[4])[-1])  # 1-based trial numbers of two different images
+    columns = ["subject1_rep0", "subject1_rep1", "subject1_rep2"]
+    table = info[columns].to_numpy()
+    at_a, at_b = table == a, table == b
+    assert at_a.sum() == at_b.sum() == 1
+    table[at_a], table[at_b] = b, a
+    info[columns] = table
+    info.to_csv(nsd.stim_info_path(copy))
+    _assert_fails(copy, tmp_path, "nsd_expdesign.mat and nsd_stim_info_merged.csv disagree: trial")
