@@ -156,6 +156,15 @@ def _prepare(reader: Reader, out: Path, zscore: bool, progress: bool) -> Path:
         shutil.rmtree(work)  # a run with other arguments: its sessions cannot be reused
     (work / "sessions").mkdir(parents=True, exist_ok=True)
     _write_json(work / "params.json", params)
+    versions, before = reader.session_versions(), _read_json(work / "sources.json") or {}
+    changed = [f for f in versions if f in before and before[f] != versions[f]]
+    if changed and any((work / "sessions").iterdir()):
+        raise InputError(
+            f"{changed[0]} changed since this prepare started (it was {before[changed[0]]}, it is {versions[changed[0]]}"
+            " as size:ETag or size:mtime); the sessions read before were dropped rather than mixed with the new file: "
+            "run again to prepare from it"
+        )
+    _write_json(work / "sources.json", versions)
 
     first_trial = {s: int(np.flatnonzero(session_of_trial == s)[0]) for s in used}
 

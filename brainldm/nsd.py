@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,11 +198,23 @@ def read_captions(root: str | Path | Storage, coco_ids) -> dict[int, list[str]]:
     return {c: [text for _, text in sorted(caps)] for c, caps in captions.items()}  # COCO annotation order
 
 
+def _complete_npy(path: Path) -> bool:
+    """Whether ``path`` is a whole ``.npy`` file: its header reads and its size is the header's plus the data's."""
+    try:
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            return path.stat().st_size == f.tell() + int(np.prod(shape)) * dtype.itemsize
+    except (OSError, ValueError):
+        return False
+
+
 class Stimuli:
     """Random access to ``nsd_stimuli.hdf5``'s ``imgBrick`` (n, H, W, 3 uint8). Use as a context manager.
 
     From a remote root, only the pictures ``nsd_ids`` name are fetched (each one's byte range of the file, many at
-    a time), once: they are kept in the storage's cache, so a resumed or repeated run fetches none again.
+    a time), once: they are kept in the storage's cache, so a resumed or repeated run fetches none again, as long as
+    the bucket's file is the one they came from (its size and ETag) and each cached picture is whole.
     """
 
     def __init__(self, root: str | Path | Storage, nsd_ids=None):
@@ -221,10 +234,17 @@ class Stimuli:
         self._fetch(sorted({int(i) for i in nsd_ids}))
 
     def _fetch(self, nsd_ids: list[int], batch: int = 64) -> None:
-        missing = [i for i in nsd_ids if not (self.folder / f"{i}.npy").is_file()]
+        version = self.storage.version(STIMULI)
+        cached = self.storage.cached_version(self.folder)
+        if self.folder.exists() and cached != version:
+            said = "no record of what they came from" if cached is None else f"from {cached}, now {version}"
+            self.storage.note(f"{self.url} is not what its cached pictures came from ({said}); fetching them again")
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.storage.record_version(self.folder, version)  # every picture in the folder is of this version
+        missing = [i for i in nsd_ids if not _complete_npy(self.folder / f"{i}.npy")]
         if not missing:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         with self.storage.open_hdf5(STIMULI, "NSD stimuli") as f:
             if "imgBrick" not in f:
                 raise InputError(f"{self.url} has no imgBrick; is it NSD's nsd_stimuli.hdf5?")

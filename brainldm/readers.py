@@ -49,6 +49,10 @@ class Reader(Protocol):
     def describe_session(self, session: int) -> str:
         """The file a session's betas come from, for error messages."""
 
+    def session_versions(self) -> dict[str, str]:
+        """{file: version} of every session's betas file (its size and ETag, or size and mtime when local): a resumed
+        run must find the same, or its finished sessions came from other files."""
+
     def stimulus_info(self, ids: Sequence[int]) -> tuple[list[int], list[list[str]]]:
         """(COCO id or -1, captions) of each stimulus id."""
 
@@ -153,6 +157,10 @@ class NSDReader:
 
     def describe_session(self, session: int) -> str:
         return self.root.url(nsd.betas_source(self.root, self.subject, session))
+
+    def session_versions(self) -> dict[str, str]:
+        sources = [nsd.betas_source(self.root, self.subject, s) for s in self.sessions]
+        return {self.root.url(rel): self.root.version(rel) for rel in sources}
 
     def stimulus_info(self, ids: Sequence[int]) -> tuple[list[int], list[list[str]]]:
         coco = self.info.loc[list(ids), "cocoId"].to_numpy().astype(np.int64)
@@ -339,6 +347,9 @@ class ExperimentReader:
 
     def describe_session(self, session: int) -> str:
         return str(self.betas[session - 1])
+
+    def session_versions(self) -> dict[str, str]:
+        return {str(p): f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.betas}
 
     def stimulus_info(self, ids: Sequence[int]) -> tuple[list[int], list[list[str]]]:
         return [-1] * len(ids), [self.captions[int(i)] for i in ids]

@@ -4,6 +4,9 @@ A :class:`Storage` reads files by their path relative to its root. A local root 
 root (``s3://natural-scenes-dataset``, or any fsspec URL) fetches only what is asked for:
 
 - small files whole, once, into a local cache (:func:`default_cache_dir`), so a second run fetches nothing again;
+  every cache entry records what the store said of its object when it was fetched (size and ETag, see
+  :meth:`Storage.version`) and is trusted only while the store still says so: an object replaced in the bucket
+  (even by one of the same size) or a damaged entry is fetched again, with a note on the progress line;
 - large files as byte ranges: ranges closer than ``max_gap`` are merged into one request, and the requests run
   concurrently;
 - an HDF5 file through :meth:`Storage.open_hdf5`, which reads its metadata in small blocks.
@@ -52,12 +55,19 @@ class Storage:
 
     def __init__(self, root: str | Path, cache_dir: str | Path | None = None, progress: bool = False):
         self.remote = is_url(root)
+        if self.remote:
+            protocol, path = str(root).split("://", 1)
+            if not path.strip("/"):
+                raise InputError(
+                    f"{str(root)!r} names no bucket or folder after {protocol}://; NSD's bucket is {NSD_BUCKET}"
+                )
         self.root = str(root).rstrip("/") if self.remote else Path(root)
         self.bytes_fetched = 0
         self.requests = 0
         self._progress = progress
         self._bar = None
-        self._listings: dict[str, dict[str, int]] = {}
+        self._listings: dict[str, dict[str, tuple[int, str]]] = {}
+        self.notes: list[str] = []  # what was said on the progress line (cache entries fetched again)
         if self.remote:
             self.fs = _filesystem(self.root)
             key = self.root.split("://", 1)[1].replace(":", "_")
@@ -93,8 +103,10 @@ class Storage:
             return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         return sorted(self._listing(rel))
 
-    def _listing(self, folder: str) -> dict[str, int]:
-        """Name -> size of the files in a remote folder, listed once (one request, whatever is later asked)."""
+    def _listing(self, folder: str) -> dict[str, tuple[int, str]]:
+        """Name -> (size, version) of the files in a remote folder, listed once (one request, whatever is later
+        asked). The version is what the store says identifies the object's content: its ETag (S3, GCS), else its
+        version id or modification time."""
         if folder not in self._listings:
             try:
                 with self._errors(folder):
@@ -105,8 +117,40 @@ class Storage:
                 entries = []
             self._count(0, 1)
             files = [e for e in entries if e["type"] == "file"]
-            self._listings[folder] = {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"] or 0) for e in files}
+            self._listings[folder] = {
+                e["name"].rstrip("/").rsplit("/", 1)[-1]: (int(e["size"] or 0), _object_tag(e)) for e in files
+            }
         return self._listings[folder]
+
+    def version(self, rel: str) -> str:
+        """What the store says of ``rel`` now, as one string (``size:ETag``), from the folder's listing. A cache entry
+        made from an object is trusted only while this is unchanged; a local file's is its size and mtime."""
+        if not self.remote:
+            stat = (self.root / rel).stat()
+            return f"{stat.st_size}:{stat.st_mtime_ns}"
+        folder, _, name = rel.rpartition("/")
+        entry = self._listing(folder).get(name)
+        if entry is None:
+            raise InputError(f"missing file: {self.url(rel)} does not exist")
+        return f"{entry[0]}:{entry[1]}"
+
+    def cached_version(self, entry: Path) -> str | None:
+        """The version a cache entry (a file or folder under :attr:`cache`) was fetched from, or None if unknown."""
+        try:
+            return _version_record(entry).read_text()
+        except OSError:
+            return None
+
+    def record_version(self, entry: Path, version: str) -> None:
+        """Note that the cache entry ``entry`` holds the object of ``version`` (written after the entry itself)."""
+        with atomic_path(_version_record(entry)) as tmp:
+            tmp.write_text(version)
+
+    def note(self, message: str) -> None:
+        """A line on the progress output (kept in :attr:`notes`)."""
+        self.notes.append(message)
+        if self._progress:
+            tqdm.write(message)
 
     def local(self, rel: str, what: str = "file") -> Path:
         """A local path to ``rel``: the file itself, or (remote) its cached copy, fetched whole the first time."""
@@ -116,16 +160,36 @@ class Storage:
                 raise InputError(f"missing {what}: {path} does not exist")
             return path
         path = self.cache / rel
-        if path.is_file():
-            return path
         if not self.exists(rel):
             raise InputError(f"missing {what}: {self.url(rel)} does not exist")
+        version, size = self.version(rel), self.size(rel)
+        if path.is_file():
+            if self.cached_version(path) == version and path.stat().st_size == size:
+                return path
+            self.note(
+                f"{self.url(rel)}: the cached copy is not the bucket's ({self._why(path, version)}); fetching it again"
+            )
+        _version_record(path).unlink(missing_ok=True)
         with self._errors(rel), atomic_path(path) as tmp:
             with self.fs.open(self.url(rel), "rb", block_size=MAX_REQUEST) as src, open(tmp, "wb") as dst:
                 while block := src.read(MAX_REQUEST):
                     dst.write(block)
                     self._count(len(block), 1)
+            if tmp.stat().st_size != size:
+                raise InputError(
+                    f"{self.url(rel)} changed while it was fetched ({tmp.stat().st_size:,} bytes, the listing said "
+                    f"{size:,}); run again"
+                )
+        self.record_version(path, version)
         return path
+
+    def _why(self, entry: Path, version: str) -> str:
+        cached = self.cached_version(entry)
+        if cached is None:
+            return "no record of what it was fetched from"
+        if cached != version:
+            return f"fetched from {cached}, the bucket now holds {version}"
+        return "damaged: its size is not the object's"
 
     def local_folder(self, rel: str, names: Sequence[str], what: str) -> Path:
         """A local folder holding ``names`` (paths relative to ``rel``), fetching the missing ones when remote."""
@@ -139,10 +203,10 @@ class Storage:
         if not self.remote:
             return (self.root / rel).stat().st_size
         folder, _, name = rel.rpartition("/")
-        sizes = self._listing(folder)
-        if name not in sizes:
+        entries = self._listing(folder)
+        if name not in entries:
             raise InputError(f"missing file: {self.url(rel)} does not exist")
-        return sizes[name]
+        return entries[name][0]
 
     def read_ranges(
         self, rel: str, starts: Sequence[int], sizes: Sequence[int], max_gap: int = DEFAULT_MAX_GAP
@@ -326,6 +390,18 @@ class RangeFile(io.RawIOBase):
         return n
 
 
+def _version_record(entry: Path) -> Path:
+    return entry.with_name(f".{entry.name}.version")
+
+
+def _object_tag(entry: dict) -> str:
+    """What identifies an object's content in a listing entry: ETag, else version id, else modification time."""
+    for key in ("ETag", "etag", "VersionId", "generation", "md5Hash", "mtime", "LastModified", "last_modified"):
+        if entry.get(key):
+            return str(entry[key]).strip('"')
+    return ""
+
+
 # --- filesystems -----------------------------------------------------------------------------------------------
 
 
@@ -345,9 +421,21 @@ def _filesystem(url: str):
                 "max_pool_connections": 32,
             },
         )
+    from fsspec.registry import known_implementations
+
+    if protocol not in known_implementations and protocol not in fsspec.available_protocols():
+        raise InputError(
+            f"cannot read {url}: fsspec knows no protocol {protocol!r}; use a local folder or a URL such as "
+            f"{NSD_BUCKET} (s3, gs, https, ... each through the package that adds it to fsspec)"
+        )
     try:
         return fsspec.filesystem(protocol, **options)
-    except (ImportError, ValueError) as err:
+    except ImportError as err:
+        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0] or "its fsspec package"
+        raise InputError(
+            f"cannot read {url}: {protocol}:// needs the package {package} ({oneline(err)}); pip install {package}"
+        ) from err
+    except ValueError as err:
         raise InputError(f"cannot read {url}: {oneline(err)}") from err
 
 

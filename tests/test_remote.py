@@ -222,3 +222,102 @@ def test_without_hdf5_twins_the_nifti_is_streamed(bucket, s3, tmp_path):
                              cache_dir=tmp_path / "cache")  # fmt: skip
     assert _files(remote) == _files(local)
     assert s3.fetched("betas_session01.nii.gz") > 0
+
+
+# --- a cache that never serves stale data ------------------------------------------------------------------------
+
+
+def _put(s3, bucket: str, key: str, path: Path) -> None:
+    s3.client().upload_file(str(path), bucket, key, ExtraArgs={"ACL": "public-read"})
+
+
+@pytest.fixture
+def own_bucket(s3, nsd_tree, tmp_path):
+    """A bucket of the session's tree that a test may change, and the local copy it was uploaded from."""
+    import shutil
+
+    name = f"changing-{tmp_path.name.lower().replace('_', '-')}"[:63]
+    root = tmp_path / "tree"
+    shutil.copytree(nsd_tree.root, root)
+    s3.upload_tree(root, name)
+    return name, root
+
+
+def test_a_rerun_after_the_buckets_pictures_changed_reads_the_new_ones(own_bucket, s3, tmp_path):
+    """Same key, same size, new pictures: the cached pictures are not the bucket's any more."""
+    import h5py
+
+    from brainldm.data import load_trials
+
+    name, root = own_bucket
+    prepare_subject(f"s3://{name}", 1, tmp_path / "old", sessions=1, progress=False, cache_dir=tmp_path / "cache")
+    with h5py.File(nsd.stimuli_path(root), "r+") as f:
+        f["imgBrick"][...] = 255 - f["imgBrick"][...]  # in place: the file keeps its size
+    size = nsd.stimuli_path(root).stat().st_size
+    _put(s3, name, nsd.STIMULI, nsd.stimuli_path(root))
+    assert s3.client().head_object(Bucket=name, Key=nsd.STIMULI)["ContentLength"] == size
+    from brainldm.storage import Storage
+
+    storage = Storage(f"s3://{name}", cache_dir=tmp_path / "cache")
+    prepare_subject(storage, 1, tmp_path / "new", sessions=1, progress=False)
+    local = prepare_subject(root, 1, tmp_path / "local", sessions=1, progress=False)
+    new, fresh = load_trials(tmp_path / "new", 1, "test"), load_trials(local.parent, 1, "test")
+    for a, b in zip(new, fresh):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    old = load_trials(tmp_path / "old", 1, "test")
+    assert not np.array_equal(np.asarray(old[0]["image"]), np.asarray(new[0]["image"]))
+    assert any("nsd_stimuli.hdf5 is not what its cached pictures came from" in n for n in storage.notes)
+
+
+def test_damaged_cache_entries_are_fetched_again(own_bucket, s3, tmp_path):
+    name, root = own_bucket
+    cache = tmp_path / "cache"
+    prepare_subject(f"s3://{name}", 1, tmp_path / "a", sessions=1, progress=False, cache_dir=cache)
+    info = next(cache.rglob("nsd_stim_info_merged.csv"))
+    info.write_bytes(info.read_bytes()[:100])  # cut short
+    pictures = sorted(cache.rglob("nsd_stimuli.hdf5.images/*.npy"))
+    pictures[0].write_bytes(pictures[0].read_bytes()[:1000])
+    s3.requests.clear()
+    prepare_subject(f"s3://{name}", 1, tmp_path / "b", sessions=1, progress=False, cache_dir=cache)
+    assert s3.fetched("nsd_stim_info_merged.csv") == nsd.stim_info_path(root).stat().st_size  # whole, once
+    picture, metadata = 128 * 128 * 3, 512 * 1024
+    assert picture <= s3.fetched("nsd_stimuli.hdf5") < picture + metadata  # that one picture, not the others
+    for small in ("nsd_expdesign.mat", "captions_", "roi/"):
+        assert s3.fetched(small) == 0, small
+
+
+def test_a_session_changed_between_two_runs_of_one_prepare_is_named(own_bucket, s3, tmp_path, monkeypatch):
+    name, root = own_bucket
+    real_read = nsd.read_betas
+
+    def dying_read(root_, subject, session, ijk):
+        if session == 2:
+            raise KeyboardInterrupt  # killed while reading session 2
+        return real_read(root_, subject, session, ijk)
+
+    monkeypatch.setattr(nsd, "read_betas", dying_read)
+    args = dict(progress=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        prepare_subject(f"s3://{name}", 1, tmp_path / "out", **args)
+    monkeypatch.setattr(nsd, "read_betas", real_read)
+    key = nsd.betas_file(1, 1, ".hdf5")
+    _put(s3, name, key, root / nsd.betas_file(1, 2, ".hdf5"))  # session 1 replaced by another file
+    with pytest.raises(InputError, match=r"betas_session01\.hdf5 changed since this prepare started"):
+        prepare_subject(f"s3://{name}", 1, tmp_path / "out", **args)
+    assert not (tmp_path / "out" / ".subj01.partial").exists()  # nothing of the old file is kept to mix
+    prepare_subject(f"s3://{name}", 1, tmp_path / "out", **args)  # and a new run prepares from the new file
+    assert (tmp_path / "out" / "subj01" / "info.json").exists()
+
+
+@pytest.mark.parametrize(
+    "root, match",
+    [
+        ("s3://", "'s3://' names no bucket or folder after s3://"),
+        ("nosuch://bucket", "fsspec knows no protocol 'nosuch'"),
+        ("gs://bucket", "gs:// needs the package gcsfs.*pip install gcsfs"),
+    ],
+)
+def test_a_vague_url_says_what_is_wrong_with_it(root, match, tmp_path):
+    with pytest.raises(InputError, match=match):
+        prepare_subject(root, 1, tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
