@@ -15,36 +15,71 @@ import argparse
 import os
 
 import gradio as gr
+import numpy as np
 import spaces  # before brainldm imports torch: on a ZeroGPU Space it patches torch's CUDA
 
-from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, gpu_seconds, offline_sources
+from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, gpu_seconds, offline_sources, ordinal
 from brainldm.presets import TAKAGI2023, Sampling
 from brainldm.validation import MAX_SEED, InputError
 
 CONCURRENCY_LIMIT = 2  # reconstructions running at once (one GPU)
-QUEUE_SIZE = 64
-SHOWCASE = (TAKAGI2023.sampling.strength, TAKAGI2023.sampling.guidance_scale,
-            TAKAGI2023.sampling.num_inference_steps, TAKAGI2023.sampling.seed, 1)  # fmt: skip
-
+QUEUE_SIZE = 64  # visitors waiting beyond those; the 65th is told the queue is full
 
 # show_error: an API call with a value Gradio cannot read (a trial "seven") answers with what was wrong, not a bare
 # "the app raised an exception"
 LAUNCH_OPTIONS = {"show_error": True}
 # how the quality table names the decoded targets it knows; any other target (from the maps) shows by its own name
 TARGET_NAMES = {"z": "z (image latent)", "c": "c (caption embedding)"}
+RESCALE_CHOICES = {
+    "as fitted (the paper)": None,
+    "per dimension": "dimension",
+    "per target": "target",
+}
+DEFAULT_RESCALE = "per target"
+# what each image is made from, one line under it
+CAPTIONS = {
+    "presented": "**Presented**: the picture the subject saw",
+    "Xz": "**Xz**: the image latent z decoded from early visual cortex",
+    "Xc": "**Xc**: generated from c alone, the caption embedding decoded from ventral cortex",
+    "Xzc": "**Xzc**: Xz noised to the noise level, then redrawn guided by c",
+}
+NOISE_INFO = (
+    "Shapes Xzc only: how much of Xz is noised away before c redraws it. Low keeps Xz's layout and colour; "
+    "1.0 noises Xz away entirely, so Xzc starts from noise as Xc does (with its own seed's noise, so not Xc's picture)"
+)
+CORTICAL_NOTE = (
+    "Each map shows, voxel by voxel, how well an encoding model predicts the voxel's response to held-out test "
+    "pictures from one LDM feature space (z, c, ...): **test r** is the correlation between predicted and measured "
+    "responses, drawn only where it is significant at **q < 0.05 after FDR** correction (the expected share of false "
+    "positives among the drawn voxels is at most 5%). z predicts early visual cortex best and c higher, ventral "
+    "cortex, as in Takagi & Nishimoto's Figure 5."
+)
 
 
 def quality_report(quality: dict | None, captions: list[str]) -> str:
-    """The markdown under the images: how well each decoded target scored at fit time (one row per target the maps
-    hold), then the captions."""
+    """The markdown under the images: how well each decoded target scored when the maps were fitted (one row per
+    target the maps hold), then the captions."""
     if quality is None:
         table = "This image was not scored when the maps were fitted.\n\n"
     else:
-        table = f"| | r with the true features | identification rank (of {quality['n_candidates']}) |\n|---|---|---|\n"
+        n = quality["n_candidates"]
+        table = (
+            f"**How well the maps decoded this trial** (scored when they were fitted): the decoded target's r with the "
+            f"true one, and the rank of the true one among the {n} test images' (1 is best; chance is {(n + 1) / 2:g})."
+            "\n\n| target | r with the true features | rank of the true features |\n|---|---|---|\n"
+        )
         for name, target in quality["targets"].items():
-            table += f"| {TARGET_NAMES.get(name, name)} | {target['r']:.3f} | {target['rank']} |\n"
+            table += f"| {TARGET_NAMES.get(name, name)} | {target['r']:.3f} | {ordinal(target['rank'])} of {n} |\n"
         table += "\n"
-    return table + f"Captions: {' / '.join(captions)}"
+    return table + f"**Captions of the presented picture**: {' / '.join(captions)}"
+
+
+def rank_line(ranks: dict[str, int], n: int, clip_name: str) -> str:
+    """One line: where the presented picture ranks among the test pictures by this image's pixels and CLIP."""
+    said = [f"{ordinal(ranks['pixels'])} of {n} by pixels"]
+    if "clip" in ranks:
+        said.append(f"{ordinal(ranks['clip'])} by {clip_name}")
+    return f"Presented picture ranked {' and '.join(said)}; chance is {(n + 1) / 2:g}"
 
 
 def resolve_sources(maps: str | None, data: str | None, model: str | None, subjects: str | None) -> Sources:
@@ -64,6 +99,7 @@ def resolve_sources(maps: str | None, data: str | None, model: str | None, subje
 
 def build_demo(backend: DemoBackend) -> gr.Blocks:
     sources = backend.sources
+    paper = TAKAGI2023.sampling
 
     def load_subject(subject):
         try:
@@ -81,81 +117,134 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
     def generate(z, c, sampling):
         return backend.generate(z, c, sampling)
 
-    def reconstruct(subject, trial, strength, guidance, steps, seed, samples, progress=gr.Progress(track_tqdm=True)):
+    def shown(out):
+        """The panels' values: the four images (lists, so that samples browse within their panel), the three
+        images' ranks and the maps' decoding quality."""
+        n, clip_name = out["n_candidates"], out["clip_name"]
+        lines = [rank_line(out["ranks"][kind], n, clip_name) for kind in ("Xz", "Xc", "Xzc")]
+        report = quality_report(out["quality"], out["captions"])
+        return [out["presented"]], [out["Xz"]], out["Xc"], out["Xzc"], *lines, report
+
+    def reconstruct(subject, trial, strength, rescale, guidance, steps, seed, samples,
+                    progress=gr.Progress(track_tqdm=True)):  # fmt: skip
         try:
+            if rescale not in RESCALE_CHOICES:
+                raise InputError(f"rescale must be one of {list(RESCALE_CHOICES)}, got {rescale!r}")
             sampling = Sampling(float(strength), float(guidance), int(steps), int(seed), int(samples))
-            out = backend.reconstruct(subject, trial, sampling, generate=generate)
+            out = backend.reconstruct(subject, trial, sampling, generate=generate, rescale=RESCALE_CHOICES[rescale])
         except (InputError, OSError) as err:
             raise gr.Error(str(err)) from err
-        report = quality_report(out["quality"], out["captions"])
-        return out["presented"], out["Xz"], out["Xc"], out["Xzc"], report
+        return shown(out)
 
-    def cortical(subject):
+    def showcase(subject, rescale):
+        try:
+            shown_trials = backend.showcase(subject, rescale=RESCALE_CHOICES[rescale], generate=generate)
+        except (InputError, OSError) as err:
+            raise gr.Error(str(err)) from err
+        return [(item["thumbnail"], item["label"]) for item in shown_trials]
+
+    def open_showcase(subject, rescale, evt: gr.SelectData):
+        item = backend.showcase(subject, rescale=RESCALE_CHOICES[rescale], generate=generate)[evt.index]
+        return item["trial"], paper.strength, *shown(item)
+
+    def cortical(choice):
+        subject = sources.subjects[0] if choice == "all subjects" else int(choice)
         figures = backend.cortical_maps(subject)
-        note = "" if figures else "No cortical maps saved for this subject yet (scripts/encoding.py writes them)."
+        if choice == "all subjects":
+            figures = [f for f in figures if f[1].startswith("all subjects")] or figures
+        else:
+            figures = [f for f in figures if not f[1].startswith("all subjects")]
+        note = (
+            CORTICAL_NOTE
+            if figures
+            else "No cortical maps saved for this subject yet (scripts/encoding.py writes them)."
+        )
         return figures, note
+
+    def new_seed():
+        return int(np.random.default_rng().integers(0, 2**31))
 
     with gr.Blocks(title="brainldm: images from brain activity") as demo:
         gr.Markdown(
-            "# brainldm: high-resolution image reconstruction from brain activity\n"
-            "Linear maps turn a subject's fMRI (NSD) into Stable Diffusion's image latent **z** and caption "
-            "embedding **c**; **Xz** decodes z, **Xc** generates from c, **Xzc** is img2img from Xz guided by c "
-            "(Takagi & Nishimoto, CVPR 2023)."
+            "## brainldm: what a person saw, reconstructed from their fMRI with a latent diffusion model\n"
+            "Linear maps turn a subject's brain activity into Stable Diffusion's image latent **z** and caption "
+            "embedding **c** (Takagi & Nishimoto, CVPR 2023); pick a test picture and see what each carries."
         )
         if sources.offline:
             gr.Markdown(OFFLINE_BANNER, elem_id="offline-banner")
         with gr.Tab("Reconstruct"):
-            with gr.Row():
-                subject = gr.Dropdown(sources.subjects, value=sources.subjects[0], label="Subject")
-                trial = gr.Number(0, precision=0, label="Test trial", minimum=0)
-                status = gr.Markdown()
-            gallery = gr.Gallery(label="Test images (click one)", columns=8, height=260, allow_preview=False)
-            with gr.Row():
-                strength = gr.Slider(
-                    0.05, 1.0, TAKAGI2023.sampling.strength, step=0.05, label="Noise level (img2img strength)",
-                    info="How much of Xz is noised away before c redraws it: near 0 keeps Xz, 1 ignores it",
-                )  # fmt: skip
-                guidance = gr.Slider(
-                    1, 15, TAKAGI2023.sampling.guidance_scale, step=0.5, label="c strength (guidance)",
-                    info="How strongly the decoded caption embedding c steers Xc and Xzc (classifier-free guidance)",
-                )  # fmt: skip
-                steps = gr.Slider(10, 100, TAKAGI2023.sampling.num_inference_steps, step=1, label="DDIM steps")
-                seed = gr.Number(TAKAGI2023.sampling.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-                samples = gr.Slider(1, 5, 1, step=1, label="Samples")
-            run = gr.Button("Reconstruct", variant="primary")
-            with gr.Row():
-                presented = gr.Image(label="Presented image", height=320, elem_id="presented")
-                xz = gr.Image(label="Xz (from z)", height=320, elem_id="xz")
-                xc = gr.Gallery(label="Xc (from c)", columns=1, height=320, object_fit="contain", elem_id="xc")
-                xzc = gr.Gallery(label="Xzc (z and c)", columns=1, height=320, object_fit="contain", elem_id="xzc")
-            quality = gr.Markdown(label="Decoding quality")
-            # the showcase: computed on first use, then served from Gradio's cache to every visitor
-            gr.Examples(
-                [[sources.subjects[0], t, *SHOWCASE] for t in range(3)],
-                [subject, trial, strength, guidance, steps, seed, samples],
-                [presented, xz, xc, xzc, quality],
-                fn=reconstruct,
-                cache_examples=True,
-                cache_mode="lazy",
-                label="Showcase (the paper's settings)",
-            )
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=320):
+                    with gr.Row():
+                        subject = gr.Dropdown(sources.subjects, value=sources.subjects[0], label="Subject", scale=1)
+                        trial = gr.Number(0, precision=0, label="Test trial", minimum=0, scale=1)
+                    status = gr.Markdown()
+                    gallery = gr.Gallery(label="Test images (click one)", columns=6, height=190, allow_preview=False,
+                                         elem_id="test-images")  # fmt: skip
+                    strength = gr.Slider(0.05, 1.0, paper.strength, step=0.05, label="Noise level (img2img strength)",
+                                         info=NOISE_INFO)  # fmt: skip
+                    rescale = gr.Radio(
+                        list(RESCALE_CHOICES), value=DEFAULT_RESCALE, label="Decoded z and c",
+                        info="Ridge shrinks decoded z and c towards the average; rescaling restores the training "
+                        "spread (Brain-Diffuser's step; statistics fitted with the maps)",
+                    )  # fmt: skip
+                    run = gr.Button("Reconstruct", variant="primary")
+                    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                        guidance = gr.Slider(
+                            1, 15, paper.guidance_scale, step=0.5, label="c strength (guidance)",
+                            info="How strongly the decoded caption embedding c steers Xc and Xzc (classifier-free "
+                            "guidance; 1 is none)",
+                        )  # fmt: skip
+                        steps = gr.Slider(10, 100, paper.num_inference_steps, step=1, label="DDIM steps")
+                        with gr.Row():
+                            seed = gr.Number(paper.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                            reseed = gr.Button("New seed", size="sm")
+                        samples = gr.Slider(1, 5, 1, step=1, label="Samples", info="Beyond the first, browse within "
+                                            "the Xc and Xzc panels")  # fmt: skip
+                with gr.Column(scale=5, min_width=320):
+                    panels, lines = {}, {}
+                    with gr.Row(equal_height=True):
+                        for kind in ("presented", "Xz", "Xc", "Xzc"):
+                            with gr.Column(min_width=150, elem_classes="result"):
+                                panels[kind] = gr.Gallery(
+                                    label=kind if kind != "presented" else "Presented", columns=1, height=256,
+                                    object_fit="contain", allow_preview=False, elem_id=kind.lower(),
+                                )  # fmt: skip
+                                gr.Markdown(CAPTIONS[kind], elem_classes="caption")
+                                if kind != "presented":
+                                    lines[kind] = gr.Markdown(elem_id=f"{kind.lower()}-score", elem_classes="score")
+                    quality = gr.Markdown(label="Decoding quality")
+                    showcase_gallery = gr.Gallery(
+                        label="Showcase at the paper's settings: the subject's best, median and worst trials by the "
+                        "maps' own scores (presented, Xz, Xc, Xzc; click one to open it)",
+                        columns=3, height=150, allow_preview=False, elem_id="showcase",
+                    )  # fmt: skip
         with gr.Tab("Cortical maps"):
+            maps_subject = gr.Dropdown(
+                ["all subjects", *map(str, sources.subjects)], value="all subjects", label="Subject"
+            )
             figures = gr.Gallery(
-                label="Encoding accuracy on cortex (flatmaps first)", preview=True, object_fit="contain", height=700
+                label="Encoding accuracy on cortex",
+                columns=1,
+                object_fit="scale-down",
+                height="auto",
+                allow_preview=False,
             )
             figures_note = gr.Markdown()
 
+        outputs = [panels["presented"], panels["Xz"], panels["Xc"], panels["Xzc"], *lines.values(), quality]
         subject.change(load_subject, subject, [gallery, trial, status], api_name="load_subject")
         demo.load(load_subject, subject, [gallery, trial, status], api_visibility="private")
         gallery.select(pick, None, trial, api_visibility="private")
-        run.click(
-            reconstruct,
-            [subject, trial, strength, guidance, steps, seed, samples],
-            [presented, xz, xc, xzc, quality],
-            api_name="reconstruct",
-        )
-        subject.change(cortical, subject, [figures, figures_note], api_name="cortical_maps")
-        demo.load(cortical, subject, [figures, figures_note], api_visibility="private")
+        reseed.click(new_seed, None, seed, api_visibility="private")
+        run.click(reconstruct, [subject, trial, strength, rescale, guidance, steps, seed, samples], outputs,
+                  api_name="reconstruct")  # fmt: skip
+        subject.change(showcase, [subject, rescale], showcase_gallery, api_name="showcase")
+        demo.load(showcase, [subject, rescale], showcase_gallery, api_visibility="private")
+        showcase_gallery.select(open_showcase, [subject, rescale], [trial, strength, *outputs],
+                                api_visibility="private")  # fmt: skip
+        maps_subject.change(cortical, maps_subject, [figures, figures_note], api_name="cortical_maps")
+        demo.load(cortical, maps_subject, [figures, figures_note], api_visibility="private")
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 

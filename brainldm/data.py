@@ -160,9 +160,9 @@ def _prepare(reader: Reader, out: Path, zscore: bool, progress: bool) -> Path:
     changed = [f for f in versions if f in before and before[f] != versions[f]]
     if changed and any((work / "sessions").iterdir()):
         raise InputError(
-            f"{changed[0]} changed since this prepare started (it was {before[changed[0]]}, it is {versions[changed[0]]}"
-            " as size:ETag or size:mtime); the sessions read before were dropped rather than mixed with the new file: "
-            "run again to prepare from it"
+            f"{changed[0]} changed since this prepare started (it was {before[changed[0]]}, it is "
+            f"{versions[changed[0]]} as size:ETag or size:mtime); the sessions read before were dropped rather than "
+            "mixed with the new file: run again to prepare from it"
         )
     _write_json(work / "sources.json", versions)
 

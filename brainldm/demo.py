@@ -24,6 +24,7 @@ from PIL import Image
 from .data import load_trials, load_voxels, subject_name
 from .ldm import load_ldm
 from .maps import WEIGHTS_FILE, SubjectMaps
+from .metrics import correlation_matrix, pixel_vectors
 from .presets import TAKAGI2023, Sampling
 from .reconstruct import Reconstruction, Reconstructor
 from .storage import atomic_path
@@ -34,10 +35,11 @@ THUMBNAIL_SIZE = 128  # px, the gallery's longest side
 OFFLINE_BANNER = (
     "**Offline demo.** No fitted maps or NSD data were found, so this runs on a *synthetic* subject (brainldm's "
     "offline world: NSD-format files with planted responses) whose maps were fitted at start-up, and on `toy`, a "
-    "small Stable-Diffusion-shaped model trained on the offline world's pictures of shapes. The pipeline is the "
-    "real one. Point `BRAINLDM_MAPS` and `BRAINLDM_DATA` at fitted maps and a prepared NSD dataset for "
-    "reconstructions of what NSD subjects saw."
+    "small Stable-Diffusion-shaped model (128 px) trained on the offline world's pictures of patterned animals. The "
+    "pipeline is the real one. Point `BRAINLDM_MAPS` and `BRAINLDM_DATA` at fitted maps and a prepared NSD dataset "
+    "for reconstructions of what NSD subjects saw."
 )
+SHOWCASE_SIZE = 96  # px per image in the showcase's thumbnails
 
 
 @dataclass
@@ -160,6 +162,37 @@ class Subject:
         return items
 
 
+def figure_caption(stem: str) -> str:
+    """One sentence in plain words on what an encoding figure (``scripts/encoding.py``'s file stem) shows."""
+    where = "where q < 0.05 after FDR correction"
+    sweeps = {"noise": "the noise level of zc", "steps": "the denoising step", "layers": "the U-Net layer"}
+    sweep = next((what for key, what in sweeps.items() if key in stem), "the setting")
+    if stem == "group_rois":
+        return "mean test r per ROI for each feature space (bars: the mean over subjects; points: each subject)"
+    if stem.startswith("group_sweep"):
+        return f"test r per ROI as {sweep} varies (thin lines: each subject; thick: their mean)"
+    if stem.endswith("compare_winner"):
+        return f"which feature space predicts each voxel best, {where}"
+    if stem == "flatmap_compare":
+        return f"test r of each feature space on the flattened cortex, {where}"
+    if stem == "compare_rois":
+        return "mean test r per ROI for each feature space"
+    if stem.startswith("flatmap_sweep") or stem.startswith("sweep"):
+        return f"test r as {sweep} varies" + (
+            f", on the flattened cortex, {where}" if "flatmap" in stem else " per ROI"
+        )
+    if stem.startswith("flatmap_"):
+        return f"test r of {stem.removeprefix('flatmap_')} on the flattened cortex, {where}"
+    if stem.startswith("map_"):
+        return f"test r of {stem.removeprefix('map_')} in slices through the volume, {where}"
+    return stem.replace("_", " ")
+
+
+def ordinal(n: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 11 -> '11th'."""
+    return f"{n}{'th' if 11 <= n % 100 <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def gpu_seconds(sampling: Sampling) -> int:
     """ZeroGPU's time budget for one reconstruction: it grows with steps x samples (Xc runs every step, Xzc
     ``strength`` of them), with room for a slow GPU (about 0.1 s per guided SD-1.x step) and a fixed start."""
@@ -186,6 +219,10 @@ class DemoBackend:
         self.reconstructor = Reconstructor(load_ldm(model, device=device))
         for pipe in (self.reconstructor.img2img, self.reconstructor.txt2img):
             pipe.set_progress_bar_config(disable=False, desc="denoising")  # gr.Progress follows tqdm
+        self._clip: Callable | None = None
+        self.clip_name = "CLIP"
+        self._references: dict[int, dict[str, np.ndarray]] = {}
+        self._showcases: dict[tuple, list[dict]] = {}
 
     def _maps(self, subject: int) -> SubjectMaps:
         return SubjectMaps.from_pretrained(maps_location(self.sources.maps, subject))
@@ -216,7 +253,9 @@ class DemoBackend:
         generate: Callable[[torch.Tensor, torch.Tensor, Sampling], Reconstruction] | None = None,
         rescale: str | None = TAKAGI2023.rescale,
     ) -> dict:
-        """The presented image, Xz, Xc and Xzc samples of one test trial, and its decoding quality.
+        """The presented image, Xz, Xc and Xzc samples of one test trial, its decoding quality (from the maps) and
+        ``ranks``: for each of Xz, Xc and Xzc (sample 0), where the presented picture ranks among the subject's
+        ``n_candidates`` test pictures by pixels and by CLIP (:meth:`ranks`).
 
         ``generate`` runs the GPU part (default :meth:`generate`; the app passes its ``@spaces.GPU`` wrapper);
         ``rescale`` is passed to :meth:`~brainldm.maps.SubjectMaps.predict`.
@@ -227,6 +266,7 @@ class DemoBackend:
         result = (generate or self.generate)(decoded["z"], decoded["c"], sampling)
         row = state.test[trial]
         size = self.reconstructor.output_size  # shown at the reconstructions' size, for comparison
+        images = {"Xz": result.Xz[0], "Xc": result.Xc[0, 0], "Xzc": result.Xzc[0, 0]}
         return {
             "presented": np.asarray(row["image"].convert("RGB").resize((size, size), Image.Resampling.BICUBIC)),
             "captions": row["captions"],
@@ -234,7 +274,85 @@ class DemoBackend:
             "Xc": list(result.Xc[0]),
             "Xzc": list(result.Xzc[0]),
             "quality": state.quality(trial),
+            "ranks": {kind: self.ranks(subject, trial, image) for kind, image in images.items()},
+            "n_candidates": len(state),
+            "clip_name": self.clip_name,
         }
+
+    def clip(self) -> Callable | None:
+        """The CLIP image embedding that scores what the pictures show: the LDM's own vision tower when it ships one
+        (toy's, offline), else CLIP ViT-L/14 as ``evaluate`` uses; None if it cannot be loaded (no network)."""
+        if self._clip is None:
+            from .evaluate import clip_extractor
+
+            encoder = getattr(self.reconstructor.img2img, "image_encoder", None)
+            try:
+                if encoder is not None:
+                    self._clip, self.clip_name = clip_extractor(encoder, device="cpu"), "CLIP (toy's vision tower)"
+                else:
+                    self._clip, self.clip_name = clip_extractor(device="cpu"), "CLIP ViT-L/14"
+            except (OSError, ValueError):  # offline without the checkpoint in the cache: pixels only
+                self._clip = False
+        return self._clip or None
+
+    def _reference_features(self, subject: int) -> dict[str, np.ndarray]:
+        """Pixel and CLIP features of every test picture of ``subject``, computed once."""
+        with self._lock:
+            if subject not in self._references:
+                state = self.subject(subject)
+                pictures = [np.asarray(im.convert("RGB")) for im in state.test.select_columns(["image"])["image"]]
+                features = {"pixels": pixel_vectors(pictures)}
+                if self.clip() is not None:
+                    features["clip"] = self.clip()(pictures)
+                self._references[subject] = features
+            return self._references[subject]
+
+    def ranks(self, subject: int, trial: int, image: np.ndarray) -> dict[str, int]:
+        """Where the presented picture of ``trial`` ranks among the subject's test pictures (1 = best) by how alike
+        each is to ``image``, by pixels and (when available) by CLIP."""
+        references = self._reference_features(subject)
+        out = {}
+        for name, features in references.items():
+            mine = pixel_vectors([image]) if name == "pixels" else self.clip()([image])
+            r = correlation_matrix(mine, features)[0]
+            out[name] = int(1 + (r > r[trial]).sum())
+        return out
+
+    def showcase_trials(self, subject: int) -> list[tuple[str, int]]:
+        """(label, trial) of the subject's best, median and worst test trials by the maps' own fit-time scores (the
+        mean over targets of each image's r with its true features)."""
+        state = self.subject(subject)
+        scores = [state.quality(t) for t in range(len(state))]
+        if any(q is None for q in scores):
+            picks = [0, len(state) // 2, len(state) - 1]
+        else:
+            mean = np.array([np.mean([t["r"] for t in q["targets"].values()]) for q in scores])
+            order = np.argsort(-mean, kind="stable")
+            picks = [int(order[0]), int(order[len(order) // 2]), int(order[-1])]
+        return list(zip(("best", "median", "worst"), picks))
+
+    def showcase(self, subject: int, sampling: Sampling = TAKAGI2023.sampling, rescale: str | None = None,
+                 generate=None) -> list[dict]:  # fmt: skip
+        """The reconstructions of :meth:`showcase_trials`, each with a thumbnail of its four images side by side
+        (``thumbnail``, a JPEG path) and a ``label``: computed on first use, then kept for every visitor."""
+        key = (int(subject), sampling, rescale)
+        if key not in self._showcases:
+            shown = []
+            for label, trial in self.showcase_trials(subject):
+                out = self.reconstruct(subject, trial, sampling, generate=generate, rescale=rescale)
+                images = [out["presented"], out["Xz"], out["Xc"][0], out["Xzc"][0]]
+                size = SHOWCASE_SIZE
+                strip = np.full((size, 4 * size + 3 * 4, 3), 255, dtype=np.uint8)
+                for k, image in enumerate(images):
+                    small = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+                    strip[:, k * (size + 4) : k * (size + 4) + size] = np.asarray(small)
+                path = self._thumbnails / subject_name(subject) / f"showcase-{trial:05d}-{abs(hash(key))}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    Image.fromarray(strip).save(tmp, quality=90)
+                shown.append({**out, "trial": trial, "label": f"{label}: trial {trial}", "thumbnail": str(path)})
+            self._showcases[key] = shown
+        return self._showcases[key]
 
     def cortical_maps(self, subject: int) -> list[tuple[str, str]]:
         """(PNG path, title) of the subject's cortical map figures, after the summary across subjects when there is
@@ -246,11 +364,11 @@ class DemoBackend:
         group = Path(self.sources.maps) / "figures"
         # the summary across subjects: accuracy per ROI first, then the sweeps
         summaries = sorted(group.glob("group_*.png"), key=lambda p: (p.name != GROUP_FIGURE, p.name))
-        shown = [(str(p), "all subjects: " + p.stem.removeprefix("group_").replace("_", " ")) for p in summaries]
+        shown = [(str(p), "all subjects: " + figure_caption(p.stem)) for p in summaries]
         own = Path(maps_location(self.sources.maps, int(subject))) / "figures"
         folder = own if own.is_dir() else group / subject_name(int(subject))
         if folder.is_dir():
             # flatmaps first: they are what people read these results from
             paths = sorted(folder.glob("*.png"), key=lambda p: (not p.stem.startswith("flatmap"), p.name))
-            shown += [(str(p), p.stem.replace("_", " ")) for p in paths]
+            shown += [(str(p), f"subject {int(subject)}: " + figure_caption(p.stem)) for p in paths]
         return shown

@@ -339,7 +339,7 @@ def write_results(results: dict[str, EncodingResult], voxels, out: str | Path, s
 def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, float]]]:
     """The paper's comparisons that the feature spaces in ``names`` allow.
 
-    Returns file stem -> (title, x label, {feature: x}): z vs c vs zc (x = order), zc across noise levels
+    Returns file stem -> (title, x label, {feature: x}): z, c and zc compared (x = order), zc across noise levels
     (x = strength), each U-Net block across denoising steps (x = step) and the U-Net blocks at each
     (strength, step) (x = depth).
     """
@@ -349,7 +349,7 @@ def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, flo
     plan = {}
     main = [n for n, s in specs.items() if s.kind in ("z", "c", "zc")]
     if len(main) >= 2:
-        plan["compare"] = ("z vs c vs zc", "", {n: i for i, n in enumerate(main)})
+        plan["compare"] = (" vs ".join(main), "", {n: i for i, n in enumerate(main)})
     noise = {n: s.strength for n, s in specs.items() if s.kind == "zc"}
     if len(noise) >= 2:
         plan["sweep_noise"] = ("zc across noise levels", "strength (noise level)", noise)

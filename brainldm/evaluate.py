@@ -312,8 +312,9 @@ def evaluate(
     Returns {"subjects": {subj: {row: {metric: value}}}, "average": {row: {metric: value}}, "unavailable": {...},
     "retrieval": {subj: ...}, "protocol": ..., "test_sets": {subj: {set: n_images}}, "rescale": {subj: [how the
     trials' z and c were rescaled]}}. One row per kind; ``protocol`` (see :data:`PROTOCOLS`) says how several
-    samples per image count: ``"mindeye2"`` scores sample 0, ``"takagi"`` averages over the samples. When the data run past ``first_sessions`` sessions, each kind also gets
-    a row on the images shown within them (NSD's 982-image test set for 37), next to the row on all of them.
+    samples per image count: ``"mindeye2"`` scores sample 0, ``"takagi"`` averages over the samples. When the data
+    run past ``first_sessions`` sessions, each kind also gets a row on the images shown within them (NSD's 982-image
+    test set for 37), next to the row on all of them.
     """
     unknown = [n for n in names if n not in METRICS]
     if unknown:

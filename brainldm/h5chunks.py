@@ -63,9 +63,9 @@ def chunk_ranges(
     if isinstance(index, str):
         n_chunks = int(np.prod(grid))
         storage.note(
-            f"{storage.url(rel)}: {dataset.name}'s chunks are indexed by {index}, which brainldm does not walk; reading "
-            f"the whole index instead ({n_chunks:,} chunks, about {n_chunks * FALLBACK_BYTES_PER_CHUNK / 2**20:,.0f} "
-            "MiB over the network)"
+            f"{storage.url(rel)}: {dataset.name}'s chunks are indexed by {index}, which brainldm does not walk; "
+            f"reading the whole index instead ({n_chunks:,} chunks, about "
+            f"{n_chunks * FALLBACK_BYTES_PER_CHUNK / 2**20:,.0f} MiB over the network)"
         )
         return _lookup_all(dataset, coords, grid)
     if index.root == UNDEFINED:

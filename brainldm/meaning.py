@@ -44,6 +44,15 @@ def blur_to_grid(pictures: np.ndarray, grid: int) -> np.ndarray:
     return np.stack(out)
 
 
+def colour_histograms(pictures) -> np.ndarray:
+    """(n, 64): the share of each picture's pixels in each of 4 x 4 x 4 RGB bins (at :data:`ANALYSIS_SIZE`)."""
+    rows = []
+    for p in pictures:
+        p = np.asarray(Image.fromarray(np.asarray(p)).resize((ANALYSIS_SIZE,) * 2, Image.Resampling.BICUBIC))
+        rows.append(np.histogramdd(p.reshape(-1, 3), bins=(4, 4, 4), range=[(0, 256)] * 3)[0].ravel())
+    return np.stack(rows).astype(np.float32) / ANALYSIS_SIZE**2
+
+
 def picture_features(pictures: np.ndarray) -> np.ndarray:
     """(n, 64 + 192 + 64) float32: colour histogram, 8 x 8 thumbnail and log spectral energy by band and orientation.
 
@@ -61,7 +70,7 @@ def picture_features(pictures: np.ndarray) -> np.ndarray:
     rows = []
     for p in pictures:
         p = np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-        histogram = np.histogramdd(p.reshape(-1, 3), bins=(4, 4, 4), range=[(0, 256)] * 3)[0].ravel() / size**2
+        histogram = colour_histograms([p.astype(np.uint8)])[0]
         thumbnail = np.asarray(Image.fromarray(p.astype(np.uint8)).resize((8, 8), Image.Resampling.BOX)).ravel()
         grey = p.mean(-1)
         power = np.abs(np.fft.fft2(grey - grey.mean())).ravel() ** 2
@@ -102,3 +111,25 @@ def meaning_identification(reader: CaptionWords, reconstructions: np.ndarray, or
     """2-way identification (chance 0.5) of each reconstruction's words, as ``reader`` reads them, among the
     originals' words read the same way. Pictures are (n, H, W, 3) uint8 of any size."""
     return float(two_way_identification(reader.predict(reconstructions), reader.predict(originals)).mean())
+
+
+def reconstruction_scores(images, pictures, reader: CaptionWords, clip=None) -> dict[str, float]:
+    """What reconstructions ``images`` carry of the presented ``pictures`` (both (n, H, W, 3) uint8, in the same
+    order), as 2-way identification among the n (chance 0.5): ``pixels`` (64-px pixels), ``colour`` (colour
+    histograms), ``words`` (the animals ``reader`` sees) and, given a CLIP extractor, ``clip``; and ``pixcorr``."""
+    from .metrics import pixcorr, pixel_vectors
+
+    images, pictures = [np.asarray(i) for i in images], [np.asarray(p) for p in pictures]
+    pairs = {"pixels": pixel_vectors, "colour": colour_histograms, **({"clip": clip} if clip else {})}
+    out = {name: float(two_way_identification(f(images), f(pictures)).mean()) for name, f in pairs.items()}
+    out["words"] = meaning_identification(reader, np.stack(images), np.stack(pictures))
+    out["pixcorr"] = float(np.mean([pixcorr(a, b) for a, b in zip(images, pictures)]))
+    return out
+
+
+def mean_pairwise_correlation(images) -> float:
+    """The mean pixel correlation (64 px) between different images: how alike a set of pictures is."""
+    from .metrics import correlation_matrix, pixel_vectors
+
+    r = correlation_matrix(*(pixel_vectors(images),) * 2)
+    return float(r[~np.eye(len(r), dtype=bool)].mean())

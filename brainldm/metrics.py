@@ -63,6 +63,15 @@ EVAL_SIZE = 425  # NSD's stimulus size: PixCorr and SSIM compare images at 425 x
 ORIGINAL_SIZE, RECONSTRUCTION_SIZE = 224, 256
 
 
+def pixel_vectors(images, size: int = 64) -> np.ndarray:
+    """Images (H, W, 3) uint8 of any size -> (n, size * size * 3) float32: each image's pixels, resized alike (bicubic),
+    for identification by pixels."""
+    from PIL import Image
+
+    resized = [Image.fromarray(np.asarray(i)).resize((size, size), Image.Resampling.BICUBIC) for i in images]
+    return np.stack([np.asarray(i) for i in resized]).reshape(len(resized), -1).astype(np.float32)
+
+
 def as_evaluated(image: np.ndarray, size: int) -> np.ndarray:
     """``image`` as MindEye2's evaluation code sees it at ``size`` x ``size`` -> float32 (3, size, size) in [0, 1].
 

@@ -224,9 +224,10 @@ class ExperimentReader:
 
     Trials are numbered by the trials list's lines. ``trials_per_session`` guards that numbering: a betas file
     with another trial count (cut short by a failed copy) is an error naming it, not a shift of every later trial
-    onto another image. Stimulus ids are the images' positions in sorted file-name order. The stored voxels are those in any ROI mask
-    (labelled by the first mask that holds them, in the manifest's order); ``nsdgeneral`` is their union. Name the
-    ROIs ``early`` and ``ventral`` to decode z and c with the paper's settings (or choose others when fitting).
+    onto another image. Stimulus ids are the images' positions in sorted file-name order. The stored voxels are
+    those in any ROI mask (labelled by the first mask that holds them, in the manifest's order); ``nsdgeneral`` is
+    their union. Name the ROIs ``early`` and ``ventral`` to decode z and c with the paper's settings (or choose
+    others when fitting).
     """
 
     def __init__(self, manifest: str | Path):
