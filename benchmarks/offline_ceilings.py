@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""How much of each picture's toy-CLIP identity z and c can carry on the offline world, and how much decoding keeps.
+"""What z and c each carry on the offline world, from true features to decoded ones, with and without rescaling.
 
-Builds an offline world (toy features, the default noise level), prepares subject 1, extracts z and c and fits the
-maps, as the README's offline demo does. Then, on the test images, it makes Xz, Xc and Xzc from:
+Builds an offline world (toy features, the default noise level, a seed of your choice), prepares subject 1, extracts
+z and c and fits the maps, as the README's offline demo does. Then, on the test images, it makes Xz, Xc and Xzc
+(the paper's settings: strength 0.8, guidance 5, 50 DDIM steps, seed 42) from:
 
 - the true z and c (what the LDM can do at best);
-- the true features projected on their leading k principal components (fit on the training images): the planted
-  voxels see the leading ``--world-components`` of them, so this is what a brain of this world can carry at most;
-- the decoded z and c (what the maps recover),
+- the true features projected on their leading k principal components (``--components``; the world's voxels see the
+  leading ``--world-components``, so that is what a brain of this world can carry at most);
+- the decoded z and c, as fitted (the paper) and rescaled to the training spread (per dimension, per target).
 
-and prints toy-CLIP 2-way identification and PixCorr of Xz, Xc and Xzc against the presented pictures (128 px). If
-Xz from a few components already scores higher than Xc from the true c, no decoder can make Xc beat Xz on this
-world's toy-CLIP.
+For each it prints 2-way identification of Xz, Xc and Xzc against the presented pictures (chance 50%) by pixels,
+by colour histograms, by meaning (the animals a picture -> caption-words reader sees, :mod:`brainldm.meaning`) and
+by toy-CLIP, PixCorr, and how alike different trials' Xc are (mean pairwise r, beside the presented pictures'). First
+it checks the world itself: the reader names held-out pictures' animals from the originals, and not from the same
+pictures blurred to z's grid.
+
+    python benchmarks/offline_ceilings.py --seed 7 --trials-per-session 60 --shared 24
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--components",
         type=cli.numbers(1),
-        default=[2, 4, 8, 32],
-        help="comma-separated numbers of components to project on (default 2,4,8,32)",
+        default=[],
+        help="comma-separated numbers of components to project the true features on (default: none)",
     )
-    parser.add_argument("--steps", type=cli.positive, default=20, help="DDIM steps of Xc (default 20)")
+    parser.add_argument("--steps", type=cli.positive, default=50, help="DDIM steps (default 50, the paper's)")
+    parser.add_argument("--reader-pictures", type=cli.positive, default=3000, help="(default 3000)")
     parser.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0, help="world seed (default 0)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
@@ -63,11 +69,19 @@ def run(work: Path, args) -> None:
     from brainldm.evaluate import clip_extractor
     from brainldm.features import load_features
     from brainldm.ldm import load_ldm
-    from brainldm.metrics import pixcorr, two_way_identification
+    from brainldm.meaning import (
+        CaptionWords,
+        blur_to_grid,
+        caption_words,
+        mean_pairwise_correlation,
+        reconstruction_scores,
+    )
+    from brainldm.metrics import two_way_identification
     from brainldm.offline import build_offline_world
-    from brainldm.presets import Sampling
+    from brainldm.presets import TAKAGI2023, Sampling
     from brainldm.reconstruct import Reconstructor
     from brainldm.synthetic import OFFLINE_SNR
+    from brainldm.toy import draw_pairs
 
     ldm = load_ldm("toy", device="cpu")
     snr = args.snr or OFFLINE_SNR
@@ -77,34 +91,55 @@ def run(work: Path, args) -> None:
     )  # fmt: skip
     maps = world.maps[1]
     stimuli = SubjectStimuli(work / "trials", 1)
-
     test = load_trials(work / "trials", 1, "test")
     test_ids = [int(i) for i in test["nsd_id"]]
     train_ids = sorted(set(stimuli.nsd_ids) - set(test_ids))
     pictures = np.stack([np.asarray(im.convert("RGB").resize((128, 128))) for im in test["image"]])
     true = {name: load_features(work / "features", name, test_ids) for name in ("z", "c")}
     train = {name: load_features(work / "features", name, train_ids) for name in ("z", "c")}
-    decoded = {k: v.cpu().numpy() for k, v in maps.predict(np.asarray(test.with_format("numpy")["betas"])).items()}
+    betas = np.asarray(test.with_format("numpy")["betas"])
 
-    extract = clip_extractor(ldm.image_encoder)
-    reference = extract(list(pictures))
+    # the reader, fitted on pictures of the world's kind that the world never shows (another seed)
+    drawn, captions = draw_pairs(args.reader_pictures + 500, seed=args.seed + 12345, size=128)
+    reader = CaptionWords().fit(drawn[500:], captions[500:])
+    grid = true["z"].shape[-1]
+    held = caption_words(captions[:500])
+    print(f"\nthe world: caption words of 500 held-out pictures, 2-way identification (chance 50%), reader fitted on "
+          f"{args.reader_pictures} others")  # fmt: skip
+    for name, seen in (
+        ("originals", drawn[:500]),
+        (f"blurred to z's {grid} x {grid} grid", blur_to_grid(drawn[:500], grid)),
+    ):
+        print(f"  from the {name}: {100 * two_way_identification(reader.predict(seen), held).mean():.1f}%")
+
+    clip = clip_extractor(ldm.image_encoder)
     recon = Reconstructor(ldm)
     sampling = Sampling(num_inference_steps=args.steps)
-
-    def scores(images: np.ndarray) -> str:
-        clip_id = two_way_identification(extract(list(images)), reference).mean()
-        return f"{100 * clip_id:5.1f}% | {np.mean([pixcorr(a, b) for a, b in zip(images, pictures)]):.3f}"
-
     sources = [("true", true["z"], true["c"])]
     for k in map(int, args.components):
         sources.append((f"{k} components", project(true["z"], train["z"], k), project(true["c"], train["c"], k)))
-    sources.append(("decoded", decoded["z"], decoded["c"]))
-    print(f"\n{len(test_ids)} test images, {len(train_ids)} training images, snr {snr}; toy-CLIP 2-way id | PixCorr\n")
-    print("| z and c | Xz toy-CLIP | Xz PixCorr | Xc toy-CLIP | Xc PixCorr | Xzc toy-CLIP | Xzc PixCorr |")
-    print("|---|---|---|---|---|---|---|")
+    for rescale in (None, "dimension", "target"):
+        decoded = {k: v.cpu().numpy() for k, v in maps.predict(betas, rescale=rescale).items()}
+        label = "decoded" + ("" if rescale is None else f", rescaled per {rescale}")
+        sources.append((label, decoded["z"], decoded["c"]))
+
+    print(
+        f"\n{len(test_ids)} test images, {len(train_ids)} training images, snr {snr}, seed {args.seed}; strength "
+        f"{sampling.strength}, guidance {sampling.guidance_scale}, {sampling.num_inference_steps} DDIM steps, seed "
+        f"{sampling.seed} (TAKAGI2023: {TAKAGI2023.sampling == sampling})\n2-way identification (chance 50%) by "
+        "pixels / colour / meaning (caption words) / toy-CLIP, then PixCorr\n"
+    )
+    print("| z and c | Xz | Xc | Xzc | Xc pairwise r |")
+    print("|---|---|---|---|---|")
     for name, z, c in sources:
         out = recon(torch.from_numpy(z), torch.from_numpy(c), sampling)
-        print(f"| {name} | {scores(out.Xz)} | {scores(out.Xc[:, 0])} | {scores(out.Xzc[:, 0])} |")
+        cells = []
+        for images in (out.Xz, out.Xc[:, 0], out.Xzc[:, 0]):
+            s = reconstruction_scores(images, pictures, reader, clip)
+            ids = " / ".join(f"{100 * s[k]:.0f}" for k in ("pixels", "colour", "words", "clip"))
+            cells.append(f"{ids}; {s['pixcorr']:.3f}")
+        print(f"| {name} | {' | '.join(cells)} | {mean_pairwise_correlation(out.Xc[:, 0]):.2f} |")
+    print(f"\npresented pictures' pairwise r: {mean_pairwise_correlation(pictures):.2f}")
 
 
 if __name__ == "__main__":

@@ -297,9 +297,9 @@ class DemoBackend:
 
     def _reference_features(self, subject: int) -> dict[str, np.ndarray]:
         """Pixel and CLIP features of every test picture of ``subject``, computed once."""
+        state = self.subject(subject)  # before the lock, which subject() takes itself
         with self._lock:
             if subject not in self._references:
-                state = self.subject(subject)
                 pictures = [np.asarray(im.convert("RGB")) for im in state.test.select_columns(["image"])["image"]]
                 features = {"pixels": pixel_vectors(pictures)}
                 if self.clip() is not None:
