@@ -44,8 +44,8 @@ CAPTIONS = {
     "Xzc": "**Xzc**: Xz noised to the noise level, then redrawn guided by c",
 }
 NOISE_INFO = (
-    "Shapes Xzc only: how much of Xz is noised away before c redraws it. Low keeps Xz's layout and colour; "
-    "1.0 noises Xz away entirely, so Xzc starts from noise as Xc does (with its own seed's noise, so not Xc's picture)"
+    "Shapes Xzc only: how much of Xz is noised away before c redraws it. 1.0 noises all of it away: Xzc then starts "
+    "from noise as Xc does, though not from Xc's"
 )
 CORTICAL_NOTE = (
     "Each map shows, voxel by voxel, how well an encoding model predicts the voxel's response to held-out test "
@@ -106,7 +106,8 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
             items = backend.gallery(subject)
         except (InputError, OSError) as err:
             raise gr.Error(str(err)) from err
-        return items, 0, f"Subject {subject}: {len(items)} test images. Pick one, then press Reconstruct."
+        thumbnails = [path for path, _ in items]  # captions come with the result, in full
+        return thumbnails, 0, f"Subject {subject}: {len(items)} test images. Pick one, then press Reconstruct."
 
     def pick(evt: gr.SelectData):
         return evt.index
@@ -217,7 +218,7 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
                     showcase_gallery = gr.Gallery(
                         label="Showcase at the paper's settings: the subject's best, median and worst trials by the "
                         "maps' own scores (presented, Xz, Xc, Xzc; click one to open it)",
-                        columns=3, height=150, allow_preview=False, elem_id="showcase",
+                        columns=3, height=130, object_fit="contain", allow_preview=False, elem_id="showcase",
                     )  # fmt: skip
         with gr.Tab("Cortical maps"):
             maps_subject = gr.Dropdown(
