@@ -114,9 +114,9 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
 
     # The GPU function gets decoded z and c and returns images: the subject's data, the lock and the decoding
     # stay in the main process. Its ZeroGPU budget follows steps x samples.
-    @spaces.GPU(duration=lambda z, c, sampling: gpu_seconds(sampling))
-    def generate(z, c, sampling):
-        return backend.generate(z, c, sampling)
+    @spaces.GPU(duration=lambda z, c, sampling, keys: gpu_seconds(sampling))
+    def generate(z, c, sampling, keys):
+        return backend.generate(z, c, sampling, keys)
 
     def shown(out):
         """The panels' values: the four images (lists, so that samples browse within their panel), the three

@@ -3,7 +3,7 @@
 
 Builds an offline world (toy features, the default noise level, a seed of your choice), prepares subject 1, extracts
 z and c and fits the maps, as the README's offline demo does. Then, on the test images, it makes Xz, Xc and Xzc
-(the paper's settings: strength 0.8, guidance 5, 50 DDIM steps, seed 42) from:
+(the paper's settings: strength 0.8, guidance 5, 50 DDIM steps, seed 42; each image its own noise) from:
 
 - the true z and c (what the LDM can do at best);
 - the true features projected on their leading k principal components (``--components``; the world's voxels see the
@@ -132,7 +132,7 @@ def run(work: Path, args) -> None:
     print("| z and c | Xz | Xc | Xzc | Xc pairwise r |")
     print("|---|---|---|---|---|")
     for name, z, c in sources:
-        out = recon(torch.from_numpy(z), torch.from_numpy(c), sampling)
+        out = recon(torch.from_numpy(z), torch.from_numpy(c), sampling, keys=test_ids)
         cells = []
         for images in (out.Xz, out.Xc[:, 0], out.Xzc[:, 0]):
             s = reconstruction_scores(images, pictures, reader, clip)

@@ -192,10 +192,29 @@ voxels = load_voxels("{repo_id}", subject=1)
     return DatasetCard(content)
 
 
-def toy_card(config, scores: dict[str, float], minutes: float, device: str, size_mb: float) -> str:
+def toy_card(
+    config, scores: dict[str, float], minutes: float, device: str, size_mb: float, continued: list[int] = ()
+) -> str:
     """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.toy.ToyConfig`): how it was trained and
-    what it scores."""
+    what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from."""
     settings = "\n".join(f"| `{k}` | {v} |" for k, v in asdict(config).items())
+    legs = " -> ".join(str(n) for n in [*continued, config.unet_steps])
+    defaults = type(config)()
+    flags = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in asdict(config).items()
+        if k not in ("n_heldout", "unet_steps") and v != getattr(defaults, k)
+    ]
+    command = "python scripts/train_toy_ldm.py --out brainldm/models/toy " + " ".join(flags)
+    reproduce = " then ".join(
+        f"`{command} --unet-steps {n}`".replace("  ", " ") for n in [*continued, config.unet_steps]
+    )
+    continuation = (
+        f" The U-Net was trained to {continued[0]} steps, then continued with a longer `--unet-steps` to {legs} "
+        "steps (each continuation restarts the learning-rate schedule at its step on the longer run's cosine)."
+        if continued
+        else ""
+    )
     return f"""---
 license: mit
 library_name: diffusers
@@ -214,7 +233,7 @@ meaning, not only shapes. It knows nothing of natural images.
 - Text tower: `CLIPTextModel`, hidden size {config.text_hidden}, so c is 77 x {config.text_hidden}; BPE merges learnt
   from the captions. Vision tower with projection (`image_encoder`): the offline stand-in for CLIP ViT-L/14.
 - Weights stored in float16 ({size_mb:.1f} MB in all).
-- Trained on {device} in {minutes:.1f} minutes, seed {config.seed}.
+- Trained on {device} in {minutes:.1f} minutes, seed {config.seed}.{continuation}
 
 ## Scores on {config.n_heldout} held-out pairs
 
@@ -234,5 +253,5 @@ Text-to-image: c = the mean caption embedding, {scores.get("t2i_steps", 50)} DDI
 |---|---|
 {settings}
 
-Reproduce: `python scripts/train_toy_ldm.py --out brainldm/models/toy` (seeded; resumable from its `.work` folder).
+Reproduce: {reproduce} (seeded; resumable from its `.work` folder).
 """

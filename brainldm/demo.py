@@ -241,16 +241,17 @@ class DemoBackend:
         with self._lock:  # two first visits at once must not write the same thumbnails
             return state.thumbnails(self._thumbnails / subject_name(subject))
 
-    def generate(self, z: torch.Tensor, c: torch.Tensor, sampling: Sampling) -> Reconstruction:
-        """Xz, Xc and Xzc from decoded z and c: the only GPU work, what the app runs under ``@spaces.GPU``."""
-        return self.reconstructor(z, c, sampling)
+    def generate(self, z: torch.Tensor, c: torch.Tensor, sampling: Sampling, keys: list[int]) -> Reconstruction:
+        """Xz, Xc and Xzc from decoded z and c (``keys``: the images' nsd_ids, which seed their noise): the only GPU
+        work, what the app runs under ``@spaces.GPU``."""
+        return self.reconstructor(z, c, sampling, keys=keys)
 
     def reconstruct(
         self,
         subject: int,
         trial: int,
         sampling: Sampling = TAKAGI2023.sampling,
-        generate: Callable[[torch.Tensor, torch.Tensor, Sampling], Reconstruction] | None = None,
+        generate: Callable[[torch.Tensor, torch.Tensor, Sampling, list[int]], Reconstruction] | None = None,
         rescale: str | None = TAKAGI2023.rescale,
     ) -> dict:
         """The presented image, Xz, Xc and Xzc samples of one test trial, its decoding quality (from the maps) and
@@ -263,7 +264,7 @@ class DemoBackend:
         state = self.subject(subject)
         trial = state.check_trial(trial)
         decoded = state.decode(trial, rescale)
-        result = (generate or self.generate)(decoded["z"], decoded["c"], sampling)
+        result = (generate or self.generate)(decoded["z"], decoded["c"], sampling, [int(state.nsd_ids[trial])])
         row = state.test[trial]
         size = self.reconstructor.output_size  # shown at the reconstructions' size, for comparison
         images = {"Xz": result.Xz[0], "Xc": result.Xc[0, 0], "Xzc": result.Xzc[0, 0]}

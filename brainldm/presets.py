@@ -14,7 +14,8 @@ class Sampling:
     """How Xc and Xzc are sampled, passed whole from the app and the scripts to :class:`Reconstructor`.
 
     ``strength``: the img2img noise level (0 keeps Xz, 1 ignores it); ``guidance_scale``: how strongly c steers
-    the image (classifier-free guidance, >= 1); ``num_samples``: samples per image, sample k seeded ``seed + k``.
+    the image (classifier-free guidance, >= 1); ``num_samples``: samples per image, each image's
+    sample k from its own noise (``brainldm.reconstruct.noise_seed`` of the seed, the image and k).
     """
 
     strength: float = 0.8

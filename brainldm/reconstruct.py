@@ -7,8 +7,10 @@
 3. Xzc: img2img: re-encode Xz at 512, noise it to ``strength``, DDIM-denoise conditioned on c with guidance.
 
 Steps 2 and 3 are diffusers' own pipelines (StableDiffusionPipeline / StableDiffusionImg2ImgPipeline) built on
-the LDM's components, so the sampler is diffusers', not a re-implementation. Noise is seeded per sample
-(``seed + sample``), so an image's reconstruction does not depend on the batch it ran in.
+the LDM's components, so the sampler is diffusers', not a re-implementation. Noise is seeded per image and sample
+(:func:`noise_seed` of the seed, the image's key such as its ``nsd_id``, and the sample), so each image gets its own
+noise, as the paper's code drew every image's from one seeded stream, and an image's reconstruction does not depend
+on the batch it ran in. Without keys, sample k of every image is seeded ``seed + k``.
 """
 
 from __future__ import annotations
@@ -118,20 +120,30 @@ class Reconstructor:
         c: torch.Tensor,
         sampling: Sampling = TAKAGI2023.sampling,
         include_xc: bool = True,
+        keys: Sequence[int] | None = None,
     ) -> Reconstruction:
         """Reconstruct n images from z (n, 4, h, w) and c (n, 77, hidden) with the ``sampling`` settings.
 
         Returns Xz once per image and ``sampling.num_samples`` of Xc and Xzc. ``include_xc=False`` skips Xc (a
-        full-length generation) when only Xzc is wanted; Xc is then returned empty.
+        full-length generation) when only Xzc is wanted; Xc is then returned empty. ``keys`` (n,): what tells the
+        images apart (their ``nsd_id``), so that each gets its own noise (:func:`noise_seed`); without them every
+        image's sample k starts from the same noise (seeded ``seed + k``).
         """
         z, c = torch.as_tensor(z), torch.as_tensor(c)
         self.check_inputs(z, c, sampling)
         n, num_samples, seed = len(z), sampling.num_samples, sampling.seed
+        if keys is not None and len(keys) != n:
+            raise InputError(f"keys must name each of the {n} images, got {len(keys)}")
+        seeds = [
+            seed + s if keys is None else noise_seed(seed, int(keys[i]), s)
+            for i in range(n)
+            for s in range(num_samples)
+        ]
 
         # 1. Xz
         xz = self.decode_z(z)
 
-        # every (image, sample) pair is one item of the diffusion batch; its noise depends on its sample only
+        # every (image, sample) pair is one item of the diffusion batch; its noise depends on it alone
         xz_items = ((xz + 1) / 2).repeat_interleave(num_samples, dim=0).to(self.dtype)  # diffusers wants [0, 1]
         c_items = c.to(self.device, self.dtype).repeat_interleave(num_samples, dim=0)
         uncond = empty_prompt_embedding(self.img2img).to(self.device, self.dtype).expand(len(c_items), -1, -1)
@@ -143,7 +155,7 @@ class Reconstructor:
                 negative_prompt_embeds=uncond,
                 num_inference_steps=sampling.num_inference_steps,
                 guidance_scale=sampling.guidance_scale,
-                generator=[torch.Generator().manual_seed(seed + s) for _ in range(n) for s in range(num_samples)],
+                generator=[torch.Generator().manual_seed(k) for k in seeds],
                 output_type="np",
             )
 
@@ -163,6 +175,12 @@ class Reconstructor:
             Xc=to_uint8(xc).reshape(n if include_xc else 0, num_samples, size, size, 3),
             Xzc=to_uint8(xzc).reshape(n, num_samples, size, size, 3),
         )
+
+
+def noise_seed(seed: int, key: int, sample: int) -> int:
+    """The seed of one image's sample: its own for every (seed, image key, sample), reproducible and independent of
+    which other images share the batch (the paper's code drew each image's noise from one stream seeded once)."""
+    return int(np.random.SeedSequence([seed, key, sample]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -218,7 +236,7 @@ def reconstruct_trials(
     voxels = load_voxels(data, subject)
     maps.check_voxels(voxels)
     mine = rows[process_index::num_processes]
-    settings = {**asdict(sampling), "model_id": maps.model_id, "rescale": rescale}
+    settings = {**asdict(sampling), "model_id": maps.model_id, "rescale": rescale, "noise": "per image"}
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
     for row in sorted(set(mine) - set(todo)):
         folder = trial_folder(out, subject, split, row)
@@ -242,7 +260,7 @@ def reconstruct_trials(
             np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device, rescale=rescale
         )
         z, c = decoded["z"], decoded["c"]
-        result = reconstructor(z, c, sampling)
+        result = reconstructor(z, c, sampling, keys=[int(i) for i in items["nsd_id"]])
         for k, row in enumerate(batch):
             item = items[k]
             images = {"original": np.asarray(item["image"].convert("RGB")), "Xz": result.Xz[k]}

@@ -498,6 +498,14 @@ def train_toy(
     torch.backends.cudnn.allow_tf32 = True
     stamp = work / "config.json"
     stored, settings = (json.loads(stamp.read_text()) if stamp.exists() else None), config_dict(config)
+    history_path = work / "unet_history.json"  # the U-Net step counts earlier runs in ``work`` were continued from
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    if stored is not None and {k for k in settings if stored.get(k) != settings.get(k)} == {"unet_steps"}:
+        if settings["unet_steps"] > stored["unet_steps"]:  # a longer U-Net: every earlier phase is reused
+            print(f"continuing the U-Net from {stored['unet_steps']} steps to {config.unet_steps}")
+            history.append(stored["unet_steps"])
+            history_path.write_text(json.dumps(history))
+            stored = settings
     if stored is not None and stored != settings:
         changed = ", ".join(
             f"--{k.replace('_', '-')} {settings.get(k)} (the checkpoints': {stored.get(k)})"
@@ -574,7 +582,10 @@ def train_toy(
         stage = Stage(opt, config, device, start, _checkpointer(work / "unet.pt", unet, opt, ema), progress=bar)
         train_unet(unet, ema, latents, states, owner, empty, ddim_scheduler(), stage)
     ema.copy_to(unet)
-    minutes = (time.time() - t0) / 60
+    minutes_path = work / "minutes.json"  # training time of earlier runs in ``work`` that finished the U-Net
+    earlier = json.loads(minutes_path.read_text())["minutes"] if minutes_path.exists() and history else 0.0
+    minutes = earlier + (time.time() - t0) / 60
+    minutes_path.write_text(json.dumps({"minutes": minutes}))
 
     # 6. save (fp16), reload as any diffusers model is loaded, score, write the card
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -601,12 +612,18 @@ def train_toy(
     for k, v in scores.items():
         print(f"  {k}: {v:.3f}")
     size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
-    (tmp / "README.md").write_text(toy_card(config, scores, minutes, str(device), size_mb))
+    (tmp / "README.md").write_text(toy_card(config, scores, minutes, str(device), size_mb, history))
     (tmp / "training.json").write_text(
         json.dumps(
-            {"config": config_dict(config), "scores": scores, "train_minutes": minutes, "device": str(device)},
+            {
+                "config": config_dict(config),
+                "scores": scores,
+                "train_minutes": minutes,
+                "device": str(device),
+                "unet_continued_from": history,
+            },
             indent=1,
-        )
+        )  # fmt: skip
     )
     if out.exists():
         shutil.rmtree(out)

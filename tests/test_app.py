@@ -289,13 +289,13 @@ def test_the_gpu_function_gets_only_the_decoded_features_and_the_settings(source
     backend = DemoBackend(sources, device="cpu")
     calls = []
 
-    def gpu(z, c, sampling):  # what runs under @spaces.GPU on a ZeroGPU Space
-        calls.append((z, c, sampling))
-        return backend.generate(z, c, sampling)
+    def gpu(z, c, sampling, keys):  # what runs under @spaces.GPU on a ZeroGPU Space
+        calls.append((z, c, sampling, keys))
+        return backend.generate(z, c, sampling, keys)
 
     sampling = Sampling(num_inference_steps=4, num_samples=2)
     out = backend.reconstruct(1, 3, sampling, generate=gpu)
-    ((z, c, given),) = calls
+    ((z, c, given, keys),) = calls
     assert given == sampling and z.shape == (1, 4, 40, 40) and c.shape == (1, 77, 32)
     assert z.device.type == c.device.type == "cpu"  # decoding happened outside, in the main process
     assert len(out["Xzc"]) == 2 and out["quality"]["n_candidates"] == 20
@@ -321,9 +321,9 @@ def test_the_showcase_is_the_best_median_and_worst_trial_computed_once(sources):
     backend = DemoBackend(sources, device="cpu")
     calls = []
 
-    def gpu(z, c, sampling):
+    def gpu(z, c, sampling, keys):
         calls.append(sampling)
-        return backend.generate(z, c, sampling)
+        return backend.generate(z, c, sampling, keys)
 
     sampling = Sampling(num_inference_steps=4)
     first = backend.showcase(1, sampling, generate=gpu)

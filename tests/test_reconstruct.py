@@ -176,3 +176,20 @@ def test_two_processes_under_accelerate_cover_every_trial_exactly_once(decoding_
     assert sorted(per_process[0] + per_process[1]) == list(range(7))  # every trial exactly once
     assert sorted(json.loads((f / "meta.json").read_text())["row"] for f in subject.glob("test-*")) == list(range(7))
     assert (subject / "contact_sheet.png").exists()
+
+
+def test_each_image_gets_its_own_noise_by_its_key_whatever_its_batch(reconstructor, zc):
+    """With keys (nsd_ids), the same z and c under two keys start from different noise, while an image's result
+    does not depend on the batch it ran in (as without keys)."""
+    z, c = zc[0][:1].repeat(2, 1, 1, 1), zc[1][:1].repeat(2, 1, 1)
+    twins = reconstructor(z, c, FAST, keys=[7, 7])
+    pair = reconstructor(z, c, FAST, keys=[7, 8])
+
+    def differ(a, b) -> int:
+        return int(np.abs(a.astype(int) - b).max())
+
+    assert differ(twins.Xc[0], twins.Xc[1]) <= 2 and differ(pair.Xc[0], pair.Xc[1]) > 20
+    alone = reconstructor(z[1:], c[1:], FAST, keys=[8])
+    assert differ(alone.Xc[0], pair.Xc[1]) <= 2 and differ(alone.Xzc[0], pair.Xzc[1]) <= 2
+    with pytest.raises(InputError, match="keys must name each of the 2 images"):
+        reconstructor(z, c, FAST, keys=[1])

@@ -1,0 +1,109 @@
+"""The offline world shows what z and c each carry, as NSD does: Xz the layout and colour, Xc the meaning (which
+animals), Xzc both. Measured on a small world decoded with toy, with and without rescaling."""
+
+import numpy as np
+import pytest
+import torch
+
+from brainldm.meaning import (
+    CaptionWords,
+    blur_to_grid,
+    caption_words,
+    mean_pairwise_correlation,
+    reconstruction_scores,
+)
+from brainldm.metrics import two_way_identification
+from brainldm.synthetic import KINDS, coat_pattern, draw_picture
+from brainldm.toy import draw_pairs
+
+
+@pytest.fixture(scope="module")
+def reader():
+    """The picture -> caption-words reader, fitted on pictures of the world's kind that no test world shows."""
+    pictures, captions = draw_pairs(1500, seed=4321, size=128)
+    return CaptionWords().fit(pictures, captions)
+
+
+def test_captions_name_only_the_animals_in_correct_english():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        _, captions = draw_picture(rng, 32)
+        for caption in captions:
+            assert " an " not in f" {caption} " and " a a" not in caption  # every animal's name starts with a consonant
+            words = {w.strip(".,:\n ").lower() for w in caption.split()}
+            assert not words & {"red", "blue", "left", "right", "two", "three"}  # no colour, place or count
+
+
+def test_every_coat_averages_to_the_same_colour_over_one_period():
+    """A box blur over z's grid cell (one period) leaves nothing of the coat: the meaning is finer than z's grid."""
+    yy, xx = np.mgrid[0:640, 0:640] / 640
+    for kind in KINDS:
+        coat = coat_pattern(kind, xx, yy, np.random.default_rng(1))
+        cells = coat.reshape(10, 64, 10, 64).mean(axis=(1, 3))
+        assert np.abs(cells).max() < 0.02, kind
+        assert coat.std() > 0.5, kind  # while the coat itself is plain to see
+
+
+def test_the_worlds_meaning_is_read_from_the_pictures_but_not_from_z_sized_blurs(reader):
+    pictures, captions = draw_pairs(400, seed=8765, size=128)
+    words = caption_words(captions)
+    originals = two_way_identification(reader.predict(pictures), words).mean()
+    blurred = two_way_identification(reader.predict(blur_to_grid(pictures, 10)), words).mean()
+    assert originals >= 0.9 and blurred <= 0.65, (originals, blurred)
+    # even a reader fitted on blurred pictures cannot find the animals there
+    train, train_captions = draw_pairs(1000, seed=99, size=128)
+    blur_reader = CaptionWords().fit(blur_to_grid(train, 10), train_captions)
+    assert two_way_identification(blur_reader.predict(blur_to_grid(pictures, 10)), words).mean() <= 0.65
+
+
+@pytest.fixture(scope="module")
+def toy_reconstructions(tmp_path_factory):
+    """A fresh-seed world decoded with toy at the default noise level; Xz, Xc and Xzc of its 20 test images (20 DDIM
+    steps, for speed), from the decoded z and c as fitted and rescaled (one factor per target)."""
+    from brainldm.data import load_trials
+    from brainldm.ldm import load_ldm
+    from brainldm.offline import build_offline_world
+    from brainldm.presets import Sampling
+    from brainldm.reconstruct import Reconstructor
+    from brainldm.synthetic import OFFLINE_SNR
+
+    ldm = load_ldm("toy", device="cpu")
+    world = build_offline_world(
+        tmp_path_factory.mktemp("toy-world"), ldm, "toy", n_sessions=6, trials_per_session=45, n_shared=20,
+        snr=OFFLINE_SNR, seed=23,
+    )  # fmt: skip
+    test = load_trials(world.data, 1, "test")
+    pictures = np.stack([np.asarray(im.convert("RGB").resize((128, 128))) for im in test["image"]])
+    betas = np.asarray(test.with_format("numpy")["betas"])
+    recon = Reconstructor(ldm)
+    out = {}
+    for rescale in (None, "target"):
+        decoded = world.maps[1].predict(betas, rescale=rescale)
+        result = recon(decoded["z"], decoded["c"], Sampling(num_inference_steps=20), keys=list(test["nsd_id"]))
+        out[rescale] = {"Xz": result.Xz, "Xc": result.Xc[:, 0], "Xzc": result.Xzc[:, 0]}
+    return pictures, out, ldm
+
+
+@pytest.mark.parametrize("rescale", [None, "target"])
+def test_xz_carries_the_layout_xc_the_meaning_and_xzc_both(toy_reconstructions, reader, rescale):
+    from brainldm.evaluate import clip_extractor
+
+    pictures, out, ldm = toy_reconstructions
+    clip = clip_extractor(ldm.image_encoder)
+    s = {kind: reconstruction_scores(images, pictures, reader, clip) for kind, images in out[rescale].items()}
+    assert s["Xz"]["pixels"] >= s["Xc"]["pixels"] + 0.15, s  # Xz keeps the layout
+    assert s["Xzc"]["pixels"] >= s["Xc"]["pixels"] + 0.1, s
+    assert s["Xc"]["words"] >= s["Xz"]["words"] + 0.05, s  # Xc keeps the meaning, which z cannot carry
+    assert s["Xzc"]["words"] >= s["Xz"]["words"], s
+
+
+def test_xc_varies_with_the_trial(toy_reconstructions):
+    pictures, out, _ = toy_reconstructions
+    assert mean_pairwise_correlation(out["target"]["Xc"]) <= mean_pairwise_correlation(pictures) + 0.1
+
+
+def test_rescaling_restores_the_spread_of_decoded_z(toy_reconstructions):
+    """Xz from rescaled z is less washed out: its pixels spread more, towards the pictures' own contrast."""
+    pictures, out, _ = toy_reconstructions
+    plain, rescaled = (torch.as_tensor(out[r]["Xz"], dtype=torch.float32).std() for r in (None, "target"))
+    assert rescaled > plain
