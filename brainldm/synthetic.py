@@ -4,7 +4,7 @@
 
 - ``nsd_expdesign.mat`` with 1-based ``masterordering``, ``subjectim`` (8 x images per subject) and ``sharedix``;
 - ``nsd_stim_info_merged.csv`` (``nsdId`` 0-based, ``cocoId``, ``shared1000``, ``subjectS_repR`` 1-based trials);
-- ``nsd_stimuli.hdf5`` with ``imgBrick`` (n_images x H x W x 3 uint8), pictures of smooth shapes on gradients;
+- ``nsd_stimuli.hdf5`` with ``imgBrick`` (n_images x H x W x 3 uint8), pictures of patterned animals on gradients;
 - COCO caption JSONs split into train2017 / val2017, captions describing each picture;
 - per subject, ``nsdgeneral`` and ``streams`` ROI NIfTIs (-1 outside the brain) and one gzipped int16 NIfTI of
   betas per session (percent signal change x 300, X x Y x Z x trials), optionally with its HDF5 twin in NSD's
