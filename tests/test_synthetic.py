@@ -17,15 +17,15 @@ def test_expdesign_is_one_based_and_maps_trials_to_images(nsd_tree):
     design = scipy.io.loadmat(nsd.expdesign_path(nsd_tree.root))
     n_trials = nsd_tree.n_sessions * nsd_tree.trials_per_session
     masterordering, subjectim, sharedix = design["masterordering"], design["subjectim"], design["sharedix"]
-    assert masterordering.shape == (1, n_trials)
+    assert masterordering.shape == (1, nsd.DESIGN_SESSIONS * nsd_tree.trials_per_session)  # NSD's 40 sessions
     assert subjectim.shape[0] == 8
     assert sharedix.shape == (1, len(nsd_tree.shared))
     assert masterordering.min() == 1 and masterordering.max() == subjectim.shape[1]
     assert subjectim.min() >= 1 and subjectim.max() <= nsd_tree.n_images
     np.testing.assert_array_equal(sharedix[0] - 1, nsd_tree.shared)
     for s in nsd_tree.subjects:
-        shown = subjectim[s - 1, masterordering[0].astype(int) - 1].astype(int) - 1
-        np.testing.assert_array_equal(shown, nsd_tree.trial_images[s])
+        shown = subjectim[s - 1, masterordering[0, :n_trials].astype(int) - 1].astype(int) - 1
+        np.testing.assert_array_equal(shown, nsd_tree.trial_images[s])  # the trials the betas hold
         # every subject sees every shared image; its other images are its own
         assert set(nsd_tree.shared) <= set(shown)
     others = [set(subjectim[s - 1]) - set(sharedix[0]) for s in range(1, 9)]
