@@ -116,15 +116,21 @@ def test_betas_fetched_are_a_few_percent_of_each_session(nsd_sized, s3, tmp_path
         assert requests < n_voxels / 4  # voxel chunks travel together, not one request each
 
 
-def test_a_killed_remote_prepare_resumes_without_fetching_finished_sessions(nsd_sized, s3, tmp_path, monkeypatch):
+def _killed_at_session_2(monkeypatch):
+    """Make the prepare die while reading session 2, as a killed run does; returns the real reader, to restore."""
     real_read = nsd.read_betas
 
     def dying_read(root, subject, session, ijk):
         if session == 2:
-            raise KeyboardInterrupt  # killed while reading session 2
+            raise KeyboardInterrupt
         return real_read(root, subject, session, ijk)
 
     monkeypatch.setattr(nsd, "read_betas", dying_read)
+    return real_read
+
+
+def test_a_killed_remote_prepare_resumes_without_fetching_finished_sessions(nsd_sized, s3, tmp_path, monkeypatch):
+    real_read = _killed_at_session_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prepare_subject("s3://nsd-sized", 1, tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
     first = s3.fetched(nsd.betas_file(1, 1, ".hdf5"))
@@ -288,14 +294,7 @@ def test_damaged_cache_entries_are_fetched_again(own_bucket, s3, tmp_path):
 
 def test_a_session_changed_between_two_runs_of_one_prepare_is_named(own_bucket, s3, tmp_path, monkeypatch):
     name, root = own_bucket
-    real_read = nsd.read_betas
-
-    def dying_read(root_, subject, session, ijk):
-        if session == 2:
-            raise KeyboardInterrupt  # killed while reading session 2
-        return real_read(root_, subject, session, ijk)
-
-    monkeypatch.setattr(nsd, "read_betas", dying_read)
+    real_read = _killed_at_session_2(monkeypatch)
     args = dict(progress=False, cache_dir=tmp_path / "cache")
     with pytest.raises(KeyboardInterrupt):
         prepare_subject(f"s3://{name}", 1, tmp_path / "out", **args)
