@@ -223,6 +223,7 @@ class DemoBackend:
         self.clip_name = "CLIP"
         self._references: dict[int, dict[str, np.ndarray]] = {}
         self._showcases: dict[tuple, list[dict]] = {}
+        self._showcase_lock = threading.Lock()  # two first visitors at once: one computes, the other waits for it
 
     def _maps(self, subject: int) -> SubjectMaps:
         return SubjectMaps.from_pretrained(maps_location(self.sources.maps, subject))
@@ -337,23 +338,28 @@ class DemoBackend:
         """The reconstructions of :meth:`showcase_trials`, each with a thumbnail of its four images side by side
         (``thumbnail``, a JPEG path) and a ``label``: computed on first use, then kept for every visitor."""
         key = (int(subject), sampling, rescale)
-        if key not in self._showcases:
-            shown = []
-            for label, trial in self.showcase_trials(subject):
-                out = self.reconstruct(subject, trial, sampling, generate=generate, rescale=rescale)
-                images = [out["presented"], out["Xz"], out["Xc"][0], out["Xzc"][0]]
-                size = SHOWCASE_SIZE
-                strip = np.full((size, 4 * size + 3 * 4, 3), 255, dtype=np.uint8)
-                for k, image in enumerate(images):
-                    small = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
-                    strip[:, k * (size + 4) : k * (size + 4) + size] = np.asarray(small)
-                path = self._thumbnails / subject_name(subject) / f"showcase-{trial:05d}-{abs(hash(key))}.jpg"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path) as tmp:
-                    Image.fromarray(strip).save(tmp, quality=90)
-                shown.append({**out, "trial": trial, "label": f"{label}: trial {trial}", "thumbnail": str(path)})
-            self._showcases[key] = shown
-        return self._showcases[key]
+        with self._showcase_lock:
+            if key not in self._showcases:
+                self._showcases[key] = self._make_showcase(key, generate)
+            return self._showcases[key]
+
+    def _make_showcase(self, key: tuple, generate) -> list[dict]:
+        subject, sampling, rescale = key
+        shown = []
+        for label, trial in self.showcase_trials(subject):
+            out = self.reconstruct(subject, trial, sampling, generate=generate, rescale=rescale)
+            images = [out["presented"], out["Xz"], out["Xc"][0], out["Xzc"][0]]
+            size, gap = SHOWCASE_SIZE, 4
+            strip = np.full((size, 4 * size + 3 * gap, 3), 255, dtype=np.uint8)
+            for k, image in enumerate(images):
+                small = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+                strip[:, k * (size + gap) : k * (size + gap) + size] = np.asarray(small)
+            path = self._thumbnails / subject_name(subject) / f"showcase-{len(self._showcases)}-{trial:05d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                Image.fromarray(strip).save(tmp, quality=90)
+            shown.append({**out, "trial": trial, "label": f"{label}: trial {trial}", "thumbnail": str(path)})
+        return shown
 
     def cortical_maps(self, subject: int) -> list[tuple[str, str]]:
         """(PNG path, title) of the subject's cortical map figures, after the summary across subjects when there is
