@@ -48,7 +48,9 @@ def colour_histograms(pictures) -> np.ndarray:
     """(n, 64): the share of each picture's pixels in each of 4 x 4 x 4 RGB bins (at :data:`ANALYSIS_SIZE`)."""
     rows = []
     for p in pictures:
-        p = np.asarray(Image.fromarray(np.asarray(p)).resize((ANALYSIS_SIZE,) * 2, Image.Resampling.BICUBIC))
+        p = np.asarray(p)
+        if p.shape[:2] != (ANALYSIS_SIZE, ANALYSIS_SIZE):
+            p = np.asarray(Image.fromarray(p).resize((ANALYSIS_SIZE,) * 2, Image.Resampling.BICUBIC))
         rows.append(np.histogramdd(p.reshape(-1, 3), bins=(4, 4, 4), range=[(0, 256)] * 3)[0].ravel())
     return np.stack(rows).astype(np.float32) / ANALYSIS_SIZE**2
 

@@ -150,7 +150,8 @@ def ridge_cv_scores(
         fold_state.append((design, validation, val_rows, val_of_sample, val_counts, factors))
     scores = torch.zeros(len(alphas), n_targets, device=device, dtype=X.dtype)
     if prediction_moments:
-        sums, deviation_sums, squares_sum = (torch.zeros_like(scores) for _ in range(3))
+        deviation_sums, squares_sum = torch.zeros_like(scores), torch.zeros_like(scores)
+        intercept_sums = torch.zeros(n_targets, device=device, dtype=X.dtype)  # the same at every alpha
     for start in range(0, n_targets, target_batch_size):
         Y_batch = _to(Y[:, start : start + target_batch_size], X)
         Y_sum_all = _row_sums(rows, Y_batch, len(X))
@@ -170,14 +171,16 @@ def ridge_cv_scores(
             Y_centred_sum = _row_sums(val_of_sample, Y_centred, len(val_rows))
             Y_norm = Y_centred.norm(dim=0)
             predictions = A @ (Y_w if B is None else B @ Y_w)  # (alphas, distinct validation rows, targets)
+            if prediction_moments:
+                intercept_sums[start : start + target_batch_size] += len(validation) * Y_mean
             for a, p in enumerate(predictions):
-                if prediction_moments:  # p is the prediction less the fold's intercept
+                total = (val_counts * p).sum(0)  # over the validation samples; p is the prediction less the intercept
+                if prediction_moments:
                     columns = slice(start, start + target_batch_size)
-                    sums[a, columns] += (val_counts * p).sum(0) + len(validation) * Y_mean
-                    deviation_sums[a, columns] += (val_counts * p).sum(0)
+                    deviation_sums[a, columns] += total
                     squares_sum[a, columns] += (val_counts * p * p).sum(0)
                 if scoring == "correlation":  # Pearson r over the validation samples; the intercept cancels
-                    p -= (val_counts * p).sum(0) / len(validation)
+                    p -= total / len(validation)
                     p_norm = (val_counts * p * p).sum(0).sqrt()
                     denominator = (p_norm * Y_norm).clamp_min(torch.finfo(p.dtype).tiny)
                     block[a] += (p * Y_centred_sum).sum(0) / denominator
@@ -188,7 +191,8 @@ def ridge_cv_scores(
     if not prediction_moments:
         return scores / len(folds)
     deviation = deviation_sums / n
-    return scores / len(folds), sums / n, (squares_sum / n - deviation * deviation).clamp_min(0).sqrt()
+    mean = deviation + intercept_sums / n
+    return scores / len(folds), mean, (squares_sum / n - deviation * deviation).clamp_min(0).sqrt()
 
 
 def solve_ridge(
