@@ -1,4 +1,5 @@
-"""LDM features of the stimuli: z (VAE latents of the image) and c (CLIP text embeddings of its captions).
+"""LDM features of the stimuli: z (VAE latents of the image) and c (CLIP text embeddings of its captions), and the
+follow-up pipeline's decoding targets: BLIP image embeddings (``blip``) and DPT hidden states (``dpt``).
 
 All functions take the LDM (a diffusers Stable Diffusion pipeline, see :mod:`brainldm.ldm`) and read shapes
 from it, so SD-1.x (z 4x40x40, c 77x768), SD-2.x and ``tiny_ldm`` go through the same code.
@@ -106,6 +107,8 @@ UNET_BLOCKS = ("down0", "down1", "down2", "down3", "mid", "up0", "up1", "up2", "
 # outputs are 320x20x20 (down0), 640x10x10, 1280x5x5, 1280x5x5, 1280x5x5 (mid), 1280x10x10 (up0), 1280x20x20,
 # 640x40x40 and 320x40x40 (up3): flattened, up2 is 4 MB per image (40 GB for a subject's 10,000); pool4 is 40 kB.
 REDUCTIONS = ("mean", "pool2", "pool4", "pool8", "flatten")
+# Features computed by models other than the LDM: the follow-up pipeline's captioner and depth model
+AUXILIARY = ("blip", "dpt")
 
 
 def reduce_tap(hidden: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -128,6 +131,8 @@ class FeatureSpec:
     - ``unet.BLOCK@S#K``: the output of U-Net block BLOCK (down0..down3, mid, up0..up3) at the K-th denoising step
       (1-based, of the steps the img2img run at strength S actually runs), conditional branch, reduced by the
       store's ``unet_reduce`` (:data:`REDUCTIONS`: spatial ``mean`` -> channels, ``poolN``, or ``flatten``).
+    - ``blip``: BLIP's image embedding, every token (:mod:`brainldm.captioner`); ``dpt``: the four hidden states DPT
+      passes to its neck (:mod:`brainldm.depth`). These come from their own models, not the LDM.
     """
 
     kind: str
@@ -139,7 +144,7 @@ class FeatureSpec:
     def parse(cls, text: str) -> FeatureSpec:
         text = text.strip()
         try:
-            if text in ("z", "c"):
+            if text in ("z", "c", *AUXILIARY):
                 return cls(text)
             if text.startswith("zc@"):
                 return cls("zc", strength=_strength(text[3:]))
@@ -153,7 +158,7 @@ class FeatureSpec:
                 return cls("unet", strength=_strength(strength), block=block, step=int(step))
         except ValueError as err:
             raise InputError(f"bad feature {text!r}: {err}") from err
-        raise InputError(f"unknown feature {text!r}; expected z, c, zc@STRENGTH or unet.BLOCK@STRENGTH#STEP")
+        raise InputError(f"unknown feature {text!r}; expected z, c, zc@STRENGTH, unet.BLOCK@STRENGTH#STEP, blip or dpt")
 
     @property
     def name(self) -> str:
@@ -374,23 +379,36 @@ class FeatureStore:
             raise InputError(f"could not read feature shard {shards[0]}: {oneline(err)}; delete it and rerun") from err
 
     def blocks(self, *id_lists: Sequence[int], max_values: int = 2**28) -> Iterator[tuple[np.ndarray, ...]]:
-        """The features of each list of ids, a range of the first feature axis (channels, tokens) at a time, each
-        flattened -> tuples of (len(ids), block width) float32 arrays; at most ``max_values`` values per tuple (1 GiB
-        by default), so a feature space of any width is read without being held whole."""
+        """The features of each list of ids, a block of columns at a time, each flattened -> tuples of (len(ids),
+        block width) float32 arrays, in the order of the flattened features; at most ``max_values`` values per tuple
+        (1 GiB by default) where one row of the second axis fits, so a feature space of any width is read without
+        being held whole. Blocks are ranges of the first axis (channels, tokens), or, where one entry of it is already
+        too wide (DPT's four states of 577 x 1024), ranges of the second axis within each entry."""
+        for index in self.block_index(sum(map(len, id_lists)), max_values):
+            yield tuple(self.load(ids, index).reshape(len(ids), -1) for ids in id_lists)
+
+    def block_index(self, n_images: int, max_values: int = 2**28) -> list[tuple[slice, ...]]:
+        """The index of each block :meth:`blocks` reads for ``n_images`` images (slices of the leading axes)."""
         shape = self.feature_shape
-        per_channel = int(np.prod(shape[1:]))
-        step = max(1, max_values // max(1, sum(map(len, id_lists)) * per_channel))
-        for start in range(0, shape[0], step):
-            channels = slice(start, min(start + step, shape[0]))
-            yield tuple(self.load(ids, channels).reshape(len(ids), -1) for ids in id_lists)
+        per_entry = int(np.prod(shape[1:]))
+        if len(shape) < 2 or n_images * per_entry <= max_values:
+            step = max(1, max_values // max(1, n_images * per_entry))
+            return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
+        step = max(1, max_values // max(1, n_images * int(np.prod(shape[2:]))))
+        return [
+            (slice(entry, entry + 1), slice(start, min(start + step, shape[1])))
+            for entry in range(shape[0])
+            for start in range(0, shape[1], step)
+        ]
 
     def refresh(self) -> None:
         """Forget the cached index: the folder changed under this object (another process merged its parts)."""
         self._index = None
 
-    def load(self, nsd_ids: Sequence[int], channels: slice | None = None) -> np.ndarray:
+    def load(self, nsd_ids: Sequence[int], channels: slice | tuple[slice, ...] | None = None) -> np.ndarray:
         """Features of ``nsd_ids`` in that order -> (n, ...) float32. Every id must be present. ``channels``: only
-        that range of the first feature axis (a block of a feature space too large to hold whole)."""
+        that range of the first feature axis, or those ranges of the leading axes (a block of a feature space too
+        large to hold whole)."""
         missing = self.missing(nsd_ids)
         if missing:
             raise InputError(
@@ -409,10 +427,12 @@ class FeatureStore:
         return out if out is not None else np.empty((0,), dtype=np.float32)
 
 
-def _read_tensor(shard: Path, key: str, channels: slice | None = None) -> np.ndarray:
+def _read_tensor(shard: Path, key: str, channels: slice | tuple[slice, ...] | None = None) -> np.ndarray:
     try:
         with safe_open(str(shard), framework="numpy") as f:
-            return f.get_tensor(key) if channels is None else f.get_slice(key)[:, channels]
+            if channels is None:
+                return f.get_tensor(key)
+            return f.get_slice(key)[(slice(None), *channels) if isinstance(channels, tuple) else (slice(None), channels)]
     except Exception as err:  # safetensors raises several types for a truncated or foreign file
         raise InputError(f"could not read feature shard {shard}: {oneline(err)}; delete it and rerun") from err
 
@@ -441,6 +461,10 @@ def extract_features(
     process_index: int = 0,
     num_processes: int = 1,
     wait_for_everyone: Callable[[], None] | None = None,
+    captioner=None,
+    captioner_id: str | None = None,
+    depth_model=None,
+    depth_model_id: str | None = None,
 ) -> dict[str, FeatureStore]:
     """Compute the missing features of ``nsd_ids`` in batches and store them under ``out``.
 
@@ -454,6 +478,9 @@ def extract_features(
             three). The missing images are cut into the batches one process would run, and process k runs batches
             k, k + n, ...; each writes its own parts, and once ``wait_for_everyone()`` returns, process 0 merges
             them (:meth:`FeatureStore.merge_parts`) into the store one process would have written.
+        captioner, captioner_id: the BLIP captioner (:func:`brainldm.captioner.load_captioner`) and its id, for
+            ``blip``; depth_model, depth_model_id: the DPT model (:func:`brainldm.depth.load_depth_model`) and its
+            id, for ``dpt``. Their stores record these ids instead of the LDM's.
     Returns:
         name -> FeatureStore (``written``: the images this process computed; ``reused``: those the store held).
     """
@@ -467,11 +494,20 @@ def extract_features(
         check_sampling(ldm.scheduler, num_inference_steps, guidance_scale)
     from .ldm import ldm_sizes
 
+    auxiliary = {"blip": (captioner, captioner_id), "dpt": (depth_model, depth_model_id)}
+    for spec in specs:
+        if spec.kind in auxiliary and auxiliary[spec.kind][0] is None:
+            model = "captioner (--captioner)" if spec.kind == "blip" else "depth model (--depth-model)"
+            raise InputError(f"{spec.name} features need a {model}")
     common = {"model_id": model_id, "z_image_size": ldm_sizes(ldm)[0]}
     run = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
 
     def config_of(spec: FeatureSpec) -> dict:
         """How the features are computed, as the store records it."""
+        if spec.kind == "blip":
+            return {"model_id": captioner_id, "feature": "blip", "image_size": captioner.image_size}
+        if spec.kind == "dpt":
+            return {"model_id": depth_model_id, "feature": "dpt", "image_size": depth_model.config.image_size}
         config = dict(common, feature=spec.name)
         if spec.kind in ("zc", "unet"):
             config.update(run, strength=spec.strength)
@@ -497,9 +533,18 @@ def extract_features(
     for batch in mine:
         images, captions = zip(*(get_item(i) for i in batch))
         need = {name for name, store in stores.items() if store.missing(batch)}
-        z = encode_z(ldm, images) if need - {"c"} else None
-        c = encode_c(ldm, captions) if need - {"z"} else None
+        from_ldm = need - {"c", *AUXILIARY}
+        z = encode_z(ldm, images) if from_ldm else None
+        c = encode_c(ldm, captions) if from_ldm - {"z"} or "c" in need else None
         computed = {"z": z, "c": c}
+        if "blip" in need:
+            from .captioner import blip_embeddings
+
+            computed["blip"] = blip_embeddings(captioner, images)
+        if "dpt" in need:
+            from .depth import dpt_states
+
+            computed["dpt"] = dpt_states(depth_model, images)[0]
         strengths = sorted({stores[n].config["strength"] for n in need if "strength" in stores[n].config})
         for strength in strengths:
             taps = [s for s in specs if s.name in need and s.kind == "unet" and s.strength == strength]

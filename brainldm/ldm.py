@@ -92,7 +92,8 @@ def byte_level_clip_tokenizer(model_max_length: int = 77, merges: Sequence[tuple
     return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
 
 
-def _assemble(unet_config: dict, vae_config: dict, text_config: dict, seed: int) -> StableDiffusionImg2ImgPipeline:
+def _components(unet_config: dict, vae_config: dict, text_config: dict, seed: int) -> dict:
+    """The components of a Stable Diffusion pipeline built from configs with seeded random weights."""
     tokenizer = byte_level_clip_tokenizer()
     text_config = dict(
         text_config,
@@ -107,15 +108,15 @@ def _assemble(unet_config: dict, vae_config: dict, text_config: dict, seed: int)
         unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(**vae_config, scaling_factor=TAKAGI2023.vae_scaling_factor)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    return dict(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=ddim_scheduler()
+    )
+
+
+def _assemble(unet_config: dict, vae_config: dict, text_config: dict, seed: int) -> StableDiffusionImg2ImgPipeline:
+    components = _components(unet_config, vae_config, text_config, seed)
     pipe = StableDiffusionImg2ImgPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=ddim_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -141,6 +142,25 @@ SD14_TEXT = dict(
 )  # fmt: skip
 
 
+# tiny's geometry: cross-attention at the lower resolution only (attention over 40x40 tokens would dominate CPU time)
+TINY_UNET = dict(SD14_UNET, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
+                 attention_head_dim=4, norm_num_groups=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
+TINY_VAE = dict(SD14_VAE, block_out_channels=(4, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+TINY_TEXT = dict(SD14_TEXT, vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                 num_hidden_layers=2, projection_dim=32)  # fmt: skip
+
+
+def _gain_tiny_latents(vae: AutoencoderKL) -> None:
+    """Random weights give latents ~25x smaller than SD's; rescale the latent map (and its inverse in the decoder)
+    so scaled z has SD's unit variance and noise levels mean the same as in Stable Diffusion."""
+    with torch.no_grad():
+        channels = vae.config.latent_channels
+        vae.quant_conv.weight[:channels] *= TINY_LATENT_GAIN
+        vae.quant_conv.bias[:channels] *= TINY_LATENT_GAIN
+        vae.post_quant_conv.weight /= TINY_LATENT_GAIN
+
+
 def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
     """A Stable-Diffusion-shaped img2img pipeline with seeded random weights, built in about a second on CPU.
 
@@ -148,21 +168,20 @@ def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
     with scaling factor 0.18215 (so z of a 320 px image is 4 x 40 x 40), the UNet is cross-attention
     conditioned on 77 tokens, the text encoder is a CLIPTextModel (hidden size 32, so c is 77 x 32).
     """
-    # cross-attention at the lower resolution only: attention over 40x40 tokens would dominate CPU time
-    unet = dict(SD14_UNET, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
-                attention_head_dim=4, norm_num_groups=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
-    vae = dict(SD14_VAE, block_out_channels=(4, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
-    text = dict(SD14_TEXT, vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, projection_dim=32)  # fmt: skip
-    pipe = _assemble(unet, vae, text, seed)
-    # Random weights give latents ~25x smaller than SD's; rescale the latent map (and its inverse in the decoder)
-    # so scaled z has SD's unit variance and noise levels mean the same as in Stable Diffusion.
-    with torch.no_grad():
-        channels = vae["latent_channels"]
-        pipe.vae.quant_conv.weight[:channels] *= TINY_LATENT_GAIN
-        pipe.vae.quant_conv.bias[:channels] *= TINY_LATENT_GAIN
-        pipe.vae.post_quant_conv.weight /= TINY_LATENT_GAIN
+    pipe = _assemble(TINY_UNET, TINY_VAE, TINY_TEXT, seed)
+    _gain_tiny_latents(pipe.vae)
+    return pipe
+
+
+def tiny_depth_ldm(seed: int = 1):
+    """Stable Diffusion 2 depth's shape with seeded random weights: :func:`tiny_ldm`'s components, its U-Net taking
+    the depth map as a fifth input channel (``c_concat``), and no depth estimator."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    components = _components(dict(TINY_UNET, in_channels=5), TINY_VAE, TINY_TEXT, seed)
+    _gain_tiny_latents(components["vae"])
+    pipe = StableDiffusionDepth2ImgPipeline(**components, depth_estimator=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -209,6 +228,33 @@ def load_ldm(
     for model in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "image_encoder", None)):
         if model is not None:
             torch.nn.Module.to(model, device=device, dtype=dtype)
+    return pipe
+
+
+DEPTH_MODEL = "stabilityai/stable-diffusion-2-depth"
+
+
+def load_depth_ldm(model_id_or_dir: str = DEPTH_MODEL, device=None, dtype=None):
+    """Stable Diffusion 2's depth-conditioned img2img pipeline with the paper's DDIM scheduler, loaded without its
+    depth estimator (the depth maps are decoded from the brain, :mod:`brainldm.depth`), or ``"tiny"``
+    (:func:`tiny_depth_ldm`). Device and dtype default as :func:`load_ldm`'s."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    device = default_device(device)
+    dtype = dtype or default_dtype(device)
+    if model_id_or_dir == TINY:
+        pipe = tiny_depth_ldm()
+    else:
+        try:
+            pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
+                model_id_or_dir, dtype=dtype, depth_estimator=None, feature_extractor=None
+            )
+        except (OSError, ValueError) as err:
+            raise OSError(_load_error(model_id_or_dir, err)) from err
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        torch.nn.Module.to(model, device=device, dtype=dtype)
     return pipe
 
 

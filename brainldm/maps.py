@@ -17,6 +17,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,10 +30,10 @@ from safetensors.torch import save_file
 from . import __version__
 from .cards import maps_card
 from .data import load_trials, load_voxels, subject_name
-from .features import FeatureStore
+from .features import AUXILIARY, FeatureStore
 from .metrics import dimension_correlation, identification, pattern_correlation
 from .presets import TAKAGI2023
-from .ridge import RidgeCV, reduced_rank
+from .ridge import RidgeCV, solve_ridge
 from .torch_utils import default_device
 from .validation import InputError, check_finite, oneline
 from .voxels import VoxelTable
@@ -146,7 +147,7 @@ class LinearMap:
 
 def fit_linear_map(
     betas: np.ndarray,
-    targets: np.ndarray,
+    targets: np.ndarray | Callable[[], Iterator[np.ndarray]],
     voxels: np.ndarray,
     ijk: np.ndarray,
     groups: np.ndarray,
@@ -154,35 +155,76 @@ def fit_linear_map(
     cv: int = TAKAGI2023.cv_folds,
     rank: int | None = None,
     device: str | torch.device | None = None,
-) -> tuple[LinearMap, RidgeCV]:
-    """Standardise ``betas[:, voxels]`` (n, k) on their training statistics, then RidgeCV to targets (n, T).
+) -> tuple[LinearMap, float]:
+    """Standardise ``betas[:, voxels]`` (n, k) on their training statistics, then RidgeCV to the targets -> the map
+    and its CV r (each target's best, averaged).
 
-    The map keeps the training targets' mean and std and the out-of-fold predictions' (from the cross-validated
-    fit, so no test data), from which :meth:`LinearMap.rescale` undoes ridge's shrinkage."""
+    ``targets``: (n, T), or a function that returns an iterator over blocks of its columns in order ((n, width)
+    arrays; called twice for a reduced-rank map), so that targets of any width (DPT's 2.4 million values per image)
+    are fitted a block at a time: each target's ridge is its own. With ``rank`` below k and T, the map is stored as
+    the rank-r product closest to the ridge map in training predictions (:func:`~brainldm.ridge.reduced_rank`, built
+    here from the blocks without holding the dense map). The map keeps the training targets' mean and std and the
+    out-of-fold predictions' (from the cross-validated fit, so no test data), from which :meth:`LinearMap.rescale`
+    undoes ridge's shrinkage."""
     x = np.ascontiguousarray(betas[:, voxels], dtype=np.float32)
     check_finite("betas", x)
     mean, std = x.mean(0), x.std(0)
     std = np.where(std > 0, std, 1.0).astype(np.float32)
     x = (x - mean) / std
-    ridge = RidgeCV(alphas=alphas, cv=cv, device=device).fit(x, targets, groups=groups)
+    blocks = targets if callable(targets) else lambda: iter([targets])
+    if rank is not None and (rank >= x.shape[1] or (not callable(targets) and rank >= targets.shape[1])):
+        rank = None  # a rank-r map of k voxels to T targets is the dense one when r >= min(k, T)
+    compute = default_device(device)
+    sqrt_gram = None
+    if rank is not None:
+        x_t = torch.from_numpy(x).to(compute)
+        x_t = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
+        e, v = torch.linalg.eigh(x_t.T @ x_t)
+        sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T  # X W and S W have the same right singular vectors and values
+        products = torch.zeros_like(sqrt_gram)  # S W W^T S, summed over blocks of W's columns
+    fitted: dict[str, list[torch.Tensor]] = {}
+    for y in blocks():
+        ridge = RidgeCV(alphas=alphas, cv=cv, device=device).fit(x, y, groups=groups)
+        parts = dict(
+            intercept=ridge.intercept_.float(),
+            best_alphas=ridge.best_alphas_.float(),
+            **dict(zip(("target_mean", "target_std"), column_moments(y))),
+            prediction_mean=ridge.cv_prediction_mean_.float(),
+            prediction_std=ridge.cv_prediction_std_.float(),
+            cv_r=ridge.cv_scores_.max(0).values.float(),
+        )
+        if sqrt_gram is None:
+            parts["weight"] = ridge.coef_.float()
+        else:
+            m = sqrt_gram @ ridge.coef_.to(compute, sqrt_gram.dtype)
+            products += m @ m.T
+        for key, value in parts.items():
+            fitted.setdefault(key, []).append(value)
+    joined = {key: torch.cat(values, dim=-1) for key, values in fitted.items()}
+    cv_r = float(joined.pop("cv_r").mean())
     common = dict(
         voxels=torch.as_tensor(voxels, dtype=torch.int64),
         ijk=torch.as_tensor(ijk, dtype=torch.int32),
         mean=torch.from_numpy(mean),
         std=torch.from_numpy(std),
-        intercept=ridge.intercept_.float(),
-        best_alphas=ridge.best_alphas_.float(),
-        **dict(zip(("target_mean", "target_std"), column_moments(targets))),
-        prediction_mean=ridge.cv_prediction_mean_.float(),
-        prediction_std=ridge.cv_prediction_std_.float(),
+        **joined,
     )
-    if rank is None or rank >= min(ridge.coef_.shape):
-        return LinearMap(weight=ridge.coef_.float(), **common), ridge
-    compute = default_device(device)
+    if sqrt_gram is None:
+        return LinearMap(**common), cv_r
+    # the rows of B: the top-r right singular vectors of X W, a block of W's columns at a time (W solved again)
+    lam, q = torch.linalg.eigh(products)
+    lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
+    norm = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None]
+    left, right, done = torch.zeros(x.shape[1], rank, device=compute), [], 0
     x_t = torch.from_numpy(x).to(compute)
-    x_t = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
-    left, right = reduced_rank(ridge.coef_.to(compute), x_t.T @ x_t, rank)
-    return LinearMap(left=left.cpu(), right=right.cpu(), **common), ridge
+    for y in blocks():
+        best = common["best_alphas"][done : done + y.shape[1]].to(compute)
+        weight = solve_ridge(x_t, y, best)[0].to(compute)
+        block_right = (q.T @ (sqrt_gram @ weight)) / norm
+        left += weight @ block_right.T
+        right.append(block_right.cpu())
+        done += y.shape[1]
+    return LinearMap(left=left.cpu(), right=torch.cat(right, dim=1), **common), cv_r
 
 
 def column_moments(values: np.ndarray, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +246,9 @@ class TargetConfig:
 
     ``spread``: the training targets' and the out-of-fold predictions' overall standard deviation (root mean square
     over dimensions), ``{"target_std": ..., "prediction_std": ...}``; their ratio is what ``rescale="target"``
-    multiplies by. None for maps fitted before brainldm stored it.
+    multiplies by. None for maps fitted before brainldm stored it. ``model_id``: the model whose features the target
+    is, where that is not the LDM (the captioner for ``blip``, the depth model for ``dpt``). ``roi`` may be a union of
+    ROIs (``early+ventral``).
     """
 
     roi: str
@@ -212,6 +256,7 @@ class TargetConfig:
     n_voxels: int
     rank: int | None = None
     spread: dict[str, float] | None = None
+    model_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -521,7 +566,7 @@ def fit_subject_maps(
     train_ids, test_ids = np.asarray(train["nsd_id"]), np.asarray(test["nsd_id"])
     train_betas, test_betas = np.asarray(train["betas"], dtype=np.float32), np.asarray(test["betas"], dtype=np.float32)
     stores = {name: FeatureStore(features, name) for name in decoders}
-    models = {name: store.config.get("model_id") for name, store in stores.items()}
+    models = {name: store.config.get("model_id") for name, store in stores.items() if name not in AUXILIARY}
     if len(set(models.values())) > 1:
         said = " but ".join(f"the {name} features from {model!r}" for name, model in models.items())
         raise InputError(
@@ -530,31 +575,35 @@ def fit_subject_maps(
 
     fitted, targets, scores = {}, {}, {}
     for name, roi in decoders.items():
-        train_targets = stores[name].load(train_ids)
+        store = stores[name]
+        shape = store.feature_shape
         selection = voxels.roi(roi)
         if len(selection) == 0:
             raise InputError(f"subject {subject} has no {roi} voxels in its voxel table")
-        n_dims = int(np.prod(train_targets.shape[1:]))
+        n_dims = int(np.prod(shape))
+        limit = min(len(selection), n_dims)
         rank = ranks.get(name)
-        if rank is not None and rank > min(len(selection), n_dims):
+        if rank is not None and rank > limit:
             raise InputError(
                 f"--ranks {name}={rank} is above what the {name} map can hold: it maps {len(selection)} {roi} voxels "
-                f"to {n_dims} dimensions, so its rank is at most {min(len(selection), n_dims)}"
+                f"to {n_dims} dimensions, so its rank is at most {limit}"
             )
-        fitted[name], ridge = fit_linear_map(
-            train_betas, train_targets.reshape(len(train_targets), -1), selection, voxels.ijk[selection], train_ids,
-            alphas=alphas, cv=cv, rank=rank, device=device,
+        if rank is None and name in AUXILIARY and TAKAGI2023.followup_rank < limit:
+            rank = TAKAGI2023.followup_rank  # the follow-up pipeline's wide targets: reduced rank unless told otherwise
+        fitted[name], cv_r = fit_linear_map(
+            train_betas, lambda store=store: (block for (block,) in store.blocks(train_ids)), selection,
+            voxels.ijk[selection], train_ids, alphas=alphas, cv=cv, rank=rank, device=device,
         )  # fmt: skip
         spread = {
             "target_std": float(fitted[name].target_std.square().mean().sqrt()),
             "prediction_std": float(fitted[name].prediction_std.square().mean().sqrt()),
         }
-        targets[name] = TargetConfig(roi, tuple(train_targets.shape[1:]), len(selection), rank, spread)
-        scores[name] = {"cv_r": float(ridge.cv_scores_.max(0).values.mean())}
-        del train_targets
+        source = store.config.get("model_id") if name in AUXILIARY else None
+        targets[name] = TargetConfig(roi, tuple(shape), len(selection), fitted[name].rank, spread, source)
+        scores[name] = {"cv_r": cv_r}
     config = MapsConfig(
         subject=int(subject),
-        model_id=model_id or next(iter(models.values())),
+        model_id=model_id or next(iter(models.values()), None),
         data=None if Path(data).exists() else str(data),  # a Hub id is public; a local path is not
         n_voxels=len(voxels),
         voxel_fingerprint=voxel_fingerprint(voxels),

@@ -41,6 +41,14 @@ class Preset:
     # Decoders: which feature (the LDM's conditioning target) is predicted from which NSD `streams` ROI. Subject
     # maps are keyed by these names, so an LDM with other targets (SDXL's two text embeddings) adds rows here.
     decoders: tuple[tuple[str, str], ...] = (("z", "early"), ("c", "ventral"))
+    # The follow-up pipeline (the paper's code, after the CVPR paper): BLIP image embeddings and DPT hidden states,
+    # each decoded from six streams together, as reduced-rank maps (dense ones of NSD's ~15,000 voxels would be tens
+    # of GB: brainldm.maps.fit_subject_maps)
+    followup_decoders: tuple[tuple[str, str], ...] = (
+        ("blip", "early+ventral+midventral+midlateral+lateral+parietal"),
+        ("dpt", "early+ventral+midventral+midlateral+lateral+parietal"),
+    )
+    followup_rank: int = 256
     # Rescaling decoded targets to the training distribution (brainldm.maps.RESCALE_MODES), as Brain-Diffuser does;
     # the paper generates from the ridge predictions as they are
     rescale: str | None = None

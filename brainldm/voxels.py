@@ -38,7 +38,10 @@ class VoxelTable:
         return len(self.ijk)
 
     def roi(self, name: str) -> np.ndarray:
-        """Indices of the voxels in a ROI (``"early"``, ``"ventral"``, ...) or in ``"nsdgeneral"``."""
+        """Indices of the voxels in a ROI (``"early"``, ``"ventral"``, ...), in ``"nsdgeneral"``, or in a union of
+        ROIs written with ``+`` (``"early+ventral+parietal"``), in voxel-table order."""
+        if "+" in name:
+            return np.unique(np.concatenate([self.roi(part) for part in name.split("+")]))
         if name == "nsdgeneral":
             return np.flatnonzero(self.nsdgeneral)
         ids = {roi: label for label, roi in self.roi_names.items()}

@@ -10,6 +10,8 @@ Examples of --features:
   z,c                         the decoders' targets (the paper's z and c)
   z,c,zc@0.2,zc@0.5,zc@0.8    the encoding analysis' noise-level sweep
   unet.mid@0.8#1,unet.mid@0.8#20,unet.up1@0.8#40   U-Net taps: block @ strength # step (1-based)
+  blip,dpt                    the follow-up pipeline's targets: BLIP image embeddings (--captioner) and DPT's
+                              hidden states (--depth-model); decoded, they give captions and depth maps
 U-Net taps are reduced as they are recorded (--unet-reduce): mean over space (the default), poolN (an N x N grid of
 regional means) or flatten. With SD-1.4 a flattened up2 tap is 4 MB per image, pool4 40 kB.
 """
@@ -25,6 +27,8 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
+    from brainldm.captioner import BLIP_IMAGE_SIZE, BLIP_MODEL
+    from brainldm.depth import DPT_MODEL
     from brainldm.features import REDUCTIONS
     from brainldm.presets import TAKAGI2023
 
@@ -49,6 +53,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--unet-reduce", choices=REDUCTIONS, default="mean", help="U-Net tap reduction (default: mean over space)"
     )
+    parser.add_argument(
+        "--captioner", default=BLIP_MODEL, help=f"BLIP captioner for blip features, or 'tiny' (default: {BLIP_MODEL})"
+    )
+    parser.add_argument(
+        "--blip-image-size",
+        type=cli.positive,
+        default=BLIP_IMAGE_SIZE,
+        help=f"image size for BLIP's embeddings (default: {BLIP_IMAGE_SIZE}, the reference code's)",
+    )
+    parser.add_argument(
+        "--depth-model", default=DPT_MODEL, help=f"DPT model for dpt features, or 'tiny' (default: {DPT_MODEL})"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -65,6 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     device = state.device if state.num_processes > 1 else args.device  # one device per process
     ldm = load_ldm(args.model, device=device, dtype=dtype)
+    kinds = {spec.kind for spec in specs}
+    captioner = depth_model = None
+    if "blip" in kinds:
+        from brainldm.captioner import load_captioner
+
+        captioner = load_captioner(args.captioner, device=ldm.unet.device, image_size=args.blip_image_size)
+    if "dpt" in kinds:
+        from brainldm.depth import load_depth_model
+
+        depth_model = load_depth_model(args.depth_model, device=ldm.unet.device)
     stores = extract_features(
         ldm,
         args.model,
@@ -80,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         process_index=state.process_index,
         num_processes=state.num_processes,
         wait_for_everyone=state.wait_for_everyone,
+        captioner=captioner,
+        captioner_id=args.captioner,
+        depth_model=depth_model,
+        depth_model_id=args.depth_model,
     )
     if state.is_main_process:
         for name, store in stores.items():

@@ -1,0 +1,168 @@
+"""Decoded captions: BLIP's image embeddings as a decoding target, and captions written from decoded ones.
+
+Takagi & Nishimoto's follow-up code (yu-takagi/StableDiffusionReconstruction, ``codes/caption/BLIP``) decodes every
+token of BLIP's ViT-B image embedding (768 wide) from the voxels of six streams together, then lets BLIP's text
+decoder write a caption from the decoded embedding (beam search, 3 beams, 5 to 20 tokens, repetition penalty 1.5,
+after the prompt "a picture of "); the LDM's text encoder then embeds that caption as c.
+
+Here the captioner is transformers' :class:`~transformers.BlipForConditionalGeneration` with its tokenizer
+(:class:`Captioner`): ``load_captioner(model_id)`` for a Hub checkpoint, ``load_captioner("tiny")`` for a small one
+with seeded random weights (:func:`tiny_captioner`), for tests and the offline world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .validation import InputError
+
+BLIP_MODEL = "Salesforce/blip-image-captioning-base"  # transformers' port of BLIP's ViT-B captioner
+BLIP_IMAGE_SIZE = 240  # the reference code's (its BLIP decoder was built at 240 px: 226 tokens x 768)
+BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's image normalisation (its processor's)
+BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TINY = "tiny"
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """How a caption is written from image embeddings: the reference code's beam search."""
+
+    prompt: str = "a picture of "
+    num_beams: int = 3
+    min_length: int = 5
+    max_length: int = 20
+    repetition_penalty: float = 1.5
+
+
+TAKAGI_CAPTIONS = CaptionSettings()
+
+
+@dataclass
+class Captioner:
+    """A BLIP captioning model, its tokenizer, and the image size its embeddings are taken at."""
+
+    model: torch.nn.Module  # BlipForConditionalGeneration
+    tokenizer: object
+    image_size: int = BLIP_IMAGE_SIZE
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embedding_shape(self) -> tuple[int, int]:
+        """(tokens, width) of one image's embedding at ``image_size``: (226, 768) for ViT-B at 240 px."""
+        vision = self.model.config.vision_config
+        return ((self.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+
+
+def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BLIP_IMAGE_SIZE) -> Captioner:
+    """A Hub BLIP captioner (or a local folder), or ``"tiny"`` (:func:`tiny_captioner`), in eval mode on ``device``,
+    taking its embeddings at ``image_size`` (position embeddings interpolated where that is not the model's own)."""
+    from .torch_utils import default_device
+
+    if model_id == TINY:
+        captioner = tiny_captioner()
+        captioner.image_size = image_size
+    else:
+        from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+        try:
+            model = BlipForConditionalGeneration.from_pretrained(model_id)
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+        except OSError as err:
+            raise InputError(
+                f"could not load the BLIP captioner {model_id!r}: {err}; pass a Hub id or local folder of a "
+                "BlipForConditionalGeneration checkpoint (or 'tiny' offline)"
+            ) from err
+        captioner = Captioner(model, tokenizer, image_size)
+    captioner.model.eval().to(default_device(device))
+    return captioner
+
+
+def tiny_captioner(seed: int = 0) -> Captioner:
+    """A BLIP captioner with seeded random weights (vision width 32 at 64 px; text decoder width 32, 2 layers) and a
+    word-level BERT tokenizer over the prompt and the offline world's caption words. Built in a second.
+    Its weights are drawn 10x wider than BLIP's initialisation, so that its captions depend on the image."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+
+    from .synthetic import caption_vocabulary
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocabulary = specials + sorted(set(TAKAGI_CAPTIONS.prompt.split()) | set(caption_vocabulary()))
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary)})
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    ids = {w: i for i, w in enumerate(vocabulary)}
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16, initializer_range=0.2),
+        text_config=dict(vocab_size=len(vocabulary), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                         bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"],
+                         eos_token_id=ids["[SEP]"], initializer_range=0.2),
+        projection_dim=32,
+        initializer_range=0.2,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(config)
+    return Captioner(model.eval(), tokenizer, image_size=64)
+
+
+def pixel_values(images, size: int, mean=BLIP_MEAN, std=BLIP_STD) -> torch.Tensor:
+    """Images -> (n, 3, size, size) normalised as BLIP was trained (bicubic resize)."""
+    from .features import images_to_tensor
+
+    x = (images_to_tensor(images, size) + 1) / 2
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+@torch.no_grad()
+def blip_embeddings(captioner: Captioner, images) -> torch.Tensor:
+    """The ``blip`` target: BLIP's image embedding of each image, every token -> (n, tokens, width) float32 CPU."""
+    model = captioner.model
+    x = pixel_values(images, captioner.image_size).to(captioner.device, model.dtype)
+    interpolate = captioner.image_size != model.config.vision_config.image_size
+    return model.vision_model(pixel_values=x, interpolate_pos_encoding=interpolate)[0].float().cpu()
+
+
+@torch.no_grad()
+def captions_from_embeddings(
+    captioner: Captioner, embeddings: torch.Tensor, settings: CaptionSettings = TAKAGI_CAPTIONS
+) -> list[str]:
+    """A caption for each image embedding (n, tokens, width), true or decoded: BLIP's text decoder, attending to the
+    embedding, continues ``settings.prompt`` by beam search. Returns the captions without the prompt."""
+    model, tokenizer = captioner.model, captioner.tokenizer
+    embeddings = torch.as_tensor(embeddings)
+    if embeddings.ndim != 3 or tuple(embeddings.shape[1:]) != captioner.embedding_shape:
+        raise InputError(
+            f"BLIP embeddings must be (n, {captioner.embedding_shape[0]}, {captioner.embedding_shape[1]}) for this "
+            f"captioner at {captioner.image_size} px, got {tuple(embeddings.shape)}; were the maps fitted to another "
+            "captioner's features?"
+        )
+    embeddings = embeddings.to(captioner.device, model.dtype)
+    text = model.config.text_config
+    prompt = tokenizer([settings.prompt] * len(embeddings), return_tensors="pt").input_ids.to(captioner.device)
+    prompt[:, 0] = text.bos_token_id
+    out = model.text_decoder.generate(
+        input_ids=prompt[:, :-1],  # [DEC] and the prompt, without its closing [SEP]
+        encoder_hidden_states=embeddings,
+        encoder_attention_mask=torch.ones(embeddings.shape[:2], dtype=torch.long, device=embeddings.device),
+        eos_token_id=text.sep_token_id,
+        pad_token_id=text.pad_token_id,
+        num_beams=settings.num_beams,
+        min_length=settings.min_length,
+        max_length=settings.max_length,
+        repetition_penalty=settings.repetition_penalty,
+        do_sample=False,
+    )
+    return strip_prompt(tokenizer, out, settings.prompt)
+
+
+def strip_prompt(tokenizer, token_ids: torch.Tensor, prompt: str) -> list[str]:
+    """Generated token ids (n, length) -> their texts without the prompt they began with."""
+    texts = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    said = tokenizer.decode(tokenizer(prompt).input_ids, skip_special_tokens=True)  # the prompt as decoding writes it
+    return [t[len(said) :].strip() if t.startswith(said) else t.strip() for t in texts]

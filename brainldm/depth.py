@@ -1,0 +1,149 @@
+"""Decoded depth: DPT's hidden states as a decoding target, depth maps from decoded ones, and Stable Diffusion 2's
+depth model conditioned on them.
+
+Takagi & Nishimoto's follow-up code (yu-takagi/StableDiffusionReconstruction, ``codes/depth``) decodes the four
+backbone hidden states that DPT-large (``Intel/dpt-large``, 384 px: 577 tokens x 1024 each) passes to its neck, from
+the voxels of six streams together; DPT's own neck and head turn the decoded states into a depth map, which
+conditions ``stabilityai/stable-diffusion-2-depth`` (as ``c_concat``) in img2img from an init image, with the decoded
+caption as the prompt (:mod:`brainldm.captioner`).
+
+Here DPT is transformers' :class:`~transformers.DPTForDepthEstimation`: ``load_depth_model(model_id)`` for a Hub
+checkpoint, ``"tiny"`` for a small one with seeded random weights (:func:`tiny_depth_model`). The SD-2-depth pipeline
+is loaded by :func:`brainldm.ldm.load_depth_ldm` without its depth estimator, so it can only use the maps it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .presets import TAKAGI2023, Sampling
+from .validation import InputError
+
+DPT_MODEL = "Intel/dpt-large"
+DPT_MEAN = DPT_STD = (0.5, 0.5, 0.5)  # DPT-large's image normalisation (its processor's)
+TINY = "tiny"
+
+
+def load_depth_model(model_id: str = DPT_MODEL, device=None):
+    """A Hub DPT depth model (or a local folder), or ``"tiny"`` (:func:`tiny_depth_model`), in eval mode."""
+    from .torch_utils import default_device
+
+    if model_id == TINY:
+        model = tiny_depth_model()
+    else:
+        from transformers import DPTForDepthEstimation
+
+        try:
+            model = DPTForDepthEstimation.from_pretrained(model_id)
+        except OSError as err:
+            raise InputError(
+                f"could not load the DPT depth model {model_id!r}: {err}; pass a Hub id or local folder of a "
+                "DPTForDepthEstimation checkpoint (or 'tiny' offline)"
+            ) from err
+    return model.eval().to(default_device(device))
+
+
+def tiny_depth_model(seed: int = 0):
+    """DPT with seeded random weights: a 4-layer ViT of width 32 at 64 px (17 tokens), every layer passed to a small
+    neck. Built in a second."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64,
+        patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+        head_in_index=-1,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
+        torch.manual_seed(seed)
+        model = DPTForDepthEstimation(config)
+    return model.eval()
+
+
+def states_shape(model) -> tuple[int, int, int]:
+    """(4, tokens, width) of one image's ``dpt`` target: (4, 577, 1024) for DPT-large."""
+    config = model.config
+    return (len(config.backbone_out_indices), (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
+
+
+def _pixel_values(model, images) -> torch.Tensor:
+    from .features import images_to_tensor
+
+    x = (images_to_tensor(images, model.config.image_size) + 1) / 2
+    mean, std = torch.tensor(DPT_MEAN)[:, None, None], torch.tensor(DPT_STD)[:, None, None]
+    parameter = next(model.parameters())
+    return ((x - mean) / std).to(parameter.device, parameter.dtype)
+
+
+@torch.no_grad()
+def dpt_states(model, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``dpt`` target of images, and DPT's own depth prediction from them: ((n, 4, tokens, width) float32 CPU,
+    (n, h, w) float32 CPU). The states are exactly what the model's neck receives (caught at its input)."""
+    if model.config.is_hybrid:
+        raise InputError("hybrid DPT models pass CNN feature maps to their neck; use a ViT DPT such as Intel/dpt-large")
+    caught = {}
+    hook = model.neck.register_forward_pre_hook(lambda module, args: caught.__setitem__("states", args[0]))
+    try:
+        depth = model(pixel_values=_pixel_values(model, images)).predicted_depth
+    finally:
+        hook.remove()
+    return torch.stack(list(caught["states"]), dim=1).float().cpu(), depth.float().cpu()
+
+
+@torch.no_grad()
+def depth_from_states(model, states: torch.Tensor) -> torch.Tensor:
+    """Depth maps (n, h, w) float32 CPU from DPT hidden states (n, 4, tokens, width), true or decoded: DPT's own
+    neck and head, as the reference code runs them."""
+    states = torch.as_tensor(states)
+    if states.ndim != 4 or tuple(states.shape[1:]) != states_shape(model):
+        raise InputError(
+            f"DPT states must be (n, {', '.join(map(str, states_shape(model)))}) for this depth model, got "
+            f"{tuple(states.shape)}; were the maps fitted to another depth model's features?"
+        )
+    parameter = next(model.parameters())
+    states = states.to(parameter.device, parameter.dtype)
+    hidden = model.neck([states[:, k] for k in range(states.shape[1])], None, None)
+    return model.head(hidden).float().cpu()
+
+
+def depth_image(depth: np.ndarray) -> np.ndarray:
+    """A depth map (h, w) as a grey uint8 image, scaled to its own maximum (as the reference code draws them)."""
+    depth = np.asarray(depth, dtype=np.float32)
+    top = float(depth.max())
+    scaled = depth / top if top > 0 else np.zeros_like(depth)
+    grey = (np.clip(scaled, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+@torch.no_grad()
+def depth_img2img(
+    pipe,
+    init: torch.Tensor,
+    prompts: Sequence[str],
+    depth: torch.Tensor,
+    sampling: Sampling = TAKAGI2023.sampling,
+    seeds: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Stable Diffusion 2 depth img2img: from ``init`` images (n, 3, H, W) in [0, 1], prompted by ``prompts`` (n),
+    conditioned on ``depth`` maps (n, h, w) (any size: the pipeline resizes them to its latent grid and normalises
+    each to [-1, 1], as the reference code did), against "" with classifier-free guidance. ``seeds``: one per item.
+    Returns (n, H, W, 3) floats in [0, 1]."""
+    if getattr(pipe, "depth_estimator", None) is not None:
+        raise InputError("the depth pipeline carries its own depth estimator; load it with brainldm.ldm.load_depth_ldm")
+    if not (len(init) == len(prompts) == len(depth)):
+        raise InputError(f"init images, prompts and depth maps differ in number ({len(init)}, {len(prompts)}, "
+                         f"{len(depth)})")  # fmt: skip
+    seeds = list(range(sampling.seed, sampling.seed + len(init))) if seeds is None else list(seeds)
+    return pipe(
+        prompt=list(prompts),
+        negative_prompt=[""] * len(init),
+        image=init.to(pipe.unet.device, pipe.unet.dtype),
+        depth_map=torch.as_tensor(depth).to(pipe.unet.device, torch.float32),
+        strength=sampling.strength,
+        num_inference_steps=sampling.num_inference_steps,
+        guidance_scale=sampling.guidance_scale,
+        generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+        output_type="np",
+    ).images
