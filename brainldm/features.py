@@ -432,7 +432,8 @@ def _read_tensor(shard: Path, key: str, channels: slice | tuple[slice, ...] | No
         with safe_open(str(shard), framework="numpy") as f:
             if channels is None:
                 return f.get_tensor(key)
-            return f.get_slice(key)[(slice(None), *channels) if isinstance(channels, tuple) else (slice(None), channels)]
+            leading = channels if isinstance(channels, tuple) else (channels,)
+            return f.get_slice(key)[(slice(None), *leading)]
     except Exception as err:  # safetensors raises several types for a truncated or foreign file
         raise InputError(f"could not read feature shard {shard}: {oneline(err)}; delete it and rerun") from err
 

@@ -109,7 +109,11 @@ def _components(unet_config: dict, vae_config: dict, text_config: dict, seed: in
         vae = AutoencoderKL(**vae_config, scaling_factor=TAKAGI2023.vae_scaling_factor)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     return dict(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=ddim_scheduler()
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=ddim_scheduler(),
     )
 
 

@@ -399,9 +399,11 @@ def _name_animals(kinds: list[str], rng: np.random.Generator) -> list[str]:
 
 
 def caption_vocabulary() -> list[str]:
-    """Every word and mark the world's captions use (:func:`_name_animals`), lower-cased: a tiny captioner's vocabulary."""
+    """Every word and mark the world's captions use (:func:`_name_animals`), lower-cased: a tiny captioner's
+    vocabulary."""
     words = "a an and animals image next of picture showing some standing to together".split()
     return sorted(set(words) | set(KINDS) | {",", ".", ":"})
+
 
 # --- NSD files -----------------------------------------------------------------------------------------------
 
