@@ -48,13 +48,14 @@ def load_depth_model(model_id: str = DPT_MODEL, device=None):
 
 def tiny_depth_model(seed: int = 0):
     """DPT with seeded random weights: a 4-layer ViT of width 32 at 64 px (17 tokens), every layer passed to a small
-    neck. Built in a second."""
+    neck. Built in a second. Its weights are drawn 10x wider than DPT's initialisation, so that its depth maps are
+    of DPT-large's magnitude (hundreds) and differ between images, not ~1e-10."""
     from transformers import DPTConfig, DPTForDepthEstimation
 
     config = DPTConfig(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64,
         patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-        head_in_index=-1,
+        head_in_index=-1, initializer_range=0.2,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
         torch.manual_seed(seed)

@@ -27,7 +27,7 @@ from .metrics import (
     ssim,
     two_way_identification,
 )
-from .reconstruct import is_done, load_trial_images
+from .reconstruct import KINDS, is_done, load_trial_images
 from .torch_utils import CLIP_MEAN, CLIP_STD
 from .validation import InputError
 
@@ -300,7 +300,7 @@ def sets_of_test_images(
 def evaluate(
     recon: str | Path,
     names: Sequence[str] = tuple(METRICS),
-    kinds: Sequence[str] = ("Xz", "Xc", "Xzc"),
+    kinds: Sequence[str] | None = None,
     extractors: dict[str, Extractor] | None = None,
     features: str | Path | None = None,
     device="cpu",
@@ -311,7 +311,8 @@ def evaluate(
 
     Returns {"subjects": {subj: {row: {metric: value}}}, "average": {row: {metric: value}}, "unavailable": {...},
     "retrieval": {subj: ...}, "protocol": ..., "test_sets": {subj: {set: n_images}}, "rescale": {subj: [how the
-    trials' z and c were rescaled]}}. One row per kind; ``protocol`` (see :data:`PROTOCOLS`) says how several
+    trials' z and c were rescaled]}}. One row per kind (``kinds``: by default every kind the trials hold, of
+    :data:`~brainldm.reconstruct.KINDS`); ``protocol`` (see :data:`PROTOCOLS`) says how several
     samples per image count: ``"mindeye2"`` scores sample 0, ``"takagi"`` averages over the samples. When the data
     run past ``first_sessions`` sessions, each kind also gets a row on the images shown within them (NSD's 982-image
     test set for 37), next to the row on all of them.
@@ -345,11 +346,17 @@ def evaluate(
     }
     for folder in folders:
         trials = load_subject_reconstructions(folder)
+        held = [k for k in KINDS if all((k if k == "Xz" else f"{k}_0") in images for _, images in trials)]
+        if kinds is not None and set(kinds) - set(held):
+            raise InputError(
+                f"{folder} holds no {', '.join(sorted(set(kinds) - set(held)))} reconstructions in some trials (it "
+                f"holds {', '.join(held)}); reconstruct them, or score --kinds {','.join(held)}"
+            )
         results["rescale"][folder.name] = sorted({str(meta.get("rescale")) for meta, _ in trials})
         sets = sets_of_test_images([meta.get("sessions") for meta, _ in trials], first_sessions)
         results["test_sets"][folder.name] = {name: len(positions) for name, positions in sets.items()}
         rows = {}
-        for set_name, scored in _score_kinds(trials, kinds, names, extractors, protocol, sets).items():
+        for set_name, scored in _score_kinds(trials, kinds or held, names, extractors, protocol, sets).items():
             suffix = "" if set_name == "all" else f" ({set_name})"
             rows.update({label + suffix: scores for label, scores in scored.items()})
         results["subjects"][folder.name] = rows

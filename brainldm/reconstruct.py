@@ -6,6 +6,14 @@
 2. Xc: generate from c alone (text-to-image from pure noise), classifier-free guidance against "".
 3. Xzc: img2img: re-encode Xz at 512, noise it to ``strength``, DDIM-denoise conditioned on c with guidance.
 
+The follow-up pipeline of the paper's code adds two kinds (:class:`FollowUp`), from the decoded ``blip`` and ``dpt``
+targets, when the maps carry them:
+
+4. Xzt: Xzc's img2img from Xz, conditioned on the LDM's text embedding of the caption BLIP writes from the decoded
+   image embedding (:mod:`brainldm.captioner`).
+5. Xztd: Stable Diffusion 2 depth's img2img from Xz, prompted by that caption and conditioned on the depth map DPT
+   draws from the decoded hidden states (:mod:`brainldm.depth`).
+
 Steps 2 and 3 are diffusers' own pipelines (StableDiffusionPipeline / StableDiffusionImg2ImgPipeline) built on
 the LDM's components, so the sampler is diffusers', not a re-implementation. Noise is seeded per image and sample
 (:func:`noise_seed` of the seed, the image's key such as its ``nsd_id``, and the sample), so each image gets its own
@@ -16,8 +24,9 @@ on the batch it ran in. Without keys, sample k of every image is seeded ``seed +
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +37,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import subject_name
-from .features import empty_prompt_embedding
+from .features import AUXILIARY, empty_prompt_embedding
 from .ldm import ldm_sizes
 from .presets import TAKAGI2023, Sampling
 from .storage import atomic_path
 from .validation import MAX_SEED, InputError, check_finite, check_sampling, oneline
+
+KINDS = ("Xz", "Xc", "Xzc", "Xzt", "Xztd")  # every kind of reconstruction, as trial folders name their images
 
 
 @dataclass
@@ -131,14 +142,10 @@ class Reconstructor:
         """
         z, c = torch.as_tensor(z), torch.as_tensor(c)
         self.check_inputs(z, c, sampling)
-        n, num_samples, seed = len(z), sampling.num_samples, sampling.seed
+        n, num_samples = len(z), sampling.num_samples
         if keys is not None and len(keys) != n:
             raise InputError(f"keys must name each of the {n} images, got {len(keys)}")
-        seeds = [
-            seed + s if keys is None else noise_seed(seed, int(keys[i]), s)
-            for i in range(n)
-            for s in range(num_samples)
-        ]
+        seeds = sample_seeds(sampling, n, keys)
 
         # 1. Xz
         xz = self.decode_z(z)
@@ -177,10 +184,104 @@ class Reconstructor:
         )
 
 
+@dataclass
+class FollowUp:
+    """The follow-up pipeline's models: the BLIP captioner (:func:`brainldm.captioner.load_captioner`), and for
+    Xztd the DPT depth model (:func:`brainldm.depth.load_depth_model`) and Stable Diffusion 2 depth
+    (:func:`brainldm.ldm.load_depth_ldm`). ``ids``: their model ids, recorded with the trials they make."""
+
+    captioner: object
+    depth_model: object | None = None
+    depth_ldm: object | None = None
+    ids: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.depth_model is None) != (self.depth_ldm is None):
+            raise InputError("Xztd needs both a depth model (DPT) and a depth LDM (Stable Diffusion 2 depth)")
+
+    @classmethod
+    def for_maps(
+        cls,
+        maps,
+        captioner: str | None = None,
+        depth_model: str | None = None,
+        depth_ldm: str | None = None,
+        device=None,
+    ) -> FollowUp:
+        """The models for maps that decode ``blip`` (and ``dpt``): the captioner and depth model the maps were fitted
+        to unless others are named, at the image size the embeddings were taken at, and Stable Diffusion 2 depth
+        (``stabilityai/stable-diffusion-2-depth`` unless another is named) where the maps decode ``dpt``."""
+        from .captioner import load_captioner
+        from .ldm import DEPTH_MODEL, load_depth_ldm
+
+        targets = maps.config.targets
+        if "blip" not in targets:
+            raise InputError(f"subject {maps.subject}'s maps do not decode blip, so no caption can be written")
+        ids = {"captioner": captioner or targets["blip"].model_id}
+        loaded = load_captioner(ids["captioner"], device=device)
+        tokens = targets["blip"].shape[0]  # (size / patch)^2 + 1
+        loaded.image_size = math.isqrt(tokens - 1) * loaded.model.config.vision_config.patch_size
+        if "dpt" not in targets:
+            return cls(loaded, ids=ids)
+        from .depth import load_depth_model
+
+        ids["depth_model"] = depth_model or targets["dpt"].model_id
+        ids["depth_ldm"] = depth_ldm or DEPTH_MODEL
+        return cls(loaded, load_depth_model(ids["depth_model"], device), load_depth_ldm(ids["depth_ldm"], device), ids)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        reconstructor: Reconstructor,
+        z: torch.Tensor,
+        decoded: dict[str, torch.Tensor],
+        sampling: Sampling = TAKAGI2023.sampling,
+        keys: Sequence[int] | None = None,
+    ) -> dict:
+        """From decoded z, ``blip`` and (for Xztd) ``dpt`` of n images -> {"captions": n strings, "Xzt": (n,
+        num_samples, H, W, 3) uint8, and with a depth model "depth": (n, h, w) float32 and "Xztd" like Xzt}. Sample k
+        of an image starts from the noise of its Xzc's sample k."""
+        from .captioner import captions_from_embeddings
+        from .features import encode_prompts
+
+        captions = captions_from_embeddings(self.captioner, decoded["blip"])
+        c = encode_prompts(reconstructor.img2img, captions)
+        out = {"captions": captions, "Xzt": reconstructor(z, c, sampling, include_xc=False, keys=keys).Xzc}
+        if self.depth_model is None or "dpt" not in decoded:
+            return out
+        from .depth import depth_from_states, depth_img2img
+
+        n, num_samples = len(z), sampling.num_samples
+        depth = depth_from_states(self.depth_model, decoded["dpt"])
+        seeds = sample_seeds(sampling, n, keys)
+        init = ((reconstructor.decode_z(z).float() + 1) / 2).repeat_interleave(num_samples, dim=0)
+        images = depth_img2img(
+            self.depth_ldm,
+            init,
+            [caption for caption in captions for _ in range(num_samples)],
+            depth.repeat_interleave(num_samples, dim=0),
+            sampling,
+            seeds,
+        )
+        size = reconstructor.output_size
+        out["depth"] = depth.numpy()
+        out["Xztd"] = to_uint8(images).reshape(n, num_samples, size, size, 3)
+        return out
+
+
 def noise_seed(seed: int, key: int, sample: int) -> int:
     """The seed of one image's sample: its own for every (seed, image key, sample), reproducible and independent of
     which other images share the batch (the paper's code drew each image's noise from one stream seeded once)."""
     return int(np.random.SeedSequence([seed, key, sample]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sample_seeds(sampling: Sampling, n: int, keys: Sequence[int] | None = None) -> list[int]:
+    """The seed of every (image, sample) item, image-major: :func:`noise_seed` of each key, or ``seed + k``."""
+    return [
+        sampling.seed + s if keys is None else noise_seed(sampling.seed, int(keys[i]), s)
+        for i in range(n)
+        for s in range(sampling.num_samples)
+    ]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -215,9 +316,11 @@ def reconstruct_trials(
     num_processes: int = 1,
     progress: bool = True,
     overwrite: bool = False,
+    followup: FollowUp | None = None,
 ) -> list[Path]:
     """Reconstruct trials of a split into ``OUT/subjNN/<split>-<row>/``: original, Xz, Xc_k and Xzc_k PNGs, the
-    decoded z.npy and c.npy (fp16), and meta.json.
+    decoded z.npy and c.npy (fp16), and meta.json. With ``followup`` (maps that decode ``blip``, and ``dpt`` for
+    Xztd), also Xzt_k (and depth.png, depth.npy, Xztd_k), and the decoded caption in caption.txt and meta.json.
 
     The requested rows are sharded by position over ``num_processes`` before anything is skipped, so concurrent
     processes never share a trial; each skips its finished trials (resume). A finished trial made with other
@@ -228,6 +331,14 @@ def reconstruct_trials(
 
     reconstructor.check_sampling(sampling)  # before anything is read or written
     maps.check_rescale(rescale)
+    if followup is not None:
+        needed = ["blip"] + (["dpt"] if followup.depth_model is not None else [])
+        missing = [target for target in needed if target not in maps.config.targets]
+        if missing:
+            raise InputError(
+                f"the follow-up pipeline decodes {' and '.join(missing)}, but subject {maps.subject}'s maps hold only "
+                f"{sorted(maps.config.targets)}; fit them with scripts/fit_maps.py --decoders (see the README)"
+            )
     trials = load_trials(data, subject, split)
     rows = list(range(len(trials))) if rows is None else [int(r) for r in rows]
     bad = [r for r in rows if not 0 <= r < len(trials)]
@@ -237,6 +348,8 @@ def reconstruct_trials(
     maps.check_voxels(voxels)
     mine = rows[process_index::num_processes]
     settings = {**asdict(sampling), "model_id": maps.model_id, "rescale": rescale, "noise": "per image"}
+    if followup is not None:
+        settings["followup"] = followup.ids
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
     for row in sorted(set(mine) - set(todo)):
         folder = trial_folder(out, subject, split, row)
@@ -260,13 +373,24 @@ def reconstruct_trials(
             np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device, rescale=rescale
         )
         z, c = decoded["z"], decoded["c"]
-        result = reconstructor(z, c, sampling, keys=[int(i) for i in items["nsd_id"]])
+        keys = [int(i) for i in items["nsd_id"]]
+        result = reconstructor(z, c, sampling, keys=keys)
+        more = followup(reconstructor, z, decoded, sampling, keys) if followup is not None else {}
         for k, row in enumerate(batch):
             item = items[k]
             images = {"original": np.asarray(item["image"].convert("RGB")), "Xz": result.Xz[k]}
             for s in range(sampling.num_samples):
                 images[f"Xc_{s}"] = result.Xc[k, s]
                 images[f"Xzc_{s}"] = result.Xzc[k, s]
+                images.update({f"{kind}_{s}": more[kind][k, s] for kind in ("Xzt", "Xztd") if kind in more})
+            arrays = {
+                name: t[k].cpu().numpy().astype(np.float16) for name, t in decoded.items() if name not in AUXILIARY
+            }
+            if "depth" in more:
+                from .depth import depth_image
+
+                images["depth"] = depth_image(more["depth"][k])
+                arrays["depth"] = more["depth"][k].astype(np.float32)  # DPT's depth runs past float16's range
             meta = {
                 "subject": subject,
                 "split": split,
@@ -277,7 +401,9 @@ def reconstruct_trials(
                 **settings,
                 "process_index": process_index,
             }
-            arrays = {name: t[k].cpu().numpy() for name, t in decoded.items()}  # every decoded target, for retrieval
+            if "captions" in more:
+                meta["decoded_caption"] = more["captions"][k]
+            # the decoded targets, for retrieval; BLIP's and DPT's are kept as what they decode to (caption, depth)
             _write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
             with log.open("a") as f:
                 f.write(f"{row}\n")
@@ -293,7 +419,10 @@ def _write_trial(folder: Path, images: dict[str, np.ndarray], arrays: dict[str, 
             Image.fromarray(image).save(tmp)
     for name, array in arrays.items():
         with atomic_path(folder / f"{name}.npy") as tmp:
-            np.save(tmp, array.astype(np.float16))
+            np.save(tmp, array)
+    if "decoded_caption" in meta:
+        with atomic_path(folder / "caption.txt") as tmp:
+            tmp.write_text(meta["decoded_caption"] + "\n")
     with atomic_path(folder / "meta.json") as tmp:  # written last: its presence marks the trial done
         tmp.write_text(json.dumps(meta, indent=2))
 

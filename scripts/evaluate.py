@@ -16,6 +16,7 @@ from brainldm import cli
 @cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.evaluate import METRICS
+    from brainldm.reconstruct import KINDS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recon", required=True, help="output folder of scripts/reconstruct.py")
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--kinds",
-        type=cli.names(["Xz", "Xc", "Xzc"]),
-        default="Xz,Xc,Xzc",
-        help="which reconstructions to score (default: all three)",
+        type=cli.names(list(KINDS)),
+        help=f"which reconstructions to score, from {','.join(KINDS)} (default: every kind the trials hold); Xzt and "
+        "Xztd come from the follow-up pipeline (decoded captions and depth)",
     )
     parser.add_argument("--features", help="feature folder with true z and c: adds brain/image retrieval top-1")
     parser.add_argument(

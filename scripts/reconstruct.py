@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Reconstruct seen images from a subject's test trials: original, Xz, Xc and Xzc PNGs plus a contact sheet.
 
+When the maps also decode blip (and dpt), the paper code's follow-up pipeline runs too: BLIP writes a caption from
+the decoded image embedding (caption.txt), Xzt is img2img from Xz with that caption, and Xztd is Stable Diffusion 2
+depth's img2img from Xz with that caption and the depth map DPT draws from the decoded hidden states. The captioner
+and depth model default to those the maps were fitted to; --no-followup skips it.
+
 Rerunning skips finished trials. Data-parallel over GPUs and nodes with accelerate (the trial list is sharded):
   accelerate launch --multi_gpu --num_processes 4 scripts/reconstruct.py --maps weights/subj01 --data DATA \
       --subject 1 --out OUT
@@ -71,6 +76,17 @@ def main(argv: list[str] | None = None) -> None:
         help="rescale the decoded z and c to the training targets' spread (per dimension, as Brain-Diffuser, or one "
         "factor per target), with statistics fitted with the maps; default: off, as the paper",
     )
+    parser.add_argument(
+        "--captioner", help="BLIP captioner for decoded blip, or 'tiny' (default: the one the maps were fitted to)"
+    )
+    parser.add_argument(
+        "--depth-model", help="DPT model for decoded dpt, or 'tiny' (default: the one the maps were fitted to)"
+    )
+    parser.add_argument(
+        "--depth-ldm",
+        help="Stable Diffusion 2 depth model for Xztd, or 'tiny' (default: stabilityai/stable-diffusion-2-depth)",
+    )
+    parser.add_argument("--no-followup", action="store_true", help="only Xz, Xc and Xzc, whatever the maps decode")
     parser.add_argument("--overwrite", action="store_true", help="remake finished trials made with other settings")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (GPU: ~3.5x faster per image)"
@@ -94,6 +110,12 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"--maps are subject {maps.subject}'s but --subject is {args.subject}")
     ldm = load_ldm(args.model or maps.model_id, device=state.device)
     ldm = optimize_ldm(ldm, compile_mode="reduce-overhead" if args.compile else None)
+    targets = maps.config.targets
+    followup = None
+    if "blip" in targets and not args.no_followup:
+        from brainldm.reconstruct import FollowUp
+
+        followup = FollowUp.for_maps(maps, args.captioner, args.depth_model, args.depth_ldm, device=state.device)
     folders = reconstruct_trials(
         Reconstructor(ldm),
         maps,
@@ -109,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         num_processes=state.num_processes,
         progress=True,
         overwrite=args.overwrite,
+        followup=followup,
     )
     state.wait_for_everyone()
     if state.is_main_process:

@@ -1,0 +1,167 @@
+"""The follow-up pipeline: BLIP captions and DPT depth from (true or decoded) features, SD-2-depth conditioned on the
+depth map it is given, wide targets fitted a block at a time, and Xzt / Xztd end to end through the scripts."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainldm.captioner import TAKAGI_CAPTIONS, blip_embeddings, captions_from_embeddings, pixel_values, strip_prompt
+from brainldm.depth import depth_from_states, depth_img2img, dpt_states, tiny_depth_model
+from brainldm.ldm import tiny_depth_ldm
+from brainldm.presets import Sampling
+from brainldm.toy import draw_pairs
+from brainldm.validation import InputError
+
+FAST = Sampling(num_inference_steps=5)
+STREAMS6 = "early+ventral+midventral+midlateral+lateral+parietal"
+
+
+def script(name: str):
+    """``scripts/<name>.py`` as a module, to run its ``main`` in this process."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    return list(draw_pairs(6, 11, 128)[0])
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    from brainldm.captioner import load_captioner
+
+    return load_captioner("tiny", device="cpu")
+
+
+def test_a_caption_from_the_true_embedding_is_the_captioners_own(captioner, pictures):
+    settings = TAKAGI_CAPTIONS
+    embeddings = blip_embeddings(captioner, pictures)
+    assert tuple(embeddings.shape) == (len(pictures), *captioner.embedding_shape)
+    ours = captions_from_embeddings(captioner, embeddings)
+    # BLIP's own generate, from the pictures, with the reference code's prompt and beam search
+    prompt = captioner.tokenizer([settings.prompt] * len(pictures), return_tensors="pt").input_ids
+    with torch.no_grad():
+        ids = captioner.model.generate(
+            pixel_values=pixel_values(pictures, captioner.image_size), input_ids=prompt, interpolate_pos_encoding=True,
+            num_beams=3, min_length=5, max_length=20, repetition_penalty=1.5,
+        )  # fmt: skip
+    assert ours == strip_prompt(captioner.tokenizer, ids, settings.prompt)
+    assert len(set(ours)) >= 3  # the captions depend on the picture, so the comparison above could fail
+    assert captions_from_embeddings(captioner, embeddings.roll(1, 0)) != ours
+    with pytest.raises(InputError, match="BLIP embeddings must be"):
+        captions_from_embeddings(captioner, embeddings[:, :5])
+
+
+def test_a_depth_map_from_the_true_states_is_dpts_own_prediction(pictures):
+    model = tiny_depth_model()
+    states, depth = dpt_states(model, pictures)
+    assert states.shape == (len(pictures), 4, 17, 32)
+    torch.testing.assert_close(depth_from_states(model, states), depth, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(depth_from_states(model, states.roll(1, 0)), depth, atol=1e-3)
+    with pytest.raises(InputError, match="DPT states must be"):
+        depth_from_states(model, states[:, :3])
+
+
+def test_the_depth_pipeline_follows_the_depth_map_it_is_given(pictures):
+    pipe = tiny_depth_ldm()
+    assert pipe.depth_estimator is None  # nothing inside it can estimate depth from the init image
+    _, depth = dpt_states(tiny_depth_model(), pictures[:2])
+    init = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a zebra", "a tiger"]
+    a = depth_img2img(pipe, init, prompts, depth, FAST)
+    np.testing.assert_array_equal(a, depth_img2img(pipe, init, prompts, depth.clone(), FAST))
+    flipped = depth_img2img(pipe, init, prompts, depth.flip(-1), FAST)
+    assert np.abs(a - flipped).mean() > 1e-3
+    with pytest.raises(InputError, match="differ in number"):
+        depth_img2img(pipe, init, prompts[:1], depth, FAST)
+
+
+def test_a_reduced_rank_map_fitted_a_block_at_a_time_is_the_dense_maps_reduction():
+    from brainldm.maps import fit_linear_map
+    from brainldm.ridge import reduced_rank
+
+    rng = np.random.default_rng(0)
+    betas = rng.standard_normal((80, 25)).astype(np.float32)
+    targets = (betas[:, :6] @ rng.standard_normal((6, 40)) + rng.standard_normal((80, 40))).astype(np.float32)
+    args = (np.arange(25), np.zeros((25, 3)), np.arange(80) // 2)
+    dense, cv_r = fit_linear_map(betas, targets, *args, device="cpu")
+    blocks = lambda: (targets[:, start : start + 7] for start in range(0, 40, 7))  # noqa: E731
+    low, low_cv_r = fit_linear_map(betas, blocks, *args, rank=5, device="cpu")
+    assert low.rank == 5 and low_cv_r == pytest.approx(cv_r)
+    torch.testing.assert_close(low.intercept, dense.intercept)
+    torch.testing.assert_close(low.prediction_std, dense.prediction_std)
+    x = torch.from_numpy((betas - betas.mean(0)) / betas.std(0))
+    left, right = reduced_rank(dense.weight.double(), (x.T @ x).double(), 5)
+    torch.testing.assert_close((low.left @ low.right).double(), left @ right, rtol=1e-3, atol=1e-4)
+
+
+def test_a_union_of_rois_holds_each_of_them(decoding_world):
+    from brainldm.data import load_voxels
+
+    voxels = load_voxels(decoding_world.data, 1)
+    union = voxels.roi("early+ventral")
+    assert np.array_equal(union, np.union1d(voxels.roi("early"), voxels.roi("ventral")))
+    with pytest.raises(InputError, match="unknown ROI 'v9'"):
+        voxels.roi("early+v9")
+
+
+@pytest.fixture(scope="module")
+def followup_world(decoding_world, tmp_path_factory):
+    """The decoding world's features plus blip and dpt from the tiny captioner and depth model, and maps that decode
+    all four (blip and dpt from six streams, at a reduced rank)."""
+    root = tmp_path_factory.mktemp("followup")
+    features = root / "features"
+    shutil.copytree(decoding_world.features, features)
+    script("extract_features").main(
+        ["--data", str(decoding_world.data), "--subjects", "1", "--model", "tiny", "--out", str(features),
+         "--features", "blip,dpt", "--captioner", "tiny", "--depth-model", "tiny", "--device", "cpu"]
+    )  # fmt: skip
+    script("fit_maps").main(
+        ["--data", str(decoding_world.data), "--features", str(features), "--subject", "1", "--out",
+         str(root / "maps"), "--decoders", f"z=early,c=ventral,blip={STREAMS6},dpt={STREAMS6}",
+         "--ranks", "blip=8", "--device", "cpu"]
+    )  # fmt: skip
+    return root, features
+
+
+def test_blip_and_dpt_are_stored_with_their_own_models_and_decoded_at_a_reduced_rank(followup_world):
+    from brainldm.features import FeatureStore
+    from brainldm.maps import SubjectMaps
+
+    root, features = followup_world
+    blip = FeatureStore(features, "blip")
+    assert blip.config == {"model_id": "tiny", "feature": "blip", "image_size": 240}
+    assert blip.feature_shape == (226, 32)  # 15 x 15 patches and the class token, at the reference code's 240 px
+    assert FeatureStore(features, "dpt").feature_shape == (4, 17, 32)
+    maps = SubjectMaps.from_pretrained(root / "maps")
+    assert maps.config.targets["blip"].rank == 8 and maps.config.targets["blip"].roi == STREAMS6
+    assert maps.config.targets["dpt"].model_id == "tiny" and maps.config.targets["z"].model_id is None
+    assert maps.config.model_id == "tiny"
+
+
+def test_reconstruct_and_evaluate_make_and_score_xzt_and_xztd(followup_world, decoding_world, tmp_path):
+    root, _ = followup_world
+    out = tmp_path / "recon"
+    script("reconstruct").main(
+        ["--maps", str(root / "maps"), "--data", str(decoding_world.data), "--subject", "1", "--trials", "0:3",
+         "--out", str(out), "--steps", "5", "--depth-ldm", "tiny"]
+    )  # fmt: skip
+    trial = out / "subj01" / "test-00000"
+    meta = json.loads((trial / "meta.json").read_text())
+    assert (trial / "caption.txt").read_text().strip() == meta["decoded_caption"] != ""
+    assert meta["followup"] == {"captioner": "tiny", "depth_model": "tiny", "depth_ldm": "tiny"}
+    for name in ("Xzt_0", "Xztd_0", "depth"):
+        assert (trial / f"{name}.png").is_file()
+    assert not (trial / "blip.npy").exists() and (trial / "depth.npy").is_file()
+    script("evaluate").main(["--recon", str(out), "--out", str(tmp_path / "metrics"), "--metrics", "pixcorr,ssim"])
+    rows = json.loads((tmp_path / "metrics" / "metrics.json").read_text())["average"]
+    assert {"Xz", "Xc", "Xzc", "Xzt", "Xztd"} <= set(rows)
+    assert all(np.isfinite(rows[kind]["pixcorr"]) for kind in ("Xzt", "Xztd"))
