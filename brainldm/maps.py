@@ -544,7 +544,8 @@ def fit_subject_maps(
         data: the prepared trials dataset (local folder or Hub repo id).
         features: the feature folder written by ``scripts/extract_features.py`` (one store per target).
         decoders: (target, ROI) pairs; the paper's are z from ``early`` and c from ``ventral`` voxels.
-        ranks: {target: rank} stores that map as a low-rank product (see :func:`reduced_rank`); others stay dense.
+        ranks: {target: rank} stores that map as a low-rank product (see :func:`fit_linear_map`); others stay dense,
+            except ``blip`` and ``dpt``, which default to ``TAKAGI2023.followup_rank`` (pass None for a dense map).
         storage_dtype: ``float32`` or ``float16`` for the saved weights.
         model_id: the LDM the features came from (default: read from the feature store).
     """
@@ -582,13 +583,13 @@ def fit_subject_maps(
             raise InputError(f"subject {subject} has no {roi} voxels in its voxel table")
         n_dims = int(np.prod(shape))
         limit = min(len(selection), n_dims)
-        rank = ranks.get(name)
+        rank = ranks.get(name)  # None: dense
         if rank is not None and rank > limit:
             raise InputError(
                 f"--ranks {name}={rank} is above what the {name} map can hold: it maps {len(selection)} {roi} voxels "
                 f"to {n_dims} dimensions, so its rank is at most {limit}"
             )
-        if rank is None and name in AUXILIARY and TAKAGI2023.followup_rank < limit:
+        if name not in ranks and name in AUXILIARY and TAKAGI2023.followup_rank < limit:
             rank = TAKAGI2023.followup_rank  # the follow-up pipeline's wide targets: reduced rank unless told otherwise
         fitted[name], cv_r = fit_linear_map(
             train_betas, lambda store=store: (block for (block,) in store.blocks(train_ids)), selection,
