@@ -29,7 +29,12 @@ QUEUE_SIZE = 64  # visitors waiting beyond those; the 65th is told the queue is 
 # "the app raised an exception"
 LAUNCH_OPTIONS = {"show_error": True}
 # how the quality table names the decoded targets it knows; any other target (from the maps) shows by its own name
-TARGET_NAMES = {"z": "z (image latent)", "c": "c (caption embedding)"}
+TARGET_NAMES = {
+    "z": "z (image latent)",
+    "c": "c (caption embedding)",
+    "blip": "BLIP image embedding",
+    "dpt": "DPT hidden states (depth)",
+}
 RESCALE_CHOICES = {
     "as fitted (the paper)": None,
     "per dimension": "dimension",
@@ -56,9 +61,10 @@ CORTICAL_NOTE = (
 )
 
 
-def quality_report(quality: dict | None, captions: list[str]) -> str:
+def quality_report(quality: dict | None, captions: list[str], decoded_caption: str | None = None) -> str:
     """The markdown under the images: how well each decoded target scored when the maps were fitted (one row per
-    target the maps hold), then the captions."""
+    target the maps hold), then the captions, and the caption decoded from the brain where the maps decode BLIP's
+    image embedding."""
     if quality is None:
         table = "This image was not scored when the maps were fitted.\n\n"
     else:
@@ -71,7 +77,10 @@ def quality_report(quality: dict | None, captions: list[str]) -> str:
         for name, target in quality["targets"].items():
             table += f"| {TARGET_NAMES.get(name, name)} | {target['r']:.3f} | {ordinal(target['rank'])} of {n} |\n"
         table += "\n"
-    return table + f"**Captions of the presented picture**: {' / '.join(captions)}"
+    said = table + f"**Captions of the presented picture**: {' / '.join(captions)}"
+    if decoded_caption is not None:
+        said += f"\n\n**Caption decoded from the brain** (BLIP, from the decoded image embedding): {decoded_caption}"
+    return said
 
 
 def rank_line(ranks: dict[str, int], n: int, clip_name: str) -> str:
@@ -123,7 +132,7 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
         images' ranks and the maps' decoding quality."""
         n, clip_name = out["n_candidates"], out["clip_name"]
         lines = [rank_line(out["ranks"][kind], n, clip_name) for kind in ("Xz", "Xc", "Xzc")]
-        report = quality_report(out["quality"], out["captions"])
+        report = quality_report(out["quality"], out["captions"], out["decoded_caption"])
         return [out["presented"]], [out["Xz"]], out["Xc"], out["Xzc"], *lines, report
 
     def reconstruct(subject, trial, strength, rescale, guidance, steps, seed, samples,

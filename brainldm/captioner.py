@@ -12,6 +12,7 @@ with seeded random weights (:func:`tiny_captioner`), for tests and the offline w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,19 @@ def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BL
             ) from err
         captioner = Captioner(model, tokenizer, image_size)
     captioner.model.eval().to(default_device(device))
+    return captioner
+
+
+def captioner_for(target, model_id: str | None = None, device=None) -> Captioner:
+    """The captioner a decoded ``blip`` target (a :class:`~brainldm.maps.TargetConfig`) was fitted to, or the one
+    ``model_id`` names, taking embeddings at the image size of the target's (its token count is (size / patch)^2 + 1)."""
+    captioner = load_captioner(model_id or target.model_id, device=device)
+    captioner.image_size = math.isqrt(target.shape[0] - 1) * captioner.model.config.vision_config.patch_size
+    if tuple(target.shape) != captioner.embedding_shape:
+        raise InputError(
+            f"the maps decode BLIP embeddings of shape {tuple(target.shape)}, which captioner "
+            f"{model_id or target.model_id!r} does not make; use the captioner the maps were fitted to"
+        )
     return captioner
 
 

@@ -222,6 +222,7 @@ class DemoBackend:
         self._clip: Callable | None = None
         self.clip_name = "CLIP"
         self._references: dict[int, dict[str, np.ndarray]] = {}
+        self._captioners: dict[int, object] = {}  # per subject whose maps decode blip: its BLIP captioner
         self._showcases: dict[tuple, list[dict]] = {}
         self._showcase_lock = threading.Lock()  # two first visitors at once: one computes, the other waits for it
 
@@ -272,6 +273,7 @@ class DemoBackend:
         return {
             "presented": np.asarray(row["image"].convert("RGB").resize((size, size), Image.Resampling.BICUBIC)),
             "captions": row["captions"],
+            "decoded_caption": self.decoded_caption(subject, decoded),
             "Xz": result.Xz[0],
             "Xc": list(result.Xc[0]),
             "Xzc": list(result.Xzc[0]),
@@ -280,6 +282,19 @@ class DemoBackend:
             "n_candidates": len(state),
             "clip_name": self.clip_name,
         }
+
+    def decoded_caption(self, subject: int, decoded: dict[str, torch.Tensor]) -> str | None:
+        """The caption BLIP writes from the decoded image embedding, where the subject's maps decode ``blip`` (the
+        follow-up pipeline, :mod:`brainldm.captioner`); None otherwise. Its captioner is loaded on first use."""
+        if "blip" not in decoded:
+            return None
+        from .captioner import captioner_for, captions_from_embeddings
+
+        target = self.subject(subject).maps.config.targets["blip"]
+        with self._lock:
+            if int(subject) not in self._captioners:
+                self._captioners[int(subject)] = captioner_for(target)
+        return captions_from_embeddings(self._captioners[int(subject)], decoded["blip"])[0]
 
     def clip(self) -> Callable | None:
         """The CLIP image embedding that scores what the pictures show: the LDM's own vision tower when it ships one

@@ -24,7 +24,6 @@ on the batch it ran in. Without keys, sample k of every image is seeded ``seed +
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,16 +210,14 @@ class FollowUp:
         """The models for maps that decode ``blip`` (and ``dpt``): the captioner and depth model the maps were fitted
         to unless others are named, at the image size the embeddings were taken at, and Stable Diffusion 2 depth
         (``stabilityai/stable-diffusion-2-depth`` unless another is named) where the maps decode ``dpt``."""
-        from .captioner import load_captioner
+        from .captioner import captioner_for
         from .ldm import DEPTH_MODEL, load_depth_ldm
 
         targets = maps.config.targets
         if "blip" not in targets:
             raise InputError(f"subject {maps.subject}'s maps do not decode blip, so no caption can be written")
         ids = {"captioner": captioner or targets["blip"].model_id}
-        loaded = load_captioner(ids["captioner"], device=device)
-        tokens = targets["blip"].shape[0]  # (size / patch)^2 + 1
-        loaded.image_size = math.isqrt(tokens - 1) * loaded.model.config.vision_config.patch_size
+        loaded = captioner_for(targets["blip"], captioner, device)
         if "dpt" not in targets:
             return cls(loaded, ids=ids)
         from .depth import load_depth_model

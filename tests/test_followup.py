@@ -165,3 +165,21 @@ def test_reconstruct_and_evaluate_make_and_score_xzt_and_xztd(followup_world, de
     rows = json.loads((tmp_path / "metrics" / "metrics.json").read_text())["average"]
     assert {"Xz", "Xc", "Xzc", "Xzt", "Xztd"} <= set(rows)
     assert all(np.isfinite(rows[kind]["pixcorr"]) for kind in ("Xzt", "Xztd"))
+
+
+def test_the_app_shows_the_caption_decoded_from_the_brain(followup_world, decoding_world):
+    import app as app_module
+    from brainldm.captioner import captioner_for
+    from brainldm.demo import DemoBackend, Sources
+
+    root, _ = followup_world
+    backend = DemoBackend(Sources(str(root / "maps"), str(decoding_world.data), "tiny", [1]), device="cpu")
+    out = backend.reconstruct(1, 2, FAST)
+    state = backend.subject(1)
+    expected = captions_from_embeddings(captioner_for(state.maps.config.targets["blip"]), state.decode(2)["blip"])
+    assert out["decoded_caption"] == expected[0]
+    report = app_module.quality_report(out["quality"], out["captions"], out["decoded_caption"])
+    assert f"**Caption decoded from the brain** (BLIP, from the decoded image embedding): {expected[0]}" in report
+    assert "| BLIP image embedding |" in report
+    # maps without blip: no caption line
+    assert "decoded from the brain" not in app_module.quality_report(out["quality"], out["captions"])
