@@ -85,7 +85,8 @@ def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BL
 
 def captioner_for(target, model_id: str | None = None, device=None) -> Captioner:
     """The captioner a decoded ``blip`` target (a :class:`~brainldm.maps.TargetConfig`) was fitted to, or the one
-    ``model_id`` names, taking embeddings at the image size of the target's (its token count is (size / patch)^2 + 1)."""
+    ``model_id`` names, taking embeddings at the image size of the target's (its token count is (size / patch)^2
+    + 1)."""
     captioner = load_captioner(model_id or target.model_id, device=device)
     captioner.image_size = math.isqrt(target.shape[0] - 1) * captioner.model.config.vision_config.patch_size
     if tuple(target.shape) != captioner.embedding_shape:
