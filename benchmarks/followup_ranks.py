@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=7, help="world seed (default 7)")
     args = parser.parse_args(argv)
 
-    from brainldm.captioner import load_captioner
+    from brainldm.captioner import blip_feature, load_captioner
     from brainldm.data import SubjectStimuli, load_trials
-    from brainldm.depth import load_depth_model
+    from brainldm.depth import dpt_feature, load_depth_model
     from brainldm.features import extract_features, parse_features
     from brainldm.ldm import load_ldm
     from brainldm.maps import fit_subject_maps
@@ -39,11 +39,14 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(work)
         ldm = load_ldm("toy", device="cpu")
         world = build_offline_world(root, ldm, "toy", n_sessions=6, trials_per_session=45, n_shared=20, seed=args.seed)
-        captioner, depth_model = load_captioner("tiny", device="cpu"), load_depth_model("tiny", device="cpu")
+        auxiliary = {
+            "blip": blip_feature(load_captioner("tiny", device="cpu"), "tiny"),
+            "dpt": dpt_feature(load_depth_model("tiny", device="cpu"), "tiny"),
+        }
         stimuli = SubjectStimuli(world.data, (1,))
         extract_features(
             ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("blip,dpt"), world.features,
-            progress=False, captioner=captioner, captioner_id="tiny", depth_model=depth_model, depth_model_id="tiny",
+            progress=False, auxiliary=auxiliary,
         )  # fmt: skip
         print(f"{len(load_trials(world.data, 1, 'test'))} test images")
         print("| target | rank | weights (float32) | 2-way identification | pattern r |")

@@ -13,6 +13,7 @@ with seeded random weights (:func:`tiny_captioner`), for tests and the offline w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,12 @@ def blip_embeddings(captioner: Captioner, images) -> torch.Tensor:
     x = pixel_values(images, captioner.image_size).to(captioner.device, model.dtype)
     interpolate = captioner.image_size != model.config.vision_config.image_size
     return model.vision_model(pixel_values=x, interpolate_pos_encoding=interpolate)[0].float().cpu()
+
+
+def blip_feature(captioner: Captioner, model_id: str) -> tuple[dict, Callable]:
+    """The ``blip`` feature for :func:`brainldm.features.extract_features`: what its store records (the captioner's
+    id, the image size), and the function of a batch of images that computes it."""
+    return {"model_id": model_id, "image_size": captioner.image_size}, lambda images: blip_embeddings(captioner, images)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ is loaded by :func:`brainldm.ldm.load_depth_ldm` without its depth estimator, so
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -91,6 +91,12 @@ def dpt_states(model, images) -> tuple[torch.Tensor, torch.Tensor]:
     finally:
         hook.remove()
     return torch.stack(list(caught["states"]), dim=1).float().cpu(), depth.float().cpu()
+
+
+def dpt_feature(model, model_id: str) -> tuple[dict, Callable]:
+    """The ``dpt`` feature for :func:`brainldm.features.extract_features`: what its store records (the depth model's
+    id, its image size), and the function of a batch of images that computes it."""
+    return {"model_id": model_id, "image_size": model.config.image_size}, lambda images: dpt_states(model, images)[0]
 
 
 @torch.no_grad()

@@ -462,10 +462,7 @@ def extract_features(
     process_index: int = 0,
     num_processes: int = 1,
     wait_for_everyone: Callable[[], None] | None = None,
-    captioner=None,
-    captioner_id: str | None = None,
-    depth_model=None,
-    depth_model_id: str | None = None,
+    auxiliary: dict[str, tuple[dict, Callable]] | None = None,
 ) -> dict[str, FeatureStore]:
     """Compute the missing features of ``nsd_ids`` in batches and store them under ``out``.
 
@@ -479,9 +476,9 @@ def extract_features(
             three). The missing images are cut into the batches one process would run, and process k runs batches
             k, k + n, ...; each writes its own parts, and once ``wait_for_everyone()`` returns, process 0 merges
             them (:meth:`FeatureStore.merge_parts`) into the store one process would have written.
-        captioner, captioner_id: the BLIP captioner (:func:`brainldm.captioner.load_captioner`) and its id, for
-            ``blip``; depth_model, depth_model_id: the DPT model (:func:`brainldm.depth.load_depth_model`) and its
-            id, for ``dpt``. Their stores record these ids instead of the LDM's.
+        auxiliary: for features of other models than the LDM (``blip``, ``dpt``), name -> (what their store records,
+            such as the model id, and a function of a batch of images -> its features):
+            :func:`brainldm.captioner.blip_feature`, :func:`brainldm.depth.dpt_feature`.
     Returns:
         name -> FeatureStore (``written``: the images this process computed; ``reused``: those the store held).
     """
@@ -495,20 +492,18 @@ def extract_features(
         check_sampling(ldm.scheduler, num_inference_steps, guidance_scale)
     from .ldm import ldm_sizes
 
-    auxiliary = {"blip": (captioner, captioner_id), "dpt": (depth_model, depth_model_id)}
+    auxiliary = auxiliary or {}
     for spec in specs:
-        if spec.kind in auxiliary and auxiliary[spec.kind][0] is None:
-            model = "captioner (--captioner)" if spec.kind == "blip" else "depth model (--depth-model)"
-            raise InputError(f"{spec.name} features need a {model}")
+        if spec.kind in AUXILIARY and spec.kind not in auxiliary:
+            model = "BLIP captioner" if spec.kind == "blip" else "DPT depth model"
+            raise InputError(f"{spec.name} features are computed by a {model}, and none was given")
     common = {"model_id": model_id, "z_image_size": ldm_sizes(ldm)[0]}
     run = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
 
     def config_of(spec: FeatureSpec) -> dict:
         """How the features are computed, as the store records it."""
-        if spec.kind == "blip":
-            return {"model_id": captioner_id, "feature": "blip", "image_size": captioner.image_size}
-        if spec.kind == "dpt":
-            return {"model_id": depth_model_id, "feature": "dpt", "image_size": depth_model.config.image_size}
+        if spec.kind in AUXILIARY:
+            return dict(auxiliary[spec.kind][0], feature=spec.name)
         config = dict(common, feature=spec.name)
         if spec.kind in ("zc", "unet"):
             config.update(run, strength=spec.strength)
@@ -538,14 +533,7 @@ def extract_features(
         z = encode_z(ldm, images) if from_ldm else None
         c = encode_c(ldm, captions) if from_ldm - {"z"} or "c" in need else None
         computed = {"z": z, "c": c}
-        if "blip" in need:
-            from .captioner import blip_embeddings
-
-            computed["blip"] = blip_embeddings(captioner, images)
-        if "dpt" in need:
-            from .depth import dpt_states
-
-            computed["dpt"] = dpt_states(depth_model, images)[0]
+        computed.update({name: auxiliary[name][1](images) for name in need & set(AUXILIARY)})
         strengths = sorted({stores[n].config["strength"] for n in need if "strength" in stores[n].config})
         for strength in strengths:
             taps = [s for s in specs if s.name in need and s.kind == "unet" and s.strength == strength]

@@ -380,6 +380,7 @@ def reconstruct_trials(
                 images[f"Xc_{s}"] = result.Xc[k, s]
                 images[f"Xzc_{s}"] = result.Xzc[k, s]
                 images.update({f"{kind}_{s}": more[kind][k, s] for kind in ("Xzt", "Xztd") if kind in more})
+            # the decoded targets, for retrieval; BLIP's and DPT's are kept as what they decode to (caption, depth)
             arrays = {
                 name: t[k].cpu().numpy().astype(np.float16) for name, t in decoded.items() if name not in AUXILIARY
             }
@@ -400,7 +401,6 @@ def reconstruct_trials(
             }
             if "captions" in more:
                 meta["decoded_caption"] = more["captions"][k]
-            # the decoded targets, for retrieval; BLIP's and DPT's are kept as what they decode to (caption, depth)
             _write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
             with log.open("a") as f:
                 f.write(f"{row}\n")

@@ -82,15 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     device = state.device if state.num_processes > 1 else args.device  # one device per process
     ldm = load_ldm(args.model, device=device, dtype=dtype)
     kinds = {spec.kind for spec in specs}
-    captioner = depth_model = None
+    auxiliary = {}
     if "blip" in kinds:
-        from brainldm.captioner import load_captioner
+        from brainldm.captioner import blip_feature, load_captioner
 
         captioner = load_captioner(args.captioner, device=ldm.unet.device, image_size=args.blip_image_size)
+        auxiliary["blip"] = blip_feature(captioner, args.captioner)
     if "dpt" in kinds:
-        from brainldm.depth import load_depth_model
+        from brainldm.depth import dpt_feature, load_depth_model
 
-        depth_model = load_depth_model(args.depth_model, device=ldm.unet.device)
+        auxiliary["dpt"] = dpt_feature(load_depth_model(args.depth_model, device=ldm.unet.device), args.depth_model)
     stores = extract_features(
         ldm,
         args.model,
@@ -106,10 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         process_index=state.process_index,
         num_processes=state.num_processes,
         wait_for_everyone=state.wait_for_everyone,
-        captioner=captioner,
-        captioner_id=args.captioner,
-        depth_model=depth_model,
-        depth_model_id=args.depth_model,
+        auxiliary=auxiliary,
     )
     if state.is_main_process:
         for name, store in stores.items():
