@@ -219,15 +219,25 @@ def load_ldm(
     elif model_id_or_dir == RANDOM_SD14:
         pipe = random_sd14_ldm()
     else:
-        try:
-            # The safety checker belongs to text-to-image serving, not to reconstruction research.
-            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-                model_id_or_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
-        except (OSError, ValueError) as err:
-            raise OSError(_load_error(model_id_or_dir, err)) from err
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
+        # The safety checker belongs to text-to-image serving, not to reconstruction research.
+        pipe = _from_pretrained(
+            StableDiffusionImg2ImgPipeline, model_id_or_dir, dtype, safety_checker=None, requires_safety_checker=False
+        )
+    return _placed(pipe, device, dtype)
+
+
+def _from_pretrained(pipeline_class, model_id_or_dir: str, dtype: torch.dtype, **components):
+    """A diffusers pipeline from the Hub or a folder, with the paper's DDIM scheduler and no progress bar."""
+    try:
+        pipe = pipeline_class.from_pretrained(model_id_or_dir, dtype=dtype, **components)
+    except (OSError, ValueError) as err:
+        raise OSError(_load_error(model_id_or_dir, err)) from err
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _placed(pipe, device: torch.device, dtype: torch.dtype):
     # nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules on every dtype cast, even with none
     for model in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "image_encoder", None)):
         if model is not None:
@@ -249,17 +259,10 @@ def load_depth_ldm(model_id_or_dir: str = DEPTH_MODEL, device=None, dtype=None):
     if model_id_or_dir == TINY:
         pipe = tiny_depth_ldm()
     else:
-        try:
-            pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
-                model_id_or_dir, dtype=dtype, depth_estimator=None, feature_extractor=None
-            )
-        except (OSError, ValueError) as err:
-            raise OSError(_load_error(model_id_or_dir, err)) from err
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        torch.nn.Module.to(model, device=device, dtype=dtype)
-    return pipe
+        pipe = _from_pretrained(
+            StableDiffusionDepth2ImgPipeline, model_id_or_dir, dtype, depth_estimator=None, feature_extractor=None
+        )
+    return _placed(pipe, device, dtype)
 
 
 def _load_error(model_id_or_dir: str, err: Exception) -> str:
