@@ -33,14 +33,16 @@ def main(argv: list[str] | None = None) -> None:
         "--decoders",
         default=",".join(f"{target}={roi}" for target, roi in TAKAGI2023.decoders),
         help="which ROI each target is decoded from, as target=roi pairs (default: the paper's, "
-        "%(default)s); ROI names are the dataset's own (NSD streams, or your experiment's masks)",
+        "%(default)s); ROI names are the dataset's own (NSD streams, or your experiment's masks), and a+b+c is their "
+        "union (the follow-up pipeline: blip=early+ventral+midventral+midlateral+lateral+parietal, dpt=...)",
     )
     parser.add_argument("--cv", type=cli.integer(2), default=TAKAGI2023.cv_folds, help="CV folds (grouped by image)")
     parser.add_argument(
         "--ranks",
         type=cli.name_values(cli.positive),
         default={},
-        help="store these targets' maps at a reduced rank, as target=rank pairs (e.g. c=1024); default dense",
+        help="store these targets' maps at a reduced rank, as target=rank pairs (e.g. c=1024); default dense, except "
+        f"blip and dpt at rank {TAKAGI2023.followup_rank}",
     )
     parser.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
