@@ -127,12 +127,11 @@ def tiny_captioner(seed: int = 0) -> Captioner:
     return Captioner(model.eval(), tokenizer, image_size=64)
 
 
-def pixel_values(images, size: int, mean=BLIP_MEAN, std=BLIP_STD) -> torch.Tensor:
+def pixel_values(images, size: int) -> torch.Tensor:
     """Images -> (n, 3, size, size) normalised as BLIP was trained (bicubic resize)."""
     from .features import images_to_tensor
 
-    x = (images_to_tensor(images, size) + 1) / 2
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return images_to_tensor(images, size, BLIP_MEAN, BLIP_STD)
 
 
 @torch.no_grad()

@@ -72,10 +72,9 @@ def states_shape(model) -> tuple[int, int, int]:
 def _pixel_values(model, images) -> torch.Tensor:
     from .features import images_to_tensor
 
-    x = (images_to_tensor(images, model.config.image_size) + 1) / 2
-    mean, std = torch.tensor(DPT_MEAN)[:, None, None], torch.tensor(DPT_STD)[:, None, None]
     parameter = next(model.parameters())
-    return ((x - mean) / std).to(parameter.device, parameter.dtype)
+    x = images_to_tensor(images, model.config.image_size, DPT_MEAN, DPT_STD)
+    return x.to(parameter.device, parameter.dtype)
 
 
 @torch.no_grad()

@@ -49,13 +49,16 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     return array
 
 
-def images_to_tensor(images: Sequence[ImageLike], size: int) -> torch.Tensor:
-    """Resize images to ``size`` x ``size`` (bicubic, as the reference code) -> (n, 3, size, size) in [-1, 1]."""
+def images_to_tensor(images: Sequence[ImageLike], size: int, mean=None, std=None) -> torch.Tensor:
+    """Resize images to ``size`` x ``size`` (bicubic, as the reference code) -> (n, 3, size, size) in [-1, 1], or,
+    given a network's per-channel ``mean`` and ``std`` (of pixels in [0, 1]), normalised by them."""
     arrays = [
         np.asarray(Image.fromarray(to_rgb_array(im)).resize((size, size), Image.Resampling.BICUBIC)) for im in images
     ]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    if mean is None:
+        return x / 127.5 - 1.0
+    return (x / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 @torch.no_grad()
