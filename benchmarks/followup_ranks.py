@@ -17,8 +17,6 @@ from pathlib import Path
 
 from brainldm import cli
 
-STREAMS6 = "early+ventral+midventral+midlateral+lateral+parietal"
-
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from brainldm.ldm import load_ldm
     from brainldm.maps import fit_subject_maps
     from brainldm.offline import build_offline_world
+    from brainldm.presets import TAKAGI2023
 
     with tempfile.TemporaryDirectory() as work:
         root = Path(work)
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|")
         for rank in [None, *args.ranks]:  # None: dense
             ranks = dict.fromkeys(("blip", "dpt"), None if rank is None else int(rank))
-            decoders = (("blip", STREAMS6), ("dpt", STREAMS6))
+            decoders = TAKAGI2023.followup_decoders  # blip and dpt from the six streams
             maps = fit_subject_maps(world.data, world.features, 1, decoders=decoders, ranks=ranks, device="cpu")
             for target in ("blip", "dpt"):
                 linear, scores = maps[target], maps.config.scores[target]

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .ldm import TINY
 from .validation import InputError
 
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"  # transformers' port of BLIP's ViT-B captioner
 BLIP_IMAGE_SIZE = 240  # the reference code's (its BLIP decoder was built at 240 px: 226 tokens x 768)
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's image normalisation (its processor's)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TINY = "tiny"
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .ldm import TINY
 from .presets import TAKAGI2023, Sampling
 from .validation import InputError
 
 DPT_MODEL = "Intel/dpt-large"
 DPT_MEAN = DPT_STD = (0.5, 0.5, 0.5)  # DPT-large's image normalisation (its processor's)
-TINY = "tiny"
 
 
 def load_depth_model(model_id: str = DPT_MODEL, device=None):
