@@ -193,10 +193,17 @@ voxels = load_voxels("{repo_id}", subject=1)
 
 
 def toy_card(
-    config, scores: dict[str, float], minutes: float, device: str, size_mb: float, continued: list[int] = ()
+    config,
+    scores: dict[str, float],
+    minutes: float,
+    device: str,
+    size_mb: float,
+    continued: list[int] = (),
+    init: dict | None = None,
 ) -> str:
     """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.toy.ToyConfig`): how it was trained and
-    what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from."""
+    what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from; ``init``: the saved
+    toy (``{"from", "unet_steps"}``) whose weights the last run started from (``--init``), if any."""
     settings = "\n".join(f"| `{k}` | {v} |" for k, v in asdict(config).items())
     legs = " -> ".join(str(n) for n in [*continued, config.unet_steps])
     defaults = type(config)()
@@ -206,15 +213,21 @@ def toy_card(
         if k not in ("n_heldout", "unet_steps") and v != getattr(defaults, k)
     ]
     command = "python scripts/train_toy_ldm.py --out brainldm/models/toy " + " ".join(flags)
-    reproduce = " then ".join(
-        f"`{command} --unet-steps {n}`".replace("  ", " ") for n in [*continued, config.unet_steps]
-    )
+    runs = [f"{command} --unet-steps {n}".replace("  ", " ") for n in [*continued, config.unet_steps]]
+    if init:
+        runs[-1] += f" --init {init['from']} --work NEW_FOLDER"
+    reproduce = " then ".join(f"`{run}`" for run in runs)
     continuation = (
         f" The U-Net was trained to {continued[0]} steps, then continued with a longer `--unet-steps` to {legs} "
         "steps (each continuation restarts the learning-rate schedule at its step on the longer run's cosine)."
         if continued
         else ""
     )
+    if init:
+        continuation += (
+            f" The run from {init['unet_steps']} steps started from the saved float16 weights (`--init`: a fresh "
+            "optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)."
+        )
     return f"""---
 license: mit
 library_name: diffusers

@@ -469,6 +469,58 @@ def _load_checkpoint(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
+def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyConfig) -> None:
+    """Fill an empty ``work`` with checkpoints taken from a saved toy, so that :func:`train_toy` with ``config`` (its
+    recipe with a longer ``unet_steps``) continues that toy's U-Net rather than training from scratch.
+
+    The CLIP pair and the VAE count as trained; the U-Net resumes at its saved step from its saved (EMA, float16)
+    weights, with a fresh optimizer and the EMA started from them. Its earlier history and training minutes carry
+    over. The text projection, which a saved toy does not keep and training no longer uses, stays as built.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from .validation import InputError
+
+    model_dir, work = Path(model_dir), Path(work)
+    record_path = model_dir / "training.json"
+    if not record_path.is_file():
+        raise InputError(f"{model_dir} has no training.json: --init takes a folder written by train_toy_ldm.py")
+    record = json.loads(record_path.read_text())
+    saved = record["config"]
+    settings = config_dict(config)
+    changed = sorted(k for k in settings if k not in ("unet_steps", "n_heldout") and saved.get(k) != settings[k])
+    if changed or settings["unet_steps"] <= saved["unet_steps"]:
+        raise InputError(
+            f"--init {model_dir}: a continuation takes the saved recipe with a longer --unet-steps (saved "
+            f"{saved['unet_steps']}); these differ: "
+            + (", ".join(f"--{k.replace('_', '-')} {settings[k]} (saved {saved.get(k)})" for k in changed) or "none")
+        )
+    if any(work.glob("*.pt")):
+        raise InputError(f"--init needs an empty --work folder; {work} holds checkpoints")
+    work.mkdir(parents=True, exist_ok=True)
+
+    def state(model, step: int, **extra) -> dict:
+        fresh = torch.optim.AdamW(model.parameters()).state_dict()
+        return {"model": model.state_dict(), "optimizer": fresh, "step": step, "loss": float("nan"), **extra}
+
+    clip = build_clip(CLIPTokenizer.from_pretrained(model_dir / "tokenizer"), config)
+    clip.text_model.load_state_dict(CLIPTextModel.from_pretrained(model_dir / "text_encoder").float().state_dict())
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(model_dir / "image_encoder").float()
+    clip.vision_model.load_state_dict(image_encoder.vision_model.state_dict())
+    clip.visual_projection.load_state_dict(image_encoder.visual_projection.state_dict())
+    _save_checkpoint(state(clip, config.clip_steps), work / "clip.pt")
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae").float()
+    _save_checkpoint(state(vae, config.vae_steps), work / "vae.pt")
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").float()
+    ema = EMA(unet, config.ema_decay).state_dict()
+    _save_checkpoint(state(unet, saved["unet_steps"], ema=ema), work / "unet.pt")
+    (work / "config.json").write_text(json.dumps({**settings, "unet_steps": saved["unet_steps"]}, indent=1))
+    (work / "unet_history.json").write_text(json.dumps(record.get("unet_continued_from", [])))
+    (work / "minutes.json").write_text(json.dumps({"minutes": record["train_minutes"]}))
+    (work / "init.json").write_text(json.dumps({"from": str(model_dir), "unet_steps": saved["unet_steps"]}))
+
+
 def train_toy(
     config: ToyConfig,
     out: str | Path,
@@ -481,7 +533,8 @@ def train_toy(
     Phases: draw pictures and captions -> CLIP pair (contrastive) -> VAE -> encode latents -> U-Net (noise
     prediction, conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on
     held-out pairs (``eval_steps`` DDIM steps) -> model card. Seeded and resumable: a rerun continues where a killed
-    run stopped; a rerun with other settings into the same ``work`` is refused, naming them.
+    run stopped; a rerun with other settings into the same ``work`` is refused, naming them. A ``work`` seeded by
+    :func:`seed_work_from_model` continues a saved toy's U-Net.
     """
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -586,6 +639,8 @@ def train_toy(
     earlier = json.loads(minutes_path.read_text())["minutes"] if minutes_path.exists() and history else 0.0
     minutes = earlier + (time.time() - t0) / 60
     minutes_path.write_text(json.dumps({"minutes": minutes}))
+    init_path = work / "init.json"  # written by seed_work_from_model: the saved toy this run continued
+    init = json.loads(init_path.read_text()) if init_path.exists() else None
 
     # 6. save (fp16), reload as any diffusers model is loaded, score, write the card
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -612,7 +667,7 @@ def train_toy(
     for k, v in scores.items():
         print(f"  {k}: {v:.3f}")
     size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
-    (tmp / "README.md").write_text(toy_card(config, scores, minutes, str(device), size_mb, history))
+    (tmp / "README.md").write_text(toy_card(config, scores, minutes, str(device), size_mb, history, init))
     (tmp / "training.json").write_text(
         json.dumps(
             {
@@ -621,6 +676,7 @@ def train_toy(
                 "train_minutes": minutes,
                 "device": str(device),
                 "unet_continued_from": history,
+                "init": init,
             },
             indent=1,
         )  # fmt: skip

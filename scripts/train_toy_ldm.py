@@ -5,7 +5,8 @@ Phases: draw pictures and captions -> CLIP pair (contrastive) -> VAE -> encode l
 conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on held-out
 pairs -> model card. Seeded and resumable: every phase checkpoints into --work, and a rerun continues where a killed
 run stopped. The defaults (the shipped model's recipe) take 7.4 minutes on an H100 and 4 to 5 hours on a 2-core CPU;
-a CPU-sized run (below) takes 45 minutes there and scores lower (see the README).
+a CPU-sized run (below) takes 45 minutes there and scores lower (see the README). ``--init`` continues a saved
+toy's U-Net (the shipped one, say) when its ``.work`` folder is gone.
 
     python scripts/train_toy_ldm.py --out brainldm/models/toy
     python scripts/train_toy_ldm.py --out /tmp/toy-cpu --n-train 10000 --clip-batch 128 --clip-steps 600 \
@@ -25,7 +26,7 @@ from brainldm.presets import TAKAGI2023
 @cli.script
 def main(argv: list[str] | None = None) -> None:
     from brainldm.ldm import TOY_DIR
-    from brainldm.toy import ToyConfig, train_toy
+    from brainldm.toy import ToyConfig, seed_work_from_model, train_toy
 
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--work", type=cli.output_folder, help="checkpoint folder (default: OUT.work); delete it to start over"
+    )
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="continue a saved toy's U-Net (its folder, e.g. brainldm/models/toy) with a longer --unet-steps and "
+        "otherwise its recipe; --work must be new",
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -62,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     config = replace(defaults, **overrides, n_heldout=args.eval_pairs)
     out = Path(args.out)
     work = args.work or out.with_name(out.name + ".work")
+    if args.init:
+        seed_work_from_model(args.init, work, config)
     train_toy(config, out, work, args.device, args.eval_steps)
 
 

@@ -137,6 +137,27 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
         script.main([*args, "--unet-batch", "8"])
     err = capsys.readouterr().err
     assert refused.value.code == 2 and "other settings: --unet-batch 8 (the checkpoints': 4)" in err, err
+    # --init continues the saved model's U-Net in a new work folder: only the U-Net trains, from its saved weights
+    saved_unet = load_ldm(str(out), device="cpu", dtype=torch.float32).unet.state_dict()
+    work2 = tmp_path / "work2"
+    longer = [*args[:3], str(work2), *args[4:]]
+    longer[longer.index("--unet-steps") + 1] = "5"
+    script.main([*longer, "--init", str(out)])
+    assert torch.load(work2 / "unet.pt", weights_only=True)["step"] == 5
+    vae_state = torch.load(work2 / "vae.pt", weights_only=True)
+    assert vae_state["step"] == 2 and not vae_state["optimizer"]["state"]  # taken as trained, never stepped
+    record = json.loads((out / "training.json").read_text())
+    assert record["unet_continued_from"] == [3] and record["init"]["unet_steps"] == 3
+    assert "--init" in (out / "README.md").read_text()
+    continued = load_ldm(str(out), device="cpu", dtype=torch.float32).unet.state_dict()
+    drift = max(float((continued[k] - saved_unet[k]).abs().max()) for k in saved_unet)
+    assert 0 < drift < 0.05  # two EMA steps away from the saved weights, not a fresh network
+    # a continuation must keep the saved recipe and lengthen the U-Net
+    for changed in (["--unet-batch", "8"], ["--unet-steps", "4"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            script.main([*args[:3], str(tmp_path / "work3"), *args[4:], *changed, "--init", str(out)])
+        assert refused.value.code == 2 and "--init" in capsys.readouterr().err
 
 
 def test_a_clip_stand_in_is_a_property_of_the_models_folder(tmp_path):
