@@ -476,6 +476,7 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     The CLIP pair and the VAE count as trained; the U-Net resumes at its saved step from its saved (EMA, float16)
     weights, with a fresh optimizer and the EMA started from them. Its earlier history and training minutes carry
     over. The text projection, which a saved toy does not keep and training no longer uses, stays as built.
+    A ``work`` seeded earlier is left as it is, so that a killed continuation resumes.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -483,6 +484,8 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     from .validation import InputError
 
     model_dir, work = Path(model_dir), Path(work)
+    if (work / "init.json").exists():
+        return
     record_path = model_dir / "training.json"
     if not record_path.is_file():
         raise InputError(f"{model_dir} has no training.json: --init takes a folder written by train_toy_ldm.py")

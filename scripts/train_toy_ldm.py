@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         "--init",
         type=Path,
         help="continue a saved toy's U-Net (its folder, e.g. brainldm/models/toy) with a longer --unet-steps and "
-        "otherwise its recipe; --work must be new",
+        "otherwise its recipe, in a new --work folder (rerun the same command to resume)",
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument(

@@ -152,6 +152,9 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     continued = load_ldm(str(out), device="cpu", dtype=torch.float32).unet.state_dict()
     drift = max(float((continued[k] - saved_unet[k]).abs().max()) for k in saved_unet)
     assert 0 < drift < 0.05  # two EMA steps away from the saved weights, not a fresh network
+    stamps = {p.name: p.stat().st_mtime_ns for p in work2.glob("*.pt")}
+    script.main([*longer, "--init", str(out)])  # the same command again resumes: nothing trains or is seeded again
+    assert {p.name: p.stat().st_mtime_ns for p in work2.glob("*.pt")} == stamps
     # a continuation must keep the saved recipe and lengthen the U-Net
     for changed in (["--unet-batch", "8"], ["--unet-steps", "4"]):
         capsys.readouterr()
