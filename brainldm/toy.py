@@ -503,9 +503,8 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
         raise InputError(f"--init needs an empty --work folder; {work} holds checkpoints")
     work.mkdir(parents=True, exist_ok=True)
 
-    def state(model, step: int, **extra) -> dict:
-        fresh = torch.optim.AdamW(model.parameters()).state_dict()
-        return {"model": model.state_dict(), "optimizer": fresh, "step": step, "loss": float("nan"), **extra}
+    def state(model, step: int, **extra) -> dict:  # no optimizer state: train_toy's own starts fresh
+        return {"model": model.state_dict(), "optimizer": None, "step": step, "loss": float("nan"), **extra}
 
     clip = build_clip(CLIPTokenizer.from_pretrained(model_dir / "tokenizer"), config)
     clip.text_model.load_state_dict(CLIPTextModel.from_pretrained(model_dir / "text_encoder").float().state_dict())
@@ -695,7 +694,8 @@ def _resume(path: Path, model, optimizer, ema=None) -> int:
     if state is None:
         return 0
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None: seeded from a saved model (seed_work_from_model)
+        optimizer.load_state_dict(state["optimizer"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
     return int(state["step"])
