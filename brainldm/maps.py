@@ -178,8 +178,8 @@ def fit_linear_map(
     sqrt_gram = None
     if rank is not None:
         x_t = torch.from_numpy(x).to(compute)
-        x_t = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
-        e, v = torch.linalg.eigh(x_t.T @ x_t)
+        centred = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
+        e, v = torch.linalg.eigh(centred.T @ centred)
         sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T  # X W and S W have the same right singular vectors and values
         products = torch.zeros_like(sqrt_gram)  # S W W^T S, summed over blocks of W's columns
     fitted: dict[str, list[torch.Tensor]] = {}
@@ -216,7 +216,6 @@ def fit_linear_map(
     lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
     norm = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None]
     left, right, done = torch.zeros(x.shape[1], rank, device=compute), [], 0
-    x_t = torch.from_numpy(x).to(compute)
     for y in blocks():
         best = common["best_alphas"][done : done + y.shape[1]].to(compute)
         weight = solve_ridge(x_t, y, best)[0].to(compute)
