@@ -203,9 +203,10 @@ def toy_card(
 ) -> str:
     """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.toy.ToyConfig`): how it was trained and
     what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from; ``init``: the saved
-    toy (``{"from", "unet_steps"}``) whose weights the last run started from (``--init``), if any."""
+    toy (``{"from", "unet_steps"}``) whose weights a run started from (``--init``), if any."""
     settings = "\n".join(f"| `{k}` | {v} |" for k, v in asdict(config).items())
-    legs = " -> ".join(str(n) for n in [*continued, config.unet_steps])
+    steps = [*continued, config.unet_steps]
+    legs = " -> ".join(str(n) for n in steps)
     defaults = type(config)()
     flags = [
         f"--{k.replace('_', '-')} {v}"
@@ -213,9 +214,13 @@ def toy_card(
         if k not in ("n_heldout", "unet_steps") and v != getattr(defaults, k)
     ]
     command = "python scripts/train_toy_ldm.py --out brainldm/models/toy " + " ".join(flags)
-    runs = [f"{command} --unet-steps {n}".replace("  ", " ") for n in [*continued, config.unet_steps]]
+    runs = [f"{command} --unet-steps {n}".replace("  ", " ") for n in steps]
     if init:
-        runs[-1] += f" --init {init['from']} --work NEW_FOLDER"
+        # the run after the saved toy's step count started from it; any later run resumed in the same work folder
+        first = steps.index(init["unet_steps"]) + 1
+        runs[first] += f" --init {init['from']} --work NEW_FOLDER"
+        for i in range(first + 1, len(runs)):
+            runs[i] += " --work NEW_FOLDER"
     reproduce = " then ".join(f"`{run}`" for run in runs)
     continuation = (
         f" The U-Net was trained to {continued[0]} steps, then continued with a longer `--unet-steps` to {legs} "
@@ -226,7 +231,8 @@ def toy_card(
     if init:
         continuation += (
             f" The run from {init['unet_steps']} steps started from the saved float16 weights (`--init`: a fresh "
-            "optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)."
+            "optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)"
+            + ("; later runs resumed its work folder." if first < len(runs) - 1 else ".")
         )
     return f"""---
 license: mit

@@ -84,7 +84,7 @@ def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, c
     shuffled = recon(z, torch.roll(c, 1, dims=0), FAST).Xc[:, 0]  # another picture's caption
     matched = two_way_identification(clip_features(guided), truth).mean()
     other = two_way_identification(clip_features(shuffled), truth).mean()
-    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.71 and 0.45 measured
+    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.77 and 0.52 measured
 
 
 def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
@@ -105,7 +105,7 @@ def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
     assert np.abs(xz.mean((1, 2)) - pictures.mean((1, 2))).mean() < 8
     assert mean_pixcorr(xzc) > mean_pixcorr(xc) + 0.2
     truth = clip_features(pictures)
-    assert two_way_identification(clip_features(xzc), truth).mean() >= 0.68  # the CPU-trained toy: 0.76 measured
+    assert two_way_identification(clip_features(xzc), truth).mean() >= 0.68  # the CPU-trained toy: 0.73 measured
 
 
 def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tmp_path, capsys):
@@ -155,6 +155,13 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     stamps = {p.name: p.stat().st_mtime_ns for p in work2.glob("*.pt")}
     script.main([*longer, "--init", str(out)])  # the same command again resumes: nothing trains or is seeded again
     assert {p.name: p.stat().st_mtime_ns for p in work2.glob("*.pt")} == stamps
+    # a later continuation resumes that folder; the card puts --init on the run that started from the saved toy
+    further = list(longer)
+    further[further.index("--unet-steps") + 1] = "6"
+    script.main(further)
+    assert torch.load(work2 / "unet.pt", weights_only=True)["step"] == 6
+    card = (out / "README.md").read_text()
+    assert "--unet-steps 5 --init" in card and "--unet-steps 6 --work NEW_FOLDER`" in card, card
     # a continuation must keep the saved recipe and lengthen the U-Net
     for changed in (["--unet-batch", "8"], ["--unet-steps", "4"]):
         capsys.readouterr()
