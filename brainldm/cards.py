@@ -192,6 +192,29 @@ voxels = load_voxels("{repo_id}", subject=1)
     return DatasetCard(content)
 
 
+def toy_reproduce(config, continued: list[int] = (), init: dict | None = None) -> list[str]:
+    """The commands that made a toy (``config``: its :class:`~brainldm.toy.ToyConfig`; ``continued`` and ``init`` as
+    :func:`toy_card` takes them), in order."""
+    steps = [*continued, config.unet_steps]
+    defaults = type(config)()
+    flags = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in asdict(config).items()
+        if k not in ("n_heldout", "unet_steps") and v != getattr(defaults, k)
+    ]
+    command = "python scripts/train_toy_ldm.py --out brainldm/models/toy " + " ".join(flags)
+    runs = [f"{command} --unet-steps {n}".replace("  ", " ") for n in steps]
+    if init:
+        # the run that started from the saved toy (after its step count; a grown U-Net's first) took --init; any
+        # later run resumed in the same work folder
+        first = 0 if "runs" in init else steps.index(init["unet_steps"]) + 1
+        runs[first] += f" --init {init['from']} --work NEW_FOLDER"
+        for i in range(first + 1, len(runs)):
+            runs[i] += " --work NEW_FOLDER"
+        runs = [*init.get("runs", []), *runs]
+    return runs
+
+
 def toy_card(
     config,
     scores: dict[str, float],
@@ -203,36 +226,33 @@ def toy_card(
 ) -> str:
     """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.toy.ToyConfig`): how it was trained and
     what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from; ``init``: the saved
-    toy (``{"from", "unet_steps"}``) whose weights a run started from (``--init``), if any."""
+    toy (``{"from", "unet_steps"}``) whose weights a run started from (``--init``), if any; a grown U-Net's
+    also holds ``grown_from_levels`` and ``runs``, the commands that made that toy."""
     settings = "\n".join(f"| `{k}` | {v} |" for k, v in asdict(config).items())
-    steps = [*continued, config.unet_steps]
-    legs = " -> ".join(str(n) for n in steps)
-    defaults = type(config)()
-    flags = [
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in asdict(config).items()
-        if k not in ("n_heldout", "unet_steps") and v != getattr(defaults, k)
-    ]
-    command = "python scripts/train_toy_ldm.py --out brainldm/models/toy " + " ".join(flags)
-    runs = [f"{command} --unet-steps {n}".replace("  ", " ") for n in steps]
-    if init:
-        # the run after the saved toy's step count started from it; any later run resumed in the same work folder
-        first = steps.index(init["unet_steps"]) + 1
-        runs[first] += f" --init {init['from']} --work NEW_FOLDER"
-        for i in range(first + 1, len(runs)):
-            runs[i] += " --work NEW_FOLDER"
+    runs = toy_reproduce(config, continued, init)
     reproduce = " then ".join(f"`{run}`" for run in runs)
+    legs = " -> ".join(str(n) for n in [*continued, config.unet_steps])
     continuation = (
         f" The U-Net was trained to {continued[0]} steps, then continued with a longer `--unet-steps` to {legs} "
         "steps (each continuation restarts the learning-rate schedule at its step on the longer run's cosine)."
         if continued
         else ""
     )
-    if init:
+    if init and "runs" in init:
+        continuation = (
+            f" Its U-Net was grown from the toy the first {len(init['runs'])} commands below make ({init['unet_steps']}"
+            f" steps, cross-attention at its {init['grown_from_levels']} coarsest levels): cross-attention added at "
+            f"{config.unet_attention_levels - init['grown_from_levels']} finer level(s), their output projections "
+            f"zeroed so that it started as that model, then trained {legs} steps on a schedule of its own (`--init`, "
+            "a fresh optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)."
+            + continuation
+        )
+    elif init:
+        later = init["unet_steps"] != continued[-1]  # runs after the one --init started resumed its work folder
         continuation += (
             f" The run from {init['unet_steps']} steps started from the saved float16 weights (`--init`: a fresh "
             "optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)"
-            + ("; later runs resumed its work folder." if first < len(runs) - 1 else ".")
+            + ("; later runs resumed its work folder." if later else ".")
         )
     return f"""---
 license: mit

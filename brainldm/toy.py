@@ -66,6 +66,9 @@ class ToyConfig:
     vae_kl: float = 1e-6
     # U-Net
     unet_channels: tuple[int, ...] = (32, 64, 128)
+    # how many of the U-Net's levels, coarsest first, cross-attend to c: SD-1.x's do at all but its coarsest; 2 is
+    # the first toys' (none at the finest, 16 x 16, where the world's coats are drawn)
+    unet_attention_levels: int = 2
     unet_steps: int = 4500
     unet_batch: int = 256
     unet_lr: float = 5e-4
@@ -198,15 +201,21 @@ def build_vae(config: ToyConfig):
 def build_unet(config: ToyConfig):
     from diffusers import UNet2DConditionModel
 
+    from .validation import InputError
+
     factor = 2 ** (len(config.vae_channels) - 1)
+    n, attending = len(config.unet_channels), config.unet_attention_levels
+    if not 1 <= attending <= n:
+        raise InputError(f"--unet-attention-levels must be 1..{n} (the U-Net's levels), got {attending}")
+    down = ("DownBlock2D",) * (n - attending) + ("CrossAttnDownBlock2D",) * attending
     return UNet2DConditionModel(
         sample_size=config.image_size // factor,
         in_channels=4,
         out_channels=4,
         block_out_channels=config.unet_channels,
         layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(config.unet_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(config.unet_channels) - 1) + ("UpBlock2D",),
+        down_block_types=down,
+        up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down)),
         cross_attention_dim=config.text_hidden,
         attention_head_dim=8,
         norm_num_groups=32,
@@ -469,14 +478,41 @@ def _load_checkpoint(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
+def grow_unet(saved, config: ToyConfig):
+    """``saved`` (a toy U-Net) with cross-attention at ``config.unet_attention_levels`` levels, more than it has: the
+    new attention blocks are built seeded and their output projections zeroed, so the grown U-Net computes exactly
+    what ``saved`` does until training teaches them something."""
+    from .validation import InputError
+
+    n, levels = len(config.unet_channels), config.unet_attention_levels
+    had = sum(t.startswith("CrossAttn") for t in saved.config.down_block_types)
+    torch.manual_seed(config.seed + 2)
+    unet = build_unet(config)
+    # levels run coarsest first in the up blocks and last in the down blocks
+    new = [f"down_blocks.{i}" for i in range(n - levels, n - had)] + [f"up_blocks.{i}" for i in range(had, levels)]
+    missing, unexpected = unet.load_state_dict(saved.state_dict(), strict=False)
+    if not new or unexpected or not all(k.startswith(tuple(f"{b}.attentions." for b in new)) for k in missing):
+        raise InputError(
+            f"cannot grow a U-Net with cross-attention at {had} levels into one with {levels}: "
+            f"{len(unexpected)} unexpected and {len(missing)} missing weights (other channels or blocks?)"
+        )
+    for name in new:
+        for attention in unet.get_submodule(name).attentions:
+            torch.nn.init.zeros_(attention.proj_out.weight)
+            torch.nn.init.zeros_(attention.proj_out.bias)
+    return unet
+
+
 def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyConfig) -> None:
     """Fill an empty ``work`` with checkpoints taken from a saved toy, so that :func:`train_toy` with ``config`` (its
-    recipe with a longer ``unet_steps``) continues that toy's U-Net rather than training from scratch.
+    recipe with a longer ``unet_steps``, or with more ``unet_attention_levels``) continues that toy's U-Net rather
+    than training from scratch.
 
-    The CLIP pair and the VAE count as trained; the U-Net resumes at its saved step from its saved (EMA, float16)
-    weights, with a fresh optimizer and the EMA started from them. Its earlier history and training minutes carry
-    over. The text projection, which a saved toy does not keep and training no longer uses, stays as built.
-    A ``work`` seeded earlier is left as it is, so that a killed continuation resumes.
+    The CLIP pair and the VAE count as trained. A continuation resumes the U-Net at its saved step from its saved
+    (EMA, float16) weights; a grown U-Net (:func:`grow_unet`) starts a schedule of its own, ``unet_steps`` long.
+    Either way the optimizer is fresh and the EMA starts from the weights; the training minutes, and a
+    continuation's earlier history, carry over. The text projection, which a saved toy does not keep and training
+    no longer uses, stays as built. A ``work`` seeded earlier is left as it is, so that a killed run resumes.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -490,13 +526,21 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     if not record_path.is_file():
         raise InputError(f"{model_dir} has no training.json: --init takes a folder written by train_toy_ldm.py")
     record = json.loads(record_path.read_text())
-    saved = record["config"]
+    saved = {"unet_attention_levels": 2, **record["config"]}  # toys saved before the setting had 2
     settings = config_dict(config)
-    changed = sorted(k for k in settings if k not in ("unet_steps", "n_heldout") and saved.get(k) != settings[k])
-    if changed or settings["unet_steps"] <= saved["unet_steps"]:
+    grown = settings["unet_attention_levels"] > saved["unet_attention_levels"]
+    changed = sorted(
+        k
+        for k in settings
+        if k not in ("unet_steps", "n_heldout", "unet_attention_levels") and saved.get(k) != settings[k]
+    )
+    if changed or settings["unet_attention_levels"] < saved["unet_attention_levels"]:
+        changed.append("unet_attention_levels")
+    if changed or not grown and settings["unet_steps"] <= saved["unet_steps"]:
         raise InputError(
             f"--init {model_dir}: a continuation takes the saved recipe with a longer --unet-steps (saved "
-            f"{saved['unet_steps']}); these differ: "
+            f"{saved['unet_steps']}), or with more --unet-attention-levels (saved {saved['unet_attention_levels']}); "
+            "these differ: "
             + (", ".join(f"--{k.replace('_', '-')} {settings[k]} (saved {saved.get(k)})" for k in changed) or "none")
         )
     if any(work.glob("*.pt")):
@@ -515,12 +559,24 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     vae = AutoencoderKL.from_pretrained(model_dir / "vae").float()
     _save_checkpoint(state(vae, config.vae_steps), work / "vae.pt")
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").float()
+    init = {"from": str(model_dir), "unet_steps": saved["unet_steps"]}
+    if grown:
+        from .cards import toy_reproduce
+
+        unet = grow_unet(unet, config)
+        saved_config = ToyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        # how the saved toy was made, for this one's card: its U-Net is where this run's starts
+        init.update(
+            grown_from_levels=saved["unet_attention_levels"],
+            runs=toy_reproduce(saved_config, record.get("unet_continued_from", []), record.get("init")),
+        )
     ema = EMA(unet, config.ema_decay).state_dict()
-    _save_checkpoint(state(unet, saved["unet_steps"], ema=ema), work / "unet.pt")
-    (work / "config.json").write_text(json.dumps({**settings, "unet_steps": saved["unet_steps"]}, indent=1))
-    (work / "unet_history.json").write_text(json.dumps(record.get("unet_continued_from", [])))
+    start = 0 if grown else saved["unet_steps"]
+    _save_checkpoint(state(unet, start, ema=ema), work / "unet.pt")
+    (work / "config.json").write_text(json.dumps({**settings, "unet_steps": start or settings["unet_steps"]}, indent=1))
+    (work / "unet_history.json").write_text(json.dumps([] if grown else record.get("unet_continued_from", [])))
     (work / "minutes.json").write_text(json.dumps({"minutes": record["train_minutes"]}))
-    (work / "init.json").write_text(json.dumps({"from": str(model_dir), "unet_steps": saved["unet_steps"]}))
+    (work / "init.json").write_text(json.dumps(init))
 
 
 def train_toy(
@@ -638,11 +694,12 @@ def train_toy(
         train_unet(unet, ema, latents, states, owner, empty, ddim_scheduler(), stage)
     ema.copy_to(unet)
     minutes_path = work / "minutes.json"  # training time of earlier runs in ``work`` that finished the U-Net
-    earlier = json.loads(minutes_path.read_text())["minutes"] if minutes_path.exists() and history else 0.0
-    minutes = earlier + (time.time() - t0) / 60
-    minutes_path.write_text(json.dumps({"minutes": minutes}))
     init_path = work / "init.json"  # written by seed_work_from_model: the saved toy this run continued
     init = json.loads(init_path.read_text()) if init_path.exists() else None
+    carried = minutes_path.exists() and (history or init and "runs" in init)
+    earlier = json.loads(minutes_path.read_text())["minutes"] if carried else 0.0
+    minutes = earlier + (time.time() - t0) / 60
+    minutes_path.write_text(json.dumps({"minutes": minutes}))
 
     # 6. save (fp16), reload as any diffusers model is loaded, score, write the card
     from diffusers import StableDiffusionImg2ImgPipeline

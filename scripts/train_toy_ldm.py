@@ -6,7 +6,7 @@ conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 saf
 pairs -> model card. Seeded and resumable: every phase checkpoints into --work, and a rerun continues where a killed
 run stopped. The defaults (the shipped model's recipe) take 7.4 minutes on an H100 and 4 to 5 hours on a 2-core CPU;
 a CPU-sized run (below) takes 45 minutes there and scores lower (see the README). ``--init`` continues a saved
-toy's U-Net (the shipped one, say) when its ``.work`` folder is gone.
+toy's U-Net (the shipped one, say) when its ``.work`` folder is gone, or grows it (cross-attention at more levels).
 
     python scripts/train_toy_ldm.py --out brainldm/models/toy
     python scripts/train_toy_ldm.py --out /tmp/toy-cpu --n-train 10000 --clip-batch 128 --clip-steps 600 \
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         "--init",
         type=Path,
         help="continue a saved toy's U-Net (its folder, e.g. brainldm/models/toy) with a longer --unet-steps and "
-        "otherwise its recipe, in a new --work folder (rerun the same command to resume)",
+        "otherwise its recipe, or grow it with more --unet-attention-levels (then --unet-steps is the grown U-Net's "
+        "own schedule), in a new --work folder (rerun the same command to resume)",
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument(

@@ -5,6 +5,7 @@ the paper's pattern show end to end (z gives layout, c gives meaning, zc both). 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from brainldm.ldm import TOY_DIR, clip_stand_in, ldm_sizes, load_ldm
 from brainldm.metrics import pixcorr, two_way_identification
 from brainldm.presets import Sampling
 from brainldm.reconstruct import Reconstructor
+from brainldm.toy import ToyConfig, build_unet, grow_unet
+from brainldm.validation import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Sampling(num_inference_steps=20, guidance_scale=5.0)
@@ -162,12 +165,43 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     assert torch.load(work2 / "unet.pt", weights_only=True)["step"] == 6
     card = (out / "README.md").read_text()
     assert "--unet-steps 5 --init" in card and "--unet-steps 6 --work NEW_FOLDER`" in card, card
-    # a continuation must keep the saved recipe and lengthen the U-Net
-    for changed in (["--unet-batch", "8"], ["--unet-steps", "4"]):
+    # a continuation must keep the saved recipe and lengthen the U-Net, or grow it (not shrink it)
+    shrunk = ["--unet-attention-levels", "1", "--unet-steps", "9"]
+    for changed in (["--unet-batch", "8"], ["--unet-steps", "4"], shrunk):
         capsys.readouterr()
         with pytest.raises(SystemExit) as refused:
             script.main([*args[:3], str(tmp_path / "work3"), *args[4:], *changed, "--init", str(out)])
         assert refused.value.code == 2 and "--init" in capsys.readouterr().err
+    # a grown U-Net (cross-attention at the finest level too) trains a schedule of its own from the saved weights;
+    # its card reproduces the saved toy's runs, then the growing one
+    minutes = json.loads((out / "training.json").read_text())["train_minutes"]
+    grown = [*args[:3], str(tmp_path / "work4"), *args[4:], "--unet-steps", "2", "--unet-attention-levels", "3"]
+    script.main([*grown, "--init", str(out)])
+    assert torch.load(tmp_path / "work4" / "unet.pt", weights_only=True)["step"] == 2
+    assert set(load_ldm(str(out), device="cpu").unet.config.down_block_types) == {"CrossAttnDownBlock2D"}
+    record = json.loads((out / "training.json").read_text())
+    assert record["init"]["grown_from_levels"] == 2 and record["train_minutes"] > minutes
+    card = (out / "README.md").read_text()
+    assert "--unet-steps 6 --work NEW_FOLDER` then `" in card, card
+    assert "--unet-attention-levels 3 --unet-batch 4 --unet-steps 2 --init" in card, card
+
+
+def test_a_grown_unet_starts_as_the_saved_one():
+    """New cross-attention blocks at the finest level add nothing until trained; shrinking is refused."""
+    config = ToyConfig(unet_channels=(32, 32, 32))
+    torch.manual_seed(0)
+    saved = build_unet(config).eval()
+    grown = grow_unet(saved, replace(config, unet_attention_levels=3)).eval()
+    assert hasattr(grown.down_blocks[0], "attentions") and hasattr(grown.up_blocks[2], "attentions")
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, config.text_hidden)
+    with torch.no_grad():
+        before, after = saved(x, t, encoder_hidden_states=c).sample, grown(x, t, encoder_hidden_states=c).sample
+    torch.testing.assert_close(after, before)
+    grown.down_blocks[0].attentions[0].proj_out.weight.data.normal_()  # a trained block does change the output
+    with torch.no_grad():
+        assert not torch.allclose(grown(x, t, encoder_hidden_states=c).sample, before)
+    with pytest.raises(InputError, match="cannot grow"):
+        grow_unet(grown, config)
 
 
 def test_a_clip_stand_in_is_a_property_of_the_models_folder(tmp_path):
