@@ -23,7 +23,7 @@ from brainldm.toy import ToyConfig, build_unet, grow_unet
 from brainldm.validation import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = Sampling(num_inference_steps=20, guidance_scale=5.0)
+FAST = Sampling(num_inference_steps=15, guidance_scale=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, c
     shuffled = recon(z, torch.roll(c, 1, dims=0), FAST).Xc[:, 0]  # another picture's caption
     matched = two_way_identification(clip_features(guided), truth).mean()
     other = two_way_identification(clip_features(shuffled), truth).mean()
-    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.78 and 0.43 measured
+    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.82 and 0.45 measured
 
 
 def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
@@ -108,7 +108,7 @@ def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
     assert np.abs(xz.mean((1, 2)) - pictures.mean((1, 2))).mean() < 8
     assert mean_pixcorr(xzc) > mean_pixcorr(xc) + 0.2
     truth = clip_features(pictures)
-    assert two_way_identification(clip_features(xzc), truth).mean() >= 0.68  # the CPU-trained toy: 0.76 measured
+    assert two_way_identification(clip_features(xzc), truth).mean() >= 0.68  # the CPU-trained toy: 0.77 measured
 
 
 def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tmp_path, capsys):
