@@ -573,7 +573,9 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     ema = EMA(unet, config.ema_decay).state_dict()
     start = 0 if grown else saved["unet_steps"]
     _save_checkpoint(state(unet, start, ema=ema), work / "unet.pt")
-    (work / "config.json").write_text(json.dumps({**settings, "unet_steps": start or settings["unet_steps"]}, indent=1))
+    # a continuation's stamp says where the saved U-Net stopped, so train_toy continues it; a grown one's is its own
+    stamp = settings if grown else {**settings, "unet_steps": start}
+    (work / "config.json").write_text(json.dumps(stamp, indent=1))
     (work / "unet_history.json").write_text(json.dumps([] if grown else record.get("unet_continued_from", [])))
     (work / "minutes.json").write_text(json.dumps({"minutes": record["train_minutes"]}))
     (work / "init.json").write_text(json.dumps(init))
