@@ -534,7 +534,7 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
         for k in settings
         if k not in ("unet_steps", "n_heldout", "unet_attention_levels") and saved.get(k) != settings[k]
     )
-    if changed or settings["unet_attention_levels"] < saved["unet_attention_levels"]:
+    if settings["unet_attention_levels"] < saved["unet_attention_levels"]:  # a U-Net can grow, not shrink
         changed.append("unet_attention_levels")
     if changed or not grown and settings["unet_steps"] <= saved["unet_steps"]:
         raise InputError(
