@@ -219,6 +219,26 @@ def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], p
 
 # --- pycortex flatmaps ----------------------------------------------------------------------------------------
 
+# (subject, height) -> the ROI outlines' RGBA texture
+_ROI_TEXTURES: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _add_roi_outlines(ax, volume, height: int) -> None:
+    """ROI outlines and labels over a flatmap. pycortex renders them through Inkscape, about a second a panel, and
+    they depend only on the subject and the height: so they are rendered once per process and reused."""
+    import cortex
+
+    key = (volume.subject, height)
+    if key in _ROI_TEXTURES:
+        ax.imshow(_ROI_TEXTURES[key], aspect="equal", interpolation="bicubic", extent=ax.images[0].get_extent(),
+                  label="rois", zorder=1000)  # fmt: skip
+        return
+    image = cortex.quickflat.composite.add_rois(
+        ax, volume, height=height, with_labels=True, linewidth=5, linecolor="white", labelsize="16pt",
+        labelcolor="white",
+    )  # fmt: skip
+    _ROI_TEXTURES[key] = image.get_array()
+
 
 def flatmaps(
     panels: Sequence[tuple[str, np.ndarray]],
@@ -272,9 +292,10 @@ def flatmaps(
             np.asarray(values, dtype=np.float32).T, space.subject, space.transform, cmap=cmap, vmin=vmin, vmax=vmax
         )  # pycortex volumes are (Z, Y, X)
         cortex.quickflat.make_figure(
-            volume, fig=ax, height=512, thick=8, with_curvature=True, with_colorbar=False, with_rois=outlines,
-            with_labels=outlines, linewidth=5, linecolor="white", labelsize="16pt", labelcolor="white",
-        )  # fmt: skip
+            volume, fig=ax, height=512, thick=8, with_curvature=True, with_colorbar=False, with_rois=False
+        )
+        if outlines:
+            _add_roi_outlines(ax, volume, height=512)
         if len(panels) > 1:
             ax.set_title(name, fontsize=12)
     colour_axes = figure.add_axes((0.25 * n_cols * panel_w / fig_w, 0.55 / fig_h, 0.5 * n_cols * panel_w / fig_w,

@@ -78,6 +78,34 @@ def test_encoding_flatmaps_put_z_in_early_and_c_in_ventral_cortex(s1_world, tmp_
         assert pixels.std() > 20  # a drawn flatmap, not a blank canvas
 
 
+def test_roi_outlines_are_rendered_once_and_drawn_on_every_panel(tmp_path, monkeypatch):
+    import shutil
+
+    import cortex
+    from PIL import Image
+
+    from brainldm import viz
+
+    if shutil.which("inkscape") is None:
+        pytest.skip("pycortex draws ROI outlines with Inkscape (apt-get install inkscape)")
+    rendered = []
+    add_rois = cortex.quickflat.composite.add_rois
+    monkeypatch.setattr(cortex.quickflat.composite, "add_rois", lambda *a, **k: rendered.append(1) or add_rois(*a, **k))
+    monkeypatch.setattr(viz, "_ROI_TEXTURES", {})
+    space = CorticalSpace("S1", "fullhead")
+    values = np.full((100, 100, 31), np.nan, dtype=np.float32)
+    viz.flatmaps([("same", values), ("same", values)], space, tmp_path / "two.png")
+    viz.flatmaps([("one", values)], space, tmp_path / "one.png")
+    assert len(rendered) == 1
+    pixels = np.asarray(Image.open(tmp_path / "two.png").convert("RGB")).astype(int)
+    left, right = pixels[70:380, :640], pixels[70:380, 640:1280]  # the flatmaps, under their titles
+    assert np.array_equal(left, right)  # the second panel has the outlines too
+    monkeypatch.setattr(viz.shutil, "which", lambda name: None)  # without Inkscape: no outlines
+    viz.flatmaps([("same", values)], space, tmp_path / "bare.png")
+    bare = np.asarray(Image.open(tmp_path / "bare.png").convert("RGB")).astype(int)[70:380, :640]
+    assert np.abs(bare - left).sum(axis=-1).astype(bool).mean() > 0.01  # the outlines are visible
+
+
 def test_missing_subject_or_transform_says_how_to_import_it():
     with pytest.raises(InputError, match=r"no subject 'subj05'.*import_nsd_subject.py --nsd-root NSD_ROOT --subject 5"):
         check_space(CorticalSpace.for_nsd(5))
