@@ -239,14 +239,19 @@ def toy_card(
         else ""
     )
     if init and "runs" in init:
+        first = continued[0] if continued else config.unet_steps
         continuation = (
             f" Its U-Net was grown from the toy the first {len(init['runs'])} commands below make ({init['unet_steps']}"
             f" steps, cross-attention at its {init['grown_from_levels']} coarsest levels): cross-attention added at "
             f"{config.unet_attention_levels - init['grown_from_levels']} finer level(s), their output projections "
-            f"zeroed so that it started as that model, then trained {legs} steps on a schedule of its own (`--init`, "
+            f"zeroed so that it started as that model, then trained {first} steps on a schedule of its own (`--init`, "
             "a fresh optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)."
-            + continuation
         )
+        if continued:
+            continuation += (
+                f" That U-Net was then continued with a longer `--unet-steps`, {legs} steps (each continuation "
+                "restarts the learning-rate schedule at its step on the longer run's cosine)."
+            )
     elif init:
         later = init["unet_steps"] != continued[-1]  # runs after the one --init started resumed its work folder
         continuation += (

@@ -87,7 +87,7 @@ def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, c
     shuffled = recon(z, torch.roll(c, 1, dims=0), FAST).Xc[:, 0]  # another picture's caption
     matched = two_way_identification(clip_features(guided), truth).mean()
     other = two_way_identification(clip_features(shuffled), truth).mean()
-    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.82 and 0.45 measured
+    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.78 and 0.48 measured
 
 
 def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
@@ -184,6 +184,11 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     card = (out / "README.md").read_text()
     assert "--unet-steps 6 --work NEW_FOLDER` then `" in card, card
     assert "--unet-attention-levels 3 --unet-batch 4 --unet-steps 2 --init" in card, card
+    # and a grown U-Net continues in its own work folder, as any other
+    script.main([*grown[:-4], "--unet-steps", "3", "--unet-attention-levels", "3"])
+    assert torch.load(tmp_path / "work4" / "unet.pt", weights_only=True)["step"] == 3
+    card = (out / "README.md").read_text()
+    assert "then trained 2 steps on a schedule of its own" in card and "`--unet-steps`, 2 -> 3 steps" in card, card
 
 
 def test_a_grown_unet_starts_as_the_saved_one():
