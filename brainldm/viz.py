@@ -219,16 +219,18 @@ def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], p
 
 # --- pycortex flatmaps ----------------------------------------------------------------------------------------
 
-# (subject, height) -> the ROI outlines' RGBA texture
-_ROI_TEXTURES: dict[tuple[str, int], np.ndarray] = {}
+# (subject, its overlays file's mtime, height) -> the ROI outlines' RGBA texture
+_ROI_TEXTURES: dict[tuple[str, int, int], np.ndarray] = {}
 
 
 def _add_roi_outlines(ax, volume, height: int) -> None:
     """ROI outlines and labels over a flatmap. pycortex renders them through Inkscape, about a second a panel, and
-    they depend only on the subject and the height: so they are rendered once per process and reused."""
+    they depend only on the subject's overlays and the height: so they are rendered once and reused until the
+    overlays file changes."""
     import cortex
 
-    key = (volume.subject, height)
+    overlays = Path(cortex.db.get_paths(volume.subject)["overlays"])
+    key = (volume.subject, overlays.stat().st_mtime_ns, height)
     if key in _ROI_TEXTURES:
         ax.imshow(_ROI_TEXTURES[key], aspect="equal", interpolation="bicubic", extent=ax.images[0].get_extent(),
                   label="rois", zorder=1000)  # fmt: skip
