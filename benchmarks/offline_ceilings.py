@@ -16,7 +16,10 @@ by toy-CLIP, PixCorr, and how alike different trials' Xc are (mean pairwise r, b
 it checks the world itself: the reader names held-out pictures' animals from the originals, and not from the same
 pictures blurred to z's grid.
 
-    python benchmarks/offline_ceilings.py --seed 7 --trials-per-session 60 --shared 24
+With several ``--seeds`` it does all that on one world per seed, then prints the mean over the worlds: on 24 test
+images one image moves a 2-way figure by up to 4 points, and worlds differ by more.
+
+    python benchmarks/offline_ceilings.py --seeds 7,11,13,17 --trials-per-session 60 --shared 24
 """
 
 from __future__ import annotations
@@ -46,10 +49,47 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=cli.positive, default=50, help="DDIM steps (default 50, the paper's)")
     parser.add_argument("--reader-pictures", type=cli.positive, default=3000, help="(default 3000)")
-    parser.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0, help="world seed (default 0)")
+    parser.add_argument(
+        "--seeds", type=cli.integers(0), default=[0], help="comma-separated world seeds, one world each (default 0)"
+    )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as work:
-        run(Path(work), args)
+    worlds = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as work:
+            worlds.append(run(Path(work), args, seed))
+    if len(worlds) > 1:
+        print(f"\nthe mean over {len(worlds)} worlds (seeds {', '.join(map(str, args.seeds))})\n")
+        print_table({name: _mean([w[name] for w in worlds]) for name in worlds[0]})
+
+
+def _mean(rows: list[dict]) -> dict:
+    """The mean of several worlds' scores of one row (numbers, or dicts of numbers, under the same keys)."""
+    mean = {}
+    for key, value in rows[0].items():
+        if isinstance(value, dict):
+            mean[key] = {k: float(np.mean([row[key][k] for row in rows])) for k in value}
+        else:
+            mean[key] = float(np.mean([row[key] for row in rows]))
+    return mean
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    """One row per source of z and c: each image kind's 2-way identifications and PixCorr, and Xc's pairwise r;
+    then the presented pictures' pairwise r."""
+    print("| z and c | Xz | Xc | Xzc | Xc pairwise r |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        if name == PRESENTED:
+            continue
+        cells = []
+        for kind in ("Xz", "Xc", "Xzc"):
+            ids = " / ".join(f"{100 * row[kind][k]:.0f}" for k in ("pixels", "colour", "words", "clip"))
+            cells.append(f"{ids}; {row[kind]['pixcorr']:.3f}")
+        print(f"| {name} | {' | '.join(cells)} | {row['pairwise']:.2f} |")
+    print(f"\npresented pictures' pairwise r: {rows[PRESENTED]['pairwise']:.2f}")
+
+
+PRESENTED = "presented pictures"  # the row that holds only the pictures' own pairwise r
 
 
 def project(x: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
@@ -62,7 +102,8 @@ def project(x: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
     return ((s @ v @ v.T) * std + mean).reshape(x.shape).astype(np.float32)
 
 
-def run(work: Path, args) -> None:
+def run(work: Path, args, seed: int) -> dict[str, dict]:
+    """One world: its check, then its table (printed and returned: source -> Xz/Xc/Xzc scores and Xc's pairwise r)."""
     import torch
 
     from brainldm.data import SubjectStimuli, load_trials
@@ -87,7 +128,7 @@ def run(work: Path, args) -> None:
     snr = args.snr or OFFLINE_SNR
     world = build_offline_world(
         work, ldm, "toy", n_sessions=args.sessions, trials_per_session=args.trials_per_session, n_shared=args.shared,
-        snr=snr, n_components=args.world_components, seed=args.seed, progress=True,
+        snr=snr, n_components=args.world_components, seed=seed, progress=True,
     )  # fmt: skip
     maps = world.maps[1]
     stimuli = SubjectStimuli(work / "trials", 1)
@@ -100,7 +141,7 @@ def run(work: Path, args) -> None:
     betas = np.asarray(test.with_format("numpy")["betas"])
 
     # the reader, fitted on pictures of the world's kind that the world never shows (another seed)
-    drawn, captions = draw_pairs(args.reader_pictures + 500, seed=args.seed + 12345, size=128)
+    drawn, captions = draw_pairs(args.reader_pictures + 500, seed=seed + 12345, size=128)
     reader = CaptionWords().fit(drawn[500:], captions[500:])
     grid = true["z"].shape[-1]
     held = caption_words(captions[:500])
@@ -124,22 +165,20 @@ def run(work: Path, args) -> None:
         sources.append((label, decoded["z"], decoded["c"]))
 
     print(
-        f"\n{len(test_ids)} test images, {len(train_ids)} training images, snr {snr}, seed {args.seed}; strength "
+        f"\n{len(test_ids)} test images, {len(train_ids)} training images, snr {snr}, seed {seed}; strength "
         f"{sampling.strength}, guidance {sampling.guidance_scale}, {sampling.num_inference_steps} DDIM steps, seed "
         f"{sampling.seed} (TAKAGI2023: {TAKAGI2023.sampling == sampling})\n2-way identification (chance 50%) by "
         "pixels / colour / meaning (caption words) / toy-CLIP, then PixCorr\n"
     )
-    print("| z and c | Xz | Xc | Xzc | Xc pairwise r |")
-    print("|---|---|---|---|---|")
+    rows = {}
     for name, z, c in sources:
         out = recon(torch.from_numpy(z), torch.from_numpy(c), sampling, keys=test_ids)
-        cells = []
-        for images in (out.Xz, out.Xc[:, 0], out.Xzc[:, 0]):
-            s = reconstruction_scores(images, pictures, reader, clip)
-            ids = " / ".join(f"{100 * s[k]:.0f}" for k in ("pixels", "colour", "words", "clip"))
-            cells.append(f"{ids}; {s['pixcorr']:.3f}")
-        print(f"| {name} | {' | '.join(cells)} | {mean_pairwise_correlation(out.Xc[:, 0]):.2f} |")
-    print(f"\npresented pictures' pairwise r: {mean_pairwise_correlation(pictures):.2f}")
+        images = {"Xz": out.Xz, "Xc": out.Xc[:, 0], "Xzc": out.Xzc[:, 0]}
+        rows[name] = {kind: reconstruction_scores(x, pictures, reader, clip) for kind, x in images.items()}
+        rows[name]["pairwise"] = mean_pairwise_correlation(out.Xc[:, 0])
+    rows[PRESENTED] = {"pairwise": mean_pairwise_correlation(pictures)}
+    print_table(rows)
+    return rows
 
 
 if __name__ == "__main__":
