@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             worlds.append(run(Path(work), args, seed))
     if len(worlds) > 1:
         print(f"\nthe mean over {len(worlds)} worlds (seeds {', '.join(map(str, args.seeds))})\n")
-        print_table({name: _mean([w[name] for w in worlds]) for name in worlds[0]})
+        rows = {name: _mean([w[name] for w, _ in worlds]) for name in worlds[0][0]}
+        print_table(rows, float(np.mean([presented for _, presented in worlds])))
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -73,23 +74,18 @@ def _mean(rows: list[dict]) -> dict:
     return mean
 
 
-def print_table(rows: dict[str, dict]) -> None:
+def print_table(rows: dict[str, dict], presented: float) -> None:
     """One row per source of z and c: each image kind's 2-way identifications and PixCorr, and Xc's pairwise r;
-    then the presented pictures' pairwise r."""
+    then ``presented``, the presented pictures' pairwise r."""
     print("| z and c | Xz | Xc | Xzc | Xc pairwise r |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
-        if name == PRESENTED:
-            continue
         cells = []
         for kind in ("Xz", "Xc", "Xzc"):
             ids = " / ".join(f"{100 * row[kind][k]:.0f}" for k in ("pixels", "colour", "words", "clip"))
             cells.append(f"{ids}; {row[kind]['pixcorr']:.3f}")
         print(f"| {name} | {' | '.join(cells)} | {row['pairwise']:.2f} |")
-    print(f"\npresented pictures' pairwise r: {rows[PRESENTED]['pairwise']:.2f}")
-
-
-PRESENTED = "presented pictures"  # the row that holds only the pictures' own pairwise r
+    print(f"\npresented pictures' pairwise r: {presented:.2f}")
 
 
 def project(x: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
@@ -102,8 +98,9 @@ def project(x: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
     return ((s @ v @ v.T) * std + mean).reshape(x.shape).astype(np.float32)
 
 
-def run(work: Path, args, seed: int) -> dict[str, dict]:
-    """One world: its check, then its table (printed and returned: source -> Xz/Xc/Xzc scores and Xc's pairwise r)."""
+def run(work: Path, args, seed: int) -> tuple[dict[str, dict], float]:
+    """One world: its check, then its table, printed and returned (source -> Xz/Xc/Xzc scores and Xc's pairwise r;
+    the presented pictures' pairwise r)."""
     import torch
 
     from brainldm.data import SubjectStimuli, load_trials
@@ -176,9 +173,9 @@ def run(work: Path, args, seed: int) -> dict[str, dict]:
         images = {"Xz": out.Xz, "Xc": out.Xc[:, 0], "Xzc": out.Xzc[:, 0]}
         rows[name] = {kind: reconstruction_scores(x, pictures, reader, clip) for kind, x in images.items()}
         rows[name]["pairwise"] = mean_pairwise_correlation(out.Xc[:, 0])
-    rows[PRESENTED] = {"pairwise": mean_pairwise_correlation(pictures)}
-    print_table(rows)
-    return rows
+    presented = mean_pairwise_correlation(pictures)
+    print_table(rows, presented)
+    return rows, presented
 
 
 if __name__ == "__main__":
