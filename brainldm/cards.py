@@ -232,12 +232,13 @@ def toy_card(
     runs = toy_reproduce(config, continued, init)
     reproduce = " then ".join(f"`{run}`" for run in runs)
     legs = " -> ".join(str(n) for n in [*continued, config.unet_steps])
-    continuation = (
-        f" The U-Net was trained to {continued[0]} steps, then continued with a longer `--unet-steps` to {legs} "
-        "steps (each continuation restarts the learning-rate schedule at its step on the longer run's cosine)."
+    then_continued = (
+        f" then continued with a longer `--unet-steps`, {legs} steps (each continuation restarts the learning-rate "
+        "schedule at its step on the longer run's cosine)."
         if continued
         else ""
     )
+    continuation = f" The U-Net was trained to {continued[0]} steps,{then_continued}" if continued else ""
     if init and "runs" in init:
         first = continued[0] if continued else config.unet_steps
         continuation = (
@@ -246,12 +247,8 @@ def toy_card(
             f"{config.unet_attention_levels - init['grown_from_levels']} finer level(s), their output projections "
             f"zeroed so that it started as that model, then trained {first} steps on a schedule of its own (`--init`, "
             "a fresh optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)."
+            + (f" That U-Net was{then_continued}" if continued else "")
         )
-        if continued:
-            continuation += (
-                f" That U-Net was then continued with a longer `--unet-steps`, {legs} steps (each continuation "
-                "restarts the learning-rate schedule at its step on the longer run's cosine)."
-            )
     elif init:
         later = init["unet_steps"] != continued[-1]  # runs after the one --init started resumed its work folder
         continuation += (
