@@ -241,12 +241,17 @@ def toy_card(
     continuation = f" The U-Net was trained to {continued[0]} steps,{then_continued}" if continued else ""
     if init and "runs" in init:
         first = continued[0] if continued else config.unet_steps
+        grown = config.unet_attention_levels - init["grown_from_levels"]
+        made = f"the toy the first {len(init['runs'])} commands below make ({init['unet_steps']} steps"
+        how = (
+            f"grown from {made}, cross-attention at its {init['grown_from_levels']} coarsest levels): cross-attention "
+            f"added at {grown} finer level(s), their output projections zeroed so that it started as that model, then"
+            if grown
+            else f"fine-tuned from {made}):"
+        )
         continuation = (
-            f" Its U-Net was grown from the toy the first {len(init['runs'])} commands below make ({init['unet_steps']}"
-            f" steps, cross-attention at its {init['grown_from_levels']} coarsest levels): cross-attention added at "
-            f"{config.unet_attention_levels - init['grown_from_levels']} finer level(s), their output projections "
-            f"zeroed so that it started as that model, then trained {first} steps on a schedule of its own (`--init`, "
-            "a fresh optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)."
+            f" Its U-Net was {how} trained {first} steps on a schedule of its own (`--init`, a fresh optimizer, the "
+            "EMA started from the saved weights, the latents encoded again by the saved VAE)."
             + (f" That U-Net was{then_continued}" if continued else "")
         )
     elif init:
@@ -255,6 +260,12 @@ def toy_card(
             f" The run from {init['unet_steps']} steps started from the saved float16 weights (`--init`: a fresh "
             "optimizer, the EMA started from the saved weights, the latents encoded again by the saved VAE)"
             + ("; later runs resumed its work folder." if later else ".")
+        )
+    if config.caption_mix:
+        continuation += (
+            f" {'That schedule' if init and 'runs' in init else 'Training'} moved each condition by up to "
+            f"{config.caption_mix:g} x the difference of two random pictures' mean captions (`caption_mix`): a "
+            "decoded c is off by other pictures' meaning, and must still draw its own picture."
         )
     return f"""---
 license: mit

@@ -73,6 +73,8 @@ class ToyConfig:
     unet_batch: int = 256
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1
+    # the most of another picture's meaning mixed into each condition (see train_unet); 0: none, as SD is trained
+    caption_mix: float = 0.0
     ema_decay: float = 0.999
 
 
@@ -383,6 +385,10 @@ def train_unet(unet, ema, latents, caption_states, caption_owner, empty_state, s
 
     Per item, the condition is the mean over all its captions (what c is) or one of them, each half the time,
     or the empty caption with probability ``caption_dropout`` (so classifier-free guidance works).
+
+    With ``caption_mix`` > 0, each kept condition also moves by lam x (mean_j - mean_k) for two random pictures j and
+    k, lam uniform in [0, caption_mix]: a condition off by other pictures' meaning, as a decoded c is (its ridge
+    error lies in the span of the training pictures' c), must still draw its own picture.
     """
     config, device = stage.config, stage.device
     owner = torch.as_tensor(caption_owner)
@@ -401,7 +407,13 @@ def train_unet(unet, ema, latents, caption_states, caption_owner, empty_state, s
         mean = mean_states[items.to(mean_states.device)].to(device, torch.float32)
         use_mean = (mode < 0.5 + config.caption_dropout / 2).to(device)[:, None, None]
         drop = (mode < config.caption_dropout).to(device)[:, None, None]
-        cond = torch.where(drop, empty_state, torch.where(use_mean, mean, single))
+        cond = torch.where(use_mean, mean, single)
+        if config.caption_mix > 0:  # drawn only when on: a run without it draws what earlier toys drew
+            j, k = (torch.randint(0, len(latents), (len(items),), generator=g) for _ in range(2))
+            lam = (torch.rand(len(items), generator=g) * config.caption_mix).to(device)[:, None, None]
+            offset = mean_states[j.to(mean_states.device)] - mean_states[k.to(mean_states.device)]
+            cond = cond + lam * offset.to(device, torch.float32)
+        cond = torch.where(drop, empty_state, cond)
         x0 = latents[items].to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(items),), generator=g).to(device)
@@ -505,11 +517,12 @@ def grow_unet(saved, config: ToyConfig):
 
 def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyConfig) -> None:
     """Fill an empty ``work`` with checkpoints taken from a saved toy, so that :func:`train_toy` with ``config`` (its
-    recipe with a longer ``unet_steps``, or with more ``unet_attention_levels``) continues that toy's U-Net rather
-    than training from scratch.
+    recipe with a longer ``unet_steps``, or with more ``unet_attention_levels``, or another ``caption_mix``) continues
+    that toy's U-Net rather than training from scratch.
 
     The CLIP pair and the VAE count as trained. A continuation resumes the U-Net at its saved step from its saved
-    (EMA, float16) weights; a grown U-Net (:func:`grow_unet`) starts a schedule of its own, ``unet_steps`` long.
+    (EMA, float16) weights; a grown U-Net (:func:`grow_unet`), or one fine-tuned with another ``caption_mix`` (and
+    ``unet_lr``, if given), starts a schedule of its own, ``unet_steps`` long.
     Either way the optimizer is fresh and the EMA starts from the weights; the training minutes, and a
     continuation's earlier history, carry over. The text projection, which a saved toy does not keep and training
     no longer uses, stays as built. A ``work`` seeded earlier is left as it is, so that a killed run resumes.
@@ -526,21 +539,21 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     if not record_path.is_file():
         raise InputError(f"{model_dir} has no training.json: --init takes a folder written by train_toy_ldm.py")
     record = json.loads(record_path.read_text())
-    saved = {"unet_attention_levels": 2, **record["config"]}  # toys saved before the setting had 2
+    # toys saved before these settings had 2 levels and no mixing
+    saved = {"unet_attention_levels": 2, "caption_mix": 0.0, **record["config"]}
     settings = config_dict(config)
     grown = settings["unet_attention_levels"] > saved["unet_attention_levels"]
-    changed = sorted(
-        k
-        for k in settings
-        if k not in ("unet_steps", "n_heldout", "unet_attention_levels") and saved.get(k) != settings[k]
-    )
+    # a U-Net with a schedule of its own: grown, or fine-tuned with another caption_mix (at its own unet_lr)
+    own = grown or settings["caption_mix"] != saved["caption_mix"]
+    free = ("unet_steps", "n_heldout", "unet_attention_levels", "caption_mix") + (("unet_lr",) if own else ())
+    changed = sorted(k for k in settings if k not in free and saved.get(k) != settings[k])
     if settings["unet_attention_levels"] < saved["unet_attention_levels"]:  # a U-Net can grow, not shrink
         changed.append("unet_attention_levels")
-    if changed or not grown and settings["unet_steps"] <= saved["unet_steps"]:
+    if changed or not own and settings["unet_steps"] <= saved["unet_steps"]:
         raise InputError(
             f"--init {model_dir}: a continuation takes the saved recipe with a longer --unet-steps (saved "
-            f"{saved['unet_steps']}), or with more --unet-attention-levels (saved {saved['unet_attention_levels']}); "
-            "these differ: "
+            f"{saved['unet_steps']}), or with more --unet-attention-levels (saved {saved['unet_attention_levels']}), "
+            f"or with another --caption-mix (saved {saved['caption_mix']}, and then any --unet-lr); these differ: "
             + (", ".join(f"--{k.replace('_', '-')} {settings[k]} (saved {saved.get(k)})" for k in changed) or "none")
         )
     if any(work.glob("*.pt")):
@@ -560,10 +573,11 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     _save_checkpoint(state(vae, config.vae_steps), work / "vae.pt")
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").float()
     init = {"from": str(model_dir), "unet_steps": saved["unet_steps"]}
-    if grown:
+    if own:
         from .cards import toy_reproduce
 
-        unet = grow_unet(unet, config)
+        if grown:
+            unet = grow_unet(unet, config)
         saved_config = ToyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         # how the saved toy was made, for this one's card: its U-Net is where this run's starts
         init.update(
@@ -571,12 +585,12 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
             runs=toy_reproduce(saved_config, record.get("unet_continued_from", []), record.get("init")),
         )
     ema = EMA(unet, config.ema_decay).state_dict()
-    start = 0 if grown else saved["unet_steps"]
+    start = 0 if own else saved["unet_steps"]
     _save_checkpoint(state(unet, start, ema=ema), work / "unet.pt")
-    # a continuation's stamp says where the saved U-Net stopped, so train_toy continues it; a grown one's is its own
-    stamp = settings if grown else {**settings, "unet_steps": start}
+    # a continuation's stamp says where the saved U-Net stopped, so train_toy continues it; a new schedule's is its own
+    stamp = settings if own else {**settings, "unet_steps": start}
     (work / "config.json").write_text(json.dumps(stamp, indent=1))
-    (work / "unet_history.json").write_text(json.dumps([] if grown else record.get("unet_continued_from", [])))
+    (work / "unet_history.json").write_text(json.dumps([] if own else record.get("unet_continued_from", [])))
     (work / "minutes.json").write_text(json.dumps({"minutes": record["train_minutes"]}))
     (work / "init.json").write_text(json.dumps(init))
 

@@ -165,9 +165,10 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     assert torch.load(work2 / "unet.pt", weights_only=True)["step"] == 6
     card = (out / "README.md").read_text()
     assert "--unet-steps 5 --init" in card and "--unet-steps 6 --work NEW_FOLDER`" in card, card
-    # a continuation must keep the saved recipe and lengthen the U-Net, or grow it (not shrink it)
+    # a continuation must keep the saved recipe and lengthen the U-Net, or grow it (not shrink it); another learning
+    # rate comes only with a schedule of its own
     shrunk = ["--unet-attention-levels", "1", "--unet-steps", "9"]
-    for changed in (["--unet-batch", "8"], ["--unet-steps", "4"], shrunk):
+    for changed in (["--unet-batch", "8"], ["--unet-steps", "4"], shrunk, ["--unet-lr", "0.001", "--unet-steps", "9"]):
         capsys.readouterr()
         with pytest.raises(SystemExit) as refused:
             script.main([*args[:3], str(tmp_path / "work3"), *args[4:], *changed, "--init", str(out)])
@@ -189,6 +190,14 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     assert torch.load(tmp_path / "work4" / "unet.pt", weights_only=True)["step"] == 3
     card = (out / "README.md").read_text()
     assert "then trained 2 steps on a schedule of its own" in card and "`--unet-steps`, 2 -> 3 steps" in card, card
+    # another caption_mix fine-tunes the saved U-Net on a schedule of its own, at its own learning rate if given
+    mixed = [*grown[:3], str(tmp_path / "work5"), *grown[4:], "--caption-mix", "0.5", "--unet-lr", "0.0001"]
+    script.main([*mixed, "--init", str(out)])
+    assert torch.load(tmp_path / "work5" / "unet.pt", weights_only=True)["step"] == 2
+    card = (out / "README.md").read_text()
+    assert "Its U-Net was fine-tuned from the toy the first 5 commands below make (3 steps): trained 2" in card, card
+    assert "--unet-lr 0.0001 --caption-mix 0.5 --unet-steps 2 --init" in card, card
+    assert "That schedule moved each condition by up to 0.5 x" in card, card
 
 
 def test_a_grown_unet_starts_as_the_saved_one():
@@ -207,6 +216,44 @@ def test_a_grown_unet_starts_as_the_saved_one():
         assert not torch.allclose(grown(x, t, encoder_hidden_states=c).sample, before)
     with pytest.raises(InputError, match="cannot grow"):
         grow_unet(grown, config)
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in U-Net that records the conditions it is trained on."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.conditions = torch.nn.Parameter(torch.ones(())), []
+
+    def forward(self, noisy, t, encoder_hidden_states):
+        self.conditions.append(encoder_hidden_states.detach().clone())
+        return type("Output", (), {"sample": noisy * self.scale})
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.5])
+def test_caption_mix_moves_each_condition_towards_other_pictures_meaning(mix):
+    """Without caption_mix a condition is a caption's state, a picture's mean or the empty caption's, as earlier
+    toys trained; with it, the kept ones move by at most mix x the largest difference of two pictures' means."""
+    from brainldm.ldm import ddim_scheduler
+
+    torch.manual_seed(0)
+    config = ToyConfig(unet_steps=20, unet_batch=16, caption_mix=mix)
+    states, owner = torch.randn(12, 3, 5), np.repeat(np.arange(6), 2)
+    empty, means = torch.randn(3, 5), states.reshape(6, 2, 3, 5).mean(1)
+    unet = _Recorder()
+    stage = toy.Stage(torch.optim.SGD(unet.parameters(), lr=0.0), config, torch.device("cpu"))
+    toy.train_unet(unet, toy.EMA(unet, 0.9), torch.randn(6, 4, 2, 2), states, owner, empty, ddim_scheduler(), stage)
+    conditions = torch.cat(unet.conditions).flatten(1)
+    allowed = torch.cat([states, means, empty[None]]).flatten(1)
+    exact = "donot_use_mm_for_euclid_dist"
+    nearest = torch.cdist(conditions, allowed, compute_mode=exact).min(1).values
+    reach = torch.cdist(means.flatten(1), means.flatten(1), compute_mode=exact).max()
+    assert len(conditions) == 20 * 16
+    if mix == 0:
+        assert float(nearest.max()) < 1e-5
+    else:
+        assert float((nearest > 1e-3).float().mean()) > 0.7  # nearly every kept condition moved
+        assert float(nearest.max()) <= mix * reach + 1e-5
 
 
 def test_a_clip_stand_in_is_a_property_of_the_models_folder(tmp_path):
