@@ -239,7 +239,8 @@ def toy_card(
         else ""
     )
     continuation = f" The U-Net was trained to {continued[0]} steps,{then_continued}" if continued else ""
-    if init and "runs" in init:
+    own_schedule = bool(init and "runs" in init)  # a U-Net grown or fine-tuned from a saved toy
+    if own_schedule:
         first = continued[0] if continued else config.unet_steps
         grown = config.unet_attention_levels - init["grown_from_levels"]
         made = f"the toy the first {len(init['runs'])} commands below make ({init['unet_steps']} steps"
@@ -263,7 +264,7 @@ def toy_card(
         )
     if config.caption_mix:
         continuation += (
-            f" {'That schedule' if init and 'runs' in init else 'Training'} moved each condition by up to "
+            f" {'That schedule' if own_schedule else 'Training'} moved each condition by up to "
             f"{config.caption_mix:g} x the difference of two random pictures' mean captions (`caption_mix`): a "
             "decoded c is off by other pictures' meaning, and must still draw its own picture."
         )
