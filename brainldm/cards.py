@@ -268,6 +268,21 @@ def toy_card(
             f"{config.caption_mix:g} x the difference of two random pictures' mean captions (`caption_mix`): a "
             "decoded c is off by other pictures' meaning, and must still draw its own picture."
         )
+    if config.snr_shift != 1:
+        side = config.image_size // 8
+        retimed = bool(init) and init.get("snr_shift_from", 1.0) != config.snr_shift
+        continuation += (
+            f" Its noise schedule is SD's with every timestep's signal-to-noise ratio x {config.snr_shift:g} "
+            f"(`snr_shift`): its {side} x {side} latents have {(64 / side) ** 2:g} x fewer pixels than SD's 64 x 64, "
+            "so the same noise hides more of their layout, and img2img at the paper's strength kept less of Xz."
+            + (
+                f" The saved U-Net's time embedding was first refitted (`retime_unet`) to read each new timestep as it "
+                f"read the one with the same signal-to-noise ratio under x {init['snr_shift_from']:g}, so that it "
+                "started as that model."
+                if retimed
+                else ""
+            )
+        )
     return f"""---
 license: mit
 library_name: diffusers

@@ -61,9 +61,14 @@ def ldm_sizes(ldm, preset=TAKAGI2023) -> tuple[int, int]:
     return output_size * preset.z_image_size // preset.output_size, output_size
 
 
-def ddim_scheduler() -> DDIMScheduler:
-    """The DDIM scheduler of Stable Diffusion v1 (``scaled_linear`` betas, eta 0 at call time)."""
-    return DDIMScheduler(
+def ddim_scheduler(snr_shift: float = 1.0) -> DDIMScheduler:
+    """The DDIM scheduler of Stable Diffusion v1 (``scaled_linear`` betas, eta 0 at call time).
+
+    ``snr_shift`` multiplies every timestep's signal-to-noise ratio alpha_bar / (1 - alpha_bar), written out as the
+    scheduler's ``trained_betas``; 1 is SD's own schedule. A model on a smaller latent grid needs a larger one to
+    keep as much of an image's layout at the same timestep (toy's: :class:`~brainldm.toy.ToyConfig`).
+    """
+    settings = dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -72,6 +77,14 @@ def ddim_scheduler() -> DDIMScheduler:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    scheduler = DDIMScheduler(**settings)
+    if snr_shift == 1:
+        return scheduler
+    alpha_bar = scheduler.alphas_cumprod.double()
+    snr = snr_shift * alpha_bar / (1 - alpha_bar)
+    shifted = snr / (1 + snr)
+    betas = 1 - shifted / torch.cat([torch.ones(1, dtype=shifted.dtype), shifted[:-1]])
+    return DDIMScheduler(**settings, trained_betas=betas.tolist())
 
 
 def byte_level_clip_tokenizer(model_max_length: int = 77, merges: Sequence[tuple[str, str]] = ()) -> CLIPTokenizer:

@@ -75,6 +75,10 @@ class ToyConfig:
     caption_dropout: float = 0.1
     # the most of another picture's meaning mixed into each condition (see train_unet); 0: none, as SD is trained
     caption_mix: float = 0.0
+    # every timestep's signal-to-noise ratio x this (1: SD's schedule). SD's U-Net runs on 64 x 64 latents, toy's on
+    # 16 x 16: at one timestep the same noise hides far more of toy's layout (averaged over 16 x fewer latent
+    # pixels), so img2img at the paper's strength keeps less of Xz than SD's does (README: "What limits")
+    snr_shift: float = 1.0
     ema_decay: float = 0.999
 
 
@@ -515,14 +519,45 @@ def grow_unet(saved, config: ToyConfig):
     return unet
 
 
+def retime_unet(unet, old, new, steps: int = 3000) -> None:
+    """Refit ``unet``'s time embedding in place so that it reads ``new``'s timesteps as ``old`` read the ones with the
+    same signal-to-noise ratio (``old`` and ``new``: diffusers schedulers with ``alphas_cumprod``).
+
+    The U-Net sees the timestep only through that embedding, and its input x_t at a given SNR is the same under
+    either schedule, so the refitted U-Net computes what the old one did (to the fit's error, about 0.2% of the
+    embedding's size), with no training. ``steps``: full-batch Adam steps over the 1000 timesteps, deterministic.
+    """
+
+    def log_snr(scheduler) -> np.ndarray:
+        alpha_bar = scheduler.alphas_cumprod.double()
+        return torch.log(alpha_bar / (1 - alpha_bar)).numpy()
+
+    old_snr, new_snr = log_snr(old), log_snr(new)
+    timesteps = np.arange(len(new_snr))
+    # log SNR falls with t: interpolate t over -log SNR; SNRs beyond the old schedule's range take its ends
+    matched = np.interp(-new_snr, -old_snr, np.arange(len(old_snr)))
+    embed, project = unet.time_embedding, unet.time_proj
+    dtype = next(embed.parameters()).dtype
+    with torch.no_grad():
+        target = embed(project(torch.as_tensor(matched, dtype=torch.float32)).to(dtype))
+    x = project(torch.as_tensor(timesteps, dtype=torch.float32)).to(dtype)
+    opt = torch.optim.Adam(embed.parameters(), lr=1e-3)
+    for _ in range(steps):
+        loss = F.mse_loss(embed(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyConfig) -> None:
     """Fill an empty ``work`` with checkpoints taken from a saved toy, so that :func:`train_toy` with ``config`` (its
-    recipe with a longer ``unet_steps``, or with more ``unet_attention_levels``, or another ``caption_mix``) continues
-    that toy's U-Net rather than training from scratch.
+    recipe with a longer ``unet_steps``, or with more ``unet_attention_levels``, or another ``caption_mix`` or
+    ``snr_shift``) continues that toy's U-Net rather than training from scratch.
 
     The CLIP pair and the VAE count as trained. A continuation resumes the U-Net at its saved step from its saved
-    (EMA, float16) weights; a grown U-Net (:func:`grow_unet`), or one fine-tuned with another ``caption_mix`` (and
-    ``unet_lr``, if given), starts a schedule of its own, ``unet_steps`` long.
+    (EMA, float16) weights; a grown U-Net (:func:`grow_unet`), or one fine-tuned with another ``caption_mix`` or
+    ``snr_shift`` (and ``unet_lr``, if given), starts a schedule of its own, ``unet_steps`` long; with another
+    ``snr_shift``, from the saved U-Net retimed to it (:func:`retime_unet`).
     Either way the optimizer is fresh and the EMA starts from the weights; the training minutes, and a
     continuation's earlier history, carry over. The text projection, which a saved toy does not keep and training
     no longer uses, stays as built. A ``work`` seeded earlier is left as it is, so that a killed run resumes.
@@ -530,6 +565,7 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+    from .ldm import ddim_scheduler
     from .validation import InputError
 
     model_dir, work = Path(model_dir), Path(work)
@@ -539,13 +575,16 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     if not record_path.is_file():
         raise InputError(f"{model_dir} has no training.json: --init takes a folder written by train_toy_ldm.py")
     record = json.loads(record_path.read_text())
-    # toys saved before these settings had 2 levels and no mixing
-    saved = {"unet_attention_levels": 2, "caption_mix": 0.0, **record["config"]}
+    # toys saved before these settings had 2 levels, no mixing and SD's schedule
+    saved = {"unet_attention_levels": 2, "caption_mix": 0.0, "snr_shift": 1.0, **record["config"]}
     settings = config_dict(config)
     grown = settings["unet_attention_levels"] > saved["unet_attention_levels"]
-    # a U-Net with a schedule of its own: grown, or fine-tuned with another caption_mix (at its own unet_lr)
-    own = grown or settings["caption_mix"] != saved["caption_mix"]
-    free = ("unet_steps", "n_heldout", "unet_attention_levels", "caption_mix") + (("unet_lr",) if own else ())
+    retimed = settings["snr_shift"] != saved["snr_shift"]
+    # a U-Net with a schedule of its own: grown, or fine-tuned with another caption_mix or snr_shift (at its own
+    # unet_lr)
+    own = grown or retimed or settings["caption_mix"] != saved["caption_mix"]
+    free = ("unet_steps", "n_heldout", "unet_attention_levels", "caption_mix", "snr_shift")
+    free += ("unet_lr",) if own else ()
     changed = sorted(k for k in settings if k not in free and saved.get(k) != settings[k])
     if settings["unet_attention_levels"] < saved["unet_attention_levels"]:  # a U-Net can grow, not shrink
         changed.append("unet_attention_levels")
@@ -553,7 +592,8 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
         raise InputError(
             f"--init {model_dir}: a continuation takes the saved recipe with a longer --unet-steps (saved "
             f"{saved['unet_steps']}), or with more --unet-attention-levels (saved {saved['unet_attention_levels']}), "
-            f"or with another --caption-mix (saved {saved['caption_mix']}, and then any --unet-lr); these differ: "
+            f"or with another --caption-mix (saved {saved['caption_mix']}) or --snr-shift (saved "
+            f"{saved['snr_shift']}), and then any --unet-lr; these differ: "
             + (", ".join(f"--{k.replace('_', '-')} {settings[k]} (saved {saved.get(k)})" for k in changed) or "none")
         )
     if any(work.glob("*.pt")):
@@ -578,10 +618,13 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
 
         if grown:
             unet = grow_unet(unet, config)
+        if retimed:
+            retime_unet(unet, ddim_scheduler(saved["snr_shift"]), ddim_scheduler(config.snr_shift))
         saved_config = ToyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         # how the saved toy was made, for this one's card: its U-Net is where this run's starts
         init.update(
             grown_from_levels=saved["unet_attention_levels"],
+            snr_shift_from=saved["snr_shift"],
             runs=toy_reproduce(saved_config, record.get("unet_continued_from", []), record.get("init")),
         )
     ema = EMA(unet, config.ema_decay).state_dict()
@@ -707,7 +750,7 @@ def train_toy(
         states = states.to(device)
     with tqdm(total=config.unet_steps, initial=start, desc="U-Net") as bar:
         stage = Stage(opt, config, device, start, _checkpointer(work / "unet.pt", unet, opt, ema), progress=bar)
-        train_unet(unet, ema, latents, states, owner, empty, ddim_scheduler(), stage)
+        train_unet(unet, ema, latents, states, owner, empty, ddim_scheduler(config.snr_shift), stage)
     ema.copy_to(unet)
     minutes_path = work / "minutes.json"  # training time of earlier runs in ``work`` that finished the U-Net
     init_path = work / "init.json"  # written by seed_work_from_model: the saved toy this run continued
@@ -726,7 +769,7 @@ def train_toy(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=ddim_scheduler(),
+        scheduler=ddim_scheduler(config.snr_shift),
         safety_checker=None,
         feature_extractor=None,
         image_encoder=image_encoder,

@@ -6,7 +6,8 @@ conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 saf
 pairs -> model card. Seeded and resumable: every phase checkpoints into --work, and a rerun continues where a killed
 run stopped. The defaults (the shipped model's recipe) take 7.4 minutes on an H100 and 4 to 5 hours on a 2-core CPU;
 a CPU-sized run (below) takes 45 minutes there and scores lower (see the README). ``--init`` continues a saved
-toy's U-Net (the shipped one, say) when its ``.work`` folder is gone, or grows it (cross-attention at more levels).
+toy's U-Net (the shipped one, say) when its ``.work`` folder is gone, grows it (cross-attention at more levels), or
+fine-tunes it with another caption mix or noise schedule.
 
     python scripts/train_toy_ldm.py --out brainldm/models/toy
     python scripts/train_toy_ldm.py --out /tmp/toy-cpu --n-train 10000 --clip-batch 128 --clip-steps 600 \
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         "--init",
         type=Path,
         help="continue a saved toy's U-Net (its folder, e.g. brainldm/models/toy) with a longer --unet-steps and "
-        "otherwise its recipe, or grow it with more --unet-attention-levels (then --unet-steps is the grown U-Net's "
-        "own schedule), in a new --work folder (rerun the same command to resume)",
+        "otherwise its recipe, or grow it with more --unet-attention-levels, or fine-tune it with another "
+        "--caption-mix or --snr-shift (then --unet-steps is that U-Net's own schedule), in a new --work folder "
+        "(rerun the same command to resume)",
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -63,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         elif f.type in ("float", float):
             parser.add_argument(
-                f"--{f.name.replace('_', '-')}", type=cli.number(0), default=f.default, help=f"(default {f.default})"
+                f"--{f.name.replace('_', '-')}",
+                type=cli.number(0, above=f.name == "snr_shift"),
+                default=f.default,
+                help=f"(default {f.default})",
             )
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(ToyConfig) if hasattr(args, f.name)}

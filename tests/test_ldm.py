@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from brainldm.ldm import load_ldm, tiny_ldm
+from brainldm.ldm import ddim_scheduler, load_ldm, tiny_ldm
 from brainldm.presets import TAKAGI2023
 
 
@@ -39,6 +39,15 @@ def test_tiny_ldm_has_stable_diffusion_geometry(tiny):
         c = tiny.text_encoder(ids)[0]
     assert z.shape == (1, 4, 40, 40)
     assert c.shape == (1, 77, tiny.unet.config.cross_attention_dim)
+
+
+@pytest.mark.parametrize("shift", [1.0, 4.0])
+def test_ddim_scheduler_shift_multiplies_every_signal_to_noise_ratio(shift):
+    sd = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    shifted = ddim_scheduler(shift)
+    assert (shifted.config.trained_betas is None) == (shift == 1.0)  # SD's own schedule stays SD's config
+    snr = [a / (1 - a) for a in (shifted.alphas_cumprod.double(), sd.alphas_cumprod.double())]
+    torch.testing.assert_close(snr[0] / snr[1], torch.full_like(snr[0], shift), rtol=1e-3, atol=0)
 
 
 def test_tiny_ldm_is_seeded_and_leaves_global_rng_alone():

@@ -2,6 +2,7 @@
 the paper's pattern show end to end (z gives layout, c gives meaning, zc both). Its training script runs and resumes.
 """
 
+import copy
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from brainldm import toy
 from brainldm.evaluate import stand_in_clip_extractor
 from brainldm.features import encode_c, encode_z
-from brainldm.ldm import TOY_DIR, clip_stand_in, ldm_sizes, load_ldm
+from brainldm.ldm import TOY_DIR, clip_stand_in, ddim_scheduler, ldm_sizes, load_ldm
 from brainldm.metrics import pixcorr, two_way_identification
 from brainldm.presets import Sampling
 from brainldm.reconstruct import Reconstructor
@@ -190,14 +191,22 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     assert torch.load(tmp_path / "work4" / "unet.pt", weights_only=True)["step"] == 3
     card = (out / "README.md").read_text()
     assert "then trained 2 steps on a schedule of its own" in card and "`--unet-steps`, 2 -> 3 steps" in card, card
-    # another caption_mix fine-tunes the saved U-Net on a schedule of its own, at its own learning rate if given
+    # another caption_mix or snr_shift fine-tunes the saved U-Net on a schedule of its own, at its own learning rate
+    # if given; the saved scheduler is the shifted one
     mixed = [*grown[:3], str(tmp_path / "work5"), *grown[4:], "--caption-mix", "0.5", "--unet-lr", "0.0001"]
-    script.main([*mixed, "--init", str(out)])
+    script.main([*mixed, "--snr-shift", "4", "--init", str(out)])
     assert torch.load(tmp_path / "work5" / "unet.pt", weights_only=True)["step"] == 2
     card = (out / "README.md").read_text()
     assert "Its U-Net was fine-tuned from the toy the first 5 commands below make (3 steps): trained 2" in card, card
-    assert "--unet-lr 0.0001 --caption-mix 0.5 --unet-steps 2 --init" in card, card
+    assert "--unet-lr 0.0001 --caption-mix 0.5 --snr-shift 4.0 --unet-steps 2 --init" in card, card
     assert "That schedule moved each condition by up to 0.5 x" in card, card
+    assert "signal-to-noise ratio x 4 (`snr_shift`)" in card and "first refitted" in card, card
+    snr = [a / (1 - a) for a in (s.alphas_cumprod.double() for s in (load_ldm(str(out)).scheduler, ddim_scheduler()))]
+    torch.testing.assert_close(snr[0] / snr[1], torch.full_like(snr[0], 4.0), rtol=1e-3, atol=0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        script.main([*mixed, "--snr-shift", "0"])
+    assert refused.value.code == 2 and "--snr-shift: 0 is outside (0" in capsys.readouterr().err
 
 
 def test_a_grown_unet_starts_as_the_saved_one():
@@ -218,6 +227,29 @@ def test_a_grown_unet_starts_as_the_saved_one():
         grow_unet(grown, config)
 
 
+def test_a_retimed_unet_reads_the_new_schedule_as_the_old_one():
+    """After retime_unet, toy's U-Net at a shifted schedule's timestep predicts what it predicted at the old timestep
+    with the same signal-to-noise ratio (its input is the same there); without it, it does not."""
+    from diffusers import UNet2DConditionModel
+
+    old = UNet2DConditionModel.from_pretrained(TOY_DIR / "unet").float().eval()
+    new = copy.deepcopy(old)
+    toy.retime_unet(new, ddim_scheduler(), ddim_scheduler(4.0))
+    # under x 4, t = 300, 600 and 900 have the SNRs that SD's schedule has at these (fractional) timesteps
+    alpha_bar = ddim_scheduler().alphas_cumprod.double()
+    log_snr = torch.log(alpha_bar / (1 - alpha_bar)).numpy()
+    t = np.array([300, 600, 900])
+    matched = np.interp(-(log_snr[t] + np.log(4.0)), -log_snr, np.arange(1000))
+    torch.manual_seed(0)
+    x, c = torch.randn(3, 4, 16, 16), torch.randn(3, 77, old.config.cross_attention_dim)
+    with torch.no_grad():
+        want = old(x, torch.as_tensor(matched, dtype=torch.float32), encoder_hidden_states=c).sample
+        got = new(x, torch.as_tensor(t), encoder_hidden_states=c).sample
+        unfitted = old(x, torch.as_tensor(t), encoder_hidden_states=c).sample
+    error, before = float((got - want).norm()), float((unfitted - want).norm())
+    assert error < 0.02 * float(want.norm()) and error < 0.1 * before, (error, before)
+
+
 class _Recorder(torch.nn.Module):
     """A stand-in U-Net that records the conditions it is trained on."""
 
@@ -234,7 +266,6 @@ class _Recorder(torch.nn.Module):
 def test_caption_mix_moves_each_condition_towards_other_pictures_meaning(mix):
     """Without caption_mix a condition is a caption's state, a picture's mean or the empty caption's, as earlier
     toys trained; with it, the kept ones move by at most mix x the largest difference of two pictures' means."""
-    from brainldm.ldm import ddim_scheduler
 
     torch.manual_seed(0)
     config = ToyConfig(unet_steps=20, unet_batch=16, caption_mix=mix)
