@@ -10,7 +10,8 @@ runs on it unchanged:
   (``image_encoder``) is the offline stand-in for the CLIP ViT-L/14 metric;
 - a VAE (``AutoencoderKL``, downsampling by 8) with ``scaling_factor`` set so scaled latents have unit variance;
 - a ``UNet2DConditionModel`` trained with the noise-prediction loss on VAE latents, conditioned on the frozen
-  text tower, with 10% empty captions so classifier-free guidance works; SD's DDIM scheduler.
+  text tower, with 10% empty captions so classifier-free guidance works; SD's DDIM scheduler, every timestep's
+  signal-to-noise ratio multiplied by ``snr_shift`` (written into the saved scheduler's ``trained_betas``).
 
 Sizes keep the paper's proportions at 128 px output: z from the picture at 80 px (SD: 320 of 512). They travel
 with the model (the U-Net's ``sample_size`` times the VAE's factor, see :func:`brainldm.ldm.ldm_sizes`).
