@@ -88,7 +88,7 @@ def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, c
     shuffled = recon(z, torch.roll(c, 1, dims=0), FAST).Xc[:, 0]  # another picture's caption
     matched = two_way_identification(clip_features(guided), truth).mean()
     other = two_way_identification(clip_features(shuffled), truth).mean()
-    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.75 and 0.48 measured
+    assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.80 and 0.51 measured
 
 
 def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
