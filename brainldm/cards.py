@@ -274,7 +274,8 @@ def toy_card(
         continuation += (
             f" Its noise schedule is SD's with every timestep's signal-to-noise ratio x {config.snr_shift:g} "
             f"(`snr_shift`): its {side} x {side} latents have {(64 / side) ** 2:g} x fewer pixels than SD's 64 x 64, "
-            "so the same noise hides more of their layout, and img2img at the paper's strength kept less of Xz."
+            "so the same noise hides more of their layout: under SD's schedule img2img at the paper's strength kept "
+            "less of Xz."
             + (
                 f" The saved U-Net's time embedding was first refitted (`retime_unet`) to read each new timestep as it "
                 f"read the one with the same signal-to-noise ratio under x {init['snr_shift_from']:g}, so that it "
