@@ -128,12 +128,13 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
         return backend.generate(z, c, sampling, keys)
 
     def shown(out):
-        """The panels' values: the four images (lists, so that samples browse within their panel), the three
-        images' ranks and the maps' decoding quality."""
+        """The panels' values: the four images (lists, so that samples browse within their panel; PNG files, see
+        DemoBackend.image_file), the three images' ranks and the maps' decoding quality."""
         n, clip_name = out["n_candidates"], out["clip_name"]
         lines = [rank_line(out["ranks"][kind], n, clip_name) for kind in ("Xz", "Xc", "Xzc")]
         report = quality_report(out["quality"], out["captions"], out["decoded_caption"])
-        return [out["presented"]], [out["Xz"]], out["Xc"], out["Xzc"], *lines, report
+        panels = [[out["presented"]], [out["Xz"]], out["Xc"], out["Xzc"]]
+        return *([backend.image_file(image) for image in panel] for panel in panels), *lines, report
 
     def reconstruct(subject, trial, strength, rescale, guidance, steps, seed, samples,
                     progress=gr.Progress(track_tqdm=True)):  # fmt: skip

@@ -11,6 +11,8 @@ at start-up, with the trained offline LDM ``toy``.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import tempfile
 import threading
 from collections.abc import Callable
@@ -236,6 +238,22 @@ class DemoBackend:
             if subject not in self._subjects:
                 self._subjects[subject] = Subject(subject, self._maps(subject), self.sources.data)
             return self._subjects[subject]
+
+    def image_file(self, image: np.ndarray) -> str:
+        """``image`` (h, w, 3 uint8) as a PNG named by its content, for the app's result panels.
+
+        Gradio 6 caches a returned array by rewriting its content-named file in place
+        (``processing_utils.save_pil_to_cache``), so two visitors shown the same image at once could be served a
+        half-written file; a returned path it copies into its cache atomically. So is this file.
+        """
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        path = self._thumbnails / "results" / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        if not path.exists():
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+        return str(path)
 
     def gallery(self, subject: int) -> list[tuple[str, str]]:
         """(thumbnail path, caption) of every test trial, in trial order."""

@@ -279,6 +279,19 @@ def test_the_gallery_sends_small_thumbnails_made_once(sources):
     assert [Path(path).stat().st_mtime_ns for path, _ in backend.gallery(1)] == first  # not rewritten
 
 
+def test_result_images_are_whole_files_named_by_their_content(sources):
+    """The result panels get files, not arrays (Gradio rewrites an array's cache file in place, so two visitors
+    shown the same image at once could get half of it): the same image is the same file, written once, whole."""
+    backend = DemoBackend(sources, device="cpu")
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = backend.image_file(image)
+    written = Path(path).stat().st_mtime_ns
+    assert backend.image_file(image.copy()) == path and Path(path).stat().st_mtime_ns == written
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+    assert backend.image_file(255 - image) != path
+    assert not list(Path(path).parent.glob(".*.tmp*"))
+
+
 def test_the_zerogpu_budget_follows_steps_and_samples():
     from brainldm.demo import gpu_seconds
 
