@@ -80,11 +80,16 @@ def ddim_scheduler(snr_shift: float = 1.0) -> DDIMScheduler:
     scheduler = DDIMScheduler(**settings)
     if snr_shift == 1:
         return scheduler
-    alpha_bar = scheduler.alphas_cumprod.double()
-    snr = snr_shift * alpha_bar / (1 - alpha_bar)
+    snr = snr_shift * signal_to_noise(scheduler)
     shifted = snr / (1 + snr)
     betas = 1 - shifted / torch.cat([torch.ones(1, dtype=shifted.dtype), shifted[:-1]])
     return DDIMScheduler(**settings, trained_betas=betas.tolist())
+
+
+def signal_to_noise(scheduler) -> torch.Tensor:
+    """Every timestep's signal-to-noise ratio alpha_bar / (1 - alpha_bar) of a diffusers scheduler (float64)."""
+    alpha_bar = scheduler.alphas_cumprod.double()
+    return alpha_bar / (1 - alpha_bar)
 
 
 def byte_level_clip_tokenizer(model_max_length: int = 77, merges: Sequence[tuple[str, str]] = ()) -> CLIPTokenizer:

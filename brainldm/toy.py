@@ -528,12 +528,9 @@ def retime_unet(unet, old, new, steps: int = 3000) -> None:
     either schedule, so the refitted U-Net computes what the old one did (to the fit's error, about 0.2% of the
     embedding's size), with no training. ``steps``: full-batch Adam steps over the 1000 timesteps, deterministic.
     """
+    from .ldm import signal_to_noise
 
-    def log_snr(scheduler) -> np.ndarray:
-        alpha_bar = scheduler.alphas_cumprod.double()
-        return torch.log(alpha_bar / (1 - alpha_bar)).numpy()
-
-    old_snr, new_snr = log_snr(old), log_snr(new)
+    old_snr, new_snr = (torch.log(signal_to_noise(scheduler)).numpy() for scheduler in (old, new))
     timesteps = np.arange(len(new_snr))
     # log SNR falls with t: interpolate t over -log SNR; SNRs beyond the old schedule's range take its ends
     matched = np.interp(-new_snr, -old_snr, np.arange(len(old_snr)))
