@@ -240,6 +240,8 @@ def toy_card(
     )
     continuation = f" The U-Net was trained to {continued[0]} steps,{then_continued}" if continued else ""
     own_schedule = bool(init and "runs" in init)  # a U-Net grown or fine-tuned from a saved toy
+    # this run refined the saved toy's VAE (rather than its recipe refining its own)
+    refined_here = own_schedule and init.get("vae_refine_from", 0) != config.vae_refine_steps
     if own_schedule:
         first = continued[0] if continued else config.unet_steps
         grown = config.unet_attention_levels - init["grown_from_levels"]
@@ -252,7 +254,9 @@ def toy_card(
         )
         continuation = (
             f" Its U-Net was {how} trained {first} steps on a schedule of its own (`--init`, a fresh optimizer, the "
-            "EMA started from the saved weights, the latents encoded again by the saved VAE)."
+            "EMA started from the saved weights, the latents encoded again by the "
+            + ("refined" if refined_here else "saved")
+            + " VAE)."
             + (f" That U-Net was{then_continued}" if continued else "")
         )
     elif init:
@@ -283,6 +287,14 @@ def toy_card(
                 if retimed
                 else ""
             )
+        )
+    if config.vae_refine_steps:
+        when = "For that fine-tune" if refined_here else "After its own steps,"
+        continuation += (
+            f" {when} its VAE was refined {config.vae_refine_steps} steps (`vae_refine_steps`): trained on crops "
+            "mirrored left-right half the time, its latents pulled towards the unrefined encoder's so that they barely "
+            "moved. Snakes' stripes run one diagonal, giraffes' chequerboards both, so a VAE trained on the pictures "
+            "alone saw the second diagonal only inside chequerboards, kept little of it, and drew giraffes as snakes."
         )
     return f"""---
 license: mit

@@ -23,6 +23,7 @@ randomness comes from ``(seed, phase, step)``, so a resumed run continues exactl
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -65,6 +66,8 @@ class ToyConfig:
     vae_crop: int = 64
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
+    # then the whole VAE again on mirrored crops too, its latents held near the unrefined encoder's (train_vae_refine)
+    vae_refine_steps: int = 0
     # U-Net
     unet_channels: tuple[int, ...] = (32, 64, 128)
     # how many of the U-Net's levels, coarsest first, cross-attend to c: SD-1.x's do at all but its coarsest; 2 is
@@ -256,7 +259,7 @@ class EMA:
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     """The randomness of one training step: a function of (seed, phase, step) only, so resumes are exact."""
-    offset = {"clip": 1, "vae": 2, "unet": 3}[phase]
+    offset = {"clip": 1, "vae": 2, "unet": 3, "vae_refine": 4}[phase]
     return torch.Generator().manual_seed(((seed * 7919 + offset) * 1_000_003 + step) % 2**63)
 
 
@@ -337,26 +340,63 @@ def train_clip(clip, token_ids, caption_owner, pictures, stage: Stage) -> None:
     clip.eval()
 
 
+def _vae_crops(pictures: np.ndarray, small: np.ndarray, config: ToyConfig, g: torch.Generator, step: int):
+    """A batch of ``vae_crop`` crops in [-1, 1], from the pictures at the output size on even steps and at z's size on
+    odd ones."""
+    source = small if step % 2 else pictures
+    items = torch.randint(0, len(source), (config.vae_batch,), generator=g).numpy()
+    y0, x0 = torch.randint(0, source.shape[1] - config.vae_crop + 1, (2,), generator=g).tolist()
+    return to_unit(source[items, y0 : y0 + config.vae_crop, x0 : x0 + config.vae_crop])
+
+
 def train_vae(vae, pictures, stage: Stage) -> None:
     """Reconstruction training on random crops of the pictures at the output size and at z's size (5/8 of it),
     so the VAE serves both Xz (decoded from z at 5/8) and img2img (at the output size).
     Loss: L1 + MSE on pixels in [-1, 1], plus a small KL term."""
     config, device = stage.config, stage.device
     small = resize(pictures, config.image_size * 5 // 8)
-    crop = config.vae_crop
     vae.train()
     for step in range(stage.start, config.vae_steps):
         g = step_generator(config.seed, "vae", step)
-        source = small if step % 2 else pictures
-        items = torch.randint(0, len(source), (config.vae_batch,), generator=g).numpy()
-        y0, x0 = torch.randint(0, source.shape[1] - crop + 1, (2,), generator=g).tolist()
-        x = to_unit(source[items, y0 : y0 + crop, x0 : x0 + crop]).to(device)
+        x = _vae_crops(pictures, small, config, g, step).to(device)
         posterior = vae.encode(x).latent_dist
         eps = torch.randn(posterior.mean.shape, generator=g).to(device)
         recon = vae.decode(posterior.mean + posterior.std * eps).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean()
         _descend(stage.optimizer, loss, lr_at(step, config.vae_steps, config.vae_lr), vae.parameters())
         stage.report(step, config.vae_steps, loss.item())
+    vae.eval()
+
+
+REFINE_ANCHOR = 0.1  # train_vae_refine: weight of the pull towards the unrefined latents (MSE over their variance)
+
+
+def train_vae_refine(vae, anchor, pictures, stage: Stage) -> None:
+    """:func:`train_vae` again, at ``vae_lr`` / 4, on crops mirrored left-right half the time, plus a pull of the
+    latent means towards ``anchor``'s (a frozen copy of the unrefined VAE: ``REFINE_ANCHOR`` x their MSE over their
+    variance), so that z, and a U-Net trained on the old latents, move little.
+
+    Why mirrored: the world's snakes' stripes run one diagonal, giraffes' chequerboards both (a chequerboard is two
+    crossed diagonal gratings), so a VAE trained on the pictures alone saw the other diagonal only inside
+    chequerboards, and did not keep it: a lone grating along it came back from toy's first VAE nearly blank, and
+    giraffes as snakes. Mirrored snakes run the other diagonal."""
+    config, device = stage.config, stage.device
+    small = resize(pictures, config.image_size * 5 // 8)
+    vae.train()
+    for step in range(stage.start, config.vae_refine_steps):
+        g = step_generator(config.seed, "vae_refine", step)
+        x = _vae_crops(pictures, small, config, g, step).to(device)
+        mirrored = (torch.rand(len(x), generator=g) < 0.5).to(device)[:, None, None, None]
+        x = torch.where(mirrored, x.flip(-1), x)
+        posterior = vae.encode(x).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=g).to(device)
+        recon = vae.decode(posterior.mean + posterior.std * eps).sample
+        with torch.no_grad():
+            target = anchor.encode(x).latent_dist.mean
+        pull = F.mse_loss(posterior.mean, target) / target.var()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean() + REFINE_ANCHOR * pull
+        _descend(stage.optimizer, loss, lr_at(step, config.vae_refine_steps, config.vae_lr / 4), vae.parameters())
+        stage.report(step, config.vae_refine_steps, loss.item())
     vae.eval()
 
 
@@ -550,12 +590,13 @@ def retime_unet(unet, old, new, steps: int = 3000) -> None:
 def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyConfig) -> None:
     """Fill an empty ``work`` with checkpoints taken from a saved toy, so that :func:`train_toy` with ``config`` (its
     recipe with a longer ``unet_steps``, or with more ``unet_attention_levels``, or another ``caption_mix`` or
-    ``snr_shift``) continues that toy's U-Net rather than training from scratch.
+    ``snr_shift``, or a ``vae_refine_steps``) continues that toy's U-Net rather than training from scratch.
 
     The CLIP pair and the VAE count as trained. A continuation resumes the U-Net at its saved step from its saved
     (EMA, float16) weights; a grown U-Net (:func:`grow_unet`), or one fine-tuned with another ``caption_mix`` or
-    ``snr_shift`` (and ``unet_lr``, if given), starts a schedule of its own, ``unet_steps`` long; with another
-    ``snr_shift``, from the saved U-Net retimed to it (:func:`retime_unet`).
+    ``snr_shift`` or on the latents of a refined VAE (:func:`train_vae_refine`, which a VAE gets once), and
+    ``unet_lr``, if given, starts a schedule of its own, ``unet_steps`` long; with another ``snr_shift``, from the
+    saved U-Net retimed to it (:func:`retime_unet`).
     Either way the optimizer is fresh and the EMA starts from the weights; the training minutes, and a
     continuation's earlier history, carry over. The text projection, which a saved toy does not keep and training
     no longer uses, stays as built. A ``work`` seeded earlier is left as it is, so that a killed run resumes.
@@ -573,25 +614,30 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     if not record_path.is_file():
         raise InputError(f"{model_dir} has no training.json: --init takes a folder written by train_toy_ldm.py")
     record = json.loads(record_path.read_text())
-    # toys saved before these settings had 2 levels, no mixing and SD's schedule
-    saved = {"unet_attention_levels": 2, "caption_mix": 0.0, "snr_shift": 1.0, **record["config"]}
+    # toys saved before these settings had 2 levels, no mixing, SD's schedule and an unrefined VAE
+    saved = {"unet_attention_levels": 2, "caption_mix": 0.0, "snr_shift": 1.0, "vae_refine_steps": 0}
+    saved.update(record["config"])
     settings = config_dict(config)
     grown = settings["unet_attention_levels"] > saved["unet_attention_levels"]
     retimed = settings["snr_shift"] != saved["snr_shift"]
-    # a U-Net with a schedule of its own: grown, or fine-tuned with another caption_mix or snr_shift (at its own
-    # unet_lr)
-    own = grown or retimed or settings["caption_mix"] != saved["caption_mix"]
-    free = ("unet_steps", "n_heldout", "unet_attention_levels", "caption_mix", "snr_shift")
+    refined = settings["vae_refine_steps"] != saved["vae_refine_steps"]
+    # a U-Net with a schedule of its own: grown, or fine-tuned with another caption_mix or snr_shift or on a refined
+    # VAE's latents (at its own unet_lr)
+    own = grown or retimed or refined or settings["caption_mix"] != saved["caption_mix"]
+    free = ("unet_steps", "n_heldout", "unet_attention_levels", "caption_mix", "snr_shift", "vae_refine_steps")
     free += ("unet_lr",) if own else ()
     changed = sorted(k for k in settings if k not in free and saved.get(k) != settings[k])
     if settings["unet_attention_levels"] < saved["unet_attention_levels"]:  # a U-Net can grow, not shrink
         changed.append("unet_attention_levels")
+    if refined and saved["vae_refine_steps"]:  # a VAE is refined once
+        changed.append("vae_refine_steps")
     if changed or not own and settings["unet_steps"] <= saved["unet_steps"]:
         raise InputError(
             f"--init {model_dir}: a continuation takes the saved recipe with a longer --unet-steps (saved "
             f"{saved['unet_steps']}), or with more --unet-attention-levels (saved {saved['unet_attention_levels']}), "
             f"or with another --caption-mix (saved {saved['caption_mix']}) or --snr-shift (saved "
-            f"{saved['snr_shift']}), and then any --unet-lr; these differ: "
+            f"{saved['snr_shift']}), or with a --vae-refine-steps (saved {saved['vae_refine_steps']}; once), and then "
+            "any --unet-lr; these differ: "
             + (", ".join(f"--{k.replace('_', '-')} {settings[k]} (saved {saved.get(k)})" for k in changed) or "none")
         )
     if any(work.glob("*.pt")):
@@ -609,6 +655,8 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     _save_checkpoint(state(clip, config.clip_steps), work / "clip.pt")
     vae = AutoencoderKL.from_pretrained(model_dir / "vae").float()
     _save_checkpoint(state(vae, config.vae_steps), work / "vae.pt")
+    if saved["vae_refine_steps"] and not refined:  # refined already: train_toy's refinement is done
+        _save_checkpoint(state(vae, config.vae_refine_steps), work / "vae_refine.pt")
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").float()
     init = {"from": str(model_dir), "unet_steps": saved["unet_steps"]}
     if own:
@@ -623,6 +671,7 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
         init.update(
             grown_from_levels=saved["unet_attention_levels"],
             snr_shift_from=saved["snr_shift"],
+            vae_refine_from=saved["vae_refine_steps"],
             runs=toy_reproduce(saved_config, record.get("unet_continued_from", []), record.get("init")),
         )
     ema = EMA(unet, config.ema_decay).state_dict()
@@ -645,7 +694,8 @@ def train_toy(
 ) -> None:
     """Train toy with ``config`` into the diffusers folder ``out``, checkpointing every phase into ``work``.
 
-    Phases: draw pictures and captions -> CLIP pair (contrastive) -> VAE -> encode latents -> U-Net (noise
+    Phases: draw pictures and captions -> CLIP pair (contrastive) -> VAE (and its refinement, if
+    ``vae_refine_steps``) -> encode latents -> U-Net (noise
     prediction, conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on
     held-out pairs (``eval_steps`` DDIM steps) -> model card. Seeded and resumable: a rerun continues where a killed
     run stopped; a rerun with other settings into the same ``work`` is refused, naming them. A ``work`` seeded by
@@ -725,6 +775,13 @@ def train_toy(
     with tqdm(total=config.vae_steps, initial=start, desc="VAE") as bar:
         stage = Stage(opt, config, device, start, _checkpointer(work / "vae.pt", vae, opt), progress=bar)
         train_vae(vae, pictures, stage)
+    if config.vae_refine_steps:
+        anchor = copy.deepcopy(vae).requires_grad_(False)  # the VAE as its own phase left it
+        opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr / 4, weight_decay=0.0)
+        start = _resume(work / "vae_refine.pt", vae, opt)
+        with tqdm(total=config.vae_refine_steps, initial=start, desc="VAE refinement") as bar:
+            stage = Stage(opt, config, device, start, _checkpointer(work / "vae_refine.pt", vae, opt), progress=bar)
+            train_vae_refine(vae, anchor, pictures, stage)
 
     # 4. latents of the training pictures, and the scaling factor that gives them unit variance
     latents_path = work / "latents.pt"

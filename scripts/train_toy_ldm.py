@@ -7,7 +7,7 @@ pairs -> model card. Seeded and resumable: every phase checkpoints into --work, 
 run stopped. The defaults (the shipped model's recipe) take 7.4 minutes on an H100 and 4 to 5 hours on a 2-core CPU;
 a CPU-sized run (below) takes 45 minutes there and scores lower (see the README). ``--init`` continues a saved
 toy's U-Net (the shipped one, say) when its ``.work`` folder is gone, grows it (cross-attention at more levels), or
-fine-tunes it with another caption mix or noise schedule.
+fine-tunes it with another caption mix or noise schedule, or on the latents of its VAE refined (``--vae-refine-steps``).
 
     python scripts/train_toy_ldm.py --out brainldm/models/toy
     python scripts/train_toy_ldm.py --out /tmp/toy-cpu --n-train 10000 --clip-batch 128 --clip-steps 600 \
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="continue a saved toy's U-Net (its folder, e.g. brainldm/models/toy) with a longer --unet-steps and "
         "otherwise its recipe, or grow it with more --unet-attention-levels, or fine-tune it with another "
-        "--caption-mix or --snr-shift (then --unet-steps is that U-Net's own schedule), in a new --work folder "
-        "(rerun the same command to resume)",
+        "--caption-mix or --snr-shift, or on the latents of its VAE refined with --vae-refine-steps (then --unet-steps "
+        "is that U-Net's own schedule), in a new --work folder (rerun the same command to resume)",
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         if f.type in ("int", int) and f.name != "n_heldout":
             parser.add_argument(
                 f"--{f.name.replace('_', '-')}",
-                type=cli.integer(0, 2**32 - 1) if f.name == "seed" else cli.positive,
+                type=cli.integer(0, 2**32 - 1) if f.name in ("seed", "vae_refine_steps") else cli.positive,
                 default=f.default,
                 help=f"(default {f.default})",
             )
