@@ -274,7 +274,7 @@ def toy_card(
         )
     if config.snr_shift != 1:
         side = config.image_size // 8
-        retimed = bool(init) and init.get("snr_shift_from", 1.0) != config.snr_shift
+        retimed = bool(init) and init.get("snr_shift_from", config.snr_shift) != config.snr_shift
         continuation += (
             f" Its noise schedule is SD's with every timestep's signal-to-noise ratio x {config.snr_shift:g} "
             f"(`snr_shift`): its {side} x {side} latents have {(64 / side) ** 2:g} x fewer pixels than SD's 64 x 64, "
