@@ -349,6 +349,14 @@ def _vae_crops(pictures: np.ndarray, small: np.ndarray, config: ToyConfig, g: to
     return to_unit(source[items, y0 : y0 + config.vae_crop, x0 : x0 + config.vae_crop])
 
 
+def _vae_loss(vae, x: torch.Tensor, config: ToyConfig, g: torch.Generator):
+    """(L1 + MSE of a round trip through a posterior sample + ``vae_kl`` x KL, the posterior) for a batch ``x``."""
+    posterior = vae.encode(x).latent_dist
+    eps = torch.randn(posterior.mean.shape, generator=g).to(x.device)
+    recon = vae.decode(posterior.mean + posterior.std * eps).sample
+    return F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean(), posterior
+
+
 def train_vae(vae, pictures, stage: Stage) -> None:
     """Reconstruction training on random crops of the pictures at the output size and at z's size (5/8 of it),
     so the VAE serves both Xz (decoded from z at 5/8) and img2img (at the output size).
@@ -359,10 +367,7 @@ def train_vae(vae, pictures, stage: Stage) -> None:
     for step in range(stage.start, config.vae_steps):
         g = step_generator(config.seed, "vae", step)
         x = _vae_crops(pictures, small, config, g, step).to(device)
-        posterior = vae.encode(x).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=g).to(device)
-        recon = vae.decode(posterior.mean + posterior.std * eps).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean()
+        loss, _ = _vae_loss(vae, x, config, g)
         _descend(stage.optimizer, loss, lr_at(step, config.vae_steps, config.vae_lr), vae.parameters())
         stage.report(step, config.vae_steps, loss.item())
     vae.eval()
@@ -388,13 +393,10 @@ def train_vae_refine(vae, anchor, pictures, stage: Stage) -> None:
         x = _vae_crops(pictures, small, config, g, step).to(device)
         mirrored = (torch.rand(len(x), generator=g) < 0.5).to(device)[:, None, None, None]
         x = torch.where(mirrored, x.flip(-1), x)
-        posterior = vae.encode(x).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=g).to(device)
-        recon = vae.decode(posterior.mean + posterior.std * eps).sample
+        loss, posterior = _vae_loss(vae, x, config, g)
         with torch.no_grad():
             target = anchor.encode(x).latent_dist.mean
-        pull = F.mse_loss(posterior.mean, target) / target.var()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean() + REFINE_ANCHOR * pull
+        loss = loss + REFINE_ANCHOR * F.mse_loss(posterior.mean, target) / target.var()
         _descend(stage.optimizer, loss, lr_at(step, config.vae_refine_steps, config.vae_lr / 4), vae.parameters())
         stage.report(step, config.vae_refine_steps, loss.item())
     vae.eval()
