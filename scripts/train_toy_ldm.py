@@ -7,7 +7,8 @@ pairs -> model card. Seeded and resumable: every phase checkpoints into --work, 
 run stopped. The defaults (the shipped model's recipe) take 7.4 minutes on an H100 and 4 to 5 hours on a 2-core CPU;
 a CPU-sized run (below) takes 45 minutes there and scores lower (see the README). ``--init`` continues a saved
 toy's U-Net (the shipped one, say) when its ``.work`` folder is gone, grows it (cross-attention at more levels), or
-fine-tunes it with another caption mix or noise schedule, or on the latents of its VAE refined (``--vae-refine-steps``).
+fine-tunes it with another caption mix or noise schedule, or on the latents of its VAE refined
+(``--vae-refine-steps``).
 
     python scripts/train_toy_ldm.py --out brainldm/models/toy
     python scripts/train_toy_ldm.py --out /tmp/toy-cpu --n-train 10000 --clip-batch 128 --clip-steps 600 \
