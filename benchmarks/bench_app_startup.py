@@ -18,8 +18,8 @@ from pathlib import Path
 
 
 def build(work: Path, test_images: int, image_size: int) -> None:
-    from brainldm.ldm import load_ldm
-    from brainldm.offline import build_offline_world
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.offline.world import build_offline_world
 
     if (work / "weights" / "subj01" / "maps.safetensors").exists():
         return

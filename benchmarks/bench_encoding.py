@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from brainldm.encoding import fit_encoding, pca_scores
+    from brainldm.analysis.encoding import fit_encoding, pca_scores
+    from brainldm.data.nsd import STREAMS as NSD_STREAMS
     from brainldm.metrics import dimension_correlation
-    from brainldm.nsd import STREAMS as NSD_STREAMS
     from brainldm.presets import TAKAGI2023
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

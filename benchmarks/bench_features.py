@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from brainldm.features import encode_c, encode_z
-    from brainldm.ldm import load_ldm
-    from brainldm.synthetic import draw_picture
+    from brainldm.ldm.features import encode_c, encode_z
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.offline.synthetic import draw_picture
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     ldm = load_ldm(args.model, device=args.device, dtype=dtype)
@@ -66,16 +66,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def time_store(args) -> None:
-    """Images/s of :func:`brainldm.features.extract_features` into a fresh store, over all processes."""
+    """Images/s of :func:`brainldm.ldm.extraction.extract_features` into a fresh store, over all processes."""
     import tempfile
 
     import numpy as np
     import torch
     from accelerate import PartialState
 
-    from brainldm.features import extract_features, parse_features
-    from brainldm.ldm import load_ldm
-    from brainldm.synthetic import draw_picture
+    from brainldm.data.features import parse_features
+    from brainldm.ldm.extraction import extract_features
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.offline.synthetic import draw_picture
 
     state = PartialState(cpu=not torch.cuda.is_available())
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)

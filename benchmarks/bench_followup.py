@@ -31,8 +31,8 @@ def random_models(seed: int = 0):
     from diffusers import StableDiffusionDepth2ImgPipeline
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, DPTConfig, DPTForDepthEstimation
 
-    from brainldm.captioner import Captioner
-    from brainldm.ldm import SD14_TEXT, SD14_UNET, SD14_VAE, _components
+    from brainldm.ldm.captioner import Captioner
+    from brainldm.ldm.loading import SD14_TEXT, SD14_UNET, SD14_VAE, _components
 
     torch.manual_seed(seed)
     blip_config = BlipConfig()
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from brainldm.captioner import blip_embeddings, captions_from_embeddings
-    from brainldm.depth import depth_from_states, depth_img2img, dpt_states, states_shape
+    from brainldm.ldm.captioner import blip_embeddings, captions_from_embeddings
+    from brainldm.ldm.depth import depth_from_states, depth_img2img, dpt_states, states_shape
     from brainldm.presets import Sampling
     from brainldm.torch_utils import default_device
 

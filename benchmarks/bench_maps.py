@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from brainldm.decoding.ridge import reduced_rank, solve_ridge
     from brainldm.metrics import dimension_correlation, pattern_correlation
-    from brainldm.ridge import reduced_rank, solve_ridge
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     X, Y, groups, X_test, Y_test = make_problem(args.n, args.p, args.targets, args.latent, args.test)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def _prepare(tree: str, out: str) -> None:
-    from brainldm.data import prepare_subject
+    from brainldm.data.trials import prepare_subject
 
     prepare_subject(tree, 1, out, overwrite=True)
 
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32, help="stimulus size (small: images are not measured)")
     args = parser.parse_args(argv)
 
-    from brainldm import nsd
-    from brainldm.synthetic import write_nsd_tree
+    from brainldm.data import nsd
+    from brainldm.offline.synthetic import write_nsd_tree
 
     tree = Path(args.tree or tempfile.mkdtemp(prefix="bench-nsd-"))
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-trials-"))
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"prepare failed with exit code {child.exitcode}")
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
-    from brainldm.data import load_trials, load_voxels
+    from brainldm.data.trials import load_trials, load_voxels
 
     n_train, n_test = len(load_trials(out, 1, "train")), len(load_trials(out, 1, "test"))
     print(

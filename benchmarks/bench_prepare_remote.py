@@ -38,8 +38,8 @@ REAL = {  # a real subject (subj01), for the extrapolation
 def write_world(root: Path, sessions: int, thickness: float) -> None:
     import h5py
 
-    from brainldm import nsd
-    from brainldm.synthetic import write_nsd_tree
+    from brainldm.data import nsd
+    from brainldm.offline.synthetic import write_nsd_tree
 
     tree = write_nsd_tree(
         root, subjects=(1,), n_sessions=sessions, trials_per_session=750, n_shared=100, grid_shape=(81, 104, 83),
@@ -64,7 +64,7 @@ def _prepare(root: str, out: str, cache: str, endpoint: str | None, peak) -> Non
     if endpoint:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    from brainldm.data import prepare_subject
+    from brainldm.data.trials import prepare_subject
 
     prepare_subject(root, 1, out, overwrite=True, cache_dir=cache, progress=False)
     peak.value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the child's own, after exec
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from s3_folder import FolderS3
 
-    from brainldm import nsd
-    from brainldm.readers import nsd_voxel_table
+    from brainldm.data.readers import nsd_voxel_table
+    from brainldm.data import nsd
 
     tree = Path(args.tree or tempfile.mkdtemp(prefix="bench-nsd-remote-"))
     if not nsd.betas_path(tree, 1, args.sessions, ".hdf5").exists():

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from brainldm.ldm import load_ldm, optimize_ldm
+    from brainldm.ldm.loading import load_ldm, optimize_ldm
+    from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor
     from brainldm.torch_utils import default_device
 
     device = default_device()

@@ -38,7 +38,7 @@ def mean_r(Y_true: np.ndarray, Y_pred: np.ndarray) -> float:
 def cpu_comparison(n: int, p: int, t: int, alphas: np.ndarray, cv: int, repeats: int) -> None:
     import torch
 
-    from brainldm.ridge import RidgeCV
+    from brainldm.decoding.ridge import RidgeCV
 
     X, Y, groups, X_test, Y_test = make_problem(n, p, t)
     print(f"CPU ({torch.get_num_threads()} threads), n={n}, p={p}, T={t}, {len(alphas)} alphas, {cv} folds")
@@ -85,7 +85,7 @@ def cpu_comparison(n: int, p: int, t: int, alphas: np.ndarray, cv: int, repeats:
 def gpu_full_scale(alphas: np.ndarray, cv: int, targets: list[int], n: int, p: int) -> None:
     import torch
 
-    from brainldm.ridge import RidgeCV
+    from brainldm.decoding.ridge import RidgeCV
 
     print(
         f"GPU {torch.cuda.get_device_name()}: n={n} trials x p={p} voxels, {len(alphas)} alphas, {cv} folds, "

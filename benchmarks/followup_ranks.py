@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=7, help="world seed (default 7)")
     args = parser.parse_args(argv)
 
-    from brainldm.captioner import blip_feature, load_captioner
-    from brainldm.data import SubjectStimuli, load_trials
-    from brainldm.depth import dpt_feature, load_depth_model
-    from brainldm.features import extract_features, parse_features
-    from brainldm.ldm import load_ldm
-    from brainldm.maps import fit_subject_maps
-    from brainldm.offline import build_offline_world
+    from brainldm.data.features import parse_features
+    from brainldm.data.trials import SubjectStimuli, load_trials
+    from brainldm.decoding.fit import fit_subject_maps
+    from brainldm.ldm.captioner import blip_feature, load_captioner
+    from brainldm.ldm.depth import dpt_feature, load_depth_model
+    from brainldm.ldm.extraction import extract_features
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.offline.world import build_offline_world
     from brainldm.presets import TAKAGI2023
 
     with tempfile.TemporaryDirectory() as work:

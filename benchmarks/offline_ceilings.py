@@ -11,7 +11,7 @@ z and c and fits the maps, as the README's offline demo does. Then, on the test 
 - the decoded z and c, as fitted (the paper) and rescaled to the training spread (per dimension, per target).
 
 For each it prints 2-way identification of Xz, Xc and Xzc against the presented pictures (chance 50%) by pixels,
-by colour histograms, by meaning (the animals a picture -> caption-words reader sees, :mod:`brainldm.meaning`) and
+by colour histograms, by meaning (the animals a picture -> caption-words reader sees, :mod:`brainldm.offline.meaning`) and
 by toy-CLIP, PixCorr, and how alike different trials' Xc are (mean pairwise r, beside the presented pictures'). First
 it checks the world itself: the reader names held-out pictures' animals from the originals, and not from the same
 pictures blurred to z's grid.
@@ -90,8 +90,8 @@ def print_table(rows: dict[str, dict], presented: float) -> None:
 
 def project(x: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
     """``x`` (n, ...) projected on the leading ``k`` principal components of ``train``, as the world's voxels see
-    features (:func:`brainldm.synthetic.principal_components`)."""
-    from brainldm.synthetic import principal_components
+    features (:func:`brainldm.offline.synthetic.principal_components`)."""
+    from brainldm.offline.synthetic import principal_components
 
     mean, std, v = principal_components(train.reshape(len(train), -1), k)
     s = (x.reshape(len(x), -1) - mean) / std
@@ -103,23 +103,23 @@ def run(work: Path, args, seed: int) -> tuple[dict[str, dict], float]:
     the presented pictures' pairwise r)."""
     import torch
 
-    from brainldm.data import SubjectStimuli, load_trials
-    from brainldm.evaluate import clip_extractor
-    from brainldm.features import load_features
-    from brainldm.ldm import load_ldm
-    from brainldm.meaning import (
+    from brainldm.analysis.evaluate import clip_extractor
+    from brainldm.data.features import load_features
+    from brainldm.data.trials import SubjectStimuli, load_trials
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.ldm.reconstruct import Reconstructor
+    from brainldm.metrics import two_way_identification
+    from brainldm.offline.meaning import (
         CaptionWords,
         blur_to_grid,
         caption_words,
         mean_pairwise_correlation,
         reconstruction_scores,
     )
-    from brainldm.metrics import two_way_identification
-    from brainldm.offline import build_offline_world
+    from brainldm.offline.synthetic import OFFLINE_SNR
+    from brainldm.offline.toy import draw_pairs
+    from brainldm.offline.world import build_offline_world
     from brainldm.presets import TAKAGI2023, Sampling
-    from brainldm.reconstruct import Reconstructor
-    from brainldm.synthetic import OFFLINE_SNR
-    from brainldm.toy import draw_pairs
 
     ldm = load_ldm("toy", device="cpu")
     snr = args.snr or OFFLINE_SNR

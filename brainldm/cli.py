@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .validation import MAX_SEED, InputError, oneline
+from brainldm.validation import MAX_SEED, InputError, oneline
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -23,14 +23,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import load_trials, load_voxels, subject_name
-from .ldm import load_ldm
-from .maps import WEIGHTS_FILE, SubjectMaps
-from .metrics import correlation_matrix, pixel_vectors
-from .presets import TAKAGI2023, Sampling
-from .reconstruct import Reconstruction, Reconstructor
-from .storage import atomic_path
-from .validation import InputError
+from brainldm.analysis.encoding import GROUP_FIGURE, run_encoding, write_group_summary
+from brainldm.analysis.evaluate import clip_extractor
+from brainldm.analysis.surfaces import OFFLINE_SPACE
+from brainldm.data.trials import load_trials, load_voxels
+from brainldm.decoding.maps import WEIGHTS_FILE, SubjectMaps
+from brainldm.ldm.captioner import captioner_for, captions_from_embeddings
+from brainldm.ldm.loading import load_ldm
+from brainldm.ldm.reconstruct import Reconstruction, Reconstructor
+from brainldm.metrics import correlation_matrix, pixel_vectors
+from brainldm.offline.synthetic import OFFLINE_SNR
+from brainldm.offline.world import build_offline_world
+from brainldm.paths import atomic_path, subject_name
+from brainldm.presets import TAKAGI2023, Sampling
+from brainldm.validation import InputError
 
 THUMBNAIL_SIZE = 128  # px, the gallery's longest side
 
@@ -81,11 +87,6 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
     app's "Cortical maps" tab.
     """
     from importlib.util import find_spec
-
-    from .encoding import run_encoding, write_group_summary
-    from .offline import build_offline_world
-    from .surfaces import OFFLINE_SPACE
-    from .synthetic import OFFLINE_SNR
 
     root = Path(root or tempfile.mkdtemp(prefix="brainldm-offline-"))
     anatomy = "S1" if find_spec("cortex") else "blob"
@@ -279,7 +280,7 @@ class DemoBackend:
         ``n_candidates`` test pictures by pixels and by CLIP (:meth:`ranks`).
 
         ``generate`` runs the GPU part (default :meth:`generate`; the app passes its ``@spaces.GPU`` wrapper);
-        ``rescale`` is passed to :meth:`~brainldm.maps.SubjectMaps.predict`.
+        ``rescale`` is passed to :meth:`~brainldm.decoding.maps.SubjectMaps.predict`.
         """
         state = self.subject(subject)
         trial = state.check_trial(trial)
@@ -303,10 +304,9 @@ class DemoBackend:
 
     def decoded_caption(self, subject: int, decoded: dict[str, torch.Tensor]) -> str | None:
         """The caption BLIP writes from the decoded image embedding, where the subject's maps decode ``blip`` (the
-        follow-up pipeline, :mod:`brainldm.captioner`); None otherwise. Its captioner is loaded on first use."""
+        follow-up pipeline, :mod:`brainldm.ldm.captioner`); None otherwise. Its captioner is loaded on first use."""
         if "blip" not in decoded:
             return None
-        from .captioner import captioner_for, captions_from_embeddings
 
         target = self.subject(subject).maps.config.targets["blip"]
         with self._lock:
@@ -318,8 +318,6 @@ class DemoBackend:
         """The CLIP image embedding that scores what the pictures show: the LDM's own vision tower when it ships one
         (toy's, offline), else CLIP ViT-L/14 as ``evaluate`` uses; None if it cannot be loaded (no network)."""
         if self._clip is None:
-            from .evaluate import clip_extractor
-
             encoder = getattr(self.reconstructor.img2img, "image_encoder", None)
             try:
                 if encoder is not None:
@@ -399,7 +397,6 @@ class DemoBackend:
         one. In a folder of subjects' maps, ``figures/`` holds what ``encoding.py --subjects`` writes (the group
         summary, and each subject's figures in ``figures/subjNN``); ``subjNN/figures`` beside the maps, if there, is
         used instead."""
-        from .encoding import GROUP_FIGURE
 
         group = Path(self.sources.maps) / "figures"
         # the summary across subjects: accuracy per ROI first, then the sweeps

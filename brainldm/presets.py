@@ -15,7 +15,7 @@ class Sampling:
 
     ``strength``: the img2img noise level (0 keeps Xz, 1 ignores it); ``guidance_scale``: how strongly c steers
     the image (classifier-free guidance, >= 1); ``num_samples``: samples per image, each image's
-    sample k from its own noise (``brainldm.reconstruct.noise_seed`` of the seed, the image and k).
+    sample k from its own noise (``brainldm.ldm.reconstruct.noise_seed`` of the seed, the image and k).
     """
 
     strength: float = 0.8
@@ -43,13 +43,13 @@ class Preset:
     decoders: tuple[tuple[str, str], ...] = (("z", "early"), ("c", "ventral"))
     # The follow-up pipeline (the paper's code, after the CVPR paper): BLIP image embeddings and DPT hidden states,
     # each decoded from six streams together, as reduced-rank maps (dense ones of NSD's ~15,000 voxels would be tens
-    # of GB: brainldm.maps.fit_subject_maps)
+    # of GB: brainldm.decoding.fit.fit_subject_maps)
     followup_decoders: tuple[tuple[str, str], ...] = (
         ("blip", "early+ventral+midventral+midlateral+lateral+parietal"),
         ("dpt", "early+ventral+midventral+midlateral+lateral+parietal"),
     )
     followup_rank: int = 256
-    # Rescaling decoded targets to the training distribution (brainldm.maps.RESCALE_MODES), as Brain-Diffuser does;
+    # Rescaling decoded targets to the training distribution (brainldm.decoding.maps.RESCALE_MODES), as Brain-Diffuser does;
     # the paper generates from the ridge predictions as they are
     rescale: str | None = None
     cv_folds: int = 5

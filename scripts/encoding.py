@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
 
-    from brainldm.encoding import GROUP_FIGURE, run_encoding, run_group_encoding
-    from brainldm.features import parse_features
-    from brainldm.surfaces import CorticalSpace
+    from brainldm.analysis.encoding import GROUP_FIGURE, run_encoding, run_group_encoding
+    from brainldm.analysis.surfaces import CorticalSpace
+    from brainldm.data.features import parse_features
 
     names = [spec.name for spec in parse_features(args.names)]
     spaces = {}

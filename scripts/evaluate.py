@@ -15,8 +15,8 @@ from brainldm import cli
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.evaluate import METRICS
-    from brainldm.reconstruct import KINDS
+    from brainldm.analysis.evaluate import METRICS
+    from brainldm.ldm.reconstruct import KINDS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recon", required=True, help="output folder of scripts/reconstruct.py")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from brainldm.evaluate import evaluate, metrics_table, write_report
+    from brainldm.analysis.evaluate import evaluate, metrics_table, write_report
 
     names = list(METRICS) if "all" in args.metrics else args.metrics
     options = dict(features=args.features, protocol=args.protocol, first_sessions=args.first_sessions)

@@ -27,9 +27,9 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.captioner import BLIP_IMAGE_SIZE, BLIP_MODEL
-    from brainldm.depth import DPT_MODEL
-    from brainldm.features import REDUCTIONS
+    from brainldm.data.features import REDUCTIONS
+    from brainldm.ldm.captioner import BLIP_IMAGE_SIZE, BLIP_MODEL
+    from brainldm.ldm.depth import DPT_MODEL
     from brainldm.presets import TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from accelerate import PartialState
 
-    from brainldm.data import SubjectStimuli
-    from brainldm.features import extract_features, parse_features
-    from brainldm.ldm import load_ldm
+    from brainldm.data.features import parse_features
+    from brainldm.data.trials import SubjectStimuli
+    from brainldm.ldm.extraction import extract_features
+    from brainldm.ldm.loading import load_ldm
 
     specs = parse_features(args.features)
     # cpu=True lets accelerate form a multi-process CPU group (gloo) when launched without GPUs
@@ -84,12 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     kinds = {spec.kind for spec in specs}
     auxiliary = {}
     if "blip" in kinds:
-        from brainldm.captioner import blip_feature, load_captioner
+        from brainldm.ldm.captioner import blip_feature, load_captioner
 
         captioner = load_captioner(args.captioner, device=ldm.unet.device, image_size=args.blip_image_size)
         auxiliary["blip"] = blip_feature(captioner, args.captioner)
     if "dpt" in kinds:
-        from brainldm.depth import dpt_feature, load_depth_model
+        from brainldm.ldm.depth import dpt_feature, load_depth_model
 
         auxiliary["dpt"] = dpt_feature(load_depth_model(args.depth_model, device=ldm.unet.device), args.depth_model)
     stores = extract_features(

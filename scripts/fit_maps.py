@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
 
-    from brainldm.maps import fit_subject_maps
+    from brainldm.decoding.fit import fit_subject_maps
 
     pairs = [pair.split("=") for pair in args.decoders.split(",")]
     if any(len(pair) != 2 or not all(pair) for pair in pairs):

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", default="full", help="FreeSurfer flat patch name (default: full)")
     args = parser.parse_args(argv)
 
-    from brainldm.surfaces import import_nsd_subject
+    from brainldm.analysis.surfaces import import_nsd_subject
 
     space = import_nsd_subject(args.nsd_root, args.subject, args.patch, cache_dir=args.cache_dir)
     print(f"pycortex subject {space.subject} with transform {space.transform} is ready for flatmaps")

@@ -11,7 +11,7 @@ from brainldm import cli
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.synthetic import OFFLINE_SNR
+    from brainldm.offline.synthetic import OFFLINE_SNR
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=cli.output_folder, required=True, help="NSD root folder to write")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=cli.integer(0, 2**32 - 1), default=0)
     args = parser.parse_args(argv)
 
-    from brainldm.synthetic import write_nsd_tree
+    from brainldm.offline.synthetic import write_nsd_tree
 
     start = time.perf_counter()
     tree = write_nsd_tree(

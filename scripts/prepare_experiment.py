@@ -4,7 +4,7 @@
 The manifest names, relative to itself: the betas (one 4D NIfTI per session, or one .npy of trials x X x Y x Z),
 a trials list (the image file each trial showed, one line per trial), the images folder, a captions JSON
 ({"image file": ["a caption", ...]}), ROI masks in the betas grid ({"early": "...", "ventral": "..."}) and a test
-list (image files, one per line). See brainldm.readers.ExperimentReader for the format. Then run
+list (image files, one per line). See brainldm.data.readers.ExperimentReader for the format. Then run
 extract_features.py, fit_maps.py (--decoders to pick other ROI names) and reconstruct.py on OUT as for NSD.
 """
 
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="rebuild OUT/subjNN if it exists")
     args = parser.parse_args(argv)
 
-    from brainldm.data import prepare
-    from brainldm.readers import ExperimentReader
+    from brainldm.data.readers import ExperimentReader
+    from brainldm.data.trials import prepare
 
     reader = ExperimentReader(args.manifest)
     folder = prepare(reader, args.out, zscore=not args.no_zscore, overwrite=args.overwrite)

@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
 
-    from brainldm.data import prepare_subject, push_to_hub
-    from brainldm.storage import Storage
+    from brainldm.data.storage import Storage
+    from brainldm.data.trials import prepare_subject, push_to_hub
 
     nsd_root = Storage(args.nsd_root, cache_dir=args.cache_dir, progress=True)
     folder = prepare_subject(

@@ -96,11 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from accelerate import PartialState
 
-    from brainldm.data import subject_name
-    from brainldm.ldm import load_ldm, optimize_ldm
-    from brainldm.maps import SubjectMaps
+    from brainldm.analysis.reconstructions import reconstruct_trials, write_contact_sheet
+    from brainldm.decoding.maps import SubjectMaps
+    from brainldm.ldm.loading import load_ldm, optimize_ldm
+    from brainldm.ldm.reconstruct import Reconstructor
+    from brainldm.paths import subject_name
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor, reconstruct_trials, write_contact_sheet
     from brainldm.validation import InputError
 
     # cpu=True lets accelerate form a multi-process CPU group (gloo) when launched without GPUs
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = maps.config.targets
     followup = None
     if "blip" in targets and not args.no_followup:
-        from brainldm.reconstruct import FollowUp
+        from brainldm.ldm.reconstruct import FollowUp
 
         followup = FollowUp.for_maps(maps, args.captioner, args.depth_model, args.depth_ldm, device=state.device)
     folders = reconstruct_trials(

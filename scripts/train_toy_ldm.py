@@ -27,8 +27,8 @@ from brainldm.presets import TAKAGI2023
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.ldm import TOY_DIR
-    from brainldm.toy import ToyConfig, seed_work_from_model, train_toy
+    from brainldm.ldm.loading import TOY_DIR
+    from brainldm.offline.toy import ToyConfig, seed_work_from_model, train_toy
 
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

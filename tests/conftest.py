@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny():
-    from brainldm.ldm import tiny_ldm
+    from brainldm.ldm.loading import tiny_ldm
 
     return tiny_ldm()
 
@@ -19,7 +19,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def nsd_tree(tmp_path_factory, tiny):
     """Two subjects, 3 sessions x 30 trials, 6 shared images, with HDF5 betas twins."""
-    from brainldm.synthetic import write_nsd_tree
+    from brainldm.offline.synthetic import write_nsd_tree
 
     root = tmp_path_factory.mktemp("nsd")
     return write_nsd_tree(root, subjects=(1, 2), write_hdf5=True, ldm=tiny, seed=0)
@@ -30,7 +30,7 @@ def decoding_world(tmp_path_factory, tiny):
     """A high-SNR subject with enough images to decode from: trials dataset, z/c features and fitted maps."""
     from types import SimpleNamespace
 
-    from brainldm.offline import build_offline_world
+    from brainldm.offline.world import build_offline_world
 
     root = tmp_path_factory.mktemp("decoding")
     world = build_offline_world(

@@ -254,8 +254,8 @@ def test_cortical_maps_come_from_either_layout_with_the_group_summary_first(tmp_
 
 
 def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(decoding_world):
+    from brainldm.data.features import load_features
     from brainldm.demo import Subject
-    from brainldm.features import load_features
     from brainldm.metrics import identification_rank, pattern_correlation
 
     state = Subject(1, decoding_world.maps, str(decoding_world.data))  # no LDM: nothing is encoded at load

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from brainldm import data, nsd
-from brainldm.data import load_trials, load_voxels, prepare_subject
-from brainldm.synthetic import write_nsd_tree
+from brainldm.data.trials import load_trials, load_voxels, nsd, prepare_subject
+from brainldm.data import trials as data
+from brainldm.offline.synthetic import write_nsd_tree
 from brainldm.validation import InputError
 
 
@@ -330,7 +330,7 @@ def test_trial_to_image_mapping_on_other_tree_shapes(tmp_path, tiny, shape):
 
 def _cut_session(root, subject, session, keep, formats=(".nii.gz", ".hdf5")):
     """Rewrite one session's betas with only its first ``keep`` volumes, as a failed copy leaves them."""
-    from brainldm.synthetic import write_betas_hdf5
+    from brainldm.offline.synthetic import write_betas_hdf5
 
     image = nib.load(nsd.betas_path(root, subject, session))
     volume = np.asarray(image.dataobj)[..., :keep]

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from brainldm.data import SubjectStimuli, load_trials, load_voxels, prepare_subject
-from brainldm.encoding import fit_encoding, one_sided_p, pca_scores, run_encoding, significance
-from brainldm.features import extract_features, parse_features
+from brainldm.analysis.encoding import fit_encoding, one_sided_p, pca_scores, run_encoding, significance
+from brainldm.data.features import parse_features
+from brainldm.data.trials import SubjectStimuli, load_trials, load_voxels, prepare_subject
+from brainldm.ldm.extraction import extract_features
 from brainldm.validation import InputError
 
 
@@ -39,7 +40,7 @@ def encoded(decoding_world, tiny, tmp_path_factory):
 def test_whole_brain_mode_stores_every_in_brain_voxel(decoding_world, encoded):
     import nibabel as nib
 
-    from brainldm import nsd
+    from brainldm.data import nsd
 
     root, _, voxels = encoded
     streams = np.asarray(nib.load(nsd.roi_path(decoding_world.tree.root, 1, "streams")).dataobj)
@@ -86,7 +87,7 @@ def test_p_values_equal_scipy_one_sided_pearsonr():
 def test_fdr_is_benjamini_hochberg_worked_by_hand(monkeypatch):
     # m = 5 p-values; BH: p_adj(i) = min over j >= i of p(j) * m / j, with p sorted ascending (worked out by hand)
     p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
-    monkeypatch.setattr("brainldm.encoding.one_sided_p", lambda r, n: p)
+    monkeypatch.setattr("brainldm.analysis.encoding.one_sided_p", lambda r, n: p)
     _, adjusted, significant = significance(np.zeros(5), 20, q=0.05)
     # sorted: 0.005*5/1=0.025, 0.01*5/2=0.025, 0.03*5/3=0.05, 0.04*5/4=0.05, 0.5*5/5=0.5
     np.testing.assert_allclose(adjusted, [0.025, 0.05, 0.05, 0.025, 0.5])
@@ -126,7 +127,7 @@ def test_several_subjects_get_their_own_results_and_a_group_summary(decoding_wor
 
 
 def test_the_group_summary_draws_each_sweep_with_every_subject(tmp_path):
-    from brainldm.encoding import EncodingResult, write_group_summary
+    from brainldm.analysis.encoding import EncodingResult, write_group_summary
 
     def result(name, early, ventral):
         rois = {"early": {"n_voxels": 5, "mean_r": early, "fraction_significant": 1.0},
@@ -218,7 +219,7 @@ def test_maps_summaries_and_figures_are_written(encoded):
 
 
 def test_a_store_is_read_a_block_of_channels_at_a_time(encoded):
-    from brainldm.features import FeatureStore
+    from brainldm.data.features import FeatureStore
 
     root, _, _ = encoded
     store = FeatureStore(root / "features", "c")

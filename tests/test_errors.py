@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainldm import nsd
 from brainldm.cli import EXIT_USER_ERROR
+from brainldm.data import nsd
 from brainldm.validation import InputError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -169,15 +169,16 @@ def test_features_of_different_models_are_refused_at_fit_time(decoding_world, tm
 
 
 def test_a_rank_above_the_maps_dimensions_is_refused(decoding_world, tmp_path):
-    from brainldm.maps import fit_subject_maps
+    from brainldm.decoding.fit import fit_subject_maps
 
     with pytest.raises(InputError, match=r"--ranks z=100000 is above what the z map can hold"):
         fit_subject_maps(decoding_world.data, decoding_world.features, 1, ranks={"z": 100_000}, device="cpu")
 
 
 def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world, tiny, tmp_path):
+    from brainldm.analysis.reconstructions import reconstruct_trials
+    from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     recon = Reconstructor(tiny, output_size=64)
     common = dict(rows=[0], progress=False)
@@ -196,8 +197,9 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world,
 
 
 def test_steps_beyond_the_schedulers_are_named_and_nothing_is_written(decoding_world, tiny, tmp_path):
+    from brainldm.analysis.reconstructions import reconstruct_trials
+    from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     with pytest.raises(InputError, match="steps must be in 1..1000 .*got 5000"):
         reconstruct_trials(Reconstructor(tiny), decoding_world.maps, decoding_world.data, 1, tmp_path / "out",
@@ -206,7 +208,7 @@ def test_steps_beyond_the_schedulers_are_named_and_nothing_is_written(decoding_w
 
 
 def test_a_config_json_that_is_not_json_is_named(decoding_world, tmp_path):
-    from brainldm.maps import SubjectMaps
+    from brainldm.decoding.maps import SubjectMaps
 
     decoding_world.maps.save_pretrained(tmp_path / "maps")
     (tmp_path / "maps" / "config.json").write_text('{"subject": 1,')  # truncated
@@ -215,8 +217,9 @@ def test_a_config_json_that_is_not_json_is_named(decoding_world, tmp_path):
 
 
 def test_a_truncated_png_in_a_reconstruction_folder_is_named(decoding_world, tiny, tmp_path, capsys):
+    from brainldm.analysis.reconstructions import reconstruct_trials
+    from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     recon = Reconstructor(tiny, output_size=64)
     reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path / "recon", rows=[0, 1],
@@ -231,7 +234,8 @@ def test_a_truncated_png_in_a_reconstruction_folder_is_named(decoding_world, tin
 
 
 def test_steps_beyond_the_scheduler_and_weak_guidance_are_refused_for_features(tiny, tmp_path):
-    from brainldm.features import extract_features, parse_features
+    from brainldm.data.features import parse_features
+    from brainldm.ldm.extraction import extract_features
 
     image = (np.zeros((64, 64, 3), dtype=np.uint8), ["a red circle"])
     for kwargs, match in ((dict(num_inference_steps=5000), r"steps must be in 1\.\.1000"),

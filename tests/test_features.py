@@ -5,24 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from brainldm.features import (
-    FeatureSpec,
-    FeatureStore,
-    encode_c,
-    encode_prompts,
-    encode_z,
-    extract_features,
-    img2img_latents,
-    load_features,
-    parse_features,
-    to_rgb_array,
-)
+from brainldm.data.features import FeatureSpec, FeatureStore, load_features, parse_features
+from brainldm.images import to_rgb_array
+from brainldm.ldm.extraction import extract_features
+from brainldm.ldm.features import encode_c, encode_prompts, encode_z, img2img_latents
 from brainldm.validation import InputError
 
 
 @pytest.fixture(scope="module")
 def pictures():
-    from brainldm.synthetic import draw_picture
+    from brainldm.offline.synthetic import draw_picture
 
     rng = np.random.default_rng(0)
     return [draw_picture(rng, 48) for _ in range(5)]  # (image, captions) pairs
@@ -157,7 +149,7 @@ def test_extraction_caches_per_image_and_reruns_compute_nothing(tiny, pictures, 
     z = load_features(tmp_path, "z", [103, 100])
     torch.testing.assert_close(torch.from_numpy(z), encode_z(tiny, [pictures[3][0], pictures[0][0]]))
 
-    monkeypatch.setattr("brainldm.features.encode_z", lambda *a, **k: pytest.fail("recomputed a cached image"))
+    monkeypatch.setattr("brainldm.ldm.features.encode_z", lambda *a, **k: pytest.fail("recomputed a cached image"))
     extract_features(
         tiny, "tiny", list(items), items.__getitem__, specs, tmp_path, num_inference_steps=10, progress=False
     )
@@ -315,7 +307,7 @@ def test_missing_ids_and_corrupt_shards_are_named(tiny, pictures, tmp_path):
 
 @pytest.fixture(scope="module")
 def two_subjects(nsd_tree, tmp_path_factory):
-    from brainldm.data import prepare_subject
+    from brainldm.data.trials import prepare_subject
 
     out = tmp_path_factory.mktemp("trials")
     for subject in (1, 2):
@@ -337,7 +329,7 @@ def test_extract_features_script_with_two_processes_under_accelerate(nsd_tree, t
     import subprocess
     import sys
 
-    from brainldm.data import SubjectStimuli
+    from brainldm.data.trials import SubjectStimuli
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -372,7 +364,7 @@ def test_extract_features_script_with_two_processes_under_accelerate(nsd_tree, t
 
 
 def test_a_second_subject_reuses_the_shared_pictures(two_subjects, tmp_path, capsys):
-    from brainldm.data import SubjectStimuli
+    from brainldm.data.trials import SubjectStimuli
 
     first, second = (set(SubjectStimuli(two_subjects, s).nsd_ids) for s in (1, 2))
     assert first & second and second - first  # shared pictures, and pictures of subject 2's own
@@ -388,7 +380,7 @@ def test_a_second_subject_reuses_the_shared_pictures(two_subjects, tmp_path, cap
         return real(ldm, images, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("brainldm.features.encode_z", counting)
+        patch.setattr("brainldm.ldm.features.encode_z", counting)
         script.main([*base, "--subject", "2"])
     assert len(computed) == len(second - first)  # counted, not timed: only subject 2's own pictures
     shared = len(first & second)

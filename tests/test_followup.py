@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from brainldm.captioner import TAKAGI_CAPTIONS, blip_embeddings, captions_from_embeddings, pixel_values, strip_prompt
-from brainldm.depth import depth_from_states, depth_img2img, dpt_states, tiny_depth_model
-from brainldm.ldm import tiny_depth_ldm
+from brainldm.ldm.captioner import (
+    TAKAGI_CAPTIONS,
+    blip_embeddings,
+    captions_from_embeddings,
+    pixel_values,
+    strip_prompt,
+)
+from brainldm.ldm.depth import depth_from_states, depth_img2img, dpt_states, tiny_depth_model
+from brainldm.ldm.loading import tiny_depth_ldm
+from brainldm.offline.toy import draw_pairs
 from brainldm.presets import Sampling
-from brainldm.toy import draw_pairs
 from brainldm.validation import InputError
 
 FAST = Sampling(num_inference_steps=5)
@@ -36,7 +42,7 @@ def pictures():
 
 @pytest.fixture(scope="module")
 def captioner():
-    from brainldm.captioner import load_captioner
+    from brainldm.ldm.captioner import load_captioner
 
     return load_captioner("tiny", device="cpu")
 
@@ -85,8 +91,8 @@ def test_the_depth_pipeline_follows_the_depth_map_it_is_given(pictures):
 
 
 def test_a_reduced_rank_map_fitted_a_block_at_a_time_is_the_dense_maps_reduction():
-    from brainldm.maps import fit_linear_map
-    from brainldm.ridge import reduced_rank
+    from brainldm.decoding.fit import fit_linear_map
+    from brainldm.decoding.ridge import reduced_rank
 
     rng = np.random.default_rng(0)
     betas = rng.standard_normal((80, 25)).astype(np.float32)
@@ -104,7 +110,7 @@ def test_a_reduced_rank_map_fitted_a_block_at_a_time_is_the_dense_maps_reduction
 
 
 def test_a_union_of_rois_holds_each_of_them(decoding_world):
-    from brainldm.data import load_voxels
+    from brainldm.data.trials import load_voxels
 
     voxels = load_voxels(decoding_world.data, 1)
     union = voxels.roi("early+ventral")
@@ -133,8 +139,8 @@ def followup_world(decoding_world, tmp_path_factory):
 
 
 def test_blip_and_dpt_are_stored_with_their_own_models_and_decoded_at_a_reduced_rank(followup_world):
-    from brainldm.features import FeatureStore
-    from brainldm.maps import SubjectMaps
+    from brainldm.data.features import FeatureStore
+    from brainldm.decoding.maps import SubjectMaps
 
     root, features = followup_world
     blip = FeatureStore(features, "blip")
@@ -169,8 +175,8 @@ def test_reconstruct_and_evaluate_make_and_score_xzt_and_xztd(followup_world, de
 
 def test_the_app_shows_the_caption_decoded_from_the_brain(followup_world, decoding_world):
     import app as app_module
-    from brainldm.captioner import captioner_for
     from brainldm.demo import DemoBackend, Sources
+    from brainldm.ldm.captioner import captioner_for
 
     root, _ = followup_world
     backend = DemoBackend(Sources(str(root / "maps"), str(decoding_world.data), "tiny", [1]), device="cpu")

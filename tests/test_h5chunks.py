@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from brainldm.h5chunks import BTreeIndex, btree_index, chunk_ranges
-from brainldm.storage import Storage
+from brainldm.data.h5chunks import BTreeIndex, btree_index, chunk_ranges
+from brainldm.data.storage import Storage
 
 
 def _write(path, libver="earliest", written=None, userblock=0, **kwargs):

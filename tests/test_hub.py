@@ -13,7 +13,7 @@ import torch
 from hub_server import LocalHub
 from huggingface_hub import DatasetCard, ModelCard
 
-from brainldm.maps import SubjectMaps
+from brainldm.decoding.maps import SubjectMaps
 
 TOKEN = "hf_local_test_token"
 
@@ -22,8 +22,8 @@ import json, sys
 from dataclasses import replace
 from pathlib import Path
 
-from brainldm.data import load_trials, load_voxels, push_to_hub
-from brainldm.maps import SubjectMaps
+from brainldm.data.trials import load_trials, load_voxels, push_to_hub
+from brainldm.decoding.maps import SubjectMaps
 
 work, maps_dir, data_dir, token = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 out = {}

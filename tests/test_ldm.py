@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from brainldm.ldm import ddim_scheduler, load_ldm, tiny_ldm
+from brainldm.ldm.loading import ddim_scheduler, load_ldm, tiny_ldm
 from brainldm.presets import TAKAGI2023
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from brainldm.data import load_trials, load_voxels
-from brainldm.features import load_features
-from brainldm.maps import MapsConfig, SubjectMaps, fit_linear_map, fit_subject_maps
+from brainldm.data.features import load_features
+from brainldm.data.trials import load_trials, load_voxels
+from brainldm.decoding.fit import fit_linear_map, fit_subject_maps
+from brainldm.decoding.maps import MapsConfig, SubjectMaps
+from brainldm.decoding.ridge import reduced_rank
 from brainldm.metrics import two_way_identification
-from brainldm.ridge import reduced_rank
 from brainldm.validation import InputError
 
 
@@ -233,10 +234,11 @@ def test_saved_maps_hold_no_local_path(decoding_world, tmp_path):
 def test_a_third_target_flows_through_fit_card_evaluation_and_the_app(decoding_world, tiny, tmp_path):
     """Targets are data: a decoder added to the preset (a new target from a new ROI) needs no code change."""
     import app as app_module
+    from brainldm.analysis.evaluate import evaluate
+    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.demo import Subject
-    from brainldm.evaluate import evaluate
+    from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     features = tmp_path / "features"
     shutil.copytree(decoding_world.features, features)
@@ -293,7 +295,7 @@ def test_rescaled_predictions_have_the_training_spread(mode):
 
 def test_rescaling_statistics_come_from_training_data_only(decoding_world, tmp_path, monkeypatch):
     """The statistics are fitted with the maps, without the test set: other test betas leave them as they were."""
-    import brainldm.maps as maps_module
+    import brainldm.decoding.maps as maps_module
 
     real = maps_module.load_trials
 

@@ -9,7 +9,7 @@ from PIL import Image
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
-from brainldm.evaluate import (
+from brainldm.analysis.evaluate import (
     METRICS,
     REFERENCE_ROWS,
     clip_extractor,
@@ -133,8 +133,9 @@ def test_table_lays_out_rows_unavailable_metrics_and_quoted_references():
 
 @pytest.fixture(scope="module")
 def reconstructions(decoding_world, tiny, tmp_path_factory):
+    from brainldm.analysis.reconstructions import reconstruct_trials
+    from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     out = tmp_path_factory.mktemp("recon")
     reconstructor = Reconstructor(tiny, output_size=64)
@@ -187,7 +188,7 @@ def test_an_offline_models_own_clip_tower_stands_in_for_clip_and_nothing_else_do
 
 
 def test_takagis_protocol_averages_each_metric_over_the_samples_of_each_image(reconstructions):
-    from brainldm.evaluate import load_subject_reconstructions, score_images
+    from brainldm.analysis.evaluate import load_subject_reconstructions, score_images
 
     takagi = evaluate(reconstructions, ["pixcorr", "ssim"], protocol="takagi")["subjects"]["subj01"]
     assert set(takagi) == {"Xz", "Xc, mean of 2 samples", "Xzc, mean of 2 samples"}
@@ -200,7 +201,7 @@ def test_takagis_protocol_averages_each_metric_over_the_samples_of_each_image(re
 
 
 def test_both_test_sets_are_scored_when_the_data_run_past_the_first_sessions(reconstructions):
-    from brainldm.evaluate import load_subject_reconstructions, score_images, sets_of_test_images
+    from brainldm.analysis.evaluate import load_subject_reconstructions, score_images, sets_of_test_images
 
     trials = load_subject_reconstructions(reconstructions / "subj01")
     sessions = [meta["sessions"] for meta, _ in trials]

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from brainldm.meaning import (
+from brainldm.metrics import two_way_identification
+from brainldm.offline.meaning import (
     CaptionWords,
     blur_to_grid,
     caption_words,
     mean_pairwise_correlation,
     reconstruction_scores,
 )
-from brainldm.metrics import two_way_identification
-from brainldm.synthetic import KINDS, coat_pattern, draw_picture
-from brainldm.toy import draw_pairs
+from brainldm.offline.synthetic import ANIMALS, coat_pattern, draw_picture
+from brainldm.offline.toy import draw_pairs
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_captions_name_only_the_animals_in_correct_english():
 def test_every_coat_averages_to_the_same_colour_over_one_period():
     """A box blur over z's grid cell (one period) leaves nothing of the coat: the meaning is finer than z's grid."""
     yy, xx = np.mgrid[0:640, 0:640] / 640
-    for kind in KINDS:
+    for kind in ANIMALS:
         coat = coat_pattern(kind, xx, yy, np.random.default_rng(1))
         cells = coat.reshape(10, 64, 10, 64).mean(axis=(1, 3))
         assert np.abs(cells).max() < 0.02, kind
@@ -61,12 +61,12 @@ def test_the_worlds_meaning_is_read_from_the_pictures_but_not_from_z_sized_blurs
 def toy_reconstructions(tmp_path_factory):
     """A fresh-seed world decoded with toy at the default noise level; Xz, Xc and Xzc of its 24 test images (15 DDIM
     steps, for speed), from the decoded z and c as fitted and rescaled (one factor per target)."""
-    from brainldm.data import load_trials
-    from brainldm.ldm import load_ldm
-    from brainldm.offline import build_offline_world
+    from brainldm.data.trials import load_trials
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.ldm.reconstruct import Reconstructor
+    from brainldm.offline.synthetic import OFFLINE_SNR
+    from brainldm.offline.world import build_offline_world
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor
-    from brainldm.synthetic import OFFLINE_SNR
 
     ldm = load_ldm("toy", device="cpu")
     world = build_offline_world(
@@ -87,7 +87,7 @@ def toy_reconstructions(tmp_path_factory):
 
 @pytest.mark.parametrize("rescale", [None, "target"])
 def test_xz_carries_the_layout_xc_the_meaning_and_xzc_both(toy_reconstructions, reader, rescale):
-    from brainldm.evaluate import clip_extractor
+    from brainldm.analysis.evaluate import clip_extractor
 
     pictures, out, ldm = toy_reconstructions
     clip = clip_extractor(ldm.image_encoder)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainldm import nsd
-from brainldm.data import load_trials, load_voxels, prepare
-from brainldm.readers import ExperimentReader
+from brainldm.data.readers import ExperimentReader
+from brainldm.data.trials import load_trials, load_voxels, nsd, prepare
 from brainldm.validation import InputError
 
 
@@ -79,11 +78,13 @@ def test_an_experiment_gives_the_same_trials_as_the_nsd_reader_on_the_same_data(
 
 
 def test_an_experiment_runs_features_fit_and_reconstruct_without_nsd_files(experiment, tiny, tmp_path):
-    from brainldm.data import SubjectStimuli
-    from brainldm.features import extract_features, parse_features
-    from brainldm.maps import fit_subject_maps
+    from brainldm.analysis.reconstructions import reconstruct_trials
+    from brainldm.data.features import parse_features
+    from brainldm.data.trials import SubjectStimuli
+    from brainldm.decoding.fit import fit_subject_maps
+    from brainldm.ldm.extraction import extract_features
+    from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
-    from brainldm.reconstruct import Reconstructor, reconstruct_trials
 
     folder, _, _ = experiment
     stimuli = SubjectStimuli(folder / "trials", 1)

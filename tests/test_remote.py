@@ -13,10 +13,9 @@ import pytest
 from s3_server import LocalS3
 from safetensors import safe_open
 
-from brainldm import nsd
-from brainldm.data import VOXELS_FILE, prepare_subject
-from brainldm.readers import nsd_voxel_table
-from brainldm.synthetic import write_nsd_tree
+from brainldm.data.readers import nsd_voxel_table
+from brainldm.data.trials import VOXELS_FILE, nsd, prepare_subject
+from brainldm.offline.synthetic import write_nsd_tree
 from brainldm.validation import InputError
 
 BUCKET = "natural-scenes-dataset"
@@ -210,7 +209,7 @@ def test_the_script_reads_a_bucket_and_says_what_it_fetched(bucket, s3, tmp_path
 
 def test_stimuli_from_a_bucket_match_the_file(bucket, s3, tmp_path):
     ids = np.unique(bucket.trial_images[1])[:5]
-    from brainldm.storage import Storage
+    from brainldm.data.storage import Storage
 
     with nsd.Stimuli(Storage(URL, cache_dir=tmp_path), ids) as remote, nsd.Stimuli(bucket.root) as local:
         for i in ids:
@@ -253,7 +252,7 @@ def test_a_rerun_after_the_buckets_pictures_changed_reads_the_new_ones(own_bucke
     """Same key, same size, new pictures: the cached pictures are not the bucket's any more."""
     import h5py
 
-    from brainldm.data import load_trials
+    from brainldm.data.trials import load_trials
 
     name, root = own_bucket
     prepare_subject(f"s3://{name}", 1, tmp_path / "old", sessions=1, progress=False, cache_dir=tmp_path / "cache")
@@ -262,7 +261,7 @@ def test_a_rerun_after_the_buckets_pictures_changed_reads_the_new_ones(own_bucke
     size = nsd.stimuli_path(root).stat().st_size
     _put(s3, name, nsd.STIMULI, nsd.stimuli_path(root))
     assert s3.client().head_object(Bucket=name, Key=nsd.STIMULI)["ContentLength"] == size
-    from brainldm.storage import Storage
+    from brainldm.data.storage import Storage
 
     storage = Storage(f"s3://{name}", cache_dir=tmp_path / "cache")
     prepare_subject(storage, 1, tmp_path / "new", sessions=1, progress=False)

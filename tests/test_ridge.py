@@ -6,8 +6,8 @@ import torch
 from sklearn.linear_model import Ridge
 from sklearn.linear_model import RidgeCV as SklearnRidgeCV
 
-from brainldm import ridge as ridge_module
-from brainldm.ridge import RidgeCV, make_folds
+from brainldm.decoding import ridge as ridge_module
+from brainldm.decoding.ridge import RidgeCV, make_folds
 from brainldm.validation import InputError
 
 

@@ -1,26 +1,94 @@
-"""The package's shape: no import cycles between brainldm's modules (lazy imports inside functions included)."""
+"""The package's shape: wings stacked in the method's order, imports running only downward, and no cycles.
 
-import re
+brainldm's ground floor (presets, validation, ...) imports no wing; ``data`` imports only the ground; ``ldm`` and
+``decoding`` stand side by side on ``data`` and never import each other; ``analysis`` sits on both; ``offline``
+(the synthetic world, toy) imports the product and the product never imports it, except the app's ``demo`` on top.
+"""
+
+import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "brainldm"
+# each wing with the wings it may import (the ground floor, "", is open to all)
+MAY_IMPORT = {
+    "": set(),
+    "data": {""},
+    "ldm": {"", "data"},
+    "decoding": {"", "data"},
+    "analysis": {"", "data", "ldm", "decoding"},
+    "offline": {"", "data", "ldm", "decoding", "analysis"},
+    "demo": {"", "data", "ldm", "decoding", "analysis", "offline"},
+}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(("brainldm", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def wing(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 2 and parts[1] in MAY_IMPORT:
+        return parts[1]
+    return "demo" if module == "brainldm.demo" else ""
+
+
+def brainldm_imports(path: Path, modules: set[str]) -> set[str]:
+    """Every brainldm module ``path`` imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("brainldm"):
+            assert node.level == 0, f"{path}: relative import; brainldm imports its modules by their full names"
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("brainldm")}
+    return found - {"brainldm"}
+
+
+def package_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: brainldm_imports(path, set(paths)) for name, path in paths.items()}
+
+
+def test_wings_import_only_downward():
+    wrong = [
+        f"{name} ({wing(name) or 'ground'}) imports {other} ({wing(other) or 'ground'})"
+        for name, imports in package_graph().items()
+        for other in imports
+        if wing(other) != wing(name) and wing(other) not in MAY_IMPORT[wing(name)]
+    ]
+    assert not wrong, wrong
+
+
+def test_the_ground_floor_is_the_only_open_floor():
+    assert set(MAY_IMPORT) - {""} == {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} | {"demo"}
+
+
+def test_sibling_imports_stand_at_the_top_of_each_module():
+    inside = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        inside += [
+            f"{path.relative_to(PACKAGE)}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("brainldm") and id(node) not in top
+        ]
+    assert not inside, inside
 
 
 def test_brainldm_modules_import_each_other_without_cycles():
-    sources = {path.stem: path.read_text() for path in PACKAGE.glob("*.py")}
-    imports = {
-        name: {m for m in re.findall(r"from \.(\w+) import|from \. import (\w+)", text) for m in m if m} & set(sources)
-        for name, text in sources.items()
-    }
+    imports = package_graph()
     cycles = []
 
     def visit(name: str, path: list[str]) -> None:
-        for other in sorted(imports[name] - {name}):
+        for other in sorted(imports.get(name, set()) - {name}):
             if other in path:
                 cycles.append(" -> ".join(path[path.index(other) :] + [other]))
-            else:
+            elif other in imports:
                 visit(other, path + [other])
 
-    for name in sorted(sources):
+    for name in sorted(imports):
         visit(name, [name])
     assert not cycles, cycles[:5]

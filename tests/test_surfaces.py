@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from brainldm import nsd
-from brainldm.surfaces import CorticalSpace, check_space, import_nsd_subject, require_pycortex
+from brainldm.analysis.surfaces import CorticalSpace, check_space, import_nsd_subject, require_pycortex
+from brainldm.data import nsd
 from brainldm.validation import InputError
 
 pytest.importorskip("cortex", reason='flatmaps need pip install "brainldm[cortex]"')
@@ -18,10 +18,11 @@ def s1_world(tmp_path_factory):
     """An S1-shaped subject at the offline noise level: trials (ROI and whole-brain) and toy z, c features."""
     from types import SimpleNamespace
 
-    from brainldm.data import SubjectStimuli, prepare_subject
-    from brainldm.features import extract_features, parse_features
-    from brainldm.ldm import load_ldm
-    from brainldm.synthetic import write_nsd_tree
+    from brainldm.data.features import parse_features
+    from brainldm.data.trials import SubjectStimuli, prepare_subject
+    from brainldm.ldm.extraction import extract_features
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.offline.synthetic import write_nsd_tree
 
     root = tmp_path_factory.mktemp("s1")
     ldm = load_ldm("toy", device="cpu")
@@ -84,7 +85,7 @@ def test_roi_outlines_are_rendered_once_and_drawn_on_every_panel(tmp_path, monke
     import cortex
     from PIL import Image
 
-    from brainldm import viz
+    from brainldm.analysis import viz
 
     if shutil.which("inkscape") is None:
         pytest.skip("pycortex draws ROI outlines with Inkscape (apt-get install inkscape)")
@@ -117,7 +118,7 @@ def test_missing_subject_or_transform_says_how_to_import_it():
 
 
 def test_a_cortical_space_of_another_grid_is_refused_before_the_work(decoding_world, tmp_path):
-    from brainldm.encoding import run_encoding
+    from brainldm.analysis.encoding import run_encoding
 
     check_space(CorticalSpace("S1", "fullhead"), (100, 100, 31))  # S1's own functional grid fits
     with pytest.raises(InputError, match=r"S1/fullhead maps a \(100, 100, 31\) grid, but the data's voxels lie in"):

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from brainldm import nsd
-from brainldm.synthetic import write_nsd_tree
+from brainldm.data import nsd
+from brainldm.ldm.captioner import TINY_CAPTION_WORDS
+from brainldm.offline.synthetic import draw_picture, write_nsd_tree
 
 
 def test_expdesign_is_one_based_and_maps_trials_to_images(nsd_tree):
@@ -71,6 +72,18 @@ def test_captions_cover_every_image_once(nsd_tree):
     for nsd_id in (0, 7, nsd_tree.n_images - 1):
         assert by_coco[info.cocoId[nsd_id]] == nsd_tree.captions[nsd_id]
         assert 4 <= len(nsd_tree.captions[nsd_id]) <= 5
+
+
+def test_captions_use_only_the_tiny_captioners_words():
+    # the tiny captioner (random BLIP) decodes the world's captions with a word-level tokenizer over these words
+    rng = np.random.default_rng(0)
+    words = {
+        w
+        for _ in range(200)
+        for caption in draw_picture(rng, 32)[1]
+        for w in caption.lower().replace(",", " , ").replace(".", " . ").replace(":", " : ").split()
+    }
+    assert words <= set(TINY_CAPTION_WORDS), sorted(words - set(TINY_CAPTION_WORDS))
 
 
 def test_rois_are_nifti_with_minus_one_outside_the_brain(nsd_tree):

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from brainldm import toy
-from brainldm.evaluate import stand_in_clip_extractor
-from brainldm.features import encode_c, encode_z
-from brainldm.ldm import TOY_DIR, clip_stand_in, ddim_scheduler, ldm_sizes, load_ldm
+from brainldm.analysis.evaluate import stand_in_clip_extractor
+from brainldm.ldm.features import encode_c, encode_z
+from brainldm.ldm.loading import TOY_DIR, clip_stand_in, ddim_scheduler, ldm_sizes, load_ldm
+from brainldm.ldm.reconstruct import Reconstructor
 from brainldm.metrics import pixcorr, two_way_identification
+from brainldm.offline.synthetic import ANIMALS, coat_pattern
+from brainldm.offline.toy import ToyConfig, build_unet, grow_unet
+from brainldm.offline import toy
 from brainldm.presets import Sampling
-from brainldm.reconstruct import Reconstructor
-from brainldm.synthetic import KINDS, coat_pattern
-from brainldm.toy import ToyConfig, build_unet, grow_unet
 from brainldm.validation import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_vae_round_trip_keeps_the_pictures(ldm, heldout):
     assert np.abs(back.mean((1, 2)) - pictures.mean((1, 2))).mean() < 12
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ANIMALS)
 def test_vae_round_trip_keeps_every_animals_coat(ldm, kind):
     """A picture that is all one animal's coat comes back as that coat, not another's: the first toys' VAE returned
     giraffes' chequerboards as snakes' stripes (``train_vae_refine``)."""

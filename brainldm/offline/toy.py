@@ -1,7 +1,7 @@
 """``toy``: the offline world's trained latent diffusion model, and how it is trained.
 
 A Stable-Diffusion-shaped model small enough to train in minutes on a GPU (a CPU-sized run takes 45 minutes on 2
-cores and scores lower), on the offline world's pictures and captions (:func:`brainldm.synthetic.draw_picture`). Its
+cores and scores lower), on the offline world's pictures and captions (:func:`brainldm.offline.synthetic.draw_picture`). Its
 parts are the ones SD has, in the classes diffusers and transformers use for SD, so every code path of brainldm
 runs on it unchanged:
 
@@ -14,7 +14,7 @@ runs on it unchanged:
   signal-to-noise ratio multiplied by ``snr_shift`` (written into the saved scheduler's ``trained_betas``).
 
 Sizes keep the paper's proportions at 128 px output: z from the picture at 80 px (SD: 320 of 512). They travel
-with the model (the U-Net's ``sample_size`` times the VAE's factor, see :func:`brainldm.ldm.ldm_sizes`).
+with the model (the U-Net's ``sample_size`` times the VAE's factor, see :func:`brainldm.ldm.loading.ldm_sizes`).
 
 Training is four phases (:func:`train_clip`, :func:`train_vae`, :func:`encode_latents`, :func:`train_unet`),
 each a pure loop over models passed in, checkpointed by the caller (``scripts/train_toy_ldm.py``). Every step's
@@ -40,9 +40,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .presets import TAKAGI2023
-from .storage import atomic_path
-from .torch_utils import clip_normalise
+from brainldm.analysis.evaluate import clip_extractor
+from brainldm.ldm.features import encode_c, encode_z
+from brainldm.ldm.loading import byte_level_clip_tokenizer, ddim_scheduler, load_ldm, signal_to_noise
+from brainldm.ldm.reconstruct import Reconstructor
+from brainldm.metrics import pixcorr, two_way_identification
+from brainldm.offline.synthetic import draw_picture
+from brainldm.offline.toy_card import toy_card, toy_reproduce
+from brainldm.paths import atomic_path
+from brainldm.presets import TAKAGI2023, Sampling
+from brainldm.torch_utils import clip_normalise, default_device
+from brainldm.validation import InputError
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,6 @@ class ToyConfig:
 
 
 def _draw_range(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[list[str]]]:
-    from .synthetic import draw_picture
 
     seed, start, stop, size = args
     pictures, captions = [], []
@@ -115,7 +122,7 @@ def draw_pairs(n: int, seed: int, size: int, workers: int | None = None) -> tupl
 
 
 def resize(pictures: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize of uint8 pictures (n, H, W, 3), as :func:`brainldm.features.images_to_tensor` does."""
+    """Bicubic resize of uint8 pictures (n, H, W, 3), as :func:`brainldm.images.images_to_tensor` does."""
     return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BICUBIC)) for p in pictures])
 
 
@@ -134,8 +141,6 @@ def caption_tokenizer(captions: list[list[str]], model_max_length: int = 77):
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from tokenizers.pre_tokenizers import ByteLevel
-
-    from .ldm import byte_level_clip_tokenizer
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
@@ -210,8 +215,6 @@ def build_vae(config: ToyConfig):
 
 def build_unet(config: ToyConfig):
     from diffusers import UNet2DConditionModel
-
-    from .validation import InputError
 
     factor = 2 ** (len(config.vae_channels) - 1)
     n, attending = len(config.unet_channels), config.unet_attention_levels
@@ -491,10 +494,6 @@ def score_toy(
       caption embedding (c), in the toy vision tower's space and in pixel space (chance 0.5);
     - ``t2i_steps`` / ``t2i_guidance``: the sampling settings of those generations.
     """
-    from .features import encode_c, encode_z
-    from .metrics import pixcorr, two_way_identification
-    from .presets import Sampling
-    from .reconstruct import Reconstructor
 
     recon = Reconstructor(ldm)
     size, z_size = recon.output_size, recon.z_image_size
@@ -511,7 +510,6 @@ def score_toy(
     z = encode_z(ldm, list(pictures), image_size=z_size)
     generated = recon(z, c, Sampling(guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed)).Xc[:, 0]
     scores["t2i_steps"], scores["t2i_guidance"] = steps, guidance_scale
-    from .evaluate import clip_extractor
 
     extract = clip_extractor(image_encoder)
     scores["t2i_clip_id"] = float(two_way_identification(extract(list(generated)), extract(list(pictures))).mean())
@@ -541,7 +539,6 @@ def grow_unet(saved, config: ToyConfig):
     """``saved`` (a toy U-Net) with cross-attention at ``config.unet_attention_levels`` levels, more than it has: the
     new attention blocks are built seeded and their output projections zeroed, so the grown U-Net computes exactly
     what ``saved`` does until training teaches them something."""
-    from .validation import InputError
 
     n, levels = len(config.unet_channels), config.unet_attention_levels
     had = sum(t.startswith("CrossAttn") for t in saved.config.down_block_types)
@@ -570,7 +567,6 @@ def retime_unet(unet, old, new, steps: int = 3000) -> None:
     either schedule, so the refitted U-Net computes what the old one did (to the fit's error, about 0.2% of the
     embedding's size), with no training. ``steps``: full-batch Adam steps over the 1000 timesteps, deterministic.
     """
-    from .ldm import signal_to_noise
 
     old_snr, new_snr = (torch.log(signal_to_noise(scheduler)).numpy() for scheduler in (old, new))
     timesteps = np.arange(len(new_snr))
@@ -605,9 +601,6 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
-    from .ldm import ddim_scheduler
-    from .validation import InputError
 
     model_dir, work = Path(model_dir), Path(work)
     if (work / "init.json").exists():
@@ -662,8 +655,6 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").float()
     init = {"from": str(model_dir), "unet_steps": saved["unet_steps"]}
     if own:
-        from .cards import toy_reproduce
-
         if grown:
             unet = grow_unet(unet, config)
         if retimed:
@@ -706,11 +697,6 @@ def train_toy(
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
-
-    from .cards import toy_card
-    from .ldm import ddim_scheduler, load_ldm
-    from .torch_utils import default_device
-    from .validation import InputError
 
     t0 = time.time()
     device = default_device(device)

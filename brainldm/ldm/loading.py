@@ -20,21 +20,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .presets import TAKAGI2023
-from .torch_utils import default_device
+from brainldm.presets import TAKAGI2023
+from brainldm.torch_utils import default_device
 
 TINY = "tiny"
 TOY = "toy"
 TOY_DIR = Path(__file__).parent / "models" / "toy"  # the trained offline model, made by scripts/train_toy_ldm.py
 TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
-# (licence name, link) of LDMs on the Hub, for the model cards of maps fitted to their features
-MODEL_LICENSES = {
-    "CompVis/stable-diffusion-v1-4": (
-        "creativeml-openrail-m",
-        "https://huggingface.co/spaces/CompVis/stable-diffusion-license",
-    ),
-}
 
 
 def clip_stand_in(model_id_or_dir: str | Path) -> Path | None:
@@ -66,7 +59,7 @@ def ddim_scheduler(snr_shift: float = 1.0) -> DDIMScheduler:
 
     ``snr_shift`` multiplies every timestep's signal-to-noise ratio alpha_bar / (1 - alpha_bar), written out as the
     scheduler's ``trained_betas``; 1 is SD's own schedule. A model on a smaller latent grid needs a larger one to
-    keep as much of an image's layout at the same timestep (toy's: :class:`~brainldm.toy.ToyConfig`).
+    keep as much of an image's layout at the same timestep (toy's: :class:`~brainldm.offline.toy.ToyConfig`).
     """
     settings = dict(
         num_train_timesteps=1000,
@@ -224,7 +217,7 @@ def load_ldm(
 
     Args:
         model_id_or_dir: a Hub model id, a local diffusers folder, ``"toy"`` (the trained offline model,
-            :mod:`brainldm.toy`), ``"tiny"`` or ``"random-sd14"``.
+            :mod:`brainldm.offline.toy`), ``"tiny"`` or ``"random-sd14"``.
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to fp16 on CUDA and fp32 on CPU.
     """
@@ -268,7 +261,7 @@ DEPTH_MODEL = "stabilityai/stable-diffusion-2-depth"
 
 def load_depth_ldm(model_id_or_dir: str = DEPTH_MODEL, device=None, dtype=None):
     """Stable Diffusion 2's depth-conditioned img2img pipeline with the paper's DDIM scheduler, loaded without its
-    depth estimator (the depth maps are decoded from the brain, :mod:`brainldm.depth`), or ``"tiny"``
+    depth estimator (the depth maps are decoded from the brain, :mod:`brainldm.ldm.depth`), or ``"tiny"``
     (:func:`tiny_depth_ldm`). Device and dtype default as :func:`load_ldm`'s."""
     from diffusers import StableDiffusionDepth2ImgPipeline
 

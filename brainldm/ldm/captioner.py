@@ -18,13 +18,42 @@ from dataclasses import dataclass
 
 import torch
 
-from .ldm import TINY
-from .validation import InputError
+from brainldm.images import images_to_tensor
+from brainldm.ldm.loading import TINY
+from brainldm.torch_utils import default_device
+from brainldm.validation import InputError
 
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"  # transformers' port of BLIP's ViT-B captioner
 BLIP_IMAGE_SIZE = 240  # the reference code's (its BLIP decoder was built at 240 px: 226 tokens x 768)
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's image normalisation (its processor's)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# tiny's words: those of captions naming animals, the offline world's (brainldm.offline.synthetic) among them, so
+# that its captions tokenize whole (tests/test_synthetic.py checks they do)
+TINY_CAPTION_WORDS = (
+    ",",
+    ".",
+    ":",
+    "a",
+    "an",
+    "and",
+    "animals",
+    "giraffe",
+    "image",
+    "leopard",
+    "next",
+    "of",
+    "picture",
+    "sheep",
+    "showing",
+    "snake",
+    "some",
+    "standing",
+    "tiger",
+    "to",
+    "together",
+    "zebra",
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +92,6 @@ class Captioner:
 def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BLIP_IMAGE_SIZE) -> Captioner:
     """A Hub BLIP captioner (or a local folder), or ``"tiny"`` (:func:`tiny_captioner`), in eval mode on ``device``,
     taking its embeddings at ``image_size`` (position embeddings interpolated where that is not the model's own)."""
-    from .torch_utils import default_device
 
     if model_id == TINY:
         captioner = tiny_captioner()
@@ -85,7 +113,7 @@ def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BL
 
 
 def captioner_for(target, model_id: str | None = None, device=None) -> Captioner:
-    """The captioner a decoded ``blip`` target (a :class:`~brainldm.maps.TargetConfig`) was fitted to, or the one
+    """The captioner a decoded ``blip`` target (a :class:`~brainldm.decoding.maps.TargetConfig`) was fitted to, or the one
     ``model_id`` names, taking embeddings at the image size of the target's (its token count is (size / patch)^2
     + 1)."""
     captioner = load_captioner(model_id or target.model_id, device=device)
@@ -100,14 +128,12 @@ def captioner_for(target, model_id: str | None = None, device=None) -> Captioner
 
 def tiny_captioner(seed: int = 0) -> Captioner:
     """A BLIP captioner with seeded random weights (vision width 32 at 64 px; text decoder width 32, 2 layers) and a
-    word-level BERT tokenizer over the prompt and the offline world's caption words. Built in a second.
+    word-level BERT tokenizer over the prompt and :data:`TINY_CAPTION_WORDS`. Built in a second.
     Its weights are drawn 10x wider than BLIP's initialisation, so that its captions depend on the image."""
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
-    from .synthetic import caption_vocabulary
-
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    vocabulary = specials + sorted(set(TAKAGI_CAPTIONS.prompt.split()) | set(caption_vocabulary()))
+    vocabulary = specials + sorted(set(TAKAGI_CAPTIONS.prompt.split()) | set(TINY_CAPTION_WORDS))
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary)})
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     ids = {w: i for i, w in enumerate(vocabulary)}
@@ -129,7 +155,6 @@ def tiny_captioner(seed: int = 0) -> Captioner:
 
 def pixel_values(images, size: int) -> torch.Tensor:
     """Images -> (n, 3, size, size) normalised as BLIP was trained (bicubic resize)."""
-    from .features import images_to_tensor
 
     return images_to_tensor(images, size, BLIP_MEAN, BLIP_STD)
 
@@ -144,7 +169,7 @@ def blip_embeddings(captioner: Captioner, images) -> torch.Tensor:
 
 
 def blip_feature(captioner: Captioner, model_id: str) -> tuple[dict, Callable]:
-    """The ``blip`` feature for :func:`brainldm.features.extract_features`: what its store records (the captioner's
+    """The ``blip`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the captioner's
     id, the image size), and the function of a batch of images that computes it."""
     return {"model_id": model_id, "image_size": captioner.image_size}, lambda images: blip_embeddings(captioner, images)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .storage import Storage
-from .validation import InputError
+from brainldm.data.storage import Storage
+from brainldm.validation import InputError
 
 LAYOUT_MESSAGE, CONTINUATION_MESSAGE, BTREE_K_MESSAGE = 0x0008, 0x0010, 0x0013
 UNDEFINED = 2**64 - 1

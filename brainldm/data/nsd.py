@@ -1,6 +1,6 @@
 """The raw Natural Scenes Dataset layout: where each file lives and what its labels mean.
 
-Paths are relative to the NSD root, exactly as on NSD's public bucket. ``brainldm.synthetic`` writes to
+Paths are relative to the NSD root, exactly as on NSD's public bucket. ``brainldm.offline.synthetic`` writes to
 these same paths, so the offline world and real NSD go through one reader.
 """
 
@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from .h5chunks import chunk_ranges
-from .storage import RangeFile, Storage, as_storage, atomic_path
-from .validation import InputError, oneline
+from brainldm.data.h5chunks import chunk_ranges
+from brainldm.data.storage import RangeFile, Storage, as_storage
+from brainldm.paths import atomic_path
+from brainldm.validation import InputError, oneline
 
 # `streams.nii.gz` labels (0 = in the brain but unlabelled; -1 = outside the brain)
 STREAMS = {
@@ -66,7 +67,7 @@ def betas_file(subject: int, session: int, suffix: str = ".nii.gz") -> str:
     return f"{betas_folder(subject)}/betas_session{session:02d}{suffix}"
 
 
-# Local paths under a root folder (what brainldm.synthetic writes, and what tests open)
+# Local paths under a root folder (what brainldm.offline.synthetic writes, and what tests open)
 
 
 def expdesign_path(root: str | Path) -> Path:

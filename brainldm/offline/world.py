@@ -1,4 +1,4 @@
-"""The offline world end to end: a synthetic NSD tree (:mod:`brainldm.synthetic`) run through the real pipeline,
+"""The offline world end to end: a synthetic NSD tree (:mod:`brainldm.offline.synthetic`) run through the real pipeline,
 prepared as a trials dataset, its z and c extracted with an offline LDM and its subject maps fitted.
 
 What the demo app falls back to without maps or data, what the tests decode, and what the offline benchmarks measure:
@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .synthetic import SyntheticNSD
+from brainldm.data.features import parse_features
+from brainldm.data.trials import SubjectStimuli, prepare_subject
+from brainldm.decoding.fit import fit_subject_maps
+from brainldm.ldm.extraction import extract_features
+from brainldm.offline.synthetic import SyntheticNSD, write_nsd_tree
 
 
 @dataclass
@@ -33,13 +37,9 @@ def build_offline_world(
     progress: bool = False,
     **world,
 ) -> OfflineWorld:
-    """Write a synthetic NSD tree of ``subjects`` (``world``: :func:`~brainldm.synthetic.write_nsd_tree`'s settings),
+    """Write a synthetic NSD tree of ``subjects`` (``world``: :func:`~brainldm.offline.synthetic.write_nsd_tree`'s settings),
     prepare each subject, extract z and c of its pictures with ``ldm`` (named ``model_id`` in the feature store) and
     fit the maps of the subjects in ``fit`` (default: all)."""
-    from .data import SubjectStimuli, prepare_subject
-    from .features import extract_features, parse_features
-    from .maps import fit_subject_maps
-    from .synthetic import write_nsd_tree
 
     root = Path(root)
     tree = write_nsd_tree(root / "nsd", subjects, ldm=ldm, **world)

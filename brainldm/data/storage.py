@@ -23,14 +23,14 @@ from __future__ import annotations
 import bisect
 import io
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .validation import InputError, oneline
+from brainldm.paths import atomic_path
+from brainldm.validation import InputError, oneline
 
 NSD_BUCKET = "s3://natural-scenes-dataset"
 DEFAULT_MAX_GAP = 16 * 1024  # bytes: fetching a gap this small costs less than another request
@@ -309,22 +309,6 @@ class Storage:
                 f"could not fetch {url}: {type(err).__name__}: {oneline(err)}; check the network and the URL (and "
                 "AWS_ENDPOINT_URL if set), or use a local copy of NSD"
             ) from err
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; moved onto ``path`` when the block succeeds, removed if not.
-    Readers never see a half-written file, and a killed writer leaves at most a hidden ``.tmp`` file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # per process and thread, so writers of the same file (ranks of one run) never share a temporary; the suffix
-    # stays: PIL and numpy read formats from it
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def merge_ranges(starts: Sequence[int], sizes: Sequence[int], max_gap: int) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """The offline world: a small Natural Scenes Dataset in NSD's real files, formats and paths.
 
-``write_nsd_tree(root)`` writes what :mod:`brainldm.nsd` reads (see ``shared/PAPER.md``):
+``write_nsd_tree(root)`` writes what :mod:`brainldm.data.nsd` reads (see ``shared/PAPER.md``):
 
 - ``nsd_expdesign.mat`` with 1-based ``masterordering``, ``subjectim`` (8 x images per subject) and ``sharedix``;
 - ``nsd_stim_info_merged.csv`` (``nsdId`` 0-based, ``cocoId``, ``shared1000``, ``subjectS_repR`` 1-based trials);
@@ -15,7 +15,7 @@ c features (both computed with the given LDM, the trained ``toy`` model by defau
 parietal streams to a mix of the two (:data:`MIXED_STREAMS`), every other voxel only to noise.
 
 The brain is a small ellipsoid with ROI bands by default (fast), or with ``anatomy="S1"`` pycortex's demo subject:
-its ``fullhead`` functional grid, cortex and ROI outlines (see :func:`brainldm.surfaces.functional_layout`), so
+its ``fullhead`` functional grid, cortex and ROI outlines (see :func:`brainldm.analysis.surfaces.functional_layout`), so
 encoding results can be drawn as real flatmaps.
 The returned :class:`SyntheticNSD` carries the planted weights and features, so tests can check recovery.
 """
@@ -32,8 +32,11 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from . import nsd
-from .validation import InputError
+from brainldm.analysis.surfaces import functional_layout
+from brainldm.data import nsd
+from brainldm.ldm.features import encode_c, encode_z
+from brainldm.ldm.loading import load_ldm
+from brainldm.validation import InputError
 
 REPS = 3  # NSD shows every image three times
 # The offline world's default noise level with the toy model: decoding is hard, as on NSD (on a 6 x 45-trial subject,
@@ -53,7 +56,7 @@ COLOURS = {
 }
 # What the captions name: animals told apart only by the fine pattern of their coat, in any colour, size and place.
 # Its period is one cell of z's grid (toy's z is 10 x 10), so a blur to that grid averages it away.
-KINDS = ("zebra", "tiger", "snake", "giraffe", "leopard", "sheep")
+ANIMALS = ("zebra", "tiger", "snake", "giraffe", "leopard", "sheep")
 PATTERN_PERIOD = 1 / 10  # of the picture's width
 # Streams that respond to both z and c: the share of their planted signal variance that comes from z (the rest
 # from c). Early cortex is pure z and ventral pure c, as the paper found; the streams between lean accordingly.
@@ -164,8 +167,6 @@ def write_nsd_tree(
         )
     rng = np.random.default_rng(seed)
     if anatomy == "S1":
-        from .surfaces import functional_layout
-
         layout = functional_layout()
         grid_shape, affine = layout.grid_shape, layout.affine
         rois = {s: (layout.nsdgeneral, layout.streams) for s in subjects}
@@ -256,8 +257,6 @@ def _features(rng, kind: str, ldm, pictures: list, captions: list) -> tuple[np.n
     if kind == "random":
         z, c = (rng.standard_normal((len(pictures), 16)).astype(np.float32) for _ in range(2))
         return z, c
-    from .features import encode_c, encode_z
-    from .ldm import load_ldm
 
     ldm = ldm or load_ldm("toy", device="cpu")
     z = encode_z(ldm, pictures).numpy()
@@ -331,7 +330,7 @@ def draw_picture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[
         fx, fy, phase = rng.uniform(0.5, 2), rng.uniform(0.5, 2), rng.uniform(0, 2 * np.pi)
         image += rng.uniform(5, 15) * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
     n = int(rng.integers(2, 4))
-    kinds = rng.choice(KINDS, size=n, replace=False)
+    kinds = rng.choice(ANIMALS, size=n, replace=False)
     cells = rng.choice(9, size=n, replace=False)  # one animal per cell of a 3 x 3 grid, so they rarely hide each other
     for kind, cell in zip(kinds, cells):
         cx, cy = (np.array([cell % 3, cell // 3]) + 0.5 + rng.uniform(-0.25, 0.25, size=2)) / 3
@@ -356,8 +355,8 @@ def coat_pattern(kind: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Gener
     A box blur over one period (z's grid) therefore averages every coat to the same value, leaving the animal's
     colour alone.
     """
-    if kind not in KINDS:
-        raise InputError(f"unknown animal {kind!r}; expected one of {KINDS}")
+    if kind not in ANIMALS:
+        raise InputError(f"unknown animal {kind!r}; expected one of {ANIMALS}")
     phase = rng.uniform(0, 2 * np.pi, size=2)
     u, v = 2 * np.pi * xx / PATTERN_PERIOD + phase[0], 2 * np.pi * yy / PATTERN_PERIOD + phase[1]
     one_period = np.linspace(0, 2 * np.pi, 64, endpoint=False)
@@ -396,13 +395,6 @@ def _name_animals(kinds: list[str], rng: np.random.Generator) -> list[str]:
         f"An image showing {listed(orders[4])}.\n",
     ]
     return captions[: int(rng.integers(4, 6))]
-
-
-def caption_vocabulary() -> list[str]:
-    """Every word and mark the world's captions use (:func:`_name_animals`), lower-cased: a tiny captioner's
-    vocabulary."""
-    words = "a an and animals image next of picture showing some standing to together".split()
-    return sorted(set(words) | set(KINDS) | {",", ".", ":"})
 
 
 # --- NSD files -----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Figures: reconstruction contact sheets, and cortical maps as volume slices or pycortex flatmaps.
 
-This module only draws; :mod:`brainldm.encoding` decides which maps and comparisons to draw.
+This module only draws; :mod:`brainldm.analysis.encoding` decides which maps and comparisons to draw.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from brainldm.analysis.surfaces import check_space
 
 
 def contact_sheet(
@@ -255,14 +257,13 @@ def flatmaps(
     summary: dict[str, float] | None = None,
     n_cols: int = 2,
 ) -> Path:
-    """(title, (X, Y, Z) volume) panels as pycortex flatmaps of ``space`` (a :class:`~brainldm.surfaces.CorticalSpace`).
+    """(title, (X, Y, Z) volume) panels as pycortex flatmaps of ``space`` (a :class:`~brainldm.analysis.surfaces.CorticalSpace`).
 
     Each panel shows curvature, the values (NaN is not drawn) on one colour scale for all panels, and ROI
     outlines (when Inkscape, which pycortex renders them with, is installed). Below: one colour bar, or with
     ``categories`` a legend (value k names ``categories[k - 1]``). ``summary`` (ROI -> value) adds a bar chart
     beside a single panel. Saved as a PNG.
     """
-    from .surfaces import check_space
 
     check_space(space)  # pycortex present, subject and transform in its database
     import cortex

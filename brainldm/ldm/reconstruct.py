@@ -10,9 +10,9 @@ The follow-up pipeline of the paper's code adds two kinds (:class:`FollowUp`), f
 targets, when the maps carry them:
 
 4. Xzt: Xzc's img2img from Xz, conditioned on the LDM's text embedding of the caption BLIP writes from the decoded
-   image embedding (:mod:`brainldm.captioner`).
+   image embedding (:mod:`brainldm.ldm.captioner`).
 5. Xztd: Stable Diffusion 2 depth's img2img from Xz, prompted by that caption and conditioned on the depth map DPT
-   draws from the decoded hidden states (:mod:`brainldm.depth`).
+   draws from the decoded hidden states (:mod:`brainldm.ldm.depth`).
 
 Steps 2 and 3 are diffusers' own pipelines (StableDiffusionPipeline / StableDiffusionImg2ImgPipeline) built on
 the LDM's components, so the sampler is diffusers', not a re-implementation. Noise is seeded per image and sample
@@ -23,24 +23,20 @@ on the batch it ran in. Without keys, sample k of every image is seeded ``seed +
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from PIL import Image
-from tqdm.auto import tqdm
 
-from .data import subject_name
-from .features import AUXILIARY, empty_prompt_embedding
-from .ldm import ldm_sizes
-from .presets import TAKAGI2023, Sampling
-from .storage import atomic_path
-from .validation import MAX_SEED, InputError, check_finite, check_sampling, oneline
+from brainldm.ldm.captioner import captioner_for, captions_from_embeddings
+from brainldm.ldm.depth import depth_from_states, depth_img2img, load_depth_model
+from brainldm.ldm.features import empty_prompt_embedding, encode_prompts
+from brainldm.ldm.loading import DEPTH_MODEL, ldm_sizes, load_depth_ldm
+from brainldm.presets import TAKAGI2023, Sampling
+from brainldm.validation import MAX_SEED, InputError, check_finite, check_sampling
 
 KINDS = ("Xz", "Xc", "Xzc", "Xzt", "Xztd")  # every kind of reconstruction, as trial folders name their images
 
@@ -58,7 +54,7 @@ class Reconstructor:
     """Turns predicted (z, c) into Xz, Xc and Xzc with a Stable Diffusion img2img pipeline's components."""
 
     def __init__(self, ldm, output_size: int | None = None):
-        """``output_size`` defaults to the LDM's own (512 for SD-1.x, see :func:`brainldm.ldm.ldm_sizes`)."""
+        """``output_size`` defaults to the LDM's own (512 for SD-1.x, see :func:`brainldm.ldm.loading.ldm_sizes`)."""
         self.img2img = ldm
         # the safety checker belongs to public text-to-image serving; reconstructions are research outputs
         components = dict(ldm.components, safety_checker=None, feature_extractor=None)
@@ -185,9 +181,9 @@ class Reconstructor:
 
 @dataclass
 class FollowUp:
-    """The follow-up pipeline's models: the BLIP captioner (:func:`brainldm.captioner.load_captioner`), and for
-    Xztd the DPT depth model (:func:`brainldm.depth.load_depth_model`) and Stable Diffusion 2 depth
-    (:func:`brainldm.ldm.load_depth_ldm`). ``ids``: their model ids, recorded with the trials they make."""
+    """The follow-up pipeline's models: the BLIP captioner (:func:`brainldm.ldm.captioner.load_captioner`), and for
+    Xztd the DPT depth model (:func:`brainldm.ldm.depth.load_depth_model`) and Stable Diffusion 2 depth
+    (:func:`brainldm.ldm.loading.load_depth_ldm`). ``ids``: their model ids, recorded with the trials they make."""
 
     captioner: object
     depth_model: object | None = None
@@ -210,8 +206,6 @@ class FollowUp:
         """The models for maps that decode ``blip`` (and ``dpt``): the captioner and depth model the maps were fitted
         to unless others are named, at the image size the embeddings were taken at, and Stable Diffusion 2 depth
         (``stabilityai/stable-diffusion-2-depth`` unless another is named) where the maps decode ``dpt``."""
-        from .captioner import captioner_for
-        from .ldm import DEPTH_MODEL, load_depth_ldm
 
         targets = maps.config.targets
         if "blip" not in targets:
@@ -220,7 +214,6 @@ class FollowUp:
         loaded = captioner_for(targets["blip"], captioner, device)
         if "dpt" not in targets:
             return cls(loaded, ids=ids)
-        from .depth import load_depth_model
 
         ids["depth_model"] = depth_model or targets["dpt"].model_id
         ids["depth_ldm"] = depth_ldm or DEPTH_MODEL
@@ -238,15 +231,12 @@ class FollowUp:
         """From decoded z, ``blip`` and (for Xztd) ``dpt`` of n images -> {"captions": n strings, "Xzt": (n,
         num_samples, H, W, 3) uint8, and with a depth model "depth": (n, h, w) float32 and "Xztd" like Xzt}. Sample k
         of an image starts from the noise of its Xzc's sample k."""
-        from .captioner import captions_from_embeddings
-        from .features import encode_prompts
 
         captions = captions_from_embeddings(self.captioner, decoded["blip"])
         c = encode_prompts(reconstructor.img2img, captions)
         out = {"captions": captions, "Xzt": reconstructor(z, c, sampling, include_xc=False, keys=keys).Xzc}
         if self.depth_model is None or "dpt" not in decoded:
             return out
-        from .depth import depth_from_states, depth_img2img
 
         n, num_samples = len(z), sampling.num_samples
         depth = depth_from_states(self.depth_model, decoded["dpt"])
@@ -284,174 +274,3 @@ def sample_seeds(sampling: Sampling, n: int, keys: Sequence[int] | None = None) 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Float images in [0, 1] -> uint8."""
     return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-# --- test-set runs: PNGs per trial, resumable, sharded over processes ----------------------------------------
-
-
-def trial_folder(out: str | Path, subject: int, split: str, row: int) -> Path:
-    return Path(out) / subject_name(subject) / f"{split}-{row:05d}"
-
-
-def is_done(folder: Path) -> bool:
-    """meta.json is written last, so its presence means the trial's images are complete."""
-    return (folder / "meta.json").exists()
-
-
-def reconstruct_trials(
-    reconstructor: Reconstructor,
-    maps,
-    data: str | Path,
-    subject: int,
-    out: str | Path,
-    split: str = "test",
-    rows: Sequence[int] | None = None,
-    sampling: Sampling = TAKAGI2023.sampling,
-    rescale: str | None = TAKAGI2023.rescale,
-    batch_size: int = 1,
-    process_index: int = 0,
-    num_processes: int = 1,
-    progress: bool = True,
-    overwrite: bool = False,
-    followup: FollowUp | None = None,
-) -> list[Path]:
-    """Reconstruct trials of a split into ``OUT/subjNN/<split>-<row>/``: original, Xz, Xc_k and Xzc_k PNGs, the
-    decoded z.npy and c.npy (fp16), and meta.json. With ``followup`` (maps that decode ``blip``, and ``dpt`` for
-    Xztd), also Xzt_k (and depth.png, depth.npy, Xztd_k), and the decoded caption in caption.txt and meta.json.
-
-    The requested rows are sharded by position over ``num_processes`` before anything is skipped, so concurrent
-    processes never share a trial; each skips its finished trials (resume). A finished trial made with other
-    settings is refused before any work, unless ``overwrite`` (then it is made again). ``rescale`` is passed to
-    :meth:`~brainldm.maps.SubjectMaps.predict`. Returns this process's folders.
-    """
-    from .data import load_trials, load_voxels
-
-    reconstructor.check_sampling(sampling)  # before anything is read or written
-    maps.check_rescale(rescale)
-    if followup is not None:
-        needed = ["blip"] + (["dpt"] if followup.depth_model is not None else [])
-        missing = [target for target in needed if target not in maps.config.targets]
-        if missing:
-            raise InputError(
-                f"the follow-up pipeline decodes {' and '.join(missing)}, but subject {maps.subject}'s maps hold only "
-                f"{sorted(maps.config.targets)}; fit them with scripts/fit_maps.py --decoders (see the README)"
-            )
-    trials = load_trials(data, subject, split)
-    rows = list(range(len(trials))) if rows is None else [int(r) for r in rows]
-    bad = [r for r in rows if not 0 <= r < len(trials)]
-    if bad:
-        raise InputError(f"trial {bad[0]} is out of range: the {split} split of subject {subject} has {len(trials)}")
-    voxels = load_voxels(data, subject)
-    maps.check_voxels(voxels)
-    mine = rows[process_index::num_processes]
-    settings = {**asdict(sampling), "model_id": maps.model_id, "rescale": rescale, "noise": "per image"}
-    if followup is not None:
-        settings["followup"] = followup.ids
-    todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
-    for row in sorted(set(mine) - set(todo)):
-        folder = trial_folder(out, subject, split, row)
-        made = json.loads((folder / "meta.json").read_text())
-        changed = {k: (made.get(k), v) for k, v in settings.items() if made.get(k) != v}
-        if changed and not overwrite:
-            said = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
-            raise InputError(
-                f"{folder} was made with {said}; use another --out, or --overwrite to make such trials again"
-            )
-        if changed:
-            todo.append(row)
-    todo.sort()
-    log = Path(out) / subject_name(subject) / f"done.process{process_index}.txt"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc=f"reconstruct [{process_index}]", unit="image", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        items = trials.select(batch)
-        decoded = maps.predict(
-            np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device, rescale=rescale
-        )
-        z, c = decoded["z"], decoded["c"]
-        keys = [int(i) for i in items["nsd_id"]]
-        result = reconstructor(z, c, sampling, keys=keys)
-        more = followup(reconstructor, z, decoded, sampling, keys) if followup is not None else {}
-        for k, row in enumerate(batch):
-            item = items[k]
-            images = {"original": np.asarray(item["image"].convert("RGB")), "Xz": result.Xz[k]}
-            for s in range(sampling.num_samples):
-                images[f"Xc_{s}"] = result.Xc[k, s]
-                images[f"Xzc_{s}"] = result.Xzc[k, s]
-                images.update({f"{kind}_{s}": more[kind][k, s] for kind in ("Xzt", "Xztd") if kind in more})
-            # the decoded targets, for retrieval; BLIP's and DPT's are kept as what they decode to (caption, depth)
-            arrays = {
-                name: t[k].cpu().numpy().astype(np.float16) for name, t in decoded.items() if name not in AUXILIARY
-            }
-            if "depth" in more:
-                from .depth import depth_image
-
-                images["depth"] = depth_image(more["depth"][k])
-                arrays["depth"] = more["depth"][k].astype(np.float32)  # DPT's depth runs past float16's range
-            meta = {
-                "subject": subject,
-                "split": split,
-                "row": row,
-                "nsd_id": int(item["nsd_id"]),
-                "captions": item["captions"],
-                "sessions": item.get("sessions"),  # which test sets the image belongs to (evaluate.sets_of_test_images)
-                **settings,
-                "process_index": process_index,
-            }
-            if "captions" in more:
-                meta["decoded_caption"] = more["captions"][k]
-            _write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
-            with log.open("a") as f:
-                f.write(f"{row}\n")
-        bar.update(len(batch))
-    bar.close()
-    return [trial_folder(out, subject, split, r) for r in mine]
-
-
-def _write_trial(folder: Path, images: dict[str, np.ndarray], arrays: dict[str, np.ndarray], meta: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, image in images.items():
-        with atomic_path(folder / f"{name}.png") as tmp:
-            Image.fromarray(image).save(tmp)
-    for name, array in arrays.items():
-        with atomic_path(folder / f"{name}.npy") as tmp:
-            np.save(tmp, array)
-    if "decoded_caption" in meta:
-        with atomic_path(folder / "caption.txt") as tmp:
-            tmp.write_text(meta["decoded_caption"] + "\n")
-    with atomic_path(folder / "meta.json") as tmp:  # written last: its presence marks the trial done
-        tmp.write_text(json.dumps(meta, indent=2))
-
-
-def load_trial_images(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, {name: image}) of a finished trial folder."""
-    folder = Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    images = {}
-    for path in sorted(folder.glob("*.png")):
-        try:
-            with Image.open(path) as image:
-                images[path.stem] = np.asarray(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
-            raise InputError(
-                f"cannot read {path}: {oneline(err)}; delete {folder} and rerun reconstruct.py to make it again"
-            ) from err
-    return meta, images
-
-
-def write_contact_sheet(folders: Sequence[Path], path: str | Path, max_rows: int = 12) -> Path:
-    """One row per trial: original, Xz, then Xc and Xzc for each sample."""
-    from .viz import contact_sheet
-
-    rows, titles, columns = [], [], []
-    for folder in [f for f in folders if is_done(f)][:max_rows]:
-        meta, images = load_trial_images(folder)
-        samples = range(meta["num_samples"])
-        columns = ["original", "Xz"] + [f"Xc {s}" for s in samples] + [f"Xzc {s}" for s in samples]
-        keys = ["original", "Xz"] + [f"Xc_{s}" for s in samples] + [f"Xzc_{s}" for s in samples]
-        rows.append([images[k] for k in keys])
-        titles.append(f"nsd {meta['nsd_id']}")
-    if not rows:
-        raise InputError("no finished reconstructions to put on a contact sheet")
-    return contact_sheet(rows, path, column_titles=columns, row_titles=titles)

@@ -5,11 +5,11 @@ Takagi & Nishimoto's follow-up code (yu-takagi/StableDiffusionReconstruction, ``
 backbone hidden states that DPT-large (``Intel/dpt-large``, 384 px: 577 tokens x 1024 each) passes to its neck, from
 the voxels of six streams together; DPT's own neck and head turn the decoded states into a depth map, which
 conditions ``stabilityai/stable-diffusion-2-depth`` (as ``c_concat``) in img2img from an init image, with the decoded
-caption as the prompt (:mod:`brainldm.captioner`).
+caption as the prompt (:mod:`brainldm.ldm.captioner`).
 
 Here DPT is transformers' :class:`~transformers.DPTForDepthEstimation`: ``load_depth_model(model_id)`` for a Hub
 checkpoint, ``"tiny"`` for a small one with seeded random weights (:func:`tiny_depth_model`). The SD-2-depth pipeline
-is loaded by :func:`brainldm.ldm.load_depth_ldm` without its depth estimator, so it can only use the maps it is given.
+is loaded by :func:`brainldm.ldm.loading.load_depth_ldm` without its depth estimator, so it can only use the maps it is given.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .ldm import TINY
-from .presets import TAKAGI2023, Sampling
-from .validation import InputError
+from brainldm.images import images_to_tensor
+from brainldm.ldm.loading import TINY
+from brainldm.presets import TAKAGI2023, Sampling
+from brainldm.torch_utils import default_device
+from brainldm.validation import InputError
 
 DPT_MODEL = "Intel/dpt-large"
 DPT_MEAN = DPT_STD = (0.5, 0.5, 0.5)  # DPT-large's image normalisation (its processor's)
@@ -29,7 +31,6 @@ DPT_MEAN = DPT_STD = (0.5, 0.5, 0.5)  # DPT-large's image normalisation (its pro
 
 def load_depth_model(model_id: str = DPT_MODEL, device=None):
     """A Hub DPT depth model (or a local folder), or ``"tiny"`` (:func:`tiny_depth_model`), in eval mode."""
-    from .torch_utils import default_device
 
     if model_id == TINY:
         model = tiny_depth_model()
@@ -70,7 +71,6 @@ def states_shape(model) -> tuple[int, int, int]:
 
 
 def _pixel_values(model, images) -> torch.Tensor:
-    from .features import images_to_tensor
 
     parameter = next(model.parameters())
     x = images_to_tensor(images, model.config.image_size, DPT_MEAN, DPT_STD)
@@ -93,7 +93,7 @@ def dpt_states(model, images) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dpt_feature(model, model_id: str) -> tuple[dict, Callable]:
-    """The ``dpt`` feature for :func:`brainldm.features.extract_features`: what its store records (the depth model's
+    """The ``dpt`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the depth model's
     id, its image size), and the function of a batch of images that computes it."""
     return {"model_id": model_id, "image_size": model.config.image_size}, lambda images: dpt_states(model, images)[0]
 
@@ -137,7 +137,9 @@ def depth_img2img(
     each to [-1, 1], as the reference code did), against "" with classifier-free guidance. ``seeds``: one per item.
     Returns (n, H, W, 3) floats in [0, 1]."""
     if getattr(pipe, "depth_estimator", None) is not None:
-        raise InputError("the depth pipeline carries its own depth estimator; load it with brainldm.ldm.load_depth_ldm")
+        raise InputError(
+            "the depth pipeline carries its own depth estimator; load it with brainldm.ldm.loading.load_depth_ldm"
+        )
     if not (len(init) == len(prompts) == len(depth)):
         raise InputError(f"init images, prompts and depth maps differ in number ({len(init)}, {len(prompts)}, "
                          f"{len(depth)})")  # fmt: skip

@@ -1,10 +1,10 @@
 """Voxel-wise encoding models: which LDM features predict which parts of cortex (the paper's second half).
 
-For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.features`):
+For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.ldm.features`):
 
 1. PCA to at most 6,400 dimensions, fit on the unique training images only (:func:`pca_scores`, from Gram matrices
    summed over blocks of the features, so a space of any width fits in memory);
-2. ridge from the components to every voxel, alpha per voxel by CV grouped by image (:class:`brainldm.ridge.RidgeCV`);
+2. ridge from the components to every voxel, alpha per voxel by CV grouped by image (:class:`brainldm.decoding.ridge.RidgeCV`);
 3. Pearson r between predicted and measured test responses (betas averaged over repetitions);
 4. a one-sided p-value per voxel against the null of r between independent Gaussian vectors of the test length,
    and Benjamini-Hochberg FDR (:func:`significance`);
@@ -25,12 +25,16 @@ import numpy as np
 import scipy.stats
 import torch
 
-from .features import UNET_BLOCKS
-from .metrics import dimension_correlation
-from .presets import TAKAGI2023
-from .ridge import RidgeCV
-from .torch_utils import default_device
-from .validation import InputError
+from brainldm.analysis import viz
+from brainldm.analysis.surfaces import check_space
+from brainldm.data.features import UNET_BLOCKS, FeatureSpec, FeatureStore
+from brainldm.data.trials import load_trials, load_voxels
+from brainldm.decoding.ridge import RidgeCV
+from brainldm.metrics import dimension_correlation
+from brainldm.paths import atomic_path, subject_name
+from brainldm.presets import TAKAGI2023
+from brainldm.torch_utils import default_device
+from brainldm.validation import InputError
 
 GROUP_SUMMARY, GROUP_FIGURE = "group_summary.json", "group_rois.png"
 
@@ -44,7 +48,7 @@ def pca_scores(
     ``n_components`` and only directions the training rows vary in.
 
     ``blocks``: (train (n, ...), test (t, ...)) column blocks that together are the features: one pair of whole
-    arrays, or :meth:`~brainldm.features.FeatureStore.blocks`. Only the Gram matrices (n x n and t x n) are summed over
+    arrays, or :meth:`~brainldm.data.features.FeatureStore.blocks`. Only the Gram matrices (n x n and t x n) are summed over
     the blocks, each block centred on its training columns' means, so a feature space of any width (a flattened U-Net
     tap: a million values an image) costs n x n memory, never n x width, and no component matrix is formed.
     """
@@ -195,13 +199,10 @@ def run_encoding(
 
     Writes into ``out``: ``r_<feature>.nii.gz`` (r where FDR-significant, 0 elsewhere), ``summary.json`` and
     ``summary.csv`` (per feature and ROI), and PNG figures (:func:`write_figures`; flatmaps too when ``space``, a
-    :class:`~brainldm.surfaces.CorticalSpace`, is given). Uses the whole-brain dataset when ``whole_brain``
+    :class:`~brainldm.analysis.surfaces.CorticalSpace`, is given). Uses the whole-brain dataset when ``whole_brain``
     (``scripts/prepare_nsd.py --whole-brain``), else the stored ROI voxels.
     """
     from tqdm.auto import tqdm
-
-    from .data import load_trials, load_voxels
-    from .features import FeatureStore
 
     out = Path(out)
     voxels = load_voxels(data, subject, whole_brain)
@@ -213,8 +214,6 @@ def run_encoding(
     train_betas, test_betas = np.asarray(train["betas"]), np.asarray(test["betas"])
     stores = {name: FeatureStore(features, name) for name in names}  # fails early on a missing feature space
     if space is not None:
-        from .surfaces import check_space
-
         check_space(space, voxels.grid_shape)  # before the long work, not after it
 
     results = {}
@@ -239,10 +238,8 @@ def run_group_encoding(
     **kwargs,
 ) -> dict[int, dict[str, EncodingResult]]:
     """:func:`run_encoding` for every subject into ``out/subjNN`` (``spaces``: subject -> its
-    :class:`~brainldm.surfaces.CorticalSpace`, for flatmaps on each subject's own surface), then the group summary
+    :class:`~brainldm.analysis.surfaces.CorticalSpace`, for flatmaps on each subject's own surface), then the group summary
     across them in ``out`` (:func:`write_group_summary`). Returns subject -> feature -> result."""
-    from .data import load_voxels, subject_name
-    from .surfaces import check_space
 
     spaces = spaces or {}
     for subject, space in spaces.items():  # every subject's surface checked before the long work
@@ -260,7 +257,6 @@ def run_group_encoding(
 def group_summary(results: dict[int, dict[str, EncodingResult]]) -> dict:
     """Per feature space and ROI: each subject's mean r and fraction of significant voxels, and the mean r over
     subjects with its standard error -> {feature: {roi: {"subjects": {subjNN: {...}}, "mean_r", "sem_r"}}}."""
-    from .data import subject_name
 
     summary: dict = {}
     for subject, per_feature in results.items():
@@ -283,8 +279,6 @@ def write_group_summary(results: dict[int, dict[str, EncodingResult]], out: str 
     """``group_summary.json`` (:func:`group_summary`), ``group_rois.png`` (per ROI and feature space, the mean over
     subjects with every subject shown) and ``group_<sweep>.png`` for each sweep :func:`figure_plan` finds in the
     feature spaces (each subject's line and their mean, ROI by ROI) in ``out``; returns their paths."""
-    from . import viz
-    from .storage import atomic_path
 
     out = Path(out)
     summary = group_summary(results)
@@ -343,7 +337,6 @@ def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, flo
     (x = strength), each U-Net block across denoising steps (x = step) and the U-Net blocks at each
     (strength, step) (x = depth).
     """
-    from .features import FeatureSpec
 
     specs = {name: FeatureSpec.parse(name) for name in names}
     plan = {}
@@ -376,11 +369,10 @@ def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, s
     """The r map of each feature space and the paper's comparisons (:func:`figure_plan`), as PNGs in ``out``.
 
     Comparisons are also drawn as ROI plots. Maps are volume slices (``map_<feature>.png``), or with ``space`` (the
-    :class:`~brainldm.surfaces.CorticalSpace` of the voxels' grid) pycortex flatmaps: one panel per feature of each
+    :class:`~brainldm.analysis.surfaces.CorticalSpace` of the voxels' grid) pycortex flatmaps: one panel per feature of each
     comparison (``flatmap_<comparison>.png``, plus the best feature per voxel for z vs c vs zc), and
     ``flatmap_<feature>.png`` with its ROI summary for a feature in no comparison.
     """
-    from . import viz
 
     out = Path(out)
     brain = np.zeros(voxels.grid_shape, dtype=float)

@@ -14,8 +14,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from .nsd import STREAMS as NSD_STREAMS
-from .validation import InputError
+from brainldm.data.nsd import STREAMS as NSD_STREAMS
+from brainldm.validation import InputError
 
 
 @dataclass

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .presets import TAKAGI2023
-from .torch_utils import default_device
-from .validation import InputError, check_finite, oneline
+from brainldm.presets import TAKAGI2023
+from brainldm.torch_utils import default_device
+from brainldm.validation import InputError, check_finite, oneline
 
 SCORINGS = ("correlation", "mse")
 

@@ -28,11 +28,11 @@ from huggingface_hub import HfApi, snapshot_download
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cards import dataset_card
-from .readers import NSDReader, Reader
-from .storage import atomic_path
-from .validation import InputError
-from .voxels import VoxelTable
+from brainldm.cards import dataset_card
+from brainldm.data.readers import NSDReader, Reader
+from brainldm.data.voxels import VoxelTable
+from brainldm.paths import atomic_path, subject_name
+from brainldm.validation import InputError
 
 SPLITS = ("train", "test")
 FEATURES = datasets.Features(
@@ -50,11 +50,6 @@ FEATURES = datasets.Features(
 TEST_SHARD_ROWS = 500
 VOXELS_FILE = "voxels.safetensors"
 INFO_FILE = "info.json"
-
-
-def subject_name(subject: int, whole_brain: bool = False) -> str:
-    """The subject's folder and config name: ``subj01``, or ``subj01-wholebrain`` for every in-brain voxel."""
-    return f"subj{int(subject):02d}" + ("-wholebrain" if whole_brain else "")
 
 
 # --- preparing a subject -------------------------------------------------------------------------------------
@@ -91,11 +86,11 @@ def prepare_subject(
     whole_brain: bool = False,
     cache_dir: str | Path | None = None,
 ) -> Path:
-    """Build ``OUT/subjNN`` from raw NSD: :func:`prepare` with an :class:`~brainldm.readers.NSDReader`.
+    """Build ``OUT/subjNN`` from raw NSD: :func:`prepare` with an :class:`~brainldm.data.readers.NSDReader`.
 
     Args:
         nsd_root: the NSD root folder (see ``shared/PAPER.md`` for the layout), or a URL such as NSD's bucket
-            ``s3://natural-scenes-dataset``: then only what the subject needs is fetched (:mod:`brainldm.storage`).
+            ``s3://natural-scenes-dataset``: then only what the subject needs is fetched (:mod:`brainldm.data.storage`).
         subject: 1-based NSD subject.
         out: the dataset folder; other subjects already in it are kept.
         sessions: use the first K sessions, or the sessions listed (default: all the subject's consecutive sessions);
@@ -103,7 +98,7 @@ def prepare_subject(
         zscore: z-score each voxel within each session (the default); else raw percent signal change.
         overwrite: rebuild ``OUT/subjNN`` if it exists.
         whole_brain: store every in-brain voxel (as ``OUT/subjNN-wholebrain``), for the encoding analysis.
-        cache_dir: where files fetched from a URL are kept (default :func:`brainldm.storage.default_cache_dir`).
+        cache_dir: where files fetched from a URL are kept (default :func:`brainldm.data.storage.default_cache_dir`).
     Returns:
         The subject folder.
     """
@@ -123,7 +118,7 @@ def _check_new(final: Path, overwrite: bool) -> None:
 def prepare(
     reader: Reader, out: str | Path, zscore: bool = True, overwrite: bool = False, progress: bool = True
 ) -> Path:
-    """Build ``OUT/subjNN`` from any :class:`~brainldm.readers.Reader`: the train and test splits as Parquet shards,
+    """Build ``OUT/subjNN`` from any :class:`~brainldm.data.readers.Reader`: the train and test splits as Parquet shards,
     plus the voxel table (with its ROI names).
 
     Train rows are single trials of non-test stimuli, one shard per session; test rows average each test stimulus

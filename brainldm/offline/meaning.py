@@ -1,6 +1,6 @@
 """What an offline-world picture means, read without ``toy``: a small picture -> caption-words model.
 
-The offline world's captions name animals (:data:`brainldm.synthetic.KINDS`) told apart only by their coat's fine
+The offline world's captions name animals (:data:`brainldm.offline.synthetic.ANIMALS`) told apart only by their coat's fine
 pattern. :class:`CaptionWords` is a ridge map from hand-made picture features (a colour histogram, a coarse
 thumbnail, and the greyscale picture's spectral energy by frequency band and orientation) to which animals the
 captions name, fitted on the world's own pictures. It is the yardstick that does not depend on any trained model:
@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .metrics import two_way_identification
-from .ridge import RidgeCV
+from brainldm.decoding.ridge import RidgeCV
+from brainldm.metrics import correlation_matrix, pixcorr, pixel_vectors, two_way_identification
+from brainldm.offline.synthetic import ANIMALS
 
 ANALYSIS_SIZE = 128  # every picture is read at this size, whatever it was drawn or generated at
 N_BANDS, N_ORIENTATIONS = 8, 8
@@ -25,9 +26,8 @@ N_BANDS, N_ORIENTATIONS = 8, 8
 
 def caption_words(captions: list[list[str]], words: tuple[str, ...] | None = None) -> np.ndarray:
     """(n, n_words) float32: 1 where any of an image's captions names the word (default: the world's animals)."""
-    from .synthetic import KINDS
 
-    words = words or KINDS
+    words = words or ANIMALS
     out = np.zeros((len(captions), len(words)), dtype=np.float32)
     for i, caps in enumerate(captions):
         text = " ".join(caps).lower()
@@ -85,7 +85,7 @@ class CaptionWords:
     """Ridge from :func:`picture_features` to caption words, fitted on pictures and their captions.
 
     Attributes (after ``fit``): ``words_`` the words read, ``mean_`` and ``scale_`` of the features,
-    ``ridge_`` the fitted :class:`~brainldm.ridge.RidgeCV`.
+    ``ridge_`` the fitted :class:`~brainldm.decoding.ridge.RidgeCV`.
     """
 
     def __init__(self, words: tuple[str, ...] | None = None, alphas=tuple(10.0**k for k in range(-2, 5))):
@@ -93,9 +93,8 @@ class CaptionWords:
         self.alphas = alphas
 
     def fit(self, pictures: np.ndarray, captions: list[list[str]]) -> CaptionWords:
-        from .synthetic import KINDS
 
-        self.words_ = tuple(self.words or KINDS)
+        self.words_ = tuple(self.words or ANIMALS)
         X = picture_features(pictures)
         self.mean_, self.scale_ = X.mean(0), X.std(0) + 1e-6
         self.ridge_ = RidgeCV(alphas=self.alphas, device="cpu").fit(
@@ -119,7 +118,6 @@ def reconstruction_scores(images, pictures, reader: CaptionWords, clip=None) -> 
     """What reconstructions ``images`` carry of the presented ``pictures`` (both (n, H, W, 3) uint8, in the same
     order), as 2-way identification among the n (chance 0.5): ``pixels`` (64-px pixels), ``colour`` (colour
     histograms), ``words`` (the animals ``reader`` sees) and, given a CLIP extractor, ``clip``; and ``pixcorr``."""
-    from .metrics import pixcorr, pixel_vectors
 
     images, pictures = [np.asarray(i) for i in images], [np.asarray(p) for p in pictures]
     pairs = {"pixels": pixel_vectors, "colour": colour_histograms, **({"clip": clip} if clip else {})}
@@ -131,7 +129,6 @@ def reconstruction_scores(images, pictures, reader: CaptionWords, clip=None) -> 
 
 def mean_pairwise_correlation(images) -> float:
     """The mean pixel correlation (64 px) between different images: how alike a set of pictures is."""
-    from .metrics import correlation_matrix, pixel_vectors
 
     r = correlation_matrix(*(pixel_vectors(images),) * 2)
     return float(r[~np.eye(len(r), dtype=bool)].mean())

@@ -1,11 +1,11 @@
-"""Readers: the seam between a raw fMRI dataset and the trials dataset (:func:`brainldm.data.prepare`).
+"""Readers: the seam between a raw fMRI dataset and the trials dataset (:func:`brainldm.data.trials.prepare`).
 
 A reader gives one subject's voxels (with their ROI labels, as data), the stimulus each trial showed, which stimuli
 form the test split, the betas of one session at a time, and each stimulus's image and captions. Everything it can
 check is checked when it is made, before any betas are read. Features, maps, reconstruction and encoding only see
 the trials dataset, never a reader's files, so a new dataset is a new reader and nothing else.
 
-- :class:`NSDReader`: the Natural Scenes Dataset in its own layout (:mod:`brainldm.nsd`).
+- :class:`NSDReader`: the Natural Scenes Dataset in its own layout (:mod:`brainldm.data.nsd`).
 - :class:`ExperimentReader`: a user's own experiment, described by a small JSON manifest (betas as NIfTI files or
   one ``.npy`` array, stimulus images, captions, ROI masks, the test images).
 """
@@ -22,14 +22,14 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from . import nsd
-from .storage import Storage
-from .validation import InputError, oneline, require_file
-from .voxels import VoxelTable
+from brainldm.data.storage import Storage
+from brainldm.data import nsd
+from brainldm.data.voxels import VoxelTable
+from brainldm.validation import InputError, oneline, require_file
 
 
 class Reader(Protocol):
-    """What :func:`brainldm.data.prepare` needs from a raw dataset, for one subject."""
+    """What :func:`brainldm.data.trials.prepare` needs from a raw dataset, for one subject."""
 
     subject: int
     whole_brain: bool
@@ -88,7 +88,7 @@ class NSDReader:
     """One NSD subject: betas ``betas_fithrf_GLMdenoise_RR`` in func1pt8mm, the design, stim info, COCO captions.
 
     ``root`` is a local NSD folder or a URL such as NSD's bucket ``s3://natural-scenes-dataset``, from which only
-    what the subject needs is fetched (see :mod:`brainldm.storage`; ``cache_dir`` holds what was fetched).
+    what the subject needs is fetched (see :mod:`brainldm.data.storage`; ``cache_dir`` holds what was fetched).
     ``sessions``: use the first K sessions, or a list of session numbers in any order (default: all the subject's
     consecutive sessions). The test split is NSD's shared images (``sharedix``) seen in those sessions.
 

@@ -16,7 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import (
+from brainldm.analysis.reconstructions import is_done, load_trial_images
+from brainldm.data.features import FeatureStore, load_features
+from brainldm.ldm.loading import clip_stand_in
+from brainldm.ldm.reconstruct import KINDS
+from brainldm.metrics import (
     EVAL_SIZE,
     as_evaluated,
     as_mindeye2_original,
@@ -27,9 +31,8 @@ from .metrics import (
     ssim,
     two_way_identification,
 )
-from .reconstruct import KINDS, is_done, load_trial_images
-from .torch_utils import CLIP_MEAN, CLIP_STD
-from .validation import InputError
+from brainldm.torch_utils import CLIP_MEAN, CLIP_STD
+from brainldm.validation import InputError
 
 Extractor = Callable[[list[np.ndarray]], np.ndarray]
 
@@ -176,11 +179,9 @@ def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extr
 
 def stand_in_clip_extractor(model_id: str, device="cpu") -> Extractor | None:
     """The CLIP extractor of a model's own vision tower where it ships one as a stand-in (``toy``; see
-    :func:`brainldm.ldm.clip_stand_in`): its own contrastive image space, so it scores the meaning of its pictures,
+    :func:`brainldm.ldm.loading.clip_stand_in`): its own contrastive image space, so it scores the meaning of its pictures,
     offline; not comparable with published CLIP figures. None for other models."""
     from transformers import CLIPVisionModelWithProjection
-
-    from .ldm import clip_stand_in
 
     tower = clip_stand_in(model_id)
     if tower is None:
@@ -312,7 +313,7 @@ def evaluate(
     Returns {"subjects": {subj: {row: {metric: value}}}, "average": {row: {metric: value}}, "unavailable": {...},
     "retrieval": {subj: ...}, "protocol": ..., "test_sets": {subj: {set: n_images}}, "rescale": {subj: [how the
     trials' z and c were rescaled]}}. One row per kind (``kinds``: by default every kind the trials hold, of
-    :data:`~brainldm.reconstruct.KINDS`); ``protocol`` (see :data:`PROTOCOLS`) says how several
+    :data:`~brainldm.ldm.reconstruct.KINDS`); ``protocol`` (see :data:`PROTOCOLS`) says how several
     samples per image count: ``"mindeye2"`` scores sample 0, ``"takagi"`` averages over the samples. When the data
     run past ``first_sessions`` sessions, each kind also gets a row on the images shown within them (NSD's 982-image
     test set for 37), next to the row on all of them.
@@ -402,7 +403,6 @@ def _score_kinds(trials, kinds: Sequence[str], names: Sequence[str], extractors:
 def _retrieval(folder: Path, trials, features) -> dict:
     """Retrieval between predicted (brain) and true (image) features of every decoded target (z, c, and any other
     the maps hold) that the trials saved and the feature store has."""
-    from .features import FeatureStore, load_features
 
     def trial_folder(meta: dict) -> Path:
         return folder / f"{meta['split']}-{meta['row']:05d}"

@@ -4,7 +4,7 @@ A :class:`CorticalSpace` names a pycortex subject and the transform from its sur
 ``subjNN`` with ``func1pt8_to_anat0pt8_autoFSbbr`` (imported once by ``scripts/import_nsd_subject.py``), or the
 offline world's ``S1`` with ``fullhead``, pycortex's demo subject. :func:`functional_layout` reads a subject's ROI
 outlines into the grid as NSD-style ``nsdgeneral`` and ``streams`` volumes, which is how the offline world gets
-real cortical anatomy. Flatmaps are drawn by :func:`brainldm.viz.flatmaps`.
+real cortical anatomy. Flatmaps are drawn by :func:`brainldm.analysis.viz.flatmaps`.
 
 pycortex is an optional dependency (``pip install "brainldm[cortex]"``); nothing else in brainldm needs it.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import nsd
-from .storage import Storage
-from .validation import InputError
+from brainldm.data.storage import Storage
+from brainldm.data import nsd
+from brainldm.validation import InputError
 
 NSD_TRANSFORM = "func1pt8_to_anat0pt8_autoFSbbr"
 

@@ -1,0 +1,191 @@
+"""The test-set job and its folder format: every test trial of a subject reconstructed from its decoded features
+(:func:`reconstruct_trials`, behind ``scripts/reconstruct.py``), written one folder per trial (PNGs per kind, the
+decoded arrays, ``meta.json`` last), resumable and sharded over processes; :mod:`brainldm.analysis.evaluate` reads
+the same folders back (:func:`load_trial_images`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from brainldm.analysis.viz import contact_sheet
+from brainldm.data.features import AUXILIARY
+from brainldm.data.trials import load_trials, load_voxels
+from brainldm.ldm.depth import depth_image
+from brainldm.ldm.reconstruct import FollowUp, Reconstructor
+from brainldm.paths import atomic_path, subject_name
+from brainldm.presets import TAKAGI2023, Sampling
+from brainldm.validation import InputError, oneline
+
+# --- test-set runs: PNGs per trial, resumable, sharded over processes ----------------------------------------
+
+
+def trial_folder(out: str | Path, subject: int, split: str, row: int) -> Path:
+    return Path(out) / subject_name(subject) / f"{split}-{row:05d}"
+
+
+def is_done(folder: Path) -> bool:
+    """meta.json is written last, so its presence means the trial's images are complete."""
+    return (folder / "meta.json").exists()
+
+
+def reconstruct_trials(
+    reconstructor: Reconstructor,
+    maps,
+    data: str | Path,
+    subject: int,
+    out: str | Path,
+    split: str = "test",
+    rows: Sequence[int] | None = None,
+    sampling: Sampling = TAKAGI2023.sampling,
+    rescale: str | None = TAKAGI2023.rescale,
+    batch_size: int = 1,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+    followup: FollowUp | None = None,
+) -> list[Path]:
+    """Reconstruct trials of a split into ``OUT/subjNN/<split>-<row>/``: original, Xz, Xc_k and Xzc_k PNGs, the
+    decoded z.npy and c.npy (fp16), and meta.json. With ``followup`` (maps that decode ``blip``, and ``dpt`` for
+    Xztd), also Xzt_k (and depth.png, depth.npy, Xztd_k), and the decoded caption in caption.txt and meta.json.
+
+    The requested rows are sharded by position over ``num_processes`` before anything is skipped, so concurrent
+    processes never share a trial; each skips its finished trials (resume). A finished trial made with other
+    settings is refused before any work, unless ``overwrite`` (then it is made again). ``rescale`` is passed to
+    :meth:`~brainldm.decoding.maps.SubjectMaps.predict`. Returns this process's folders.
+    """
+
+    reconstructor.check_sampling(sampling)  # before anything is read or written
+    maps.check_rescale(rescale)
+    if followup is not None:
+        needed = ["blip"] + (["dpt"] if followup.depth_model is not None else [])
+        missing = [target for target in needed if target not in maps.config.targets]
+        if missing:
+            raise InputError(
+                f"the follow-up pipeline decodes {' and '.join(missing)}, but subject {maps.subject}'s maps hold only "
+                f"{sorted(maps.config.targets)}; fit them with scripts/fit_maps.py --decoders (see the README)"
+            )
+    trials = load_trials(data, subject, split)
+    rows = list(range(len(trials))) if rows is None else [int(r) for r in rows]
+    bad = [r for r in rows if not 0 <= r < len(trials)]
+    if bad:
+        raise InputError(f"trial {bad[0]} is out of range: the {split} split of subject {subject} has {len(trials)}")
+    voxels = load_voxels(data, subject)
+    maps.check_voxels(voxels)
+    mine = rows[process_index::num_processes]
+    settings = {**asdict(sampling), "model_id": maps.model_id, "rescale": rescale, "noise": "per image"}
+    if followup is not None:
+        settings["followup"] = followup.ids
+    todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
+    for row in sorted(set(mine) - set(todo)):
+        folder = trial_folder(out, subject, split, row)
+        made = json.loads((folder / "meta.json").read_text())
+        changed = {k: (made.get(k), v) for k, v in settings.items() if made.get(k) != v}
+        if changed and not overwrite:
+            said = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
+            raise InputError(
+                f"{folder} was made with {said}; use another --out, or --overwrite to make such trials again"
+            )
+        if changed:
+            todo.append(row)
+    todo.sort()
+    log = Path(out) / subject_name(subject) / f"done.process{process_index}.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc=f"reconstruct [{process_index}]", unit="image", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        items = trials.select(batch)
+        decoded = maps.predict(
+            np.asarray(items.with_format("numpy")["betas"]), device=reconstructor.device, rescale=rescale
+        )
+        z, c = decoded["z"], decoded["c"]
+        keys = [int(i) for i in items["nsd_id"]]
+        result = reconstructor(z, c, sampling, keys=keys)
+        more = followup(reconstructor, z, decoded, sampling, keys) if followup is not None else {}
+        for k, row in enumerate(batch):
+            item = items[k]
+            images = {"original": np.asarray(item["image"].convert("RGB")), "Xz": result.Xz[k]}
+            for s in range(sampling.num_samples):
+                images[f"Xc_{s}"] = result.Xc[k, s]
+                images[f"Xzc_{s}"] = result.Xzc[k, s]
+                images.update({f"{kind}_{s}": more[kind][k, s] for kind in ("Xzt", "Xztd") if kind in more})
+            # the decoded targets, for retrieval; BLIP's and DPT's are kept as what they decode to (caption, depth)
+            arrays = {
+                name: t[k].cpu().numpy().astype(np.float16) for name, t in decoded.items() if name not in AUXILIARY
+            }
+            if "depth" in more:
+                images["depth"] = depth_image(more["depth"][k])
+                arrays["depth"] = more["depth"][k].astype(np.float32)  # DPT's depth runs past float16's range
+            meta = {
+                "subject": subject,
+                "split": split,
+                "row": row,
+                "nsd_id": int(item["nsd_id"]),
+                "captions": item["captions"],
+                "sessions": item.get("sessions"),  # which test sets the image belongs to (evaluate.sets_of_test_images)
+                **settings,
+                "process_index": process_index,
+            }
+            if "captions" in more:
+                meta["decoded_caption"] = more["captions"][k]
+            _write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
+            with log.open("a") as f:
+                f.write(f"{row}\n")
+        bar.update(len(batch))
+    bar.close()
+    return [trial_folder(out, subject, split, r) for r in mine]
+
+
+def _write_trial(folder: Path, images: dict[str, np.ndarray], arrays: dict[str, np.ndarray], meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        with atomic_path(folder / f"{name}.png") as tmp:
+            Image.fromarray(image).save(tmp)
+    for name, array in arrays.items():
+        with atomic_path(folder / f"{name}.npy") as tmp:
+            np.save(tmp, array)
+    if "decoded_caption" in meta:
+        with atomic_path(folder / "caption.txt") as tmp:
+            tmp.write_text(meta["decoded_caption"] + "\n")
+    with atomic_path(folder / "meta.json") as tmp:  # written last: its presence marks the trial done
+        tmp.write_text(json.dumps(meta, indent=2))
+
+
+def load_trial_images(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, {name: image}) of a finished trial folder."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    images = {}
+    for path in sorted(folder.glob("*.png")):
+        try:
+            with Image.open(path) as image:
+                images[path.stem] = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
+            raise InputError(
+                f"cannot read {path}: {oneline(err)}; delete {folder} and rerun reconstruct.py to make it again"
+            ) from err
+    return meta, images
+
+
+def write_contact_sheet(folders: Sequence[Path], path: str | Path, max_rows: int = 12) -> Path:
+    """One row per trial: original, Xz, then Xc and Xzc for each sample."""
+
+    rows, titles, columns = [], [], []
+    for folder in [f for f in folders if is_done(f)][:max_rows]:
+        meta, images = load_trial_images(folder)
+        samples = range(meta["num_samples"])
+        columns = ["original", "Xz"] + [f"Xc {s}" for s in samples] + [f"Xzc {s}" for s in samples]
+        keys = ["original", "Xz"] + [f"Xc_{s}" for s in samples] + [f"Xzc_{s}" for s in samples]
+        rows.append([images[k] for k in keys])
+        titles.append(f"nsd {meta['nsd_id']}")
+    if not rows:
+        raise InputError("no finished reconstructions to put on a contact sheet")
+    return contact_sheet(rows, path, column_titles=columns, row_titles=titles)

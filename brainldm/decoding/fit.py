@@ -1,0 +1,227 @@
+"""Fitting a subject's maps: ridge from training betas to each target's features, block-wise, with the
+rescaling statistics and each test image's decoding scores (:func:`fit_subject_maps`, the job behind
+``scripts/fit_maps.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brainldm.data.features import AUXILIARY, FeatureStore
+from brainldm.data.trials import load_trials, load_voxels
+from brainldm.decoding.maps import STORAGE_DTYPES, LinearMap, MapsConfig, SubjectMaps, TargetConfig, voxel_fingerprint
+from brainldm.decoding.ridge import RidgeCV, solve_ridge
+from brainldm.metrics import dimension_correlation, identification, pattern_correlation
+from brainldm.presets import TAKAGI2023
+from brainldm.torch_utils import default_device
+from brainldm.validation import InputError, check_finite
+
+
+def fit_linear_map(
+    betas: np.ndarray,
+    targets: np.ndarray | Callable[[], Iterator[np.ndarray]],
+    voxels: np.ndarray,
+    ijk: np.ndarray,
+    groups: np.ndarray,
+    alphas=TAKAGI2023.alphas,
+    cv: int = TAKAGI2023.cv_folds,
+    rank: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[LinearMap, float]:
+    """Standardise ``betas[:, voxels]`` (n, k) on their training statistics, then RidgeCV to the targets -> the map
+    and its CV r (each target's best, averaged).
+
+    ``targets``: (n, T), or a function that returns an iterator over blocks of its columns in order ((n, width)
+    arrays; called twice for a reduced-rank map), so that targets of any width (DPT's 2.4 million values per image)
+    are fitted a block at a time: each target's ridge is its own. With ``rank`` below k and T, the map is stored as
+    the rank-r product closest to the ridge map in training predictions (:func:`~brainldm.decoding.ridge.reduced_rank`, built
+    here from the blocks without holding the dense map). The map keeps the training targets' mean and std and the
+    out-of-fold predictions' (from the cross-validated fit, so no test data), from which :meth:`LinearMap.rescale`
+    undoes ridge's shrinkage."""
+    x = np.ascontiguousarray(betas[:, voxels], dtype=np.float32)
+    check_finite("betas", x)
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+    x = (x - mean) / std
+    blocks = targets if callable(targets) else lambda: iter([targets])
+    if rank is not None and (rank >= x.shape[1] or (not callable(targets) and rank >= targets.shape[1])):
+        rank = None  # a rank-r map of k voxels to T targets is the dense one when r >= min(k, T)
+    compute = default_device(device)
+    sqrt_gram = None
+    if rank is not None:
+        x_t = torch.from_numpy(x).to(compute)
+        centred = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
+        e, v = torch.linalg.eigh(centred.T @ centred)
+        sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T  # X W and S W have the same right singular vectors and values
+        products = torch.zeros_like(sqrt_gram)  # S W W^T S, summed over blocks of W's columns
+    fitted: dict[str, list[torch.Tensor]] = {}
+    for y in blocks():
+        ridge = RidgeCV(alphas=alphas, cv=cv, device=device).fit(x, y, groups=groups)
+        parts = dict(
+            intercept=ridge.intercept_.float(),
+            best_alphas=ridge.best_alphas_.float(),
+            **dict(zip(("target_mean", "target_std"), column_moments(y))),
+            prediction_mean=ridge.cv_prediction_mean_.float(),
+            prediction_std=ridge.cv_prediction_std_.float(),
+            cv_r=ridge.cv_scores_.max(0).values.float(),
+        )
+        if sqrt_gram is None:
+            parts["weight"] = ridge.coef_.float()
+        else:
+            m = sqrt_gram @ ridge.coef_.to(compute, sqrt_gram.dtype)
+            products += m @ m.T
+        for key, value in parts.items():
+            fitted.setdefault(key, []).append(value)
+    joined = {key: torch.cat(values, dim=-1) for key, values in fitted.items()}
+    cv_r = float(joined.pop("cv_r").mean())
+    common = dict(
+        voxels=torch.as_tensor(voxels, dtype=torch.int64),
+        ijk=torch.as_tensor(ijk, dtype=torch.int32),
+        mean=torch.from_numpy(mean),
+        std=torch.from_numpy(std),
+        **joined,
+    )
+    if sqrt_gram is None:
+        return LinearMap(**common), cv_r
+    # the rows of B: the top-r right singular vectors of X W, a block of W's columns at a time (W solved again)
+    lam, q = torch.linalg.eigh(products)
+    lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
+    norm = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None]
+    left, right, done = torch.zeros(x.shape[1], rank, device=compute), [], 0
+    for y in blocks():
+        best = common["best_alphas"][done : done + y.shape[1]].to(compute)
+        weight = solve_ridge(x_t, y, best)[0].to(compute)
+        block_right = (q.T @ (sqrt_gram @ weight)) / norm
+        left += weight @ block_right.T
+        right.append(block_right.cpu())
+        done += y.shape[1]
+    return LinearMap(left=left.cpu(), right=torch.cat(right, dim=1), **common), cv_r
+
+
+def column_moments(values: np.ndarray, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each column of ``values`` (n, T) -> (T,), (T,) float32, a block of columns at
+    a time (NSD's c targets are GBs; their centred copy need not be)."""
+    mean, std = np.empty(values.shape[1], np.float32), np.empty(values.shape[1], np.float32)
+    for start in range(0, values.shape[1], block):
+        columns = np.asarray(values[:, start : start + block], dtype=np.float64)
+        mean[start : start + block], std[start : start + block] = columns.mean(0), columns.std(0)
+    return torch.from_numpy(mean), torch.from_numpy(std)
+
+
+def fit_subject_maps(
+    data: str | Path,
+    features: str | Path,
+    subject: int,
+    decoders: tuple[tuple[str, str], ...] = TAKAGI2023.decoders,
+    alphas=TAKAGI2023.alphas,
+    cv: int = TAKAGI2023.cv_folds,
+    ranks: dict[str, int] | None = None,
+    storage_dtype: str = "float32",
+    model_id: str | None = None,
+    device: str | torch.device | None = None,
+) -> SubjectMaps:
+    """Fit one map per (target, ROI) in ``decoders`` on the train split; score each on the test split.
+
+    Args:
+        data: the prepared trials dataset (local folder or Hub repo id).
+        features: the feature folder written by ``scripts/extract_features.py`` (one store per target).
+        decoders: (target, ROI) pairs; the paper's are z from ``early`` and c from ``ventral`` voxels.
+        ranks: {target: rank} stores that map as a low-rank product (see :func:`fit_linear_map`); others stay dense,
+            except ``blip`` and ``dpt``, which default to ``TAKAGI2023.followup_rank`` (pass None for a dense map).
+        storage_dtype: ``float32`` or ``float16`` for the saved weights.
+        model_id: the LDM the features came from (default: read from the feature store).
+    """
+    ranks = dict(ranks or {})
+    if storage_dtype not in STORAGE_DTYPES:
+        raise InputError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    decoders = dict(decoders)
+    unknown = sorted(set(ranks) - set(decoders))
+    if unknown:
+        raise InputError(f"ranks given for {unknown}, which are not decoded targets ({sorted(decoders)})")
+    for name, rank in ranks.items():
+        if rank is not None and rank < 1:
+            raise InputError(f"--{name}-rank must be >= 1 (or left out for a dense map), got {rank}")
+    if cv < 2:
+        raise InputError(f"cv must be >= 2 folds, got {cv}")
+    voxels = load_voxels(data, subject)
+    train = load_trials(data, subject, "train").select_columns(["nsd_id", "betas"]).with_format("numpy")
+    test = load_trials(data, subject, "test").select_columns(["nsd_id", "betas"]).with_format("numpy")
+    train_ids, test_ids = np.asarray(train["nsd_id"]), np.asarray(test["nsd_id"])
+    train_betas, test_betas = np.asarray(train["betas"], dtype=np.float32), np.asarray(test["betas"], dtype=np.float32)
+    stores = {name: FeatureStore(features, name) for name in decoders}
+    models = {name: store.config.get("model_id") for name, store in stores.items() if name not in AUXILIARY}
+    if len(set(models.values())) > 1:
+        said = " but ".join(f"the {name} features from {model!r}" for name, model in models.items())
+        raise InputError(
+            f"in {features}, {said}; extract them all with one model (scripts/extract_features.py --model)"
+        )
+
+    fitted, targets, scores = {}, {}, {}
+    for name, roi in decoders.items():
+        store = stores[name]
+        shape = store.feature_shape
+        selection = voxels.roi(roi)
+        if len(selection) == 0:
+            raise InputError(f"subject {subject} has no {roi} voxels in its voxel table")
+        n_dims = int(np.prod(shape))
+        limit = min(len(selection), n_dims)
+        rank = ranks.get(name)  # None: dense
+        if rank is not None and rank > limit:
+            raise InputError(
+                f"--ranks {name}={rank} is above what the {name} map can hold: it maps {len(selection)} {roi} voxels "
+                f"to {n_dims} dimensions, so its rank is at most {limit}"
+            )
+        if name not in ranks and name in AUXILIARY and TAKAGI2023.followup_rank < limit:
+            rank = TAKAGI2023.followup_rank  # the follow-up pipeline's wide targets: reduced rank unless told otherwise
+        fitted[name], cv_r = fit_linear_map(
+            train_betas, lambda store=store: (block for (block,) in store.blocks(train_ids)), selection,
+            voxels.ijk[selection], train_ids, alphas=alphas, cv=cv, rank=rank, device=device,
+        )  # fmt: skip
+        spread = {
+            "target_std": float(fitted[name].target_std.square().mean().sqrt()),
+            "prediction_std": float(fitted[name].prediction_std.square().mean().sqrt()),
+        }
+        source = store.config.get("model_id") if name in AUXILIARY else None
+        targets[name] = TargetConfig(roi, tuple(shape), len(selection), fitted[name].rank, spread, source)
+        scores[name] = {"cv_r": cv_r}
+    config = MapsConfig(
+        subject=int(subject),
+        model_id=model_id or next(iter(models.values()), None),
+        data=None if Path(data).exists() else str(data),  # a Hub id is public; a local path is not
+        n_voxels=len(voxels),
+        voxel_fingerprint=voxel_fingerprint(voxels),
+        targets=targets,
+        alphas=tuple(float(a) for a in alphas),
+        cv=cv,
+        n_train=len(train_ids),
+        n_test=len(test_ids),
+        storage_dtype=storage_dtype,
+        scores=scores,
+    )
+    maps = SubjectMaps(fitted, config)
+    if len(test_ids) >= 2:
+        per_image = {"nsd_id": test_ids.astype(np.int64)}
+        for name, pred in maps.predict(test_betas, voxels=voxels).items():
+            means, images = decoding_scores(pred.numpy(), stores[name].load(test_ids))
+            scores[name].update(means)
+            per_image.update({f"{name}.{key}": values for key, values in images.items()})
+        maps = SubjectMaps(fitted, replace(config, scores=scores), per_image)
+    return maps
+
+
+def decoding_scores(pred: np.ndarray, true: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """How well predicted features (n, ...) match the true ones: the means (per-dimension r, per-image pattern r,
+    2-way identification) and each image's pattern r and identification rank (``r``, ``rank``)."""
+    pattern = pattern_correlation(pred, true)
+    two_way, rank = identification(pred, true)  # one correlation matrix for both
+    means = {
+        "dimension_r": float(np.mean(dimension_correlation(pred, true))),
+        "pattern_r": float(np.mean(pattern)),
+        "identification": float(np.mean(two_way)),
+    }
+    return means, {"r": pattern.astype(np.float32), "rank": rank.astype(np.int32)}

@@ -1,0 +1,50 @@
+"""Pictures in, tensors out: any image (PIL or array) to RGB uint8, and batches of them resized and
+normalised for a vision model. Used by the LDM's encoders, the captioner and the depth model alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from brainldm.validation import InputError
+
+ImageLike = Image.Image | np.ndarray
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """An image as an H x W x 3 uint8 array. Converts PIL modes and grey/RGBA arrays; rejects the rest."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise InputError(
+            f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got an array of shape {array.shape}"
+        )
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    array = array[..., :3]
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and 0.0 <= array.min() and array.max() <= 1.0:
+            array = np.round(array * 255.0)
+        else:
+            raise InputError(f"expected uint8 pixels or floats in [0, 1], got dtype {array.dtype}")
+        array = array.astype(np.uint8)
+    return array
+
+
+def images_to_tensor(images: Sequence[ImageLike], size: int, mean=None, std=None) -> torch.Tensor:
+    """Resize images to ``size`` x ``size`` (bicubic, as the reference code) -> (n, 3, size, size) in [-1, 1], or,
+    given a network's per-channel ``mean`` and ``std`` (of pixels in [0, 1]), normalised by them."""
+    arrays = [
+        np.asarray(Image.fromarray(to_rgb_array(im)).resize((size, size), Image.Resampling.BICUBIC)) for im in images
+    ]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    if mean is None:
+        return x / 127.5 - 1.0
+    return (x / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
