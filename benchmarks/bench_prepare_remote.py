@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from s3_folder import FolderS3
 
-    from brainldm.data.readers import nsd_voxel_table
     from brainldm.data import nsd
+    from brainldm.data.readers import nsd_voxel_table
 
     tree = Path(args.tree or tempfile.mkdtemp(prefix="bench-nsd-remote-"))
     if not nsd.betas_path(tree, 1, args.sessions, ".hdf5").exists():

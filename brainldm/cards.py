@@ -8,7 +8,6 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
-
 LIBRARY = "brainldm"
 TAGS = ["fmri", "neuroscience", "natural-scenes-dataset", LIBRARY]
 NSD_TERMS = ("nsd-terms-and-conditions", "https://cvnlab.slite.page/p/IB6BSeW_7o/Terms-and-Conditions")

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from brainldm.analysis.encoding import GROUP_FIGURE, run_encoding, write_group_summary
-from brainldm.analysis.evaluate import clip_extractor
+from brainldm.analysis.encoding import GROUP_FIGURE, read_captions, run_encoding, write_group_summary
+from brainldm.analysis.evaluate import clip_extractor, stand_in_clip_extractor
 from brainldm.analysis.surfaces import OFFLINE_SPACE
 from brainldm.data.trials import load_trials, load_voxels
 from brainldm.decoding.maps import WEIGHTS_FILE, SubjectMaps
 from brainldm.ldm.captioner import captioner_for, captions_from_embeddings
 from brainldm.ldm.loading import load_ldm
 from brainldm.ldm.reconstruct import Reconstruction, Reconstructor
-from brainldm.metrics import correlation_matrix, pixel_vectors
+from brainldm.metrics import identification_rank, pixel_vectors
 from brainldm.offline.synthetic import OFFLINE_SNR
 from brainldm.offline.world import build_offline_world
 from brainldm.paths import atomic_path, subject_name
@@ -165,32 +165,6 @@ class Subject:
         return items
 
 
-def figure_caption(stem: str) -> str:
-    """One sentence in plain words on what an encoding figure (``scripts/encoding.py``'s file stem) shows."""
-    where = "where q < 0.05 after FDR correction"
-    sweeps = {"noise": "the noise level of zc", "steps": "the denoising step", "layers": "the U-Net layer"}
-    sweep = next((what for key, what in sweeps.items() if key in stem), "the setting")
-    if stem == "group_rois":
-        return "mean test r per ROI for each feature space (bars: the mean over subjects; points: each subject)"
-    if stem.startswith("group_sweep"):
-        return f"test r per ROI as {sweep} varies (thin lines: each subject; thick: their mean)"
-    if stem.endswith("compare_winner"):
-        return f"which feature space predicts each voxel best, {where}"
-    if stem == "flatmap_compare":
-        return f"test r of each feature space on the flattened cortex, {where}"
-    if stem == "compare_rois":
-        return "mean test r per ROI for each feature space"
-    if stem.startswith("flatmap_sweep") or stem.startswith("sweep"):
-        return f"test r as {sweep} varies" + (
-            f", on the flattened cortex, {where}" if "flatmap" in stem else " per ROI"
-        )
-    if stem.startswith("flatmap_"):
-        return f"test r of {stem.removeprefix('flatmap_')} on the flattened cortex, {where}"
-    if stem.startswith("map_"):
-        return f"test r of {stem.removeprefix('map_')} in slices through the volume, {where}"
-    return stem.replace("_", " ")
-
-
 def ordinal(n: int) -> str:
     """1 -> '1st', 2 -> '2nd', 11 -> '11th'."""
     return f"{n}{'th' if 11 <= n % 100 <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
@@ -218,8 +192,8 @@ class DemoBackend:
         self._subjects: dict[int, Subject] = {}
         self._lock = threading.Lock()
         self._thumbnails = Path(tempfile.mkdtemp(prefix="brainldm-thumbnails-"))
-        model = sources.model or self._maps(sources.subjects[0]).model_id
-        self.reconstructor = Reconstructor(load_ldm(model, device=device))
+        self.model_id = sources.model or self._maps(sources.subjects[0]).model_id
+        self.reconstructor = Reconstructor(load_ldm(self.model_id, device=device))
         for pipe in (self.reconstructor.img2img, self.reconstructor.txt2img):
             pipe.set_progress_bar_config(disable=False, desc="denoising")  # gr.Progress follows tqdm
         self._clip: Callable | None = None
@@ -315,13 +289,14 @@ class DemoBackend:
         return captions_from_embeddings(self._captioners[int(subject)], decoded["blip"])[0]
 
     def clip(self) -> Callable | None:
-        """The CLIP image embedding that scores what the pictures show: the LDM's own vision tower when it ships one
-        (toy's, offline), else CLIP ViT-L/14 as ``evaluate`` uses; None if it cannot be loaded (no network)."""
+        """The CLIP image embedding that scores what the pictures show, as ``evaluate`` chooses it: the LDM's own
+        vision tower where it ships one (toy's, offline), else CLIP ViT-L/14; None if it cannot be loaded (no
+        network)."""
         if self._clip is None:
-            encoder = getattr(self.reconstructor.img2img, "image_encoder", None)
             try:
-                if encoder is not None:
-                    self._clip, self.clip_name = clip_extractor(encoder, device="cpu"), "CLIP (toy's vision tower)"
+                self._clip = stand_in_clip_extractor(self.model_id, device="cpu")
+                if self._clip is not None:
+                    self.clip_name = "CLIP (toy's vision tower)"
                 else:
                     self._clip, self.clip_name = clip_extractor(device="cpu"), "CLIP ViT-L/14"
             except (OSError, ValueError):  # offline without the checkpoint in the cache: pixels only
@@ -347,8 +322,7 @@ class DemoBackend:
         out = {}
         for name, features in references.items():
             mine = pixel_vectors([image]) if name == "pixels" else self.clip()([image])
-            r = correlation_matrix(mine, features)[0]
-            out[name] = int(1 + (r > r[trial]).sum())
+            out[name] = int(identification_rank(mine, features, targets=[trial])[0])
         return out
 
     def showcase_trials(self, subject: int) -> list[tuple[str, int]]:
@@ -401,11 +375,13 @@ class DemoBackend:
         group = Path(self.sources.maps) / "figures"
         # the summary across subjects: accuracy per ROI first, then the sweeps
         summaries = sorted(group.glob("group_*.png"), key=lambda p: (p.name != GROUP_FIGURE, p.name))
-        shown = [(str(p), "all subjects: " + figure_caption(p.stem)) for p in summaries]
+        captions = read_captions(group)
+        shown = [(str(p), "all subjects: " + captions.get(p.name, p.stem)) for p in summaries]
         own = Path(maps_location(self.sources.maps, int(subject))) / "figures"
         folder = own if own.is_dir() else group / subject_name(int(subject))
         if folder.is_dir():
             # flatmaps first: they are what people read these results from
             paths = sorted(folder.glob("*.png"), key=lambda p: (not p.stem.startswith("flatmap"), p.name))
-            shown += [(str(p), f"subject {int(subject)}: " + figure_caption(p.stem)) for p in paths]
+            captions = read_captions(folder)
+            shown += [(str(p), f"subject {int(subject)}: " + captions.get(p.name, p.stem)) for p in paths]
         return shown

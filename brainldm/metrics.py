@@ -43,7 +43,12 @@ def identification(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.n
         raise ValueError("2-way identification needs at least 2 items")
     own = np.diag(r)[:, None]
     wins = (r < own).sum(1)  # the diagonal never counts: r_ii < r_ii is False
-    return wins / (n - 1), 1 + (r > own).sum(1)
+    return wins / (n - 1), _ranks(r, own)
+
+
+def _ranks(r: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """1 + how many targets correlate with each prediction more than its own target does."""
+    return 1 + (r > own).sum(1)
 
 
 def two_way_identification(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -51,9 +56,16 @@ def two_way_identification(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return identification(pred, true)[0]
 
 
-def identification_rank(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Rank (1 = best) of each item's own target among all targets -> (n,); see :func:`identification`."""
-    return identification(pred, true)[1]
+def identification_rank(pred: np.ndarray, true: np.ndarray, targets=None) -> np.ndarray:
+    """Rank (1 = best) of each prediction's own target among all targets -> (n,); see :func:`identification`.
+
+    Prediction i's own target is ``true[targets[i]]``; by default ``true[i]`` (pred and true paired row by row). The
+    app ranks one reconstruction among every test picture this way (``targets=[trial]``).
+    """
+    if targets is None:
+        return identification(pred, true)[1]
+    r = correlation_matrix(pred, true)
+    return _ranks(r, r[np.arange(len(r)), np.asarray(targets)][:, None])
 
 
 # --- image metrics -------------------------------------------------------------------------------------------

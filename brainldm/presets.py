@@ -15,7 +15,7 @@ class Sampling:
 
     ``strength``: the img2img noise level (0 keeps Xz, 1 ignores it); ``guidance_scale``: how strongly c steers
     the image (classifier-free guidance, >= 1); ``num_samples``: samples per image, each image's
-    sample k from its own noise (``brainldm.ldm.reconstruct.noise_seed`` of the seed, the image and k).
+    sample k from its own noise (``brainldm.torch_utils.noise_seed`` of the seed, the image and k).
     """
 
     strength: float = 0.8

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from brainldm.data.trials import load_trials, load_voxels, nsd, prepare_subject
+from brainldm.data import nsd
 from brainldm.data import trials as data
+from brainldm.data.trials import load_trials, load_voxels, prepare_subject
 from brainldm.offline.synthetic import write_nsd_tree
 from brainldm.validation import InputError
 

@@ -218,6 +218,19 @@ def test_maps_summaries_and_figures_are_written(encoded):
     assert "feature,roi,n_voxels,mean_r,fraction_significant" in (out / "summary.csv").read_text()
 
 
+def test_every_figure_is_written_with_a_plain_caption_beside_it(encoded):
+    # the app shows these captions under the figures, so a figure renamed or added here keeps its caption
+    from brainldm.analysis.encoding import read_captions
+
+    root, _, _ = encoded
+    captions = read_captions(root / "out")
+    assert set(captions) == {p.name for p in (root / "out").glob("*.png")}
+    for name, caption in captions.items():
+        assert " " in caption and "_" not in caption.split(" of ")[0], (name, caption)
+    assert "q < 0.05 after FDR" in captions["map_z.png"] and "z" in captions["map_z.png"]
+    assert captions["sweep_noise.png"] == "test r as the noise level of zc varies per ROI"
+
+
 def test_a_store_is_read_a_block_of_channels_at_a_time(encoded):
     from brainldm.data.features import FeatureStore
 

@@ -249,3 +249,12 @@ def test_evaluate_refuses_unknown_metrics_and_empty_folders(tmp_path):
     with pytest.raises(ValueError, match="no subjNN folders"):
         evaluate(tmp_path, ["pixcorr"])
     assert set(METRICS) == {"pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav"}
+
+
+def test_a_rank_against_a_chosen_target_is_the_paired_rank():
+    # the app ranks one reconstruction among every test picture; it must agree with the paired ranks
+    rng = np.random.default_rng(0)
+    pred, true = rng.normal(size=(9, 20)), rng.normal(size=(9, 20))
+    paired = identification_rank(pred, true)
+    assert [int(identification_rank(pred[i : i + 1], true, targets=[i])[0]) for i in range(9)] == paired.tolist()
+    assert identification_rank(true[[4]], true, targets=[4])[0] == 1

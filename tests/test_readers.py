@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from brainldm.data import nsd
 from brainldm.data.readers import ExperimentReader
-from brainldm.data.trials import load_trials, load_voxels, nsd, prepare
+from brainldm.data.trials import load_trials, load_voxels, prepare
 from brainldm.validation import InputError
 
 

@@ -13,8 +13,9 @@ import pytest
 from s3_server import LocalS3
 from safetensors import safe_open
 
+from brainldm.data import nsd
 from brainldm.data.readers import nsd_voxel_table
-from brainldm.data.trials import VOXELS_FILE, nsd, prepare_subject
+from brainldm.data.trials import VOXELS_FILE, prepare_subject
 from brainldm.offline.synthetic import write_nsd_tree
 from brainldm.validation import InputError
 

@@ -19,9 +19,9 @@ from brainldm.ldm.features import encode_c, encode_z
 from brainldm.ldm.loading import TOY_DIR, clip_stand_in, ddim_scheduler, ldm_sizes, load_ldm
 from brainldm.ldm.reconstruct import Reconstructor
 from brainldm.metrics import pixcorr, two_way_identification
+from brainldm.offline import toy
 from brainldm.offline.synthetic import ANIMALS, coat_pattern
 from brainldm.offline.toy import ToyConfig, build_unet, grow_unet
-from brainldm.offline import toy
 from brainldm.presets import Sampling
 from brainldm.validation import InputError
 

@@ -37,6 +37,8 @@ from brainldm.torch_utils import default_device
 from brainldm.validation import InputError
 
 GROUP_SUMMARY, GROUP_FIGURE = "group_summary.json", "group_rois.png"
+CAPTIONS_FILE = "captions.json"  # each figure's caption, beside the figures
+SIGNIFICANT = "where q < 0.05 after FDR correction"
 
 # --- pure functions ------------------------------------------------------------------------------------------
 
@@ -278,7 +280,8 @@ def group_summary(results: dict[int, dict[str, EncodingResult]]) -> dict:
 def write_group_summary(results: dict[int, dict[str, EncodingResult]], out: str | Path) -> list[Path]:
     """``group_summary.json`` (:func:`group_summary`), ``group_rois.png`` (per ROI and feature space, the mean over
     subjects with every subject shown) and ``group_<sweep>.png`` for each sweep :func:`figure_plan` finds in the
-    feature spaces (each subject's line and their mean, ROI by ROI) in ``out``; returns their paths."""
+    feature spaces (each subject's line and their mean, ROI by ROI) in ``out``, with their captions
+    (:func:`write_captions`); returns the summary's and the figures' paths."""
 
     out = Path(out)
     summary = group_summary(results)
@@ -290,16 +293,22 @@ def write_group_summary(results: dict[int, dict[str, EncodingResult]], out: str 
         for name, per_roi in summary.items()
     }  # fmt: skip
     title = f"encoding accuracy per ROI, {len(results)} subjects (bars: mean over subjects; points: each subject)"
-    paths = [out / GROUP_SUMMARY, viz.group_rois(values, out / GROUP_FIGURE, title)]
+    figures = {
+        viz.group_rois(values, out / GROUP_FIGURE, title): (
+            "mean test r per ROI for each feature space (bars: the mean over subjects; points: each subject)"
+        )
+    }
     # the sweeps (noise levels, denoising steps, U-Net layers), every subject's line and their mean, ROI by ROI
-    for stem, (heading, xlabel, members) in figure_plan(list(summary)).items():
+    for stem, (heading, xlabel, members, varies) in figure_plan(list(summary)).items():
         if stem == "compare":
             continue
         rois = values[next(iter(members))]
         series = {roi: {s: {x: values[n][roi][s] for n, x in members.items()} for s in rois[roi]} for roi in rois}
         title = f"{heading}, {len(results)} subjects (thin: each subject; thick: their mean)"
-        paths.append(viz.group_lines(series, out / f"group_{stem}.png", xlabel, title))
-    return paths
+        path = viz.group_lines(series, out / f"group_{stem}.png", xlabel, title)
+        figures[path] = f"test r per ROI as {varies} varies (thin lines: each subject; thick: their mean)"
+    write_captions(figures, out)
+    return [out / GROUP_SUMMARY, *figures]
 
 
 def write_results(results: dict[str, EncodingResult], voxels, out: str | Path, space=None) -> list[Path]:
@@ -333,7 +342,7 @@ def write_results(results: dict[str, EncodingResult], voxels, out: str | Path, s
 def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, float]]]:
     """The paper's comparisons that the feature spaces in ``names`` allow.
 
-    Returns file stem -> (title, x label, {feature: x}): z, c and zc compared (x = order), zc across noise levels
+    Returns file stem -> (title, x label, {feature: x}, what varies in words): z, c and zc compared (x = order), zc across noise levels
     (x = strength), each U-Net block across denoising steps (x = step) and the U-Net blocks at each
     (strength, step) (x = depth).
     """
@@ -342,10 +351,10 @@ def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, flo
     plan = {}
     main = [n for n, s in specs.items() if s.kind in ("z", "c", "zc")]
     if len(main) >= 2:
-        plan["compare"] = (" vs ".join(main), "", {n: i for i, n in enumerate(main)})
+        plan["compare"] = (" vs ".join(main), "", {n: i for i, n in enumerate(main)}, "the feature space")
     noise = {n: s.strength for n, s in specs.items() if s.kind == "zc"}
     if len(noise) >= 2:
-        plan["sweep_noise"] = ("zc across noise levels", "strength (noise level)", noise)
+        plan["sweep_noise"] = ("zc across noise levels", "strength (noise level)", noise, "the noise level of zc")
     unet = {n: s for n, s in specs.items() if s.kind == "unet"}
     for block in sorted({s.block for s in unet.values()}):
         for strength in sorted({s.strength for s in unet.values()}):
@@ -355,13 +364,19 @@ def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, flo
                     f"U-Net {block} across denoising steps",
                     "denoising step",
                     steps,
+                    "the denoising step",
                 )
     depth = {b: i for i, b in enumerate(UNET_BLOCKS)}
     for strength, step in sorted({(s.strength, s.step) for s in unet.values()}):
         blocks = {n: depth[s.block] for n, s in unet.items() if (s.strength, s.step) == (strength, step)}
         if len(blocks) >= 2:
             title = f"U-Net layers (strength {strength:g}, step {step})"
-            plan[f"sweep_layers_{strength:g}_{step}"] = (title, "U-Net block (down0 ... up3)", blocks)
+            plan[f"sweep_layers_{strength:g}_{step}"] = (
+                title,
+                "U-Net block (down0 ... up3)",
+                blocks,
+                "the U-Net layer",
+            )
     return plan
 
 
@@ -388,37 +403,61 @@ def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, s
         result = results[name]
         return f"{name}: test r where FDR q <= {result.q:g} ({result.significant.sum()} of {len(result.r)} voxels)"
 
-    paths = []
+    figures = {}  # path -> caption: what the app shows under each figure
     plan = figure_plan(list(results))
-    compared = {name for _, _, members in plan.values() for name in members}
+    compared = {name for _, _, members, _ in plan.values() for name in members}
     for name in results:
         if space is None:
-            paths.append(viz.volume_mosaic(significant_r(name), brain, out / f"map_{safe_name(name)}.png", title(name)))
+            path = viz.volume_mosaic(significant_r(name), brain, out / f"map_{safe_name(name)}.png", title(name))
+            figures[path] = f"test r of {name} in slices through the volume, {SIGNIFICANT}"
         elif name not in compared:
             path = out / f"flatmap_{safe_name(name)}.png"
-            paths.append(viz.flatmaps([(name, significant_r(name))], space, path, title(name), summary=per_roi(name)))
+            path = viz.flatmaps([(name, significant_r(name))], space, path, title(name), summary=per_roi(name))
+            figures[path] = f"test r of {name} on the flattened cortex, {SIGNIFICANT}"
     vmax = max(float(np.percentile(r.r, 99.9)) for r in results.values())
-    for stem, (heading, xlabel, members) in plan.items():
+    for stem, (heading, xlabel, members, varies) in plan.items():
         ordered = sorted(members, key=members.get)
         if stem == "compare":
             r = np.stack([results[n].r for n in ordered])
             significant = np.stack([results[n].significant for n in ordered]).any(0)
             winner = voxels.to_volume(np.where(significant, r.argmax(0) + 1.0, np.nan))
             best = "best-predicting feature per voxel (significant voxels)"
-            paths.append(viz.roi_bars({n: per_roi(n) for n in ordered}, out / "compare_rois.png", heading))
+            path = viz.roi_bars({n: per_roi(n) for n in ordered}, out / "compare_rois.png", heading)
+            figures[path] = "mean test r per ROI for each feature space"
             if space is None:
-                paths.append(viz.winner_mosaic(winner, brain, ordered, out / "compare_winner.png", best))
+                path = viz.winner_mosaic(winner, brain, ordered, out / "compare_winner.png", best)
             else:
                 path = out / "flatmap_compare_winner.png"
-                paths.append(viz.flatmaps([(best, winner)], space, path, best, categories=ordered))
+                path = viz.flatmaps([(best, winner)], space, path, best, categories=ordered)
+            figures[path] = f"which feature space predicts each voxel best, {SIGNIFICANT}"
+            on_cortex = f"test r of each feature space on the flattened cortex, {SIGNIFICANT}"
         else:
             rois = per_roi(ordered[0])
             series = {roi: {members[n]: per_roi(n)[roi] for n in ordered} for roi in rois}
-            paths.append(viz.roi_lines(series, out / f"{stem}.png", xlabel, heading))
+            figures[viz.roi_lines(series, out / f"{stem}.png", xlabel, heading)] = f"test r as {varies} varies per ROI"
+            on_cortex = f"test r as {varies} varies, on the flattened cortex, {SIGNIFICANT}"
         if space is not None:
             panels = [(title(n), significant_r(n)) for n in ordered]
-            paths.append(viz.flatmaps(panels, space, out / f"flatmap_{stem}.png", heading, vmax=vmax))
-    return paths
+            figures[viz.flatmaps(panels, space, out / f"flatmap_{stem}.png", heading, vmax=vmax)] = on_cortex
+    write_captions(figures, out)
+    return list(figures)
+
+
+def write_captions(figures: dict[Path, str], out: str | Path) -> Path:
+    """Add each figure's caption (file name -> one sentence in plain words) to ``captions.json`` in ``out``, beside
+    the figures, where the app reads them (:func:`read_captions`)."""
+    path = Path(out) / CAPTIONS_FILE
+    captions = read_captions(out)
+    captions.update({Path(figure).name: caption for figure, caption in figures.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(captions, indent=2))
+    return path
+
+
+def read_captions(folder: str | Path) -> dict[str, str]:
+    """The captions :func:`write_captions` wrote in ``folder`` (file name -> caption); empty if none."""
+    path = Path(folder) / CAPTIONS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def safe_name(feature: str) -> str:

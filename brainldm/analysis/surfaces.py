@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from brainldm.data.storage import Storage
 from brainldm.data import nsd
+from brainldm.data.storage import Storage
 from brainldm.validation import InputError
 
 NSD_TRANSFORM = "func1pt8_to_anat0pt8_autoFSbbr"

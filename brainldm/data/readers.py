@@ -22,8 +22,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from brainldm.data.storage import Storage
 from brainldm.data import nsd
+from brainldm.data.storage import Storage
 from brainldm.data.voxels import VoxelTable
 from brainldm.validation import InputError, oneline, require_file
 

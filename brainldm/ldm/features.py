@@ -15,6 +15,7 @@ from brainldm.data.features import FeatureSpec, check_step
 from brainldm.images import ImageLike, images_to_tensor
 from brainldm.ldm.loading import ldm_sizes
 from brainldm.presets import TAKAGI2023
+from brainldm.torch_utils import noise_seed
 from brainldm.validation import InputError
 
 
@@ -72,8 +73,9 @@ def reduce_tap(hidden: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def image_generators(nsd_ids: Sequence[int], seed: int) -> list[torch.Generator]:
-    """One CPU generator per image, seeded from (seed, nsd_id): the noise of an image does not depend on its batch."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in nsd_ids]
+    """One CPU generator per image, seeded as the reconstructions' first sample (:func:`~brainldm.torch_utils.noise_seed`
+    of the seed and the ``nsd_id``): the noise of an image does not depend on its batch."""
+    return [torch.Generator().manual_seed(noise_seed(seed, int(i))) for i in nsd_ids]
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from brainldm.ldm.depth import depth_from_states, depth_img2img, load_depth_mode
 from brainldm.ldm.features import empty_prompt_embedding, encode_prompts
 from brainldm.ldm.loading import DEPTH_MODEL, ldm_sizes, load_depth_ldm
 from brainldm.presets import TAKAGI2023, Sampling
+from brainldm.torch_utils import noise_seed
 from brainldm.validation import MAX_SEED, InputError, check_finite, check_sampling
 
 KINDS = ("Xz", "Xc", "Xzc", "Xzt", "Xztd")  # every kind of reconstruction, as trial folders name their images
@@ -254,12 +255,6 @@ class FollowUp:
         out["depth"] = depth.numpy()
         out["Xztd"] = to_uint8(images).reshape(n, num_samples, size, size, 3)
         return out
-
-
-def noise_seed(seed: int, key: int, sample: int) -> int:
-    """The seed of one image's sample: its own for every (seed, image key, sample), reproducible and independent of
-    which other images share the batch (the paper's code drew each image's noise from one stream seeded once)."""
-    return int(np.random.SeedSequence([seed, key, sample]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def sample_seeds(sampling: Sampling, n: int, keys: Sequence[int] | None = None) -> list[int]:
