@@ -35,8 +35,9 @@ TARGET_NAMES = {
     "blip": "BLIP image embedding",
     "dpt": "DPT hidden states (depth)",
 }
+AS_FITTED = "as fitted (the paper)"
 RESCALE_CHOICES = {
-    "as fitted (the paper)": None,
+    AS_FITTED: None,
     "per dimension": "dimension",
     "per target": "target",
 }
@@ -116,7 +117,11 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
         except (InputError, OSError) as err:
             raise gr.Error(str(err)) from err
         thumbnails = [path for path, _ in items]  # captions come with the result, in full
-        return thumbnails, 0, f"Subject {subject}: {len(items)} test images. Pick one, then press Reconstruct."
+        status = f"Subject {subject}: {len(items)} test images. Pick one, then press Reconstruct."
+        # only the rescaling the subject's maps support is offered
+        choices = list(RESCALE_CHOICES) if backend.subject(subject).maps.can_rescale else [AS_FITTED]
+        rescale_choice = gr.update(choices=choices, value=DEFAULT_RESCALE if DEFAULT_RESCALE in choices else AS_FITTED)
+        return thumbnails, 0, status, rescale_choice
 
     def pick(evt: gr.SelectData):
         return evt.index
@@ -133,6 +138,8 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
         n, clip_name = out["n_candidates"], out["clip_name"]
         lines = [rank_line(out["ranks"][kind], n, clip_name) for kind in ("Xz", "Xc", "Xzc")]
         report = quality_report(out["quality"], out["captions"], out["decoded_caption"])
+        if out.get("note"):
+            report = f"**Note**: {out['note']}\n\n{report}"
         panels = [[out["presented"]], [out["Xz"]], out["Xc"], out["Xzc"]]
         return *([backend.image_file(image) for image in panel] for panel in panels), *lines, report
 
@@ -244,8 +251,8 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
             figures_note = gr.Markdown()
 
         outputs = [panels["presented"], panels["Xz"], panels["Xc"], panels["Xzc"], *lines.values(), quality]
-        subject.change(load_subject, subject, [gallery, trial, status], api_name="load_subject")
-        demo.load(load_subject, subject, [gallery, trial, status], api_visibility="private")
+        subject.change(load_subject, subject, [gallery, trial, status, rescale], api_name="load_subject")
+        demo.load(load_subject, subject, [gallery, trial, status, rescale], api_visibility="private")
         gallery.select(pick, None, trial, api_visibility="private")
         reseed.click(new_seed, None, seed, api_visibility="private")
         run.click(reconstruct, [subject, trial, strength, rescale, guidance, steps, seed, samples], outputs,

@@ -11,7 +11,8 @@ z and c and fits the maps, as the README's offline demo does. Then, on the test 
 - the decoded z and c, as fitted (the paper) and rescaled to the training spread (per dimension, per target).
 
 For each it prints 2-way identification of Xz, Xc and Xzc against the presented pictures (chance 50%) by pixels,
-by colour histograms, by meaning (the animals a picture -> caption-words reader sees, :mod:`brainldm.offline.meaning`) and
+by colour histograms, by meaning (the animals a picture -> caption-words reader sees, :mod:`brainldm.offline.meaning`)
+and
 by toy-CLIP, PixCorr, and how alike different trials' Xc are (mean pairwise r, beside the presented pictures'). First
 it checks the world itself: the reader names held-out pictures' animals from the originals, and not from the same
 pictures blurred to z's grid.

@@ -1,5 +1,5 @@
-"""Every card brainldm writes, in one place: the subject maps' model card, the trials' dataset card and the ``toy``
-model's README, with what they share (NSD's terms, the tags, the paper).
+"""The cards brainldm publishes on the Hub: the subject maps' model card and the trials' dataset card, with what every
+card shares (NSD's terms, the tags, the paper; the offline model's card, :mod:`brainldm.offline.toy_card`, uses them).
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ MODEL_LICENSES = {
         "https://huggingface.co/spaces/CompVis/stable-diffusion-license",
     ),
 }
+# NSD's Terms and Conditions, clause 3: why a trials dataset (betas) is pushed private unless asked otherwise
+NSD_CLAUSE_3 = "I will not distribute this dataset or its components to any other individual or entity."
+PUBLIC_WARNING = (
+    f'NSD\'s Terms and Conditions (clause 3) say: "{NSD_CLAUSE_3}" A public repo, even gated, hands these betas to '
+    "anyone who ticks its box; make it public only if your agreement with NSD allows it."
+)
 GATED_PROMPT = (
     "These are data of the Natural Scenes Dataset (NSD). NSD is shared under the NSD Terms and Conditions; to "
     "access these files you must agree to them."
@@ -26,7 +32,8 @@ GATED_PROMPT = (
 
 
 def maps_card(cfg, repo_id: str) -> ModelCard:
-    """The card of subject maps described by ``cfg`` (a :class:`~brainldm.decoding.maps.MapsConfig`); ``repo_id`` fills in its
+    """The card of subject maps described by ``cfg`` (a :class:`~brainldm.decoding.maps.MapsConfig`); ``repo_id`` fills
+    in its
     usage example."""
 
     data_id = cfg.data or "<user>/nsd-trials"
@@ -134,8 +141,9 @@ These maps are derived from the Natural Scenes Dataset and are shared under the
     return ModelCard(content)
 
 
-def dataset_card(infos: dict[str, dict], repo_id: str = "<user>/nsd-trials") -> DatasetCard:
-    """The dataset card: one config per prepared subject (the first is the default), NSD's terms as gated access."""
+def dataset_card(infos: dict[str, dict], repo_id: str = "<user>/nsd-trials", public: bool = False) -> DatasetCard:
+    """The dataset card: one config per prepared subject (the first is the default) and NSD's terms: for a private
+    repo (the default) why it is private, for a ``public`` one the gate's form and clause 3 beside it."""
     configs = [
         {"config_name": name, "data_files": [{"split": s, "path": f"{name}/{s}-*.parquet"} for s in ("train", "test")]}
         for name in sorted(infos)
@@ -150,9 +158,22 @@ def dataset_card(infos: dict[str, dict], repo_id: str = "<user>/nsd-trials") -> 
         task_categories=["image-to-image"],
         tags=TAGS,
         configs=configs,
-        extra_gated_prompt=GATED_PROMPT,
-        extra_gated_fields={f"I agree to the NSD Terms and Conditions ({NSD_TERMS[1]})": "checkbox"},
+        **(
+            dict(
+                extra_gated_prompt=GATED_PROMPT,
+                extra_gated_fields={f"I agree to the NSD Terms and Conditions ({NSD_TERMS[1]})": "checkbox"},
+            )
+            if public
+            else {}
+        ),
     )
+    if public:
+        access = f"which is why access to this repo is gated. {PUBLIC_WARNING}"
+    else:
+        access = (
+            f'and their clause 3 says: "{NSD_CLAUSE_3}" So this repo is private: give access only to people '
+            "covered by your agreement with NSD (a Space reads it with an `HF_TOKEN` secret)."
+        )
     table = "\n".join(
         f"| {name} | {i['n_train']} | {i['n_test']} | {i['n_voxels']} | {len(i['sessions'])} | "
         f"{'yes' if i['zscore'] else 'no'} |"
@@ -170,8 +191,7 @@ brainldm's `scripts/prepare_nsd.py` for image reconstruction with latent diffusi
 (Takagi & Nishimoto, CVPR 2023).
 
 **Terms of use.** NSD is shared under the [NSD Terms and Conditions]({NSD_TERMS[1]}); anyone using these data
-must agree to them, which is why access to this repo is gated. COCO images and captions are under their own
-licences.
+must agree to them, {access} COCO images and captions are under their own licences.
 
 | config | train rows | test rows | voxels | sessions | z-scored |
 |---|---|---|---|---|---|

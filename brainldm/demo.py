@@ -256,8 +256,10 @@ class DemoBackend:
         ``generate`` runs the GPU part (default :meth:`generate`; the app passes its ``@spaces.GPU`` wrapper);
         ``rescale`` is passed to :meth:`~brainldm.decoding.maps.SubjectMaps.predict`.
         """
+        self.reconstructor.check_sampling(sampling)  # a count of samples past the limit, say, before any work
         state = self.subject(subject)
         trial = state.check_trial(trial)
+        rescale, note = self.rescale_for(subject, rescale)
         decoded = state.decode(trial, rescale)
         result = (generate or self.generate)(decoded["z"], decoded["c"], sampling, [int(state.nsd_ids[trial])])
         row = state.test[trial]
@@ -274,7 +276,18 @@ class DemoBackend:
             "ranks": {kind: self.ranks(subject, trial, image) for kind, image in images.items()},
             "n_candidates": len(state),
             "clip_name": self.clip_name,
+            "note": note,
         }
+
+    def rescale_for(self, subject: int, rescale: str | None) -> tuple[str | None, str | None]:
+        """The rescaling a subject's maps support: ``rescale`` itself (and no note), or, for maps fitted before
+        brainldm stored the rescaling statistics, None (as fitted) with a line saying why."""
+        if rescale is None or self.subject(subject).maps.can_rescale:
+            return rescale, None
+        return None, (
+            f"Subject {int(subject)}'s maps were fitted before brainldm stored the rescaling statistics, so decoded z "
+            "and c are used as fitted."
+        )
 
     def decoded_caption(self, subject: int, decoded: dict[str, torch.Tensor]) -> str | None:
         """The caption BLIP writes from the decoded image embedding, where the subject's maps decode ``blip`` (the
@@ -342,7 +355,7 @@ class DemoBackend:
                  generate=None) -> list[dict]:  # fmt: skip
         """The reconstructions of :meth:`showcase_trials`, each with a thumbnail of its four images side by side
         (``thumbnail``, a JPEG path) and a ``label``: computed on first use, then kept for every visitor."""
-        key = (int(subject), sampling, rescale)
+        key = (int(subject), sampling, self.rescale_for(subject, rescale)[0])
         with self._showcase_lock:
             if key not in self._showcases:
                 self._showcases[key] = self._make_showcase(key, generate)

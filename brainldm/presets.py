@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_SAMPLES = 16  # samples per image that a Sampling may ask for (the paper drew 5)
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -49,7 +51,8 @@ class Preset:
         ("dpt", "early+ventral+midventral+midlateral+lateral+parietal"),
     )
     followup_rank: int = 256
-    # Rescaling decoded targets to the training distribution (brainldm.decoding.maps.RESCALE_MODES), as Brain-Diffuser does;
+    # Rescaling decoded targets to the training distribution (brainldm.decoding.maps.RESCALE_MODES), as Brain-Diffuser
+    # does;
     # the paper generates from the ridge predictions as they are
     rescale: str | None = None
     cv_folds: int = 5

@@ -3,7 +3,8 @@
 CLIP), EffNet-B1 and SwAV distance; per subject and averaged; plus Takagi's protocol (mean over samples).
 
 Writes OUT/metrics.json, OUT/metrics.md (a table laid out like the published ones, with quoted reference rows)
-and OUT/metrics.png. A metric whose model cannot be loaded is listed as unavailable with the reason.
+and OUT/metrics.png. A metric whose network cannot be loaded (torchvision not installed: pip install -e ".[gpu]";
+a checkpoint not cached offline) stops the run at once, saying what to install or to leave out with --metrics.
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     pairs = [pair.split("=") for pair in args.decoders.split(",")]
     if any(len(pair) != 2 or not all(pair) for pair in pairs):
         parser.error(f"--decoders: expected target=roi pairs such as z=early,c=ventral, got {args.decoders!r}")
+    needed = [f"{target}={roi}" for target, roi in TAKAGI2023.decoders if target not in {t for t, _ in pairs}]
+    if needed:  # maps are made here to reconstruct from, and every reconstruction starts from z and c
+        parser.error(f"--decoders {args.decoders} leaves out what every reconstruction needs: add {','.join(needed)}")
 
     maps = fit_subject_maps(
         args.data,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from brainldm import cli
+from brainldm.cards import NSD_CLAUSE_3
 
 
 def sessions_argument(text: str) -> int | list[int]:
@@ -55,8 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cache-dir", help="where files fetched from a URL are kept (default: $BRAINLDM_CACHE or ~/.cache/brainldm)"
     )
-    parser.add_argument("--push", metavar="REPO_ID", help="upload to this Hub dataset repo when done")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument(
+        "--push", metavar="REPO_ID", help="upload to this Hub dataset repo when done (created private: see --public)"
+    )
+    parser.add_argument(
+        "--public",
+        action="store_true",
+        help="make the pushed repo public, gated behind a form on NSD's terms. NSD's Terms and Conditions (clause 3) "
+        f'say: "{NSD_CLAUSE_3}" Use it only if your agreement with NSD allows it',
+    )
     args = parser.parse_args(argv)
 
     from brainldm.data.storage import Storage
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if nsd_root.remote:
         print(f"fetched {nsd_root.bytes_fetched / 2**20:,.1f} MiB in {nsd_root.requests:,} requests from {nsd_root}")
     if args.push:
-        url = push_to_hub(args.out, args.subject, args.push, private=args.private, whole_brain=args.whole_brain)
+        url = push_to_hub(args.out, args.subject, args.push, public=args.public, whole_brain=args.whole_brain)
         print(f"pushed to {url}")
 
 

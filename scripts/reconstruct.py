@@ -37,7 +37,7 @@ def parse_rows(text: str) -> list[int]:
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.presets import TAKAGI2023
+    from brainldm.presets import MAX_SAMPLES, TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--maps", required=True, help="SubjectMaps: local folder or Hub model repo id")
@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=parse_rows, help="rows of the split: '0:10' or '3,7,9' (default: all)")
     parser.add_argument("--out", type=cli.output_folder, required=True, help="output folder")
     parser.add_argument(
-        "--samples", type=cli.positive, default=1, help=f"samples per image (paper: {TAKAGI2023.eval_samples})"
+        "--samples",
+        type=cli.integer(1, MAX_SAMPLES),
+        default=1,
+        help=f"samples per image, at most {MAX_SAMPLES} (paper: {TAKAGI2023.eval_samples})",
     )
     parser.add_argument("--batch-size", type=cli.positive, default=1, help="images per diffusion batch")
     parser.add_argument("--model", help="LDM id or folder (default: the one the maps were fitted for)")

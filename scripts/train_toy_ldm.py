@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train `toy`, the offline world's small Stable-Diffusion-shaped LDM, from scratch (see brainldm/toy.py).
+"""Train `toy`, the offline world's small Stable-Diffusion-shaped LDM, from scratch (see brainldm/offline/toy.py).
 
 Phases: draw pictures and captions -> CLIP pair (contrastive) -> VAE -> encode latents -> U-Net (noise prediction,
 conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on held-out

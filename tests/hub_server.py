@@ -118,7 +118,9 @@ def _handler(hub: LocalHub):
                     return self._json(
                         409, {"error": "You already created this repo", "url": f"{hub.url}/{prefix}{repo_id}"}
                     )
-                hub.repos[(kind, repo_id)] = Repo(kind, settings={"private": bool(payload.get("private"))})
+                # huggingface_hub 2.x says "visibility": "private" / "public"; older clients said "private": true
+                private = payload.get("visibility", "private" if payload.get("private") else "public") == "private"
+                hub.repos[(kind, repo_id)] = Repo(kind, settings={"private": private})
                 return self._json(200, {"url": f"{hub.url}/{prefix}{repo_id}", "name": repo_id})
             if path == "/api/validate-yaml":  # a model or dataset card's metadata must at least be YAML
                 content = json.loads(body)["content"]

@@ -65,8 +65,9 @@ def test_endpoints_are_the_documented_ones(client):
 
 
 def test_load_subject_lists_the_test_images(client, decoding_world):
-    gallery, trial, status = client.predict(1, api_name="/load_subject")
+    gallery, trial, status, rescale = client.predict(1, api_name="/load_subject")
     assert len(gallery) == 20 and trial == 0 and "20 test images" in status
+    assert rescale["value"] == app_module.DEFAULT_RESCALE and len(rescale["choices"]) == 3
     assert all(Path(item["image"]).exists() for item in gallery)
 
 
@@ -117,7 +118,7 @@ def test_cortical_maps_tab_says_when_there_are_none(client):
 def test_bad_input_is_a_visible_error_and_the_app_stays_up(client, call, match):
     with pytest.raises(Exception, match=match):
         call(client)
-    gallery, _, _ = client.predict(1, api_name="/load_subject")  # still serving
+    gallery, *_ = client.predict(1, api_name="/load_subject")  # still serving
     assert len(gallery) == 20
 
 
@@ -358,6 +359,36 @@ def test_the_showcase_is_the_best_median_and_worst_trial_computed_once(sources):
     assert backend.showcase(1, sampling, generate=gpu) is first and len(calls) == 3  # every later visitor: cached
     with Image.open(first[0]["thumbnail"]) as thumbnail:
         assert thumbnail.size == (4 * 96 + 12, 96)  # presented, Xz, Xc, Xzc side by side
+
+
+def test_maps_without_rescaling_statistics_fall_back_to_as_fitted_with_a_line_saying_so(decoding_world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = decoding_world.maps.save_pretrained(tmp_path / "weights" / "subj01")
+    tensors = load_file(folder / "maps.safetensors")  # as maps fitted before brainldm stored the statistics
+    stats = ("target_mean", "target_std", "prediction_mean", "prediction_std")
+    save_file({k: v for k, v in tensors.items() if k.split(".")[-1] not in stats}, folder / "maps.safetensors",
+              metadata={"format": "brainldm-subject-maps/2"})  # fmt: skip
+    backend = DemoBackend(Sources(str(tmp_path / "weights"), str(decoding_world.data), "tiny", [1]), device="cpu")
+    sampling = Sampling(num_inference_steps=4)
+    out = backend.reconstruct(1, 0, sampling, rescale="target")  # the app's default
+    assert "fitted before brainldm stored the rescaling statistics" in out["note"]
+    assert np.array_equal(out["Xz"], backend.reconstruct(1, 0, sampling, rescale=None)["Xz"])  # as fitted
+    assert backend.reconstruct(1, 0, sampling, rescale=None)["note"] is None
+    demo = app_module.build_demo(backend)
+    load_subject = next(f.fn for f in demo.fns.values() if f.name == "load_subject")
+    *_, choice = load_subject(1)  # only "as fitted" is offered
+    assert choice["choices"] == [AS_FITTED] and choice["value"] == AS_FITTED
+
+
+def test_samples_beyond_the_limit_are_refused_before_any_work(decoding_world):
+    from brainldm.presets import MAX_SAMPLES
+    from brainldm.validation import InputError
+
+    backend = DemoBackend(Sources(None, str(decoding_world.data), "tiny", [1]), device="cpu")
+    backend.subject = lambda subject: pytest.fail("decoded before refusing")
+    with pytest.raises(InputError, match=f"samples must be in 1..{MAX_SAMPLES} per image.*got 1000"):
+        backend.reconstruct(1, 0, Sampling(num_samples=1000))
 
 
 @pytest.mark.parametrize("trial, match", [("seven", "trial must be a test trial's number, got 'seven'"),

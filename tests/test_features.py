@@ -149,7 +149,7 @@ def test_extraction_caches_per_image_and_reruns_compute_nothing(tiny, pictures, 
     z = load_features(tmp_path, "z", [103, 100])
     torch.testing.assert_close(torch.from_numpy(z), encode_z(tiny, [pictures[3][0], pictures[0][0]]))
 
-    monkeypatch.setattr("brainldm.ldm.features.encode_z", lambda *a, **k: pytest.fail("recomputed a cached image"))
+    monkeypatch.setattr("brainldm.ldm.extraction.encode_z", lambda *a, **k: pytest.fail("recomputed a cached image"))
     extract_features(
         tiny, "tiny", list(items), items.__getitem__, specs, tmp_path, num_inference_steps=10, progress=False
     )
@@ -380,7 +380,7 @@ def test_a_second_subject_reuses_the_shared_pictures(two_subjects, tmp_path, cap
         return real(ldm, images, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("brainldm.ldm.features.encode_z", counting)
+        patch.setattr("brainldm.ldm.extraction.encode_z", counting)
         script.main([*base, "--subject", "2"])
     assert len(computed) == len(second - first)  # counted, not timed: only subject 2's own pictures
     shared = len(first & second)

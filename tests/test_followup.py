@@ -189,3 +189,87 @@ def test_the_app_shows_the_caption_decoded_from_the_brain(followup_world, decodi
     assert "| BLIP image embedding |" in report
     # maps without blip: no caption line
     assert "decoded from the brain" not in app_module.quality_report(out["quality"], out["captions"])
+
+
+def _run(name: str, args: list, capsys) -> tuple[int, str]:
+    """``scripts/<name>.py`` in this process -> (exit status, stderr)."""
+    capsys.readouterr()
+    try:
+        script(name).main([str(a) for a in args])
+        return 0, capsys.readouterr().err
+    except SystemExit as exit:
+        return exit.code, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and "error:" in lines[-1] and "Traceback" not in err, err
+    return lines[-1]
+
+
+def test_a_folder_of_follow_up_trials_refuses_trials_without_it_and_evaluate_names_mixed_kinds(
+    followup_world, decoding_world, tmp_path, capsys
+):
+    root, _ = followup_world
+    out = tmp_path / "recon"
+    common = ["--maps", root / "maps", "--data", decoding_world.data, "--subject", "1", "--out", out, "--steps", "2"]
+    assert _run("reconstruct", [*common, "--trials", "0:1", "--depth-ldm", "tiny"], capsys)[0] == 0
+    code, err = _run("reconstruct", [*common, "--trials", "0:2", "--no-followup"], capsys)
+    assert code == 2 and "test-00000 was made with followup" in _one_error_line(err)
+    assert not (out / "subj01" / "test-00001").exists()
+    # a trial beyond --trials counts too: the folder holds one kind of reconstruction
+    code, err = _run("reconstruct", [*common, "--trials", "1:2", "--no-followup"], capsys)
+    assert code == 2 and "test-00000 was made with followup" in _one_error_line(err)
+    # a folder mixed another way (here by hand) is named by evaluate, which scores every kind by default
+    shutil.copytree(out / "subj01" / "test-00000", out / "subj01" / "test-00001")
+    for kind in ("Xzt_0", "Xztd_0"):
+        (out / "subj01" / "test-00001" / f"{kind}.png").unlink()
+    code, err = _run("evaluate", ["--recon", out, "--out", tmp_path / "metrics", "--metrics", "pixcorr"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "holds Xzt, Xztd in 1 of its 2 trials only" in line and "--kinds Xz,Xc,Xzc" in line
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_a_missing_depth_ldm_is_one_error_line_naming_its_flag(followup_world, decoding_world, tmp_path, capsys):
+    root, _ = followup_world
+    args = ["--maps", root / "maps", "--data", decoding_world.data, "--subject", "1", "--out", tmp_path / "recon",
+            "--trials", "0:1", "--steps", "2", "--depth-ldm", tmp_path / "nowhere"]  # fmt: skip
+    code, err = _run("reconstruct", args, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "--depth-ldm" in line and "nowhere" in line and "--model" not in line
+    code, err = _run("reconstruct", [*args[:-2], "--model", "someone/not-a-cached-model"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "--model 'someone/not-a-cached-model' is not in the Hugging Face cache" in line
+    assert not (tmp_path / "recon").exists()
+
+
+@pytest.mark.parametrize("size", ["4", "250", "100000"])
+def test_a_blip_image_size_blip_cannot_take_is_refused_and_stamps_nothing(size, decoding_world, tmp_path, capsys):
+    out = tmp_path / "features"
+    args = ["--data", decoding_world.data, "--subjects", "1", "--model", "tiny", "--out", out, "--features", "blip",
+            "--captioner", "tiny", "--device", "cpu"]  # fmt: skip
+    code, err = _run("extract_features", [*args, "--blip-image-size", size], capsys)
+    assert code == 2 and "--blip-image-size must be a multiple of the captioner's 16-px patch" in _one_error_line(err)
+    assert f"got {size}" in err and not (out / "blip").exists()
+
+
+def test_decoders_naming_a_target_twice_or_leaving_out_c_are_refused(followup_world, decoding_world, tmp_path, capsys):
+    _, features = followup_world
+    common = ["--data", decoding_world.data, "--features", features, "--subject", "1", "--out", tmp_path / "maps"]
+    code, err = _run("fit_maps", [*common, "--decoders", "z=early,c=ventral,z=ventral"], capsys)
+    assert code == 2 and "name target 'z' more than once (z=early, c=ventral, z=ventral)" in _one_error_line(err)
+    code, err = _run("fit_maps", [*common, "--decoders", "z=early"], capsys)
+    assert code == 2 and "leaves out what every reconstruction needs: add c=ventral" in _one_error_line(err)
+    assert not (tmp_path / "maps").exists()
+
+
+def test_maps_without_c_are_refused_by_reconstruct_before_any_work(decoding_world, tmp_path):
+    from brainldm.analysis.reconstructions import reconstruct_trials
+    from brainldm.decoding.fit import fit_subject_maps
+    from brainldm.ldm.loading import load_ldm
+    from brainldm.ldm.reconstruct import Reconstructor
+
+    maps = fit_subject_maps(decoding_world.data, decoding_world.features, 1, decoders=(("z", "early"),), device="cpu")
+    with pytest.raises(InputError, match=r"maps decode \['z'\], without c, which every reconstruction needs"):
+        reconstruct_trials(Reconstructor(load_ldm("tiny", device="cpu")), maps, decoding_world.data, 1, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -18,7 +18,7 @@ from brainldm.decoding.maps import SubjectMaps
 TOKEN = "hf_local_test_token"
 
 CLIENT = """
-import json, sys
+import json, sys, warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +43,10 @@ cached = SubjectMaps.from_pretrained(
 out["cached_dtype"] = cached.config.storage_dtype
 
 out["data_url"] = push_to_hub(data_dir, 1, "someone/nsd-trials", token=token)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    push_to_hub(data_dir, 1, "someone/nsd-trials-public", public=True, token=token)
+out["public_warnings"] = [str(w.message) for w in caught]
 test = load_trials("someone/nsd-trials", 1, "test", token=token)
 out["test_rows"] = len(test)
 out["test_ids"] = [int(i) for i in test["nsd_id"]]
@@ -117,11 +121,24 @@ def test_the_trials_dataset_downloads_only_the_requested_split(published, decodi
     assert result["data_url"].startswith(f"{hub.url}/datasets/someone/nsd-trials/commit/")
 
 
-def test_the_dataset_card_has_a_default_config_and_gates_on_nsd_terms(published):
+def test_the_dataset_card_has_a_default_config_and_the_repo_is_private_by_nsds_terms(published):
     hub, _, _ = published
     repo = hub.repos[("dataset", "someone/nsd-trials")]
     card = DatasetCard(repo.commits[-1][1]["README.md"].decode())
     configs = card.data.to_dict()["configs"]
     assert [c["config_name"] for c in configs if c.get("default")] == ["subj01"]
-    assert "NSD Terms" in card.data.to_dict()["extra_gated_prompt"] and repo.settings["gated"] == "auto"
     assert 'load_trials("someone/nsd-trials"' in card.text
+    # NSD's clause 3 forbids passing the betas on: private, and no gate (a gate would only matter if public)
+    assert repo.settings["private"] is True and "gated" not in repo.settings
+    assert "extra_gated_prompt" not in card.data.to_dict()
+    assert "I will not distribute this dataset or its components" in card.text and "private" in card.text
+
+
+def test_a_public_trials_dataset_is_asked_for_gated_and_warned_of(published):
+    hub, _, result = published
+    repo = hub.repos[("dataset", "someone/nsd-trials-public")]
+    assert repo.settings["private"] is False and repo.settings["gated"] == "auto"
+    card = DatasetCard(repo.commits[-1][1]["README.md"].decode())
+    assert "NSD Terms" in card.data.to_dict()["extra_gated_prompt"] and "gated" in card.text
+    (warning,) = result["public_warnings"]
+    assert "clause 3" in warning and "I will not distribute this dataset or its components" in warning

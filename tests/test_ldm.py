@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler
 
 from brainldm.ldm.loading import ddim_scheduler, load_ldm, tiny_ldm
 from brainldm.presets import TAKAGI2023
+from brainldm.validation import InputError
 
 
 def test_tiny_ldm_runs_a_64px_img2img_on_cpu(tiny):
@@ -67,5 +68,7 @@ def test_load_ldm_tiny_is_fp32_on_cpu():
 
 def test_load_ldm_offline_and_not_cached_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(
+        InputError, match="--model 'someone/not-a-cached-model' is not in the Hugging Face cache.*OFFLINE"
+    ):
         load_ldm("someone/not-a-cached-model", device="cpu")

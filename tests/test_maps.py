@@ -295,7 +295,7 @@ def test_rescaled_predictions_have_the_training_spread(mode):
 
 def test_rescaling_statistics_come_from_training_data_only(decoding_world, tmp_path, monkeypatch):
     """The statistics are fitted with the maps, without the test set: other test betas leave them as they were."""
-    import brainldm.decoding.maps as maps_module
+    import brainldm.decoding.fit as maps_module
 
     real = maps_module.load_trials
 

@@ -1,6 +1,7 @@
 """Metrics: identification math, PixCorr/SSIM against direct calls, the table, and an end-to-end evaluation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,9 @@ from brainldm.metrics import (
     ssim,
     two_way_identification,
 )
+from brainldm.validation import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_identical_features_identify_perfectly():
@@ -155,7 +159,11 @@ def test_end_to_end_evaluation_with_a_tiny_clip(reconstructions, decoding_world,
     )  # fmt: skip
     names = ["pixcorr", "ssim", "clip", "alexnet2", "swav"]
     results = evaluate(
-        reconstructions, names, extractors={"clip": clip_extractor(tiny_clip)}, features=decoding_world.features
+        reconstructions,
+        names,
+        extractors={"clip": clip_extractor(tiny_clip)},
+        features=decoding_world.features,
+        allow_unavailable=True,
     )
     rows = results["subjects"]["subj01"]
     assert set(rows) == {"Xz", "Xc", "Xzc"} and results["protocol"] == "mindeye2"  # sample 0 of each image
@@ -183,8 +191,28 @@ def test_an_offline_models_own_clip_tower_stands_in_for_clip_and_nothing_else_do
     assert "toy model's CLIP vision tower" in results["stand_ins"]["clip"]
     assert 0 <= results["subjects"]["subj01"]["Xzc"]["clip"] <= 1
     # tiny ships none: CLIP ViT-L/14 is asked for, and offline it is unavailable, with the reason
-    results = evaluate(reconstructions, ["clip"])
+    results = evaluate(reconstructions, ["clip"], allow_unavailable=True)
     assert not results["stand_ins"] and results["unavailable"]["clip"]
+    with pytest.raises(InputError, match="cannot compute clip .*openai/clip-vit-large-patch14.*--metrics pixcorr,ssim"):
+        evaluate(reconstructions, ["clip"])  # as evaluate.py asks: a table of "n/a" is refused
+
+
+def test_the_default_metrics_without_torchvision_stop_at_once_with_the_install_line(
+    reconstructions, tmp_path, monkeypatch, capsys
+):
+    import importlib.util
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as on a machine without it: import fails
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--recon", str(reconstructions), "--out", str(tmp_path / "metrics")])  # the default: all eight
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.strip().count("\n") == 0, err
+    assert "alexnet2, alexnet5, inception, effnet, swav need torchvision" in err and 'pip install -e ".[gpu]"' in err
+    assert "--metrics pixcorr,ssim,clip" in err and not (tmp_path / "metrics").exists()
 
 
 def test_takagis_protocol_averages_each_metric_over_the_samples_of_each_image(reconstructions):

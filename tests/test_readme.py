@@ -1,4 +1,5 @@
-"""The README tells the truth: CI runs its set-up commands, and every script it names exists and has --help."""
+"""The README tells the truth: CI runs its set-up commands, and every script it and its docs/ pages name exists and
+has --help."""
 
 import re
 import runpy
@@ -26,9 +27,17 @@ def test_ci_runs_exactly_the_readme_setup_commands():
     assert ci == _setup_commands()
 
 
-def test_every_script_named_in_the_readme_has_help(capsys, monkeypatch):
+def test_every_page_the_readme_links_exists():
     readme = (ROOT / "README.md").read_text()
-    scripts = sorted(set(re.findall(r"scripts/(\w+\.py)", readme)))
+    pages = re.findall(r"\]\((docs/[\w-]+\.md)\)", readme)
+    assert len(pages) >= 8 and all((ROOT / page).is_file() for page in pages), pages
+    unlinked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")} - set(pages)
+    assert not unlinked, unlinked
+
+
+def test_every_script_named_in_the_readme_and_docs_has_help(capsys, monkeypatch):
+    text = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    scripts = sorted(set(re.findall(r"scripts/(\w+\.py)", text)))
     assert {"prepare_nsd.py", "extract_features.py", "fit_maps.py", "reconstruct.py"} <= set(scripts)
     # one as a real command, the rest in this process (starting a Python per script is most of the cost)
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / scripts[0]), "--help"], capture_output=True, text=True)

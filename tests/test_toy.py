@@ -246,6 +246,11 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
         script.main([*refine[:3], str(tmp_path / "work7"), *refine[4:], "--vae-refine-steps", "3", "--init", str(out)])
     err = capsys.readouterr().err
     assert refused.value.code == 2 and "--vae-refine-steps 3 (saved 2)" in err, err
+    with pytest.raises(SystemExit) as refused:  # the same refinement again: says so, not "these differ: none"
+        script.main([*refine[:3], str(tmp_path / "work9"), *refine[4:], "--init", str(out)])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "its VAE is already refined (2 steps" in err and "longer --unet-steps" in err
+    assert "these differ" not in err, err
     script.main([*refine[:3], str(tmp_path / "work8"), *refine[4:], "--unet-steps", "3", "--init", str(out)])
     assert torch.load(tmp_path / "work8" / "unet.pt", weights_only=True)["step"] == 3
     continued_vae = load_ldm(str(out), device="cpu", dtype=torch.float32).vae.state_dict()

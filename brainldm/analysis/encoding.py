@@ -4,7 +4,8 @@ For each feature space (z, c, zc@strength, U-Net taps; see :mod:`brainldm.ldm.fe
 
 1. PCA to at most 6,400 dimensions, fit on the unique training images only (:func:`pca_scores`, from Gram matrices
    summed over blocks of the features, so a space of any width fits in memory);
-2. ridge from the components to every voxel, alpha per voxel by CV grouped by image (:class:`brainldm.decoding.ridge.RidgeCV`);
+2. ridge from the components to every voxel, alpha per voxel by CV grouped by image
+(:class:`brainldm.decoding.ridge.RidgeCV`);
 3. Pearson r between predicted and measured test responses (betas averaged over repetitions);
 4. a one-sided p-value per voxel against the null of r between independent Gaussian vectors of the test length,
    and Benjamini-Hochberg FDR (:func:`significance`);
@@ -50,7 +51,8 @@ def pca_scores(
     ``n_components`` and only directions the training rows vary in.
 
     ``blocks``: (train (n, ...), test (t, ...)) column blocks that together are the features: one pair of whole
-    arrays, or :meth:`~brainldm.data.features.FeatureStore.blocks`. Only the Gram matrices (n x n and t x n) are summed over
+    arrays, or :meth:`~brainldm.data.features.FeatureStore.blocks`. Only the Gram matrices (n x n and t x n) are summed
+    over
     the blocks, each block centred on its training columns' means, so a feature space of any width (a flattened U-Net
     tap: a million values an image) costs n x n memory, never n x width, and no component matrix is formed.
     """
@@ -240,7 +242,8 @@ def run_group_encoding(
     **kwargs,
 ) -> dict[int, dict[str, EncodingResult]]:
     """:func:`run_encoding` for every subject into ``out/subjNN`` (``spaces``: subject -> its
-    :class:`~brainldm.analysis.surfaces.CorticalSpace`, for flatmaps on each subject's own surface), then the group summary
+    :class:`~brainldm.analysis.surfaces.CorticalSpace`, for flatmaps on each subject's own surface), then the group
+    summary
     across them in ``out`` (:func:`write_group_summary`). Returns subject -> feature -> result."""
 
     spaces = spaces or {}
@@ -339,12 +342,12 @@ def write_results(results: dict[str, EncodingResult], voxels, out: str | Path, s
     return write_figures(results, voxels, out, space)
 
 
-def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, float]]]:
+def figure_plan(names: Sequence[str]) -> dict[str, tuple[str, str, dict[str, float], str]]:
     """The paper's comparisons that the feature spaces in ``names`` allow.
 
-    Returns file stem -> (title, x label, {feature: x}, what varies in words): z, c and zc compared (x = order), zc across noise levels
-    (x = strength), each U-Net block across denoising steps (x = step) and the U-Net blocks at each
-    (strength, step) (x = depth).
+    Returns file stem -> (title, x label, {feature: x}, what varies, in words): z, c and zc compared (x = order), zc
+    across noise levels (x = strength), each U-Net block across denoising steps (x = step) and the U-Net blocks at
+    each (strength, step) (x = depth).
     """
 
     specs = {name: FeatureSpec.parse(name) for name in names}
@@ -384,7 +387,8 @@ def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, s
     """The r map of each feature space and the paper's comparisons (:func:`figure_plan`), as PNGs in ``out``.
 
     Comparisons are also drawn as ROI plots. Maps are volume slices (``map_<feature>.png``), or with ``space`` (the
-    :class:`~brainldm.analysis.surfaces.CorticalSpace` of the voxels' grid) pycortex flatmaps: one panel per feature of each
+    :class:`~brainldm.analysis.surfaces.CorticalSpace` of the voxels' grid) pycortex flatmaps: one panel per feature of
+    each
     comparison (``flatmap_<comparison>.png``, plus the best feature per voxel for z vs c vs zc), and
     ``flatmap_<feature>.png`` with its ROI summary for a feature in no comparison.
     """

@@ -3,7 +3,8 @@
 Low-level: PixCorr and SSIM (:mod:`brainldm.metrics`). High-level: 2-way identification in AlexNet layer 2 and 5,
 InceptionV3 and CLIP ViT-L/14 feature spaces (chance 50%), and EffNet-B1 and SwAV correlation distance (lower is
 better). Feature models load lazily through their usual loaders (torchvision / torch.hub for the CNNs,
-transformers for CLIP); a metric whose model cannot be loaded is reported as unavailable, with the reason.
+transformers for CLIP); a metric whose model cannot be loaded is refused up front (or, when asked, reported as
+unavailable with the reason).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extr
 
 def stand_in_clip_extractor(model_id: str, device="cpu") -> Extractor | None:
     """The CLIP extractor of a model's own vision tower where it ships one as a stand-in (``toy``; see
-    :func:`brainldm.ldm.loading.clip_stand_in`): its own contrastive image space, so it scores the meaning of its pictures,
+    :func:`brainldm.ldm.loading.clip_stand_in`): its own contrastive image space, so it scores the meaning of its
+    pictures,
     offline; not comparable with published CLIP figures. None for other models."""
     from transformers import CLIPVisionModelWithProjection
 
@@ -192,6 +194,37 @@ def stand_in_clip_extractor(model_id: str, device="cpu") -> Extractor | None:
 def recon_model_ids(recon: str | Path) -> set[str]:
     """The LDMs that made the finished reconstructions under a ``scripts/reconstruct.py`` output folder."""
     return {json.loads(p.read_text()).get("model_id") for p in Path(recon).glob("subj[0-9][0-9]/*/meta.json")}
+
+
+TORCHVISION_METRICS = ("alexnet2", "alexnet5", "inception", "effnet", "swav")  # swav: a torch.hub ResNet-50
+TORCHVISION_INSTALL = 'pip install -e ".[gpu]"'  # the README's GPU set-up: torchvision beside pip's CUDA torch
+
+
+def check_torchvision(names: Sequence[str]) -> None:
+    """Raise unless torchvision imports, when any of ``names`` needs it."""
+    needs = [n for n in names if n in TORCHVISION_METRICS]
+    if not needs:
+        return
+    try:
+        import torchvision  # noqa: F401  (lazy: the CPU machines' torch has no torchvision that imports)
+    except Exception as err:  # ModuleNotFoundError, or RuntimeError from a torchvision built for another torch
+        keep = [n for n in names if n not in TORCHVISION_METRICS]
+        raise InputError(
+            f"metrics {', '.join(needs)} need torchvision, which cannot be imported here ({err.__class__.__name__}: "
+            f"{' '.join(str(err).split())[:120]}); install it with {TORCHVISION_INSTALL}, or leave them out with "
+            f"--metrics {','.join(keep) or 'pixcorr,ssim'}"
+        ) from err
+
+
+def unavailable_message(names: Sequence[str], unavailable: dict[str, str]) -> str:
+    """One line on the metrics whose networks could not be loaded, and what to do."""
+    said = "; ".join(f"{METRICS[n].title}: {reason}" for n, reason in unavailable.items())
+    keep = [n for n in names if n not in unavailable]
+    return (
+        f"cannot compute {', '.join(unavailable)} ({said}); download their checkpoints once with network access "
+        f"(CLIP: {CLIP_MODEL}; SwAV: torch.hub's facebookresearch/swav), or leave them out with "
+        f"--metrics {','.join(keep) or 'pixcorr,ssim'}"
+    )
 
 
 def load_extractors(names: Sequence[str], overrides: dict[str, Extractor] | None = None, device="cpu"):
@@ -307,8 +340,13 @@ def evaluate(
     device="cpu",
     protocol: str = "mindeye2",
     first_sessions: int = FIRST_SESSIONS,
+    allow_unavailable: bool = False,
 ) -> dict:
     """Metrics of every subject in a ``scripts/reconstruct.py`` output folder, and their average over subjects.
+
+    A metric asked for whose network cannot be loaded (torchvision not installed, a checkpoint neither cached nor
+    downloadable) is refused up front with what to install or download, before any image is scored; with
+    ``allow_unavailable`` it is left out of the table instead and its reason kept in ``"unavailable"``.
 
     Returns {"subjects": {subj: {row: {metric: value}}}, "average": {row: {metric: value}}, "unavailable": {...},
     "retrieval": {subj: ...}, "protocol": ..., "test_sets": {subj: {set: n_images}}, "rescale": {subj: [how the
@@ -321,6 +359,8 @@ def evaluate(
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise InputError(f"unknown metric {unknown[0]!r}; choose from {list(METRICS)}")
+    if not allow_unavailable:
+        check_torchvision(names)  # at once, before CLIP's download
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
     stand_ins = {}
@@ -333,6 +373,8 @@ def evaluate(
             extractors = dict(extractors or {}, clip=stand_in)
             stand_ins["clip"] = f"the {model_id} model's CLIP vision tower (offline stand-in for CLIP ViT-L/14)"
     extractors, unavailable = load_extractors(names, extractors, device)
+    if unavailable and not allow_unavailable:
+        raise InputError(unavailable_message(names, unavailable))
     folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
     if not folders:
         raise InputError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
@@ -352,6 +394,13 @@ def evaluate(
             raise InputError(
                 f"{folder} holds no {', '.join(sorted(set(kinds) - set(held)))} reconstructions in some trials (it "
                 f"holds {', '.join(held)}); reconstruct them, or score --kinds {','.join(held)}"
+            )
+        partly = [k for k in KINDS if k not in held and any((k if k == "Xz" else f"{k}_0") in im for _, im in trials)]
+        if kinds is None and partly:
+            n = sum(all(f"{k}_0" in images for k in partly) for _, images in trials)
+            raise InputError(
+                f"{folder} holds {', '.join(partly)} in {n} of its {len(trials)} trials only (a folder reconstructed "
+                f"with and without the follow-up); score --kinds {','.join(held)}, or reconstruct the rest alike"
             )
         results["rescale"][folder.name] = sorted({str(meta.get("rescale")) for meta, _ in trials})
         sets = sets_of_test_images([meta.get("sessions") for meta, _ in trials], first_sessions)

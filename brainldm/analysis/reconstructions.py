@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,9 @@ from brainldm.presets import TAKAGI2023, Sampling
 from brainldm.validation import InputError, oneline
 
 # --- test-set runs: PNGs per trial, resumable, sharded over processes ----------------------------------------
+
+# what a trial's meta.json records of how it was made; a folder's finished trials must agree on all of it
+SETTINGS = (*(f.name for f in fields(Sampling)), "model_id", "rescale", "noise", "followup")
 
 
 def trial_folder(out: str | Path, subject: int, split: str, row: int) -> Path:
@@ -65,6 +68,12 @@ def reconstruct_trials(
 
     reconstructor.check_sampling(sampling)  # before anything is read or written
     maps.check_rescale(rescale)
+    missing = [target for target in ("z", "c") if target not in maps.config.targets]
+    if missing:
+        raise InputError(
+            f"subject {maps.subject}'s maps decode {sorted(maps.config.targets)}, without {' and '.join(missing)}, "
+            "which every reconstruction needs; fit them with scripts/fit_maps.py --decoders z=early,c=ventral"
+        )
     if followup is not None:
         needed = ["blip"] + (["dpt"] if followup.depth_model is not None else [])
         missing = [target for target in needed if target not in maps.config.targets]
@@ -85,16 +94,20 @@ def reconstruct_trials(
     if followup is not None:
         settings["followup"] = followup.ids
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
-    for row in sorted(set(mine) - set(todo)):
-        folder = trial_folder(out, subject, split, row)
+    # every finished trial of the folder, not only this run's: a folder holds one kind of reconstruction
+    for folder in sorted(trial_folder(out, subject, split, 0).parent.glob(f"{split}-*")):
+        if not is_done(folder):
+            continue
         made = json.loads((folder / "meta.json").read_text())
-        changed = {k: (made.get(k), v) for k, v in settings.items() if made.get(k) != v}
-        if changed and not overwrite:
+        changed = {k: (made.get(k), settings.get(k)) for k in SETTINGS if made.get(k) != settings.get(k)}
+        row = int(folder.name.rsplit("-", 1)[1])
+        if changed and not (overwrite and row in rows):
             said = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
-            raise InputError(
-                f"{folder} was made with {said}; use another --out, or --overwrite to make such trials again"
+            remake = "--overwrite to make such trials again" + (
+                "" if row in rows else f" (with trial {row} among --trials)"
             )
-        if changed:
+            raise InputError(f"{folder} was made with {said}; use another --out, or {remake}")
+        if changed and row in mine:
             todo.append(row)
     todo.sort()
     log = Path(out) / subject_name(subject) / f"done.process{process_index}.txt"

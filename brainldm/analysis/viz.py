@@ -257,7 +257,8 @@ def flatmaps(
     summary: dict[str, float] | None = None,
     n_cols: int = 2,
 ) -> Path:
-    """(title, (X, Y, Z) volume) panels as pycortex flatmaps of ``space`` (a :class:`~brainldm.analysis.surfaces.CorticalSpace`).
+    """(title, (X, Y, Z) volume) panels as pycortex flatmaps of ``space`` (a
+    :class:`~brainldm.analysis.surfaces.CorticalSpace`).
 
     Each panel shows curvature, the values (NaN is not drawn) on one colour scale for all panels, and ROI
     outlines (when Inkscape, which pycortex renders them with, is installed). Below: one colour bar, or with

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from huggingface_hub import HfApi, snapshot_download
 from PIL import Image
 from tqdm.auto import tqdm
 
-from brainldm.cards import dataset_card
+from brainldm.cards import PUBLIC_WARNING, dataset_card
 from brainldm.data.readers import NSDReader, Reader
 from brainldm.data.voxels import VoxelTable
 from brainldm.paths import atomic_path, subject_name
@@ -118,7 +119,8 @@ def _check_new(final: Path, overwrite: bool) -> None:
 def prepare(
     reader: Reader, out: str | Path, zscore: bool = True, overwrite: bool = False, progress: bool = True
 ) -> Path:
-    """Build ``OUT/subjNN`` from any :class:`~brainldm.data.readers.Reader`: the train and test splits as Parquet shards,
+    """Build ``OUT/subjNN`` from any :class:`~brainldm.data.readers.Reader`: the train and test splits as Parquet
+    shards,
     plus the voxel table (with its ROI names).
 
     Train rows are single trials of non-test stimuli, one shard per session; test rows average each test stimulus
@@ -267,18 +269,25 @@ def push_to_hub(
     out: str | Path,
     subject: int,
     repo_id: str,
-    private: bool = False,
+    public: bool = False,
     token: str | None = None,
     whole_brain: bool = False,
 ) -> str:
-    """Upload ``OUT/subjNN`` to a Hub dataset repo (as config ``subjNN``), refresh its dataset card and gate access
-    behind NSD's terms; returns the card commit's URL."""
+    """Upload ``OUT/subjNN`` to a Hub dataset repo (as config ``subjNN``) and refresh its dataset card; returns the
+    card commit's URL.
+
+    The repo is created private: NSD's terms forbid passing the data on (clause 3,
+    :data:`~brainldm.cards.NSD_CLAUSE_3`).
+    ``public`` makes it public with access gated behind NSD's terms, and warns, quoting that clause."""
     folder = Path(out) / subject_name(subject, whole_brain)
     if not (folder / INFO_FILE).exists():
         raise InputError(f"{folder} is not a prepared subject; run scripts/prepare_nsd.py first")
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.update_repo_settings(repo_id, repo_type="dataset", gated="auto")  # the card's form: agree to NSD's terms
+    if public:
+        warnings.warn(PUBLIC_WARNING, stacklevel=2)
+    api.create_repo(repo_id, repo_type="dataset", private=not public, exist_ok=True)
+    if public:
+        api.update_repo_settings(repo_id, repo_type="dataset", gated="auto")  # the card's form: agree to NSD's terms
     api.upload_folder(
         repo_id=repo_id,
         repo_type="dataset",
@@ -292,7 +301,7 @@ def push_to_hub(
         if path.endswith(f"/{INFO_FILE}"):
             local = api.hf_hub_download(repo_id, path, repo_type="dataset")
             infos[path.split("/")[0]] = json.loads(Path(local).read_text())
-    card = dataset_card(infos, repo_id)
+    card = dataset_card(infos, repo_id, public=public)
     commit = api.upload_file(
         path_or_fileobj=str(card).encode(),
         path_in_repo="README.md",

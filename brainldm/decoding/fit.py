@@ -39,7 +39,8 @@ def fit_linear_map(
     ``targets``: (n, T), or a function that returns an iterator over blocks of its columns in order ((n, width)
     arrays; called twice for a reduced-rank map), so that targets of any width (DPT's 2.4 million values per image)
     are fitted a block at a time: each target's ridge is its own. With ``rank`` below k and T, the map is stored as
-    the rank-r product closest to the ridge map in training predictions (:func:`~brainldm.decoding.ridge.reduced_rank`, built
+    the rank-r product closest to the ridge map in training predictions (:func:`~brainldm.decoding.ridge.reduced_rank`,
+    built
     here from the blocks without holding the dense map). The map keeps the training targets' mean and std and the
     out-of-fold predictions' (from the cross-validated fit, so no test data), from which :meth:`LinearMap.rescale`
     undoes ridge's shrinkage."""
@@ -139,6 +140,13 @@ def fit_subject_maps(
     ranks = dict(ranks or {})
     if storage_dtype not in STORAGE_DTYPES:
         raise InputError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    targets = [target for target, _ in decoders]
+    twice = sorted({target for target in targets if targets.count(target) > 1})
+    if twice:
+        raise InputError(
+            f"decoders name target {twice[0]!r} more than once ({', '.join(f'{t}={r}' for t, r in decoders)}); "
+            "give each target one ROI"
+        )
     decoders = dict(decoders)
     unknown = sorted(set(ranks) - set(decoders))
     if unknown:

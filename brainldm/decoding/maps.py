@@ -3,8 +3,9 @@
 A subject's maps are keyed by target name: for Stable Diffusion ``z`` (image latent, from ``early`` voxels) and ``c``
 (CLIP text embedding, from ``ventral`` voxels), as ``TAKAGI2023.decoders`` says. An LDM with other targets adds
 entries there, not code paths here. Each target's map standardises its voxels with training statistics and applies
-a ridge solution (``brainldm.decoding.ridge``): ``y = ((betas[:, voxels] - mean) / std) @ W + b``. W is stored dense, or as
-a low-rank product ``A @ B`` chosen at fit time (the rank-r map that best preserves the training predictions).
+a ridge solution (``brainldm.decoding.ridge``): ``y = ((betas[:, voxels] - mean) / std) @ W + b``. W is stored dense,
+or as a low-rank product ``A @ B`` chosen at fit time (the rank-r map that best preserves the training predictions);
+fitting lives apart, in :mod:`brainldm.decoding.fit`.
 
 On disk and on the Hub a SubjectMaps is a folder, through huggingface_hub's ``ModelHubMixin``:
 ``config.json`` (the typed :class:`MapsConfig`, the source of truth on load), ``maps.safetensors`` (the tensors,
@@ -240,6 +241,11 @@ class SubjectMaps(ModelHubMixin):
                 f"({len(voxels)} voxels, fingerprint {voxel_fingerprint(voxels)}); use the maps of that subject"
             )
 
+    @property
+    def can_rescale(self) -> bool:
+        """Whether every map carries the rescaling statistics (maps fitted before brainldm stored them do not)."""
+        return all(m.can_rescale for m in self.maps.values())
+
     def check_rescale(self, rescale: str | None) -> None:
         """Raise unless ``rescale`` is None, or a mode these maps carry the statistics for (maps fitted before brainldm
         stored them carry none)."""
@@ -247,7 +253,7 @@ class SubjectMaps(ModelHubMixin):
             return
         if rescale not in RESCALE_MODES:
             raise InputError(f"rescale must be None or one of {RESCALE_MODES}, got {rescale!r}")
-        if not all(m.can_rescale for m in self.maps.values()):
+        if not self.can_rescale:
             raise InputError(
                 f"subject {self.subject}'s maps carry no rescaling statistics (they were fitted before brainldm "
                 "stored them); refit them with scripts/fit_maps.py to rescale, or decode without rescaling"

@@ -25,6 +25,7 @@ from brainldm.validation import InputError
 
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"  # transformers' port of BLIP's ViT-B captioner
 BLIP_IMAGE_SIZE = 240  # the reference code's (its BLIP decoder was built at 240 px: 226 tokens x 768)
+MAX_IMAGE_SIZE = 1024  # px: 4,097 tokens for ViT-B, 18 x the reference code's 226
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's image normalisation (its processor's)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -108,12 +109,25 @@ def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BL
                 "BlipForConditionalGeneration checkpoint (or 'tiny' offline)"
             ) from err
         captioner = Captioner(model, tokenizer, image_size)
+    check_image_size(captioner.model, image_size)
     captioner.model.eval().to(default_device(device))
     return captioner
 
 
+def check_image_size(model, image_size: int) -> None:
+    """Refuse an image size BLIP's vision tower cannot take: not a whole number of its patches (16 px for ViT-B), or
+    past :data:`MAX_IMAGE_SIZE` (its tokens, and memory, grow with the square of the size)."""
+    patch = model.config.vision_config.patch_size
+    if not (isinstance(image_size, int) and patch <= image_size <= MAX_IMAGE_SIZE and image_size % patch == 0):
+        raise InputError(
+            f"--blip-image-size must be a multiple of the captioner's {patch}-px patch from {patch} to {MAX_IMAGE_SIZE}"
+            f" px, got {image_size!r}; the reference code's is {BLIP_IMAGE_SIZE}"
+        )
+
+
 def captioner_for(target, model_id: str | None = None, device=None) -> Captioner:
-    """The captioner a decoded ``blip`` target (a :class:`~brainldm.decoding.maps.TargetConfig`) was fitted to, or the one
+    """The captioner a decoded ``blip`` target (a :class:`~brainldm.decoding.maps.TargetConfig`) was fitted to, or the
+    one
     ``model_id`` names, taking embeddings at the image size of the target's (its token count is (size / patch)^2
     + 1)."""
     captioner = load_captioner(model_id or target.model_id, device=device)
@@ -169,7 +183,8 @@ def blip_embeddings(captioner: Captioner, images) -> torch.Tensor:
 
 
 def blip_feature(captioner: Captioner, model_id: str) -> tuple[dict, Callable]:
-    """The ``blip`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the captioner's
+    """The ``blip`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the
+    captioner's
     id, the image size), and the function of a batch of images that computes it."""
     return {"model_id": model_id, "image_size": captioner.image_size}, lambda images: blip_embeddings(captioner, images)
 

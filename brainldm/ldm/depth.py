@@ -9,7 +9,8 @@ caption as the prompt (:mod:`brainldm.ldm.captioner`).
 
 Here DPT is transformers' :class:`~transformers.DPTForDepthEstimation`: ``load_depth_model(model_id)`` for a Hub
 checkpoint, ``"tiny"`` for a small one with seeded random weights (:func:`tiny_depth_model`). The SD-2-depth pipeline
-is loaded by :func:`brainldm.ldm.loading.load_depth_ldm` without its depth estimator, so it can only use the maps it is given.
+is loaded by :func:`brainldm.ldm.loading.load_depth_ldm` without its depth estimator, so it can only use the maps it is
+given.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def dpt_states(model, images) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dpt_feature(model, model_id: str) -> tuple[dict, Callable]:
-    """The ``dpt`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the depth model's
+    """The ``dpt`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the depth
+    model's
     id, its image size), and the function of a batch of images that computes it."""
     return {"model_id": model_id, "image_size": model.config.image_size}, lambda images: dpt_states(model, images)[0]
 

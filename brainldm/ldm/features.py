@@ -73,7 +73,8 @@ def reduce_tap(hidden: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def image_generators(nsd_ids: Sequence[int], seed: int) -> list[torch.Generator]:
-    """One CPU generator per image, seeded as the reconstructions' first sample (:func:`~brainldm.torch_utils.noise_seed`
+    """One CPU generator per image, seeded as the reconstructions' first sample
+    (:func:`~brainldm.torch_utils.noise_seed`
     of the seed and the ``nsd_id``): the noise of an image does not depend on its batch."""
     return [torch.Generator().manual_seed(noise_seed(seed, int(i))) for i in nsd_ids]
 

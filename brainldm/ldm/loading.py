@@ -22,10 +22,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from brainldm.presets import TAKAGI2023
 from brainldm.torch_utils import default_device
+from brainldm.validation import InputError
 
 TINY = "tiny"
 TOY = "toy"
-TOY_DIR = Path(__file__).parent / "models" / "toy"  # the trained offline model, made by scripts/train_toy_ldm.py
+TOY_DIR = Path(__file__).parents[1] / "models" / "toy"  # the trained offline model, made by scripts/train_toy_ldm.py
 TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
 
@@ -237,12 +238,15 @@ def load_ldm(
     return _placed(pipe, device, dtype)
 
 
-def _from_pretrained(pipeline_class, model_id_or_dir: str, dtype: torch.dtype, **components):
-    """A diffusers pipeline from the Hub or a folder, with the paper's DDIM scheduler and no progress bar."""
+def _from_pretrained(pipeline_class, model_id_or_dir: str, dtype: torch.dtype, flag: str = "--model", **components):
+    """A diffusers pipeline from the Hub or a folder, with the paper's DDIM scheduler and no progress bar.
+
+    A model that cannot be loaded is bad input (a wrong id or folder, or offline without it cached): an
+    :class:`InputError` that says so and names ``flag``, the script option that chose it."""
     try:
         pipe = pipeline_class.from_pretrained(model_id_or_dir, dtype=dtype, **components)
     except (OSError, ValueError) as err:
-        raise OSError(_load_error(model_id_or_dir, err)) from err
+        raise InputError(_load_error(model_id_or_dir, err, flag)) from err
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -271,26 +275,32 @@ def load_depth_ldm(model_id_or_dir: str = DEPTH_MODEL, device=None, dtype=None):
         pipe = tiny_depth_ldm()
     else:
         pipe = _from_pretrained(
-            StableDiffusionDepth2ImgPipeline, model_id_or_dir, dtype, depth_estimator=None, feature_extractor=None
+            StableDiffusionDepth2ImgPipeline,
+            model_id_or_dir,
+            dtype,
+            flag="--depth-ldm",
+            depth_estimator=None,
+            feature_extractor=None,
         )
     return _placed(pipe, device, dtype)
 
 
-def _load_error(model_id_or_dir: str, err: Exception) -> str:
+def _load_error(model_id_or_dir: str, err: Exception, flag: str) -> str:
+    err = " ".join(str(err).split())  # one line
     if Path(model_id_or_dir).exists():
-        return f"{model_id_or_dir!r} is a folder but not a diffusers Stable Diffusion model: {err}"
+        return f"{flag} {model_id_or_dir!r} is a folder but not a diffusers model of the kind needed: {err}"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     if offline:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         return (
-            f"model {model_id_or_dir!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
+            f"{flag} {model_id_or_dir!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
             "set, so it cannot be downloaded. Download it once with network access (unset HF_HUB_OFFLINE), "
-            "point --model at a local diffusers folder, or use --model tiny for the offline model."
+            f"point {flag} at a local diffusers folder, or use {flag} tiny for the offline model."
         )
     return (
-        f"could not load model {model_id_or_dir!r} (not a local folder, and the Hub download failed): {err}. "
-        "Check the model id, your network and HF_TOKEN for gated models, or use --model tiny offline."
+        f"could not load {flag} {model_id_or_dir!r} (not a local folder, and the Hub download failed): {err}. "
+        f"Check the model id, your network and HF_TOKEN for gated models, or use {flag} tiny offline."
     )
 
 

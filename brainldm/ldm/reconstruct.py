@@ -35,10 +35,11 @@ from brainldm.ldm.captioner import captioner_for, captions_from_embeddings
 from brainldm.ldm.depth import depth_from_states, depth_img2img, load_depth_model
 from brainldm.ldm.features import empty_prompt_embedding, encode_prompts
 from brainldm.ldm.loading import DEPTH_MODEL, ldm_sizes, load_depth_ldm
-from brainldm.presets import TAKAGI2023, Sampling
+from brainldm.presets import MAX_SAMPLES, TAKAGI2023, Sampling
 from brainldm.torch_utils import noise_seed
 from brainldm.validation import MAX_SEED, InputError, check_finite, check_sampling
 
+MAX_BATCH = 8  # (image, sample) items per diffusion run: 16 U-Net rows with guidance, about 6 GB at 512 px in fp16
 KINDS = ("Xz", "Xc", "Xzc", "Xzt", "Xztd")  # every kind of reconstruction, as trial folders name their images
 
 
@@ -54,8 +55,13 @@ class Reconstruction:
 class Reconstructor:
     """Turns predicted (z, c) into Xz, Xc and Xzc with a Stable Diffusion img2img pipeline's components."""
 
-    def __init__(self, ldm, output_size: int | None = None):
-        """``output_size`` defaults to the LDM's own (512 for SD-1.x, see :func:`brainldm.ldm.loading.ldm_sizes`)."""
+    def __init__(self, ldm, output_size: int | None = None, max_batch: int = MAX_BATCH):
+        """``output_size`` defaults to the LDM's own (512 for SD-1.x, see :func:`brainldm.ldm.loading.ldm_sizes`).
+        ``max_batch``: the most (image, sample) items in one diffusion run; more run one batch after another, with
+        the same images (each item's noise is its own)."""
+        if max_batch < 1:
+            raise InputError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         self.img2img = ldm
         # the safety checker belongs to public text-to-image serving; reconstructions are research outputs
         components = dict(ldm.components, safety_checker=None, feature_extractor=None)
@@ -83,8 +89,8 @@ class Reconstructor:
         if not 0 < strength <= 1:
             raise InputError(f"strength must be in (0, 1], got {strength}")
         check_sampling(self.img2img.scheduler, num_inference_steps, sampling.guidance_scale)
-        if num_samples < 1:
-            raise InputError(f"num_samples must be >= 1, got {num_samples}")
+        if not 1 <= num_samples <= MAX_SAMPLES:
+            raise InputError(f"samples must be in 1..{MAX_SAMPLES} per image (the paper drew 5), got {num_samples}")
         if not 0 <= sampling.seed <= MAX_SEED - (num_samples - 1):
             raise InputError(f"seed must be in 0..2^64-{num_samples} (sample k uses seed + k), got {sampling.seed}")
         if int(num_inference_steps * strength) < 1:
@@ -120,6 +126,10 @@ class Reconstructor:
             image = F.interpolate(image.float(), size=self.output_size, mode="bicubic", align_corners=False)
         return image.clamp(-1, 1)
 
+    def in_batches(self, n_items: int, run) -> np.ndarray:
+        """``run(items)`` (a slice of the n items -> their images) over batches of at most ``max_batch`` items."""
+        return np.concatenate([run(slice(i, i + self.max_batch)) for i in range(0, n_items, self.max_batch)])
+
     @torch.no_grad()
     def __call__(
         self,
@@ -151,26 +161,32 @@ class Reconstructor:
         c_items = c.to(self.device, self.dtype).repeat_interleave(num_samples, dim=0)
         uncond = empty_prompt_embedding(self.img2img).to(self.device, self.dtype).expand(len(c_items), -1, -1)
 
-        def conditioned_on_c() -> dict:
-            """What both pipelines get: c with classifier-free guidance, the steps, and fresh seeded generators."""
+        def conditioned_on_c(items: slice) -> dict:
+            """What both pipelines get for some items: c with classifier-free guidance, the steps, and fresh seeded
+            generators."""
             return dict(
-                prompt_embeds=c_items,
-                negative_prompt_embeds=uncond,
+                prompt_embeds=c_items[items],
+                negative_prompt_embeds=uncond[items],
                 num_inference_steps=sampling.num_inference_steps,
                 guidance_scale=sampling.guidance_scale,
-                generator=[torch.Generator().manual_seed(k) for k in seeds],
+                generator=[torch.Generator().manual_seed(k) for k in seeds[items]],
                 output_type="np",
             )
 
         # 2. Xc: text-to-image from c alone
         if include_xc:
             size = dict(height=self.output_size, width=self.output_size)
-            xc = self.txt2img(**size, **conditioned_on_c()).images
+            xc = self.in_batches(len(seeds), lambda items: self.txt2img(**size, **conditioned_on_c(items)).images)
         else:
             xc = np.zeros((0, self.output_size, self.output_size, 3), dtype=np.float32)
 
         # 3. Xzc: img2img from Xz, conditioned on c
-        xzc = self.img2img(image=xz_items, strength=sampling.strength, **conditioned_on_c()).images
+        xzc = self.in_batches(
+            len(seeds),
+            lambda items: (
+                self.img2img(image=xz_items[items], strength=sampling.strength, **conditioned_on_c(items)).images
+            ),
+        )
 
         size = self.output_size
         return Reconstruction(
@@ -243,13 +259,13 @@ class FollowUp:
         depth = depth_from_states(self.depth_model, decoded["dpt"])
         seeds = sample_seeds(sampling, n, keys)
         init = ((reconstructor.decode_z(z).float() + 1) / 2).repeat_interleave(num_samples, dim=0)
-        images = depth_img2img(
-            self.depth_ldm,
-            init,
-            [caption for caption in captions for _ in range(num_samples)],
-            depth.repeat_interleave(num_samples, dim=0),
-            sampling,
-            seeds,
+        prompts = [caption for caption in captions for _ in range(num_samples)]
+        depth_items = depth.repeat_interleave(num_samples, dim=0)
+        images = reconstructor.in_batches(
+            len(seeds),
+            lambda items: depth_img2img(
+                self.depth_ldm, init[items], prompts[items], depth_items[items], sampling, seeds[items]
+            ),
         )
         size = reconstructor.output_size
         out["depth"] = depth.numpy()

@@ -1,7 +1,8 @@
 """``toy``: the offline world's trained latent diffusion model, and how it is trained.
 
 A Stable-Diffusion-shaped model small enough to train in minutes on a GPU (a CPU-sized run takes 45 minutes on 2
-cores and scores lower), on the offline world's pictures and captions (:func:`brainldm.offline.synthetic.draw_picture`). Its
+cores and scores lower), on the offline world's pictures and captions
+(:func:`brainldm.offline.synthetic.draw_picture`). Its
 parts are the ones SD has, in the classes diffusers and transformers use for SD, so every code path of brainldm
 runs on it unchanged:
 
@@ -626,14 +627,24 @@ def seed_work_from_model(model_dir: str | Path, work: str | Path, config: ToyCon
         changed.append("unet_attention_levels")
     if refined and saved["vae_refine_steps"]:  # a VAE is refined once
         changed.append("vae_refine_steps")
-    if changed or not own and settings["unet_steps"] <= saved["unet_steps"]:
+    if changed:
         raise InputError(
             f"--init {model_dir}: a continuation takes the saved recipe with a longer --unet-steps (saved "
             f"{saved['unet_steps']}), or with more --unet-attention-levels (saved {saved['unet_attention_levels']}), "
             f"or with another --caption-mix (saved {saved['caption_mix']}) or --snr-shift (saved "
             f"{saved['snr_shift']}), or with a --vae-refine-steps (saved {saved['vae_refine_steps']}; once), and then "
             "any --unet-lr; these differ: "
-            + (", ".join(f"--{k.replace('_', '-')} {settings[k]} (saved {saved.get(k)})" for k in changed) or "none")
+            + ", ".join(f"--{k.replace('_', '-')} {settings[k]} (saved {saved.get(k)})" for k in changed)
+        )
+    if not own and settings["unet_steps"] <= saved["unet_steps"]:
+        already = (
+            f"its VAE is already refined ({saved['vae_refine_steps']} steps, as --vae-refine-steps asks), so "
+            if saved["vae_refine_steps"]
+            else ""
+        )
+        raise InputError(
+            f"--init {model_dir}: {already}nothing would train: --unet-steps {settings['unet_steps']} is not past the "
+            f"saved {saved['unet_steps']}; continue its U-Net with a longer --unet-steps"
         )
     if any(work.glob("*.pt")):
         raise InputError(f"--init needs an empty --work folder; {work} holds checkpoints")

@@ -10,7 +10,8 @@ from brainldm.cards import LIBRARY
 
 
 def toy_reproduce(config, continued: list[int] = (), init: dict | None = None) -> list[str]:
-    """The commands that made a toy (``config``: its :class:`~brainldm.offline.toy.ToyConfig`; ``continued`` and ``init`` as
+    """The commands that made a toy (``config``: its :class:`~brainldm.offline.toy.ToyConfig`; ``continued`` and
+    ``init`` as
     :func:`toy_card` takes them), in order."""
     steps = [*continued, config.unet_steps]
     defaults = type(config)()
@@ -41,7 +42,8 @@ def toy_card(
     continued: list[int] = (),
     init: dict | None = None,
 ) -> str:
-    """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.offline.toy.ToyConfig`): how it was trained and
+    """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.offline.toy.ToyConfig`): how it was
+    trained and
     what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from; ``init``: the saved
     toy (``{"from", "unet_steps"}``) whose weights a run started from (``--init``), if any; a grown U-Net's
     also holds ``grown_from_levels`` and ``runs``, the commands that made that toy."""
@@ -124,7 +126,8 @@ tags: [{LIBRARY}, toy, offline]
 
 A small Stable-Diffusion-shaped model (CLIP text and vision towers, `AutoencoderKL`, `UNet2DConditionModel`, DDIM)
 trained from scratch by `scripts/train_toy_ldm.py` on the offline world's synthetic pictures and captions
-(`brainldm.offline.synthetic.draw_picture`). It exists so that offline reconstructions, encoding maps and tests can check
+(`brainldm.offline.synthetic.draw_picture`). It exists so that offline reconstructions, encoding maps and tests can
+check
 meaning, not only shapes. It knows nothing of natural images.
 
 - Output {config.image_size} px; z is encoded at {config.image_size * 5 // 8} px (SD: 320 of 512).

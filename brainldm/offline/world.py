@@ -37,7 +37,8 @@ def build_offline_world(
     progress: bool = False,
     **world,
 ) -> OfflineWorld:
-    """Write a synthetic NSD tree of ``subjects`` (``world``: :func:`~brainldm.offline.synthetic.write_nsd_tree`'s settings),
+    """Write a synthetic NSD tree of ``subjects`` (``world``: :func:`~brainldm.offline.synthetic.write_nsd_tree`'s
+    settings),
     prepare each subject, extract z and c of its pictures with ``ldm`` (named ``model_id`` in the feature store) and
     fit the maps of the subjects in ``fit`` (default: all)."""
 
