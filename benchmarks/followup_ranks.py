@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """What a reduced rank costs the follow-up pipeline's maps on the planted world: blip and dpt decoded from six streams.
 
-Builds the README's offline world (toy, 6 sessions x 45 trials, 20 test images, the default noise level), extracts
-blip and dpt with the tiny captioner and depth model (their features are fixed nonlinear functions of the pictures,
-which the world's voxels see through z and c), and fits each map dense and at each --ranks. Prints, per target and
-rank, the stored weights and the test split's decoding scores (2-way identification, per-image pattern r).
+Builds the offline world of docs/offline-world.md (toy, 6 sessions x 45 trials, 20 test images, the default noise
+level), extracts blip and dpt with the tiny captioner and depth model (their features are fixed nonlinear functions of
+the pictures, which the world's voxels see through z and c), and fits each map dense and at each --ranks. Prints, per
+target and rank, the stored weights and the test split's decoding scores (2-way identification, per-image pattern r).
 
     python benchmarks/followup_ranks.py --seed 7
 """

@@ -1,21 +1,20 @@
 #!/usr/bin/env python
 """What z and c each carry on the offline world, from true features to decoded ones, with and without rescaling.
 
-Builds an offline world (toy features, the default noise level, a seed of your choice), prepares subject 1, extracts
-z and c and fits the maps, as the README's offline demo does. Then, on the test images, it makes Xz, Xc and Xzc
-(the paper's settings: strength 0.8, guidance 5, 50 DDIM steps, seed 42; each image its own noise) from:
+Builds an offline world (toy features, the default noise level, a seed of your choice), prepares subject 1, extracts z
+and c and fits the maps, as the offline demo of docs/offline-world.md does. Then, on the test images, it makes Xz, Xc
+and Xzc (the paper's settings: strength 0.8, guidance 5, 50 DDIM steps, seed 42; each image its own noise) from:
 
 - the true z and c (what the LDM can do at best);
 - the true features projected on their leading k principal components (``--components``; the world's voxels see the
   leading ``--world-components``, so that is what a brain of this world can carry at most);
 - the decoded z and c, as fitted (the paper) and rescaled to the training spread (per dimension, per target).
 
-For each it prints 2-way identification of Xz, Xc and Xzc against the presented pictures (chance 50%) by pixels,
-by colour histograms, by meaning (the animals a picture -> caption-words reader sees, :mod:`brainldm.offline.meaning`)
-and
-by toy-CLIP, PixCorr, and how alike different trials' Xc are (mean pairwise r, beside the presented pictures'). First
-it checks the world itself: the reader names held-out pictures' animals from the originals, and not from the same
-pictures blurred to z's grid.
+For each it prints 2-way identification of Xz, Xc and Xzc against the presented pictures (chance 50%) by pixels, by
+colour histograms, by meaning (the animals a picture -> caption-words reader sees, :mod:`brainldm.offline.meaning`) and
+by toy-CLIP, PixCorr, and how alike different trials' Xc are (mean pairwise r, beside the presented pictures'). First it
+checks the world itself: the reader names held-out pictures' animals from the originals, and not from the same pictures
+blurred to z's grid.
 
 With several ``--seeds`` it does all that on one world per seed, then prints the mean over the worlds: on 24 test
 images one image moves a 2-way figure by up to 4 points, and worlds differ by more.
@@ -37,7 +36,7 @@ from brainldm import cli
 @cli.script
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=cli.positive, default=6, help="(default 6, the README's offline demo)")
+    parser.add_argument("--sessions", type=cli.positive, default=6, help="(default 6, the offline demo's)")
     parser.add_argument("--trials-per-session", type=cli.positive, default=45, help="(default 45)")
     parser.add_argument("--shared", type=cli.positive, default=20, help="test images (default 20)")
     parser.add_argument("--snr", type=cli.number(0, above=True), help="(default: the offline world's)")

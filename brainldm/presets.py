@@ -52,8 +52,7 @@ class Preset:
     )
     followup_rank: int = 256
     # Rescaling decoded targets to the training distribution (brainldm.decoding.maps.RESCALE_MODES), as Brain-Diffuser
-    # does;
-    # the paper generates from the ridge predictions as they are
+    # does; the paper generates from the ridge predictions as they are
     rescale: str | None = None
     cv_folds: int = 5
     alphas: tuple[float, ...] = tuple(10.0**k for k in range(-1, 8))

@@ -5,9 +5,9 @@ Phases: draw pictures and captions -> CLIP pair (contrastive) -> VAE -> encode l
 conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on held-out
 pairs -> model card. Seeded and resumable: every phase checkpoints into --work, and a rerun continues where a killed
 run stopped. The defaults (the shipped model's recipe) take 7.4 minutes on an H100 and 4 to 5 hours on a 2-core CPU;
-a CPU-sized run (below) takes 45 minutes there and scores lower (see the README). ``--init`` continues a saved
-toy's U-Net (the shipped one, say) when its ``.work`` folder is gone, grows it (cross-attention at more levels), or
-fine-tunes it with another caption mix or noise schedule, or on the latents of its VAE refined
+a CPU-sized run (below) takes 45 minutes there and scores lower (see docs/offline-world.md). ``--init`` continues a
+saved toy's U-Net (the shipped one, say) when its ``.work`` folder is gone, grows it (cross-attention at more levels),
+or fine-tunes it with another caption mix or noise schedule, or on the latents of its VAE refined
 (``--vae-refine-steps``).
 
     python scripts/train_toy_ldm.py --out brainldm/models/toy

@@ -52,9 +52,8 @@ def pca_scores(
 
     ``blocks``: (train (n, ...), test (t, ...)) column blocks that together are the features: one pair of whole
     arrays, or :meth:`~brainldm.data.features.FeatureStore.blocks`. Only the Gram matrices (n x n and t x n) are summed
-    over
-    the blocks, each block centred on its training columns' means, so a feature space of any width (a flattened U-Net
-    tap: a million values an image) costs n x n memory, never n x width, and no component matrix is formed.
+    over the blocks, each block centred on its training columns' means, so a feature space of any width (a flattened
+    U-Net tap: a million values an image) costs n x n memory, never n x width, and no component matrix is formed.
     """
     device = default_device(device)
     gram = cross = None
@@ -243,8 +242,7 @@ def run_group_encoding(
 ) -> dict[int, dict[str, EncodingResult]]:
     """:func:`run_encoding` for every subject into ``out/subjNN`` (``spaces``: subject -> its
     :class:`~brainldm.analysis.surfaces.CorticalSpace`, for flatmaps on each subject's own surface), then the group
-    summary
-    across them in ``out`` (:func:`write_group_summary`). Returns subject -> feature -> result."""
+    summary across them in ``out`` (:func:`write_group_summary`). Returns subject -> feature -> result."""
 
     spaces = spaces or {}
     for subject, space in spaces.items():  # every subject's surface checked before the long work
@@ -388,8 +386,7 @@ def write_figures(results: dict[str, EncodingResult], voxels, out: str | Path, s
 
     Comparisons are also drawn as ROI plots. Maps are volume slices (``map_<feature>.png``), or with ``space`` (the
     :class:`~brainldm.analysis.surfaces.CorticalSpace` of the voxels' grid) pycortex flatmaps: one panel per feature of
-    each
-    comparison (``flatmap_<comparison>.png``, plus the best feature per voxel for z vs c vs zc), and
+    each comparison (``flatmap_<comparison>.png``, plus the best feature per voxel for z vs c vs zc), and
     ``flatmap_<feature>.png`` with its ROI summary for a feature in no comparison.
     """
 

@@ -80,7 +80,7 @@ def reconstruct_trials(
         if missing:
             raise InputError(
                 f"the follow-up pipeline decodes {' and '.join(missing)}, but subject {maps.subject}'s maps hold only "
-                f"{sorted(maps.config.targets)}; fit them with scripts/fit_maps.py --decoders (see the README)"
+                f"{sorted(maps.config.targets)}; fit them with scripts/fit_maps.py --decoders (see docs/pipeline.md)"
             )
     trials = load_trials(data, subject, split)
     rows = list(range(len(trials))) if rows is None else [int(r) for r in rows]

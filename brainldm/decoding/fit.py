@@ -40,8 +40,7 @@ def fit_linear_map(
     arrays; called twice for a reduced-rank map), so that targets of any width (DPT's 2.4 million values per image)
     are fitted a block at a time: each target's ridge is its own. With ``rank`` below k and T, the map is stored as
     the rank-r product closest to the ridge map in training predictions (:func:`~brainldm.decoding.ridge.reduced_rank`,
-    built
-    here from the blocks without holding the dense map). The map keeps the training targets' mean and std and the
+    built here from the blocks without holding the dense map). The map keeps the training targets' mean and std and the
     out-of-fold predictions' (from the cross-validated fit, so no test data), from which :meth:`LinearMap.rescale`
     undoes ridge's shrinkage."""
     x = np.ascontiguousarray(betas[:, voxels], dtype=np.float32)

@@ -127,9 +127,8 @@ def check_image_size(model, image_size: int) -> None:
 
 def captioner_for(target, model_id: str | None = None, device=None) -> Captioner:
     """The captioner a decoded ``blip`` target (a :class:`~brainldm.decoding.maps.TargetConfig`) was fitted to, or the
-    one
-    ``model_id`` names, taking embeddings at the image size of the target's (its token count is (size / patch)^2
-    + 1)."""
+    one ``model_id`` names, taking embeddings at the image size of the target's (its token count is (size / patch)^2 +
+    1)."""
     captioner = load_captioner(model_id or target.model_id, device=device)
     captioner.image_size = math.isqrt(target.shape[0] - 1) * captioner.model.config.vision_config.patch_size
     if tuple(target.shape) != captioner.embedding_shape:
@@ -184,8 +183,7 @@ def blip_embeddings(captioner: Captioner, images) -> torch.Tensor:
 
 def blip_feature(captioner: Captioner, model_id: str) -> tuple[dict, Callable]:
     """The ``blip`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the
-    captioner's
-    id, the image size), and the function of a batch of images that computes it."""
+    captioner's id, the image size), and the function of a batch of images that computes it."""
     return {"model_id": model_id, "image_size": captioner.image_size}, lambda images: blip_embeddings(captioner, images)
 
 

@@ -95,8 +95,7 @@ def dpt_states(model, images) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dpt_feature(model, model_id: str) -> tuple[dict, Callable]:
     """The ``dpt`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the depth
-    model's
-    id, its image size), and the function of a batch of images that computes it."""
+    model's id, its image size), and the function of a batch of images that computes it."""
     return {"model_id": model_id, "image_size": model.config.image_size}, lambda images: dpt_states(model, images)[0]
 
 

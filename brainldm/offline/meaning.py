@@ -1,10 +1,9 @@
 """What an offline-world picture means, read without ``toy``: a small picture -> caption-words model.
 
 The offline world's captions name animals (:data:`brainldm.offline.synthetic.ANIMALS`) told apart only by their coat's
-fine
-pattern. :class:`CaptionWords` is a ridge map from hand-made picture features (a colour histogram, a coarse
-thumbnail, and the greyscale picture's spectral energy by frequency band and orientation) to which animals the
-captions name, fitted on the world's own pictures. It is the yardstick that does not depend on any trained model:
+fine pattern. :class:`CaptionWords` is a ridge map from hand-made picture features (a colour histogram, a coarse
+thumbnail, and the greyscale picture's spectral energy by frequency band and orientation) to which animals the captions
+name, fitted on the world's own pictures. It is the yardstick that does not depend on any trained model:
 
 - it tells whether a world's meaning survives a blur to z's grid (:func:`blur_to_grid`): on the shipped world it
   names held-out pictures' animals far better from the originals than from the blurred pictures;

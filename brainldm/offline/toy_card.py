@@ -43,9 +43,8 @@ def toy_card(
     init: dict | None = None,
 ) -> str:
     """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.offline.toy.ToyConfig`): how it was
-    trained and
-    what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from; ``init``: the saved
-    toy (``{"from", "unet_steps"}``) whose weights a run started from (``--init``), if any; a grown U-Net's
+    trained and what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from; ``init``:
+    the saved toy (``{"from", "unet_steps"}``) whose weights a run started from (``--init``), if any; a grown U-Net's
     also holds ``grown_from_levels`` and ``runs``, the commands that made that toy."""
     settings = "\n".join(f"| `{k}` | {v} |" for k, v in asdict(config).items())
     runs = toy_reproduce(config, continued, init)
@@ -127,8 +126,7 @@ tags: [{LIBRARY}, toy, offline]
 A small Stable-Diffusion-shaped model (CLIP text and vision towers, `AutoencoderKL`, `UNet2DConditionModel`, DDIM)
 trained from scratch by `scripts/train_toy_ldm.py` on the offline world's synthetic pictures and captions
 (`brainldm.offline.synthetic.draw_picture`). It exists so that offline reconstructions, encoding maps and tests can
-check
-meaning, not only shapes. It knows nothing of natural images.
+check meaning, not only shapes. It knows nothing of natural images.
 
 - Output {config.image_size} px; z is encoded at {config.image_size * 5 // 8} px (SD: 320 of 512).
 - Text tower: `CLIPTextModel`, hidden size {config.text_hidden}, so c is 77 x {config.text_hidden}; BPE merges learnt

@@ -38,9 +38,8 @@ def build_offline_world(
     **world,
 ) -> OfflineWorld:
     """Write a synthetic NSD tree of ``subjects`` (``world``: :func:`~brainldm.offline.synthetic.write_nsd_tree`'s
-    settings),
-    prepare each subject, extract z and c of its pictures with ``ldm`` (named ``model_id`` in the feature store) and
-    fit the maps of the subjects in ``fit`` (default: all)."""
+    settings), prepare each subject, extract z and c of its pictures with ``ldm`` (named ``model_id`` in the feature
+    store) and fit the maps of the subjects in ``fit`` (default: all)."""
 
     root = Path(root)
     tree = write_nsd_tree(root / "nsd", subjects, ldm=ldm, **world)
