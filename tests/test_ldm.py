@@ -72,3 +72,29 @@ def test_load_ldm_offline_and_not_cached_says_so(monkeypatch, tmp_path):
         InputError, match="--model 'someone/not-a-cached-model' is not in the Hugging Face cache.*OFFLINE"
     ):
         load_ldm("someone/not-a-cached-model", device="cpu")
+
+
+def test_random_twins_have_the_real_models_architectures():
+    """The rehearsal's models (seeded random weights, built without any download) at the sizes of the checkpoints a
+    real run loads: shapes and parameter counts, built on the meta device (no memory, no compute)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from brainldm.analysis.evaluate import CLIP_L14_VISION
+    from brainldm.ldm.captioner import random_blip_captioner
+    from brainldm.ldm.depth import random_dpt_large, states_shape
+    from brainldm.ldm.loading import ldm_sizes, random_sd2_depth_ldm, random_sd14_ldm
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        sd14, depth = random_sd14_ldm(), random_sd2_depth_ldm()
+        captioner, dpt = random_blip_captioner(), random_dpt_large()
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION))
+    assert count(sd14.unet) == 859_520_964 and count(sd14.text_encoder) == 123_060_480  # SD-1.4's
+    assert ldm_sizes(sd14) == (320, 512) and sd14.unet.config.cross_attention_dim == 768  # z 4 x 40 x 40, c 77 x 768
+    assert depth.unet.config.in_channels == 5 and depth.unet.config.cross_attention_dim == 1024
+    assert count(depth.unet) == 865_913_604 and count(depth.text_encoder) == 340_387_840  # SD-2-depth's, OpenCLIP-H's
+    assert captioner.embedding_shape == (226, 768) and count(captioner.model) > 220e6  # BLIP ViT-B at 240 px
+    assert states_shape(dpt) == (4, 577, 1024) and 340e6 < count(dpt) < 345e6  # DPT-large at 384 px
+    assert clip.config.projection_dim == 768 and 300e6 < count(clip) < 306e6  # CLIP ViT-L/14's vision tower

@@ -286,3 +286,15 @@ def test_a_rank_against_a_chosen_target_is_the_paired_rank():
     paired = identification_rank(pred, true)
     assert [int(identification_rank(pred[i : i + 1], true, targets=[i])[0]) for i in range(9)] == paired.tolist()
     assert identification_rank(true[[4]], true, targets=[4])[0] == 1
+
+
+def test_reconstructions_of_a_random_weight_ldm_are_scored_by_random_networks(reconstructions, tmp_path):
+    import shutil
+
+    for folder in sorted((reconstructions / "subj01").glob("test-*"))[:2]:  # two trials: ViT-L/14 is slow on a CPU
+        shutil.copytree(folder, tmp_path / "rehearsal" / "subj01" / folder.name)
+    for path in (tmp_path / "rehearsal").rglob("meta.json"):  # as if random-sd14 had made them: a rehearsal
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model_id": "random-sd14"}))
+    results = evaluate(tmp_path / "rehearsal", ["pixcorr", "clip"], kinds=["Xz"])  # offline: no CLIP to download
+    assert "random weights" in results["stand_ins"]["clip"] and "pixcorr" not in results["stand_ins"]
+    assert 0 <= results["subjects"]["subj01"]["Xz"]["clip"] <= 1

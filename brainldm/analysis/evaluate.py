@@ -72,6 +72,11 @@ PROTOCOLS = {
     "takagi": "each metric averaged over the samples of each image, as Takagi & Nishimoto (2023; 5 samples)",
 }
 CLIP_MODEL = "openai/clip-vit-large-patch14"
+RANDOM_CLIP = "random-clip-l14"  # CLIP ViT-L/14's vision tower with random weights, for rehearsals
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, projection_dim=768)  # fmt: skip
+# an LDM named so has random weights (brainldm.ldm.loading): its reconstructions are scored by random networks too
+RANDOM_PREFIX = "random-"
 
 
 @dataclass(frozen=True)
@@ -123,19 +128,20 @@ def _batch(images: list[np.ndarray], size: int, mean, std, device) -> torch.Tens
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def torchvision_extractor(name: str, device="cpu") -> Extractor:
-    """AlexNet layer 2 / 5, InceptionV3 avgpool or EffNet-B1 avgpool, with torchvision's ImageNet weights."""
+def torchvision_extractor(name: str, device="cpu", weights: str | None = "DEFAULT") -> Extractor:
+    """AlexNet layer 2 / 5, InceptionV3 avgpool or EffNet-B1 avgpool, with torchvision's ImageNet weights (``weights``
+    None: random ones, for rehearsals)."""
     import torchvision  # only when these metrics are asked for (there is no CPU torchvision wheel everywhere)
     from torchvision.models.feature_extraction import create_feature_extractor
 
     if name in ("alexnet2", "alexnet5"):
-        model = torchvision.models.alexnet(weights="DEFAULT")
+        model = torchvision.models.alexnet(weights=weights)
         node = "features.4" if name == "alexnet2" else "features.11"
     elif name == "inception":
-        model = torchvision.models.inception_v3(weights="DEFAULT")
+        model = torchvision.models.inception_v3(weights=weights, aux_logits=weights is not None, init_weights=False)
         node = "avgpool"
     else:
-        model = torchvision.models.efficientnet_b1(weights="DEFAULT")
+        model = torchvision.models.efficientnet_b1(weights=weights)
         node = "avgpool"
     size = METRICS[name].input_size
     extractor = create_feature_extractor(model.eval().to(device), return_nodes=[node])
@@ -147,9 +153,16 @@ def torchvision_extractor(name: str, device="cpu") -> Extractor:
     return extract
 
 
-def swav_extractor(device="cpu") -> Extractor:
-    """SwAV ResNet-50 avgpool features through torch.hub (needs the hub cache or network)."""
-    model = torch.hub.load("facebookresearch/swav:main", "resnet50").eval().to(device)
+def swav_extractor(device="cpu", random_weights: bool = False) -> Extractor:
+    """SwAV ResNet-50 avgpool features through torch.hub (needs the hub cache or network), or torchvision's ResNet-50
+    with random weights (``random_weights``, for rehearsals)."""
+    if random_weights:
+        import torchvision  # lazy: only where torchvision imports (not beside the CPU machines' torch)
+
+        model = torchvision.models.resnet50(weights=None)
+    else:
+        model = torch.hub.load("facebookresearch/swav:main", "resnet50")
+    model = model.eval().to(device)
     model.fc = torch.nn.Identity()
 
     @torch.no_grad()
@@ -161,11 +174,15 @@ def swav_extractor(device="cpu") -> Extractor:
 
 
 def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extractor:
-    """CLIP image embeddings (ViT-L/14 by default; any transformers CLIP vision model, e.g. a tiny one in tests)."""
+    """CLIP image embeddings (ViT-L/14 by default, or :data:`RANDOM_CLIP`; any transformers CLIP vision model, e.g. a
+    tiny one in tests)."""
     if model is None:
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        model = CLIPVisionModelWithProjection.from_pretrained(model_id)
+        if model_id == RANDOM_CLIP:
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION))
+        else:
+            model = CLIPVisionModelWithProjection.from_pretrained(model_id)
     model = model.eval().to(device)
     size = model.config.image_size
 
@@ -227,19 +244,22 @@ def unavailable_message(names: Sequence[str], unavailable: dict[str, str]) -> st
     )
 
 
-def load_extractors(names: Sequence[str], overrides: dict[str, Extractor] | None = None, device="cpu"):
-    """(extractors, unavailable reasons) for the feature metrics among ``names``."""
+def load_extractors(
+    names: Sequence[str], overrides: dict[str, Extractor] | None = None, device="cpu", random_weights: bool = False
+):
+    """(extractors, unavailable reasons) for the feature metrics among ``names``; with ``random_weights``, every
+    network at its real architecture with random weights (a rehearsal: shapes and costs, not scores)."""
     extractors, unavailable = dict(overrides or {}), {}
     for name in names:
         if METRICS[name].kind == "pixel" or name in extractors:
             continue
         try:
             if name == "clip":
-                extractors[name] = clip_extractor(device=device)
+                extractors[name] = clip_extractor(model_id=RANDOM_CLIP if random_weights else CLIP_MODEL, device=device)
             elif name == "swav":
-                extractors[name] = swav_extractor(device)
+                extractors[name] = swav_extractor(device, random_weights)
             else:
-                extractors[name] = torchvision_extractor(name, device)
+                extractors[name] = torchvision_extractor(name, device, None if random_weights else "DEFAULT")
         except Exception as err:  # an import, a download or a cache miss: say which, keep the other metrics
             unavailable[name] = f"{err.__class__.__name__}: {' '.join(str(err).split())[:300]}"
     return extractors, unavailable
@@ -372,7 +392,13 @@ def evaluate(
         if stand_in is not None:
             extractors = dict(extractors or {}, clip=stand_in)
             stand_ins["clip"] = f"the {model_id} model's CLIP vision tower (offline stand-in for CLIP ViT-L/14)"
-    extractors, unavailable = load_extractors(names, extractors, device)
+    random_weights = bool(models) and all(str(m).startswith(RANDOM_PREFIX) for m in models)
+    if random_weights:
+        stand_ins.update(dict.fromkeys(
+            [n for n in names if METRICS[n].kind != "pixel" and not (extractors and n in extractors)],
+            f"random weights, as the LDM ({', '.join(sorted(models))}) had: a rehearsal, not a score",
+        ))  # fmt: skip
+    extractors, unavailable = load_extractors(names, extractors, device, random_weights)
     if unavailable and not allow_unavailable:
         raise InputError(unavailable_message(names, unavailable))
     folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())

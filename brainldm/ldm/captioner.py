@@ -25,6 +25,7 @@ from brainldm.validation import InputError
 
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"  # transformers' port of BLIP's ViT-B captioner
 BLIP_IMAGE_SIZE = 240  # the reference code's (its BLIP decoder was built at 240 px: 226 tokens x 768)
+RANDOM_BLIP = "random-blip"  # BLIP's ViT-B captioner's architecture with random weights, for rehearsals
 MAX_IMAGE_SIZE = 1024  # px: 4,097 tokens for ViT-B, 18 x the reference code's 226
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's image normalisation (its processor's)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,11 +92,15 @@ class Captioner:
 
 
 def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BLIP_IMAGE_SIZE) -> Captioner:
-    """A Hub BLIP captioner (or a local folder), or ``"tiny"`` (:func:`tiny_captioner`), in eval mode on ``device``,
-    taking its embeddings at ``image_size`` (position embeddings interpolated where that is not the model's own)."""
+    """A Hub BLIP captioner (or a local folder), ``"tiny"`` (:func:`tiny_captioner`) or ``"random-blip"``
+    (:func:`random_blip_captioner`), in eval mode on ``device``, taking its embeddings at ``image_size`` (position
+    embeddings interpolated where that is not the model's own)."""
 
     if model_id == TINY:
         captioner = tiny_captioner()
+        captioner.image_size = image_size
+    elif model_id == RANDOM_BLIP:
+        captioner = random_blip_captioner()
         captioner.image_size = image_size
     else:
         from transformers import AutoTokenizer, BlipForConditionalGeneration
@@ -164,6 +169,27 @@ def tiny_captioner(seed: int = 0) -> Captioner:
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(config)
     return Captioner(model.eval(), tokenizer, image_size=64)
+
+
+def random_blip_captioner(seed: int = 0) -> Captioner:
+    """BLIP's captioner architecture (:data:`BLIP_MODEL`: ViT-B/16 vision tower, BERT-base text decoder; transformers'
+    ``BlipConfig`` defaults) with seeded random weights, and a word-level tokenizer of the same vocabulary size
+    (placeholder words), built without any Hub file. For rehearsals: compute, memory and shapes are the real model's
+    (a 226 x 768 embedding at 240 px), the captions are random words."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+
+    config = BlipConfig()
+    text = config.text_config
+    vocabulary = [f"w{i}" for i in range(text.vocab_size)]
+    for token, index in (("[PAD]", text.pad_token_id), ("[UNK]", 100), ("[CLS]", 101), ("[SEP]", text.sep_token_id),
+                         ("[MASK]", 103), ("[DEC]", text.bos_token_id)):  # fmt: skip
+        vocabulary[index] = token
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary)})
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(config)
+    return Captioner(model.eval(), tokenizer, image_size=BLIP_IMAGE_SIZE)
 
 
 def pixel_values(images, size: int) -> torch.Tensor:

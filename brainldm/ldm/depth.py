@@ -27,14 +27,18 @@ from brainldm.torch_utils import default_device
 from brainldm.validation import InputError
 
 DPT_MODEL = "Intel/dpt-large"
+RANDOM_DPT_LARGE = "random-dpt-large"  # DPT-large's architecture with random weights, for rehearsals
 DPT_MEAN = DPT_STD = (0.5, 0.5, 0.5)  # DPT-large's image normalisation (its processor's)
 
 
 def load_depth_model(model_id: str = DPT_MODEL, device=None):
-    """A Hub DPT depth model (or a local folder), or ``"tiny"`` (:func:`tiny_depth_model`), in eval mode."""
+    """A Hub DPT depth model (or a local folder), ``"tiny"`` (:func:`tiny_depth_model`) or ``"random-dpt-large"``
+    (:func:`random_dpt_large`), in eval mode."""
 
     if model_id == TINY:
         model = tiny_depth_model()
+    elif model_id == RANDOM_DPT_LARGE:
+        model = random_dpt_large()
     else:
         from transformers import DPTForDepthEstimation
 
@@ -58,6 +62,23 @@ def tiny_depth_model(seed: int = 0):
         hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64,
         patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
         head_in_index=-1, initializer_range=0.2,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
+        torch.manual_seed(seed)
+        model = DPTForDepthEstimation(config)
+    return model.eval()
+
+
+def random_dpt_large(seed: int = 0):
+    """DPT-large's architecture (:data:`DPT_MODEL`: ViT-L/16 at 384 px, layers 5, 11, 17 and 23 to the neck) with
+    seeded random weights. For rehearsals: compute, memory and the ``dpt`` target's shape (4 x 577 x 1024) are the
+    real model's, the depth maps are not."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=384,
+        patch_size=16, backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
+        fusion_hidden_size=256, head_in_index=-1,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
         torch.manual_seed(seed)

@@ -7,7 +7,10 @@ Everything downstream takes a :class:`~diffusers.StableDiffusionImg2ImgPipeline`
 - ``"tiny"``: :func:`tiny_ldm`, a Stable-Diffusion-shaped model with seeded random weights, for tests and
   the offline demo;
 - ``"random-sd14"``: :func:`random_sd14_ldm`, the full SD-1.4 architecture with random weights, for speed
-  benchmarks where no checkpoint can be downloaded (speed does not depend on the weights).
+  benchmarks and rehearsals where no checkpoint can be downloaded (speed and memory do not depend on the weights).
+
+The follow-up's depth LDM loads alike (:func:`load_depth_ldm`: a Hub id or folder, ``"tiny"``, or
+``"random-sd2-depth"``, Stable Diffusion 2 depth's architecture with random weights).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ TOY = "toy"
 TOY_DIR = Path(__file__).parents[1] / "models" / "toy"  # the trained offline model, made by scripts/train_toy_ldm.py
 TINY_LATENT_GAIN = 24.0
 RANDOM_SD14 = "random-sd14"
+RANDOM_SD2_DEPTH = "random-sd2-depth"
 
 
 def clip_stand_in(model_id_or_dir: str | Path) -> Path | None:
@@ -158,6 +162,15 @@ SD14_TEXT = dict(
 )  # fmt: skip
 
 
+# Stable Diffusion 2 depth (stabilityai/stable-diffusion-2-depth): SD-1.4's U-Net and VAE with the depth map as a
+# fifth input channel, linear attention projections and per-level head dims, conditioned on OpenCLIP ViT-H's text
+# tower (hidden size 1024, 23 layers as SD-2 uses it)
+SD2_DEPTH_UNET = dict(SD14_UNET, in_channels=5, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                      use_linear_projection=True)  # fmt: skip
+SD2_TEXT = dict(SD14_TEXT, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                projection_dim=512, hidden_act="gelu")  # fmt: skip
+
+
 # tiny's geometry: cross-attention at the lower resolution only (attention over 40x40 tokens would dominate CPU time)
 TINY_UNET = dict(SD14_UNET, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
                  attention_head_dim=4, norm_num_groups=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -204,9 +217,21 @@ def tiny_depth_ldm(seed: int = 1):
 def random_sd14_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
     """The full Stable Diffusion v1.4 architecture with random weights (:data:`SD14_UNET`, ...).
 
-    For speed benchmarks only: compute and memory match the real checkpoint, the images do not.
+    For speed benchmarks and rehearsals only: compute and memory match the real checkpoint, the images do not.
     """
     return _assemble(SD14_UNET, SD14_VAE, SD14_TEXT, seed)
+
+
+def random_sd2_depth_ldm(seed: int = 1):
+    """Stable Diffusion 2 depth's architecture (:data:`SD2_DEPTH_UNET`, :data:`SD2_TEXT`) with random weights and no
+    depth estimator, as :func:`load_depth_ldm` loads the real one. For rehearsals: compute and memory are the real
+    model's, the images are not."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    components = _components(SD2_DEPTH_UNET, SD14_VAE, SD2_TEXT, seed)
+    pipe = StableDiffusionDepth2ImgPipeline(**components, depth_estimator=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_ldm(
@@ -266,13 +291,16 @@ DEPTH_MODEL = "stabilityai/stable-diffusion-2-depth"
 def load_depth_ldm(model_id_or_dir: str = DEPTH_MODEL, device=None, dtype=None):
     """Stable Diffusion 2's depth-conditioned img2img pipeline with the paper's DDIM scheduler, loaded without its
     depth estimator (the depth maps are decoded from the brain, :mod:`brainldm.ldm.depth`), or ``"tiny"``
-    (:func:`tiny_depth_ldm`). Device and dtype default as :func:`load_ldm`'s."""
+    (:func:`tiny_depth_ldm`) or ``"random-sd2-depth"`` (:func:`random_sd2_depth_ldm`). Device and dtype default as
+    :func:`load_ldm`'s."""
     from diffusers import StableDiffusionDepth2ImgPipeline
 
     device = default_device(device)
     dtype = dtype or default_dtype(device)
     if model_id_or_dir == TINY:
         pipe = tiny_depth_ldm()
+    elif model_id_or_dir == RANDOM_SD2_DEPTH:
+        pipe = random_sd2_depth_ldm()
     else:
         pipe = _from_pretrained(
             StableDiffusionDepth2ImgPipeline,
