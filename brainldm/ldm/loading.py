@@ -317,6 +317,8 @@ def _load_error(model_id_or_dir: str, err: Exception, flag: str) -> str:
     err = " ".join(str(err).split())  # one line
     if Path(model_id_or_dir).exists():
         return f"{flag} {model_id_or_dir!r} is a folder but not a diffusers model of the kind needed: {err}"
+    if str(model_id_or_dir).startswith(("/", ".", "~")) or str(model_id_or_dir).count("/") > 1:  # a path, not an id
+        return f"{flag} {model_id_or_dir!r}: no such folder; point {flag} at a diffusers model's folder or a Hub id"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     if offline:
         from huggingface_hub.constants import HF_HUB_CACHE
