@@ -95,7 +95,7 @@ def reconstruct_trials(
         settings["followup"] = followup.ids
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
     # every finished trial of the folder, not only this run's: a folder holds one kind of reconstruction
-    for folder in sorted(trial_folder(out, subject, split, 0).parent.glob(f"{split}-*")):
+    for folder in sorted((Path(out) / subject_name(subject)).glob(f"{split}-*")):
         if not is_done(folder):
             continue
         made = json.loads((folder / "meta.json").read_text())

@@ -205,13 +205,10 @@ def tiny_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
 def tiny_depth_ldm(seed: int = 1):
     """Stable Diffusion 2 depth's shape with seeded random weights: :func:`tiny_ldm`'s components, its U-Net taking
     the depth map as a fifth input channel (``c_concat``), and no depth estimator."""
-    from diffusers import StableDiffusionDepth2ImgPipeline
 
     components = _components(dict(TINY_UNET, in_channels=5), TINY_VAE, TINY_TEXT, seed)
     _gain_tiny_latents(components["vae"])
-    pipe = StableDiffusionDepth2ImgPipeline(**components, depth_estimator=None, feature_extractor=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _depth_pipeline(components)
 
 
 def random_sd14_ldm(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
@@ -226,9 +223,13 @@ def random_sd2_depth_ldm(seed: int = 1):
     """Stable Diffusion 2 depth's architecture (:data:`SD2_DEPTH_UNET`, :data:`SD2_TEXT`) with random weights and no
     depth estimator, as :func:`load_depth_ldm` loads the real one. For rehearsals: compute and memory are the real
     model's, the images are not."""
+    return _depth_pipeline(_components(SD2_DEPTH_UNET, SD14_VAE, SD2_TEXT, seed))
+
+
+def _depth_pipeline(components: dict):
+    """A depth img2img pipeline of built components, without a depth estimator (depth comes from the brain)."""
     from diffusers import StableDiffusionDepth2ImgPipeline
 
-    components = _components(SD2_DEPTH_UNET, SD14_VAE, SD2_TEXT, seed)
     pipe = StableDiffusionDepth2ImgPipeline(**components, depth_estimator=None, feature_extractor=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
