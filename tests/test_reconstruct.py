@@ -101,6 +101,26 @@ def test_a_batch_equals_its_items_run_one_by_one(reconstructor, zc):
             assert difference <= 2, name  # uint8 rounding of float summation-order differences only
 
 
+def test_diffusion_runs_in_batches_of_at_most_max_batch_items_with_the_same_images(tiny, zc):
+    # 3 images x 2 samples = 6 items: one run of 6 by default, runs of at most 4 with max_batch=4
+    sizes = []
+    bounded = Reconstructor(tiny, output_size=64, max_batch=4)
+    real = bounded.img2img.__class__.__call__
+
+    def counting(pipe, *args, **kwargs):
+        sizes.append(len(kwargs["prompt_embeds"]))
+        return real(pipe, *args, **kwargs)
+
+    keys = [11, 12, 13]
+    whole = Reconstructor(tiny, output_size=64)(*zc, fast(num_samples=2), keys=keys)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bounded.img2img.__class__, "__call__", counting)
+        parts = bounded(*zc, fast(num_samples=2), keys=keys)
+    assert sizes == [4, 2]
+    for name in ("Xz", "Xc", "Xzc"):
+        assert np.abs(getattr(parts, name).astype(int) - getattr(whole, name)).max() <= 2, name
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
