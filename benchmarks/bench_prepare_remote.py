@@ -5,7 +5,7 @@ much memory; and the same subject prepared from the local folder, compared bit f
 Writes (or reuses) a full-size synthetic subject: NSD's 81 x 104 x 83 grid, SESSIONS x 750 trials as HDF5 betas in
 NSD's layout (one uncompressed chunk per voxel), ~16k stored voxels (subj01's nsdgeneral holds 15,724), and a stimuli
 file of NSD's shape (73,000 x 425 x 425 x 3, one chunk per picture) holding only the pictures the subject saw. Serves
-the folder as an S3 bucket on 127.0.0.1 (benchmarks/s3_folder.py; --latency-ms adds S3-like round trips), prepares
+the folder as an S3 bucket on 127.0.0.1 (brainldm.offline.bucket; --latency-ms adds S3-like round trips), prepares
 subject 1 from it in a child process, and extrapolates to a real subject (40 sessions, 10,000 pictures).
 """
 
@@ -15,16 +15,12 @@ import argparse
 import multiprocessing
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-NSD_PICTURES, NSD_SIDE = 73_000, 425
 REAL = {  # a real subject (subj01), for the extrapolation
     "sessions": 40,
     "pictures": 10_000,
@@ -33,31 +29,6 @@ REAL = {  # a real subject (subj01), for the extrapolation
     "small_bytes": 91.9e6 + 3.9e6 + 16e6 + 1e6 + 2e6,
     "download_first": 77e9,  # ~40 GB of betas + the 37 GB stimuli file
 }
-
-
-def write_world(root: Path, sessions: int, thickness: float) -> None:
-    import h5py
-
-    from brainldm.data import nsd
-    from brainldm.offline.synthetic import write_nsd_tree
-
-    tree = write_nsd_tree(
-        root, subjects=(1,), n_sessions=sessions, trials_per_session=750, n_shared=100, grid_shape=(81, 104, 83),
-        cortex_thickness=thickness, features="random", write_hdf5=True, write_nifti=False, image_size=32, seed=0,
-    )  # fmt: skip
-    # NSD's stimuli file: all 73k slots, only the subject's pictures written (unwritten chunks take no space)
-    small = h5py.File(nsd.stimuli_path(root), "r")["imgBrick"]
-    seen = np.unique(tree.trial_images[1])
-    path = nsd.stimuli_path(root).with_suffix(".tmp")
-    with h5py.File(path, "w") as f:
-        brick = f.create_dataset(
-            "imgBrick", shape=(NSD_PICTURES, NSD_SIDE, NSD_SIDE, 3), dtype=np.uint8, chunks=(1, NSD_SIDE, NSD_SIDE, 3)
-        )
-        for i in seen:
-            picture = np.repeat(np.repeat(small[i], 14, axis=0), 14, axis=1)[:NSD_SIDE, :NSD_SIDE]
-            brick[i] = np.pad(picture, ((0, NSD_SIDE - len(picture)),) * 2 + ((0, 0),), mode="edge")
-    small.file.close()
-    path.replace(nsd.stimuli_path(root))
 
 
 def _prepare(root: str, out: str, cache: str, endpoint: str | None, peak) -> None:
@@ -104,15 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every S3 answer")
     args = parser.parse_args(argv)
 
-    from s3_folder import FolderS3
-
     from brainldm.data import nsd
     from brainldm.data.readers import nsd_voxel_table
+    from brainldm.offline.bucket import FolderS3
+    from brainldm.offline.rehearsal import write_full_size_subject
 
     tree = Path(args.tree or tempfile.mkdtemp(prefix="bench-nsd-remote-"))
     if not nsd.betas_path(tree, 1, args.sessions, ".hdf5").exists():
         start = time.perf_counter()
-        write_world(tree, args.sessions, args.cortex_thickness)
+        shared = 100 / (250 * args.sessions)  # 100 shared pictures, as before
+        write_full_size_subject(tree, args.sessions, thickness=args.cortex_thickness, test_fraction=shared)
         print(f"wrote the synthetic subject to {tree} in {time.perf_counter() - start:.0f} s")
     work = Path(tempfile.mkdtemp(prefix="bench-remote-out-"))
     n_voxels = len(nsd_voxel_table(tree, 1).ijk)

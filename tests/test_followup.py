@@ -109,6 +109,25 @@ def test_a_reduced_rank_map_fitted_a_block_at_a_time_is_the_dense_maps_reduction
     torch.testing.assert_close((low.left @ low.right).double(), left @ right, rtol=1e-3, atol=1e-4)
 
 
+def test_dpt_targets_are_read_in_blocks_whose_weights_fit_as_well_as_the_targets(tmp_path):
+    """Found by the rehearsal: a subject with 27 training trials and NSD's 16,188 voxels read DPT's 2.4 million targets
+    in one block (27 x 2.4M values fit 1 GiB), whose ridge weights (16,188 x 2.4M) took 150 GB. Blocks are sized by
+    the larger of images and voxels."""
+    from brainldm.data.features import FeatureStore
+    from brainldm.decoding.fit import block_values
+
+    store = FeatureStore(tmp_path, "dpt", config={"model_id": "random-dpt-large"})
+    store.write([0, 1], np.zeros((2, 4, 577, 1024), np.float16))  # DPT-large's hidden states at 384 px
+    n_images, n_voxels, budget = 27, 16_188, 2**28
+    widths = [
+        int(np.prod([s.stop - s.start for s in index]) * np.prod(store.feature_shape[len(index) :]))
+        for index in store.block_index(n_images, block_values(n_images, n_voxels))
+    ]
+    assert sum(widths) == 4 * 577 * 1024  # every target read once
+    assert max(widths) * n_voxels <= budget and max(widths) * n_images <= budget
+    assert block_values(50_000, n_voxels) == budget  # more images than voxels: sized by the images, as before
+
+
 def test_a_union_of_rois_holds_each_of_them(decoding_world):
     from brainldm.data.trials import load_voxels
 

@@ -103,6 +103,14 @@ def fit_linear_map(
     return LinearMap(left=left.cpu(), right=torch.cat(right, dim=1), **common), cv_r
 
 
+def block_values(n_images: int, n_voxels: int, budget: int = 2**28) -> int:
+    """How many target values to read per block so that a block of targets (n_images x width) and its ridge weights
+    (n_voxels x width) each hold at most ``budget`` values (1 GiB of float32). Sizing by the images alone let a
+    subject with few trials and many voxels fit DPT's 2.4 million targets in one block: 16,188 x 2.4M weights, 150 GB.
+    """
+    return max(1, budget * n_images // max(n_images, n_voxels))
+
+
 def column_moments(values: np.ndarray, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of each column of ``values`` (n, T) -> (T,), (T,) float32, a block of columns at
     a time (NSD's c targets are GBs; their centred copy need not be)."""
@@ -185,8 +193,13 @@ def fit_subject_maps(
             )
         if name not in ranks and name in AUXILIARY and TAKAGI2023.followup_rank < limit:
             rank = TAKAGI2023.followup_rank  # the follow-up pipeline's wide targets: reduced rank unless told otherwise
+        budget = block_values(len(train_ids), len(selection))
+
+        def blocks(store=store, budget=budget):
+            return (block for (block,) in store.blocks(train_ids, max_values=budget))
+
         fitted[name], cv_r = fit_linear_map(
-            train_betas, lambda store=store: (block for (block,) in store.blocks(train_ids)), selection,
+            train_betas, blocks, selection,
             voxels.ijk[selection], train_ids, alphas=alphas, cv=cv, rank=rank, device=device,
         )  # fmt: skip
         spread = {

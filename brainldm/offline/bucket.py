@@ -1,8 +1,8 @@
-"""A minimal S3 endpoint serving a local folder read-only, for benchmarks: the calls s3fs makes to read (ListObjectsV2,
-HeadObject, GetObject with a Range), answered from disk, with every request counted (bytes sent by key).
+"""A minimal S3 endpoint serving a local folder read-only, for the rehearsal and the benchmarks: the calls s3fs makes
+to read (ListObjectsV2, HeadObject, GetObject with a Range), answered from disk, every request counted (bytes by key).
 
 Why not moto, as the tests use: moto's GetObject reads the whole object into memory before slicing the range, so each
-range request of a 1 GB session file would cost a 1 GB copy, and the benchmark would measure moto. ``latency_ms`` adds
+range request of a 1 GB session file would cost a 1 GB copy, and a measurement would measure moto. ``latency_ms`` adds
 a fixed delay to every answer, to see how a client behaves at S3's round-trip times.
 """
 
