@@ -90,14 +90,16 @@ def test_the_depth_pipeline_follows_the_depth_map_it_is_given(pictures):
         depth_img2img(pipe, init, prompts[:1], depth, FAST)
 
 
-def test_a_reduced_rank_map_fitted_a_block_at_a_time_is_the_dense_maps_reduction():
+@pytest.mark.parametrize("n_trials,n_voxels", [(80, 25), (24, 60)])  # more trials than voxels, and fewer (NSD's)
+def test_a_reduced_rank_map_fitted_a_block_at_a_time_is_the_dense_maps_reduction(n_trials, n_voxels):
     from brainldm.decoding.fit import fit_linear_map
     from brainldm.decoding.ridge import reduced_rank
 
     rng = np.random.default_rng(0)
-    betas = rng.standard_normal((80, 25)).astype(np.float32)
-    targets = (betas[:, :6] @ rng.standard_normal((6, 40)) + rng.standard_normal((80, 40))).astype(np.float32)
-    args = (np.arange(25), np.zeros((25, 3)), np.arange(80) // 2)
+    betas = rng.standard_normal((n_trials, n_voxels)).astype(np.float32)
+    targets = betas[:, :6] @ rng.standard_normal((6, 40)) + rng.standard_normal((n_trials, 40))
+    targets = targets.astype(np.float32)
+    args = (np.arange(n_voxels), np.zeros((n_voxels, 3)), np.arange(n_trials) // 2)
     dense, cv_r = fit_linear_map(betas, targets, *args, device="cpu")
     blocks = lambda: (targets[:, start : start + 7] for start in range(0, 40, 7))  # noqa: E731
     low, low_cv_r = fit_linear_map(betas, blocks, *args, rank=5, device="cpu")

@@ -56,9 +56,13 @@ def fit_linear_map(
     if rank is not None:
         x_t = torch.from_numpy(x).to(compute)
         centred = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
-        e, v = torch.linalg.eigh(centred.T @ centred)
-        sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T  # X W and S W have the same right singular vectors and values
-        products = torch.zeros_like(sqrt_gram)  # S W W^T S, summed over blocks of W's columns
+        if len(centred) <= centred.shape[1]:
+            sqrt_gram = centred  # fewer trials than voxels: X W itself, an n x n problem below
+            rank = min(rank, len(centred))  # X W has no more directions than trials; the rest would be zeros
+        else:  # S with S^T S = X^T X: S W has X W's right singular vectors and values, in a k x k problem
+            e, v = torch.linalg.eigh(centred.T @ centred)
+            sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T
+        products = torch.zeros(len(sqrt_gram), len(sqrt_gram), device=compute)  # S W W^T S, summed over blocks
     fitted: dict[str, list[torch.Tensor]] = {}
     for y in blocks():
         ridge = RidgeCV(alphas=alphas, cv=cv, device=device).fit(x, y, groups=groups)

@@ -50,14 +50,15 @@ from brainldm.validation import InputError
 BUCKET = "natural-scenes-dataset"
 NSD_PICTURES, NSD_SIDE = 73_000, 425  # nsd_stimuli.hdf5's imgBrick: 73,000 pictures of 425 x 425
 NSDGENERAL_THICKNESS = 0.032  # the synthetic brain's ROI shell depth that gives NSD's ~16k stored voxels
-# What the real models give, and so what every file of the real run holds
+# What the real models give, so what every file of the real run holds: facts of the checkpoints, written out (not
+# derived from the presets) so that a preset or a code path that drifts from them shows
 REAL_SHAPES = {
     "picture": (NSD_SIDE, NSD_SIDE, 3),
-    "z": (4, TAKAGI2023.z_image_size // 8, TAKAGI2023.z_image_size // 8),  # SD-1.4's VAE: 8x down, 4 channels
+    "z": (4, 40, 40),  # SD-1.4's VAE (8x down, 4 channels) on the paper's 320-px pictures
     "c": (77, 768),  # SD-1.4's CLIP ViT-L/14 text encoder: 77 tokens of 768
     "blip": (226, 768),  # BLIP's ViT-B/16 at 240 px: 15 x 15 patches and a class token, of 768
     "dpt": (4, 577, 1024),  # DPT-large at 384 px: 4 hooked layers of 24 x 24 patches and a class token, of 1024
-    "reconstruction": (TAKAGI2023.output_size, TAKAGI2023.output_size, 3),
+    "reconstruction": (512, 512, 3),  # SD-1.4's output at 512 px
 }
 KINDS = ("Xz", "Xc", "Xzc", "Xzt", "Xztd")
 # A real subject (subj01), for the disk figures: 37 sessions of 750 trials (the paper's), 10,000 pictures of which
