@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     tree = Path(args.tree or tempfile.mkdtemp(prefix="bench-nsd-remote-"))
     if not nsd.betas_path(tree, 1, args.sessions, ".hdf5").exists():
         start = time.perf_counter()
-        shared = 100 / (250 * args.sessions)  # 100 shared pictures, as before
-        write_full_size_subject(tree, args.sessions, thickness=args.cortex_thickness, test_fraction=shared)
+        write_full_size_subject(tree, args.sessions, n_shared=100, thickness=args.cortex_thickness)
         print(f"wrote the synthetic subject to {tree} in {time.perf_counter() - start:.0f} s")
     work = Path(tempfile.mkdtemp(prefix="bench-remote-out-"))
     n_voxels = len(nsd_voxel_table(tree, 1).ijk)

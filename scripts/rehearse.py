@@ -25,20 +25,28 @@ from brainldm import cli
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
+    from brainldm.offline.rehearsal import STEPS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=cli.output_folder, required=True, help="where the data and every output go")
     parser.add_argument("--sessions", type=cli.positive, default=2, help="sessions of betas (default: 2)")
     parser.add_argument(
         "--trials-per-session", type=cli.positive, default=750, help="trials a session (default: 750, NSD's)"
     )
-    parser.add_argument("--test-images", type=cli.positive, default=2, help="test images to reconstruct (default: 2)")
+    parser.add_argument(
+        "--test-images", type=cli.positive, default=2, help="test images to reconstruct, >= 2 (default: 2)"
+    )
     parser.add_argument("--steps", type=cli.positive, default=4, help="DDIM steps of reconstruct.py (default: 4)")
     parser.add_argument("--strength", type=float, default=0.8, help="img2img strength of reconstruct.py")
     parser.add_argument(
         "--app-steps", type=cli.positive, default=10, help="DDIM steps of the app's request (default: 10, its least)"
     )
     parser.add_argument("--app-strength", type=float, default=0.1, help="the app request's strength (default: 0.1)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--from-step",
+        choices=STEPS,
+        help="start at this step, reusing the earlier steps' outputs from the last rehearsal in --work",
+    )
     parser.add_argument("--report", help="also write the step and needs tables to this markdown file")
     args = parser.parse_args(argv)
 
@@ -49,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         steps, needs = rehearse(
             args.work, scripts, sessions=args.sessions, trials_per_session=args.trials_per_session,
             test_images=args.test_images, steps=args.steps, strength=args.strength, app_steps=args.app_steps,
-            app_strength=args.app_strength, device=args.device, echo=lambda line: print(line, flush=True),
+            app_strength=args.app_strength, from_step=args.from_step,
+            echo=lambda line: print(line, flush=True),
         )  # fmt: skip
     except StepFailed as err:
         print(f"rehearsal stopped: {err}", file=sys.stderr)

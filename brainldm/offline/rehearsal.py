@@ -61,6 +61,7 @@ REAL_SHAPES = {
     "reconstruction": (512, 512, 3),  # SD-1.4's output at 512 px
 }
 KINDS = ("Xz", "Xc", "Xzc", "Xzt", "Xztd")
+STEPS = ("prepare", "features", "fit", "reconstruct", "evaluate", "encoding", "app")
 # A real subject (subj01), for the disk figures: 37 sessions of 750 trials (the paper's), 10,000 pictures of which
 # 982 are test pictures (the shared ones seen in those sessions)
 NSD_SUBJECT = {"train_trials": 37 * 750 - 3 * 982, "test_images": 982, "pictures": 10_000}
@@ -91,20 +92,20 @@ def write_full_size_subject(
     root: str | Path,
     sessions: int = 2,
     trials_per_session: int = 750,
-    test_fraction: float = 0.1,
+    n_shared: int | None = None,
     thickness: float = NSDGENERAL_THICKNESS,
     seed: int = 0,
 ) -> Path:
     """Subject 1 on NSD's 81 x 104 x 83 grid with NSD-sized ROIs (~16k nsdgeneral voxels), HDF5 betas in NSD's layout
     (one uncompressed chunk per voxel), and a stimuli file of NSD's shape (73,000 x 425 x 425 x 3, one chunk per
-    picture) holding only the subject's pictures. ``test_fraction`` of the pictures are shared (test), as NSD's
-    1,000 of 10,000. Planted features are random (only sizes matter here). Returns ``root``.
+    picture) holding only the subject's pictures. ``n_shared`` of them are shared (the test pictures; by default a
+    tenth, as NSD's 1,000 of 10,000). Planted features are random (only sizes matter here). Returns ``root``.
     """
     root = Path(root)
     per_subject = -(-sessions * trials_per_session // 3)
     tree = write_nsd_tree(
         root, subjects=(1,), n_sessions=sessions, trials_per_session=trials_per_session,
-        n_shared=max(1, round(test_fraction * per_subject)), grid_shape=(81, 104, 83), cortex_thickness=thickness,
+        n_shared=n_shared or max(1, round(per_subject / 10)), grid_shape=(81, 104, 83), cortex_thickness=thickness,
         features="random", write_hdf5=True, write_nifti=False, image_size=32, seed=seed,
     )  # fmt: skip
     # NSD's stimuli file: all 73k slots, only the subject's pictures written (unwritten chunks take no space); the
@@ -374,29 +375,37 @@ def rehearse(
     strength: float = 0.8,
     app_steps: int = 10,
     app_strength: float = 0.1,
-    device: str | None = None,
+    from_step: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> tuple[list[Step], str]:
     """Rehearse the real run in ``work`` with the scripts in ``scripts`` (and ``app.py`` beside them). Returns the
-    measured steps and the needs table. The data are written once and kept; every step runs afresh."""
+    measured steps and the needs table. The data are written once and kept; every step runs afresh, or, with
+    ``from_step``, the steps before it are skipped and their outputs from the last rehearsal in ``work`` reused."""
+    if test_images < 2:
+        raise InputError(
+            f"test_images must be >= 2 (evaluate's 2-way identification compares pairs), got {test_images}"
+        )
+    if from_step is not None and from_step not in STEPS:
+        raise InputError(f"from_step must be one of {STEPS}, got {from_step!r}")
     work, scripts = Path(work), Path(scripts)
     nsd_root, out = work / "nsd", work / "run"
-    if out.exists():
+    if from_step is None and out.exists():
         shutil.rmtree(out)
+    skipped = set(STEPS[: STEPS.index(from_step)]) if from_step else set()
     data, features, maps_dir = out / "trials", out / "features", out / "weights" / subject_name(1)
     recon, metrics, encoding, cache, logs = (out / n for n in ("recon", "metrics", "encoding", "cache", "logs"))
-    logs.mkdir(parents=True)
+    logs.mkdir(parents=True, exist_ok=True)
     python = [sys.executable]
-    device_args = ["--device", device] if device else []
     steps_done: list[Step] = []
 
     marker = nsd_root / ".complete"
-    key = json.dumps([sessions, trials_per_session])
+    n_shared = max(test_images, round(sessions * trials_per_session / 3 / 10))  # a tenth of the pictures, as NSD
+    key = json.dumps([sessions, trials_per_session, n_shared])
     if not marker.exists() or marker.read_text() != key:
         if nsd_root.exists():
             shutil.rmtree(nsd_root)
         started = time.perf_counter()
-        write_full_size_subject(nsd_root, sessions, trials_per_session)
+        write_full_size_subject(nsd_root, sessions, trials_per_session, n_shared=n_shared)
         marker.write_text(key)
         echo(f"wrote the synthetic subject at NSD's size in {time.perf_counter() - started:.0f} s ({nsd_root})")
 
@@ -410,17 +419,17 @@ def rehearse(
                          "--out", str(data), "--cache-dir", str(cache)], (data, cache)),
             ("features", [str(scripts / "extract_features.py"), "--data", str(data), "--subject", "1",
                           "--model", "random-sd14", "--features", "z,c,blip,dpt", "--captioner", "random-blip",
-                          "--depth-model", "random-dpt-large", "--out", str(features), *device_args], (features,)),
+                          "--depth-model", "random-dpt-large", "--out", str(features)], (features,)),
             ("fit", [str(scripts / "fit_maps.py"), "--data", str(data), "--features", str(features), "--subject", "1",
-                     "--decoders", f"{paper},{followup}", "--out", str(maps_dir), *device_args], (maps_dir,)),
+                     "--decoders", f"{paper},{followup}", "--out", str(maps_dir)], (maps_dir,)),
             ("reconstruct", [str(scripts / "reconstruct.py"), "--maps", str(maps_dir), "--data", str(data),
                              "--subject", "1", "--trials", f"0:{test_images}", "--out", str(recon),
                              "--steps", str(steps), "--strength", str(strength), "--rescale", "target",
-                             "--depth-ldm", "random-sd2-depth", *device_args], (recon,)),
+                             "--depth-ldm", "random-sd2-depth"], (recon,)),
             ("evaluate", [str(scripts / "evaluate.py"), "--recon", str(recon), "--out", str(metrics),
-                          "--features", str(features), *device_args], (metrics,)),
+                          "--features", str(features)], (metrics,)),
             ("encoding", [str(scripts / "encoding.py"), "--data", str(data), "--features", str(features),
-                          "--subject", "1", "--names", "z", "--roi-voxels", "--out", str(encoding), *device_args],
+                          "--subject", "1", "--names", "z", "--roi-voxels", "--out", str(encoding)],
              (encoding,)),
         ]  # fmt: skip
         try:
@@ -430,6 +439,9 @@ def rehearse(
             echo(f"evaluate: AlexNet(2), AlexNet(5), Inception, EffNet-B and SwAV skipped: {err}")
 
         for name, command, outputs in plan:
+            if name in skipped:
+                echo(f"[{name}] skipped: the outputs of the last rehearsal in {out} are reused")
+                continue
             step = Step(name, python + command)
             echo(f"[{name}] {' '.join(Path(c).name if c.startswith(str(scripts)) else c for c in command)}")
             bucket.reset()
@@ -443,7 +455,7 @@ def rehearse(
 
         port = _free_port()
         app = Step("app", python + [str(scripts.parent / "app.py"), "--maps", str(maps_dir.parent), "--data",
-                                    str(data), "--port", str(port), *device_args])  # fmt: skip
+                                    str(data), "--port", str(port)])  # fmt: skip
         echo(f"[app] app.py on port {port}, one reconstruction through /reconstruct")
         app.wall_s, app.peak_rss_gb, app.gpu_peak_gb, app.shapes = run_process(
             app.command, env, logs / "app.log", until=lambda: _ask_app(port, app_strength, app_steps)
