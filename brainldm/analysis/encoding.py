@@ -41,6 +41,9 @@ GROUP_SUMMARY, GROUP_FIGURE = "group_summary.json", "group_rois.png"
 CAPTIONS_FILE = "captions.json"  # each figure's caption, beside the figures
 SIGNIFICANT = "where q < 0.05 after FDR correction"
 
+MIN_TEST_IMAGES = 4  # the fewest test images whose correlations encoding scores and tests
+
+
 # --- pure functions ------------------------------------------------------------------------------------------
 
 
@@ -212,8 +215,10 @@ def run_encoding(
     train = load_trials(data, subject, "train", whole_brain).select_columns(["nsd_id", "betas"]).with_format("numpy")
     test = load_trials(data, subject, "test", whole_brain).select_columns(["nsd_id", "betas"]).with_format("numpy")
     train_ids, test_ids = np.asarray(train["nsd_id"]), np.asarray(test["nsd_id"])
-    if len(test_ids) < 4:
-        raise InputError(f"subject {subject} has {len(test_ids)} test images; encoding needs at least 4")
+    if len(test_ids) < MIN_TEST_IMAGES:
+        raise InputError(
+            f"subject {subject} has {len(test_ids)} test images; encoding needs at least {MIN_TEST_IMAGES}"
+        )
     train_betas, test_betas = np.asarray(train["betas"]), np.asarray(test["betas"])
     stores = {name: FeatureStore(features, name) for name in names}  # fails early on a missing feature space
     if space is not None:

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import torch
 
+from brainldm.analysis.encoding import MIN_TEST_IMAGES
 from brainldm.analysis.evaluate import CLIP_L14_VISION, CLIP_MODEL, TORCHVISION_METRICS, check_torchvision
 from brainldm.analysis.reconstructions import load_trial_images
 from brainldm.data import nsd
@@ -399,7 +400,8 @@ def rehearse(
     steps_done: list[Step] = []
 
     marker = nsd_root / ".complete"
-    n_shared = max(test_images, round(sessions * trials_per_session / 3 / 10))  # a tenth of the pictures, as NSD
+    # a tenth of the pictures are test pictures, as in NSD; at least those reconstructed and those encoding needs
+    n_shared = max(test_images, MIN_TEST_IMAGES, round(sessions * trials_per_session / 3 / 10))
     key = json.dumps([sessions, trials_per_session, n_shared])
     if not marker.exists() or marker.read_text() != key:
         if nsd_root.exists():
