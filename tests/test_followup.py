@@ -160,14 +160,23 @@ def followup_world(decoding_world, tmp_path_factory):
 
 
 def test_blip_and_dpt_are_stored_with_their_own_models_and_decoded_at_a_reduced_rank(followup_world):
+    from safetensors import safe_open
+
     from brainldm.data.features import FeatureStore
     from brainldm.decoding.maps import SubjectMaps
 
     root, features = followup_world
     blip = FeatureStore(features, "blip")
-    assert blip.config == {"model_id": "tiny", "feature": "blip", "image_size": 240}
+    assert blip.config == {"model_id": "tiny", "feature": "blip", "image_size": 240, "dtype": "float16"}
     assert blip.feature_shape == (226, 32)  # 15 x 15 patches and the class token, at the reference code's 240 px
-    assert FeatureStore(features, "dpt").feature_shape == (4, 17, 32)
+    dpt = FeatureStore(features, "dpt")
+    assert dpt.feature_shape == (4, 17, 32)
+    # the wide targets are kept in half precision (DPT's: 47 GB for NSD's 10,000 pictures) and read as float32
+    shard = next(dpt.folder.glob("shard-*.safetensors"))
+    with safe_open(str(shard), framework="numpy") as f:
+        assert f.get_slice("features").get_dtype() == "F16"
+    ids = sorted(dpt.index)[:3]
+    assert dpt.load(ids).dtype == np.float32 and np.abs(dpt.load(ids)).max() > 0
     maps = SubjectMaps.from_pretrained(root / "maps")
     assert maps.config.targets["blip"].rank == 8 and maps.config.targets["blip"].roi == STREAMS6
     assert maps.config.targets["dpt"].model_id == "tiny" and maps.config.targets["z"].model_id is None

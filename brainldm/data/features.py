@@ -123,7 +123,8 @@ class FeatureStore:
     Each shard holds ``nsd_id`` (n,) and ``features`` (n, ...); ``config.json`` records how they were computed,
     so a store is never silently extended with features of another model or setting. Shards are written to a
     temporary name and renamed, so a killed run leaves only whole shards, and a rerun computes only what is missing.
-    Images are keys, not subjects: one store serves every subject who saw them.
+    Images are keys, not subjects: one store serves every subject who saw them. Features are stored as float32, or
+    as float16 where the config says ``"dtype": "float16"``; they are read as float32 either way.
 
     ``part``: the process number when several processes fill the store at once; each writes ``partK-*`` files of
     its own (read like shards), and :meth:`merge_parts` renames them into shards once all have finished.
@@ -183,7 +184,7 @@ class FeatureStore:
         path = self.folder / f"{prefix}-{self._next(prefix):05d}.safetensors"
         tensors = {
             "nsd_id": np.asarray(nsd_ids, dtype=np.int64),
-            "features": np.ascontiguousarray(np.asarray(features, dtype=np.float32)),
+            "features": np.ascontiguousarray(np.asarray(features, dtype=self.config.get("dtype", "float32"))),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"feature": self.name})

@@ -73,8 +73,10 @@ def extract_features(
 
     def config_of(spec: FeatureSpec) -> dict:
         """How the features are computed, as the store records it."""
-        if spec.kind in AUXILIARY:
-            return dict(auxiliary[spec.kind][0], feature=spec.name)
+        if (
+            spec.kind in AUXILIARY
+        ):  # wide targets, kept in half precision: DPT's are 4.7 MB a picture so, 47 GB a subject
+            return dict(auxiliary[spec.kind][0], feature=spec.name, dtype="float16")
         config = dict(common, feature=spec.name)
         if spec.kind in ("zc", "unet"):
             config.update(run, strength=spec.strength)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from brainldm.analysis.encoding import MIN_TEST_IMAGES
-from brainldm.analysis.evaluate import CLIP_L14_VISION, CLIP_MODEL, TORCHVISION_METRICS, check_torchvision
+from brainldm.analysis.evaluate import CLIP_L14_VISION, CLIP_MODEL, METRICS, TORCHVISION_METRICS, check_torchvision
 from brainldm.analysis.reconstructions import load_trial_images
 from brainldm.data import nsd
 from brainldm.data.features import FeatureStore
@@ -434,11 +434,12 @@ def rehearse(
                           "--subject", "1", "--names", "z", "--roi-voxels", "--out", str(encoding)],
              (encoding,)),
         ]  # fmt: skip
+        notes = {}
         try:
             check_torchvision(TORCHVISION_METRICS)
         except InputError as err:
-            plan[4][1].extend(["--metrics", "pixcorr,ssim,clip"])
-            echo(f"evaluate: AlexNet(2), AlexNet(5), Inception, EffNet-B and SwAV skipped: {err}")
+            plan[4][1].extend(["--metrics", ",".join(m for m in METRICS if m not in TORCHVISION_METRICS)])
+            notes["evaluate"] = f"  AlexNet(2), AlexNet(5), Inception, EffNet-B and SwAV skipped: {err}"
 
         for name, command, outputs in plan:
             if name in skipped:
@@ -446,6 +447,8 @@ def rehearse(
                 continue
             step = Step(name, python + command)
             echo(f"[{name}] {' '.join(Path(c).name if c.startswith(str(scripts)) else c for c in command)}")
+            if name in notes:
+                echo(notes[name])
             bucket.reset()
             before = folder_bytes(*outputs)
             step.wall_s, step.peak_rss_gb, step.gpu_peak_gb, _ = run_process(step.command, env, logs / f"{name}.log")
@@ -491,10 +494,14 @@ def _shapes(name, out, data, features, maps_dir, recon, metrics, encoding, test_
     if name == "reconstruct":
         return reconstruction_shapes(recon, test_images)
     if name == "evaluate":
-        found = sorted(p.name for p in metrics.iterdir())
-        if not found:
-            raise StepFailed(f"evaluate wrote nothing in {metrics}")
-        return {"files": ", ".join(found)}
+        scored = json.loads((metrics / "metrics.json").read_text())["subjects"][subject_name(1)]
+        names = {tuple(sorted(values)) for values in scored.values()}
+        if set(scored) != set(KINDS) or len(names) != 1:
+            raise StepFailed(f"{metrics / 'metrics.json'} scores {sorted(scored)}, not each of {KINDS} alike")
+        missing = [f"{kind} {m}" for kind, values in scored.items() for m, v in values.items() if v is None]
+        if missing:
+            raise StepFailed(f"{metrics / 'metrics.json'} has no value for {', '.join(missing)}")
+        return {"kinds": ", ".join(scored), "metrics": ", ".join(names.pop())}
     return {"files": ", ".join(sorted(p.name for p in encoding.rglob("*") if p.is_file())[:6])}
 
 
