@@ -8,7 +8,7 @@ architecture with seeded random weights, every step of the real pipeline run thr
 reconstruction through its API), each in its own process. Only the model ids differ from a real run (``random-sd14``,
 ``random-blip``, ``random-dpt-large``, ``random-sd2-depth``; ``evaluate`` scores them with random-weight networks).
 
-Each step is measured from outside (wall time, the process's peak RSS from ``wait4``, GPU memory from ``nvidia-smi``
+Each step is measured from outside (wall time, the process's own peak RSS, GPU memory from ``nvidia-smi``
 where there is one, bytes fetched from the bucket and written to disk) and what it wrote is checked against the
 shapes the real models give (:data:`REAL_SHAPES`): a step that fails or writes another shape stops the rehearsal.
 :func:`needs_table` then says what the real run needs: checkpoints, disk per subject and GPU memory.
@@ -42,6 +42,7 @@ from brainldm.decoding.maps import SubjectMaps
 from brainldm.ldm.captioner import BLIP_MODEL, random_blip_captioner
 from brainldm.ldm.depth import DPT_MODEL, random_dpt_large, states_shape
 from brainldm.ldm.loading import DEPTH_MODEL, random_sd2_depth_ldm, random_sd14_ldm
+from brainldm.ldm.reconstruct import KINDS
 from brainldm.offline.bucket import FolderS3
 from brainldm.offline.synthetic import write_nsd_tree
 from brainldm.paths import subject_name
@@ -61,7 +62,6 @@ REAL_SHAPES = {
     "dpt": (4, 577, 1024),  # DPT-large at 384 px: 4 hooked layers of 24 x 24 patches and a class token, of 1024
     "reconstruction": (512, 512, 3),  # SD-1.4's output at 512 px
 }
-KINDS = ("Xz", "Xc", "Xzc", "Xzt", "Xztd")
 STEPS = ("prepare", "features", "fit", "reconstruct", "evaluate", "encoding", "app")
 # A real subject (subj01), for the disk figures: 37 sessions of 750 trials (the paper's), 10,000 pictures of which
 # 982 are test pictures (the shared ones seen in those sessions)
@@ -133,7 +133,8 @@ def folder_bytes(*folders: Path) -> int:
 
 
 class GPUWatch:
-    """Polls ``nvidia-smi`` for the most GPU memory one process tree held (None without an NVIDIA GPU)."""
+    """Polls ``nvidia-smi`` for the most GPU memory in use above what was in use when the step started (steps run one
+    at a time); None without an NVIDIA GPU."""
 
     def __init__(self, interval_s: float = 0.2):
         self.interval = interval_s
@@ -148,7 +149,7 @@ class GPUWatch:
         return sum(float(line) for line in out.stdout.split() if line.strip().replace(".", "").isdigit())
 
     def _poll(self) -> None:
-        baseline = self._used_mib()  # what others held before the step (the whole GPU: steps run one at a time)
+        baseline = self._used_mib()
         while not self._stop.wait(self.interval):
             self.peak_mib = max(self.peak_mib, self._used_mib() - baseline)
 
@@ -289,7 +290,7 @@ def checkpoints() -> list[tuple[str, str, int]]:
         (DPT_MODEL, "dpt features, decoded depth", _count(dpt)),
         (DEPTH_MODEL, "Xztd (VAE, OpenCLIP-H text, 5-channel U-Net)",
          sum(_count(m) for m in (depth.vae, depth.text_encoder, depth.unet))),
-        (CLIP_MODEL, "CLIP metric (vision tower)", _count(clip)),
+        (CLIP_MODEL, "CLIP metric (the vision tower; the file also holds the text tower: 1.7 GB)", _count(clip)),
     ]  # fmt: skip
     try:
         check_torchvision(TORCHVISION_METRICS)
@@ -314,22 +315,29 @@ STEP_MODELS = {  # which checkpoints each step holds on the GPU
 }  # fmt: skip
 
 
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
+
+
 def needs_table(steps: list[Step], sizes: dict, checkpoint_rows: list[tuple[str, str, int]]) -> str:
     """What the real run needs, as markdown: checkpoints (fp32 download), disk per subject (measured per trial and per
     picture, scaled to a real subject) and each step's GPU memory in fp16 (parameters, and the measured peak)."""
     params = {row[0]: row[2] for row in checkpoint_rows}
-    lines = ["| checkpoint | used for | parameters | download (fp32) |", "|---|---|---:|---:|"]
-    lines += [f"| {cid} | {what} | {n / 1e6:,.0f} M | {4 * n / 1e9:.2f} GB |" for cid, what, n in checkpoint_rows]
-    lines += [f"| all | | {sum(params.values()) / 1e6:,.0f} M | {4 * sum(params.values()) / 1e9:.1f} GB |", ""]
-    lines += ["| disk per subject (NSD subj01: 27,750 trials, 10,000 pictures) | rehearsal | real subject |",
+    lines = ["| checkpoint | used for | parameters | fp32 (parameters x 4 B) |", "|---|---|---:|---:|"]
+    lines += [f"| {cid} | {what} | {n / 1e6:,.0f} M | {_size(4 * n)} |" for cid, what, n in checkpoint_rows]
+    lines += [f"| all | | {sum(params.values()) / 1e6:,.0f} M | {_size(4 * sum(params.values()))} |", ""]
+    lines += ["| disk per subject | rehearsal | a real subject (subj01: 27,750 trials, 10,000 pictures) |",
               "|---|---:|---:|"]  # fmt: skip
-    for name, (measured, real) in sizes.items():
-        lines.append(f"| {name} | {measured / 1e9:.2f} GB | {real / 1e9:.1f} GB |")
-    lines += ["", "| step | fp16 parameters | GPU peak measured | CPU peak RSS |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {_size(measured)} | {_size(real)} |" for name, (measured, real) in sizes.items()]
+    lines += [
+        "",
+        "| step | fp16 parameters on the GPU | GPU peak measured | CPU peak RSS (fp32) |",
+        "|---|---:|---:|---:|",
+    ]
     for step in steps:
         held = sum(params.get(cid, 0) for cid in STEP_MODELS.get(step.name, ()))
-        gpu = "no GPU" if step.gpu_peak_gb is None else f"{step.gpu_peak_gb:.1f} GB"
-        lines.append(f"| {step.name} | {2 * held / 1e9:.2f} GB | {gpu} | {step.peak_rss_gb:.1f} GB |")
+        gpu = "no GPU here" if step.gpu_peak_gb is None else f"{step.gpu_peak_gb:.1f} GB"
+        lines.append(f"| {step.name} | {_size(2 * held) if held else '-'} | {gpu} | {step.peak_rss_gb:.1f} GB |")
     return "\n".join(lines)
 
 
@@ -472,14 +480,14 @@ def rehearse(
     n_pictures = len(FeatureStore(features, "z").index)
     per_trial = folder_bytes(data) / (n_train + n_test)
     sizes = {
-        "trials dataset": (folder_bytes(data), per_trial * (NSD_SUBJECT["train_trials"] + NSD_SUBJECT["test_images"])),
-        "features z, c, blip, dpt": (
-            folder_bytes(features),
-            folder_bytes(features) / n_pictures * NSD_SUBJECT["pictures"],
-        ),
-        "maps (z, c, blip, dpt)": (folder_bytes(maps_dir), folder_bytes(maps_dir)),
-        "reconstructions, per test image": (folder_bytes(recon) / test_images, folder_bytes(recon) / test_images),
+        "trials dataset": (folder_bytes(data), per_trial * (NSD_SUBJECT["train_trials"] + NSD_SUBJECT["test_images"]))
     }
+    for name in ("z", "c", "blip", "dpt"):
+        stored = folder_bytes(features / name)
+        sizes[f"features {name}"] = (stored, stored / n_pictures * NSD_SUBJECT["pictures"])
+    sizes["maps (z, c, blip, dpt; c dense)"] = (folder_bytes(maps_dir), folder_bytes(maps_dir))
+    per_image = folder_bytes(recon / subject_name(1)) / test_images
+    sizes["reconstructions (1 sample a test image)"] = (per_image * test_images, per_image * NSD_SUBJECT["test_images"])
     return steps_done, needs_table(steps_done, sizes, checkpoints())
 
 
