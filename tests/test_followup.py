@@ -113,8 +113,9 @@ def test_a_reduced_rank_map_fitted_a_block_at_a_time_is_the_dense_maps_reduction
 
 def test_dpt_targets_are_read_in_blocks_whose_weights_fit_as_well_as_the_targets(tmp_path):
     """Found by the rehearsal: a subject with 27 training trials and NSD's 16,188 voxels read DPT's 2.4 million targets
-    in one block (27 x 2.4M values fit 1 GiB), whose ridge weights (16,188 x 2.4M) took 150 GB. Blocks are sized by
-    the larger of images and voxels."""
+    in one block (27 x 2.4M values fit 1 GiB), whose ridge weights (16,188 x 2.4M) took 150 GB. Where weights are
+    formed, blocks are sized by the larger of images and voxels (a reduced-rank map with fewer trials than voxels now
+    forms none: see the trial-space test above)."""
     from brainldm.data.features import FeatureStore
     from brainldm.decoding.fit import block_values
 
