@@ -316,7 +316,9 @@ STEP_MODELS = {  # which checkpoints each step holds on the GPU
 
 
 def _size(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.1f} GB"
+    return f"{n_bytes / 1e6:.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
 
 
 def needs_table(steps: list[Step], sizes: dict, checkpoint_rows: list[tuple[str, str, int]]) -> str:
@@ -518,7 +520,7 @@ def describe(step: Step) -> str:
     shapes = "; ".join(f"{k} {v}" for k, v in step.shapes.items())
     return (
         f"  {step.name}: {step.wall_s:.0f} s, peak RSS {step.peak_rss_gb:.1f} GB{gpu}, fetched "
-        f"{step.fetched_bytes / 2**20:.0f} MiB, wrote {step.written_bytes / 2**20:.0f} MiB; {shapes}"
+        f"{_size(step.fetched_bytes)}, wrote {_size(step.written_bytes)}; {shapes}"
     )
 
 
@@ -528,7 +530,7 @@ def steps_table(steps: list[Step]) -> str:
         gpu = "—" if s.gpu_peak_gb is None else f"{s.gpu_peak_gb:.1f} GB"
         shapes = "; ".join(f"{k} {v}" for k, v in s.shapes.items())
         lines.append(
-            f"| {s.name} | {s.wall_s:.0f} s | {s.peak_rss_gb:.1f} GB | {gpu} | {s.fetched_bytes / 2**20:,.0f} MiB | "
-            f"{s.written_bytes / 2**20:,.0f} MiB | {shapes} |"
+            f"| {s.name} | {s.wall_s:.0f} s | {s.peak_rss_gb:.1f} GB | {gpu} | {_size(s.fetched_bytes)} | "
+            f"{_size(s.written_bytes)} | {shapes} |"
         )
     return "\n".join(lines)
