@@ -11,8 +11,8 @@ weights (random-sd14, random-blip, random-dpt-large, random-sd2-depth; evaluate 
 Prints, step by step, wall time, peak memory (RSS; GPU where nvidia-smi is), bytes fetched and written and the shapes
 written, and stops at the first step that fails or writes another shape than the real models give. Then the table of
 what the real run needs: checkpoints, disk per subject, GPU memory per step. With --report, also writes both tables.
-The data are written once into --work and reused. On a 2-core CPU the defaults take hours (the DPT fit's
-cross-validation, 2.4 million targets a picture); --sessions 1 --trials-per-session 30 --steps 2 --strength 0.5 (the
+The data are written once into --work and reused. On a 2-core CPU the defaults take well over an hour (the DPT
+fit's cross-validation, 2.4 million targets a picture); --sessions 1 --trials-per-session 30 --steps 2 --strength 0.5 (the
 suite's size: full grid, full models, 10 pictures) takes about 8 minutes.
 """
 
