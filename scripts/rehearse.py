@@ -12,8 +12,8 @@ Prints, step by step, wall time, peak memory (RSS; GPU where nvidia-smi is), byt
 written, and stops at the first step that fails or writes another shape than the real models give. Then the table of
 what the real run needs: checkpoints, disk per subject, GPU memory per step. With --report, also writes both tables.
 The data are written once into --work and reused. On a 2-core CPU the defaults take well over an hour (the DPT
-fit's cross-validation, 2.4 million targets a picture); --sessions 1 --trials-per-session 30 --steps 2 --strength 0.5 (the
-suite's size: full grid, full models, 10 pictures) takes about 8 minutes.
+fit's cross-validation, 2.4 million targets a picture); --sessions 1 --trials-per-session 30 --steps 2
+--strength 0.5 (the suite's size: full grid, full models, 10 pictures) takes about 8 minutes.
 """
 
 from __future__ import annotations
