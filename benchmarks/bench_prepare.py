@@ -17,8 +17,9 @@ from pathlib import Path
 
 def _prepare(tree: str, out: str) -> None:
     from brainldm.data.trials import prepare_subject
+    from brainldm.offline.synthetic import COCO_PATH, default_coco_root
 
-    prepare_subject(tree, 1, out, overwrite=True)
+    prepare_subject(tree, 1, out, overwrite=True, coco_annotations=default_coco_root(tree) / COCO_PATH)
 
 
 def main(argv: list[str] | None = None) -> None:

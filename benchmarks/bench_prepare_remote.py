@@ -25,28 +25,30 @@ REAL = {  # a real subject (subj01), for the extrapolation
     "sessions": 40,
     "pictures": 10_000,
     "session_bytes": 81 * 104 * 83 * 750 * 2,  # int16 betas of one func1pt8mm session
-    # whole files fetched once: the COCO caption JSONs (train 91.9 MB + val 3.9 MB), stim info, design, 2 ROIs
+    # whole files fetched once: stim info, design, 2 ROIs; and from COCO's site, not NSD's bucket, the two caption
+    # members of its archive (at most their unpacked 91.9 MB + 3.9 MB: fewer bytes as fetched, compressed)
     "small_bytes": 91.9e6 + 3.9e6 + 16e6 + 1e6 + 2e6,
     "download_first": 77e9,  # ~40 GB of betas + the 37 GB stimuli file
 }
 
 
-def _prepare(root: str, out: str, cache: str, endpoint: str | None, peak) -> None:
+def _prepare(root: str, out: str, cache: str, endpoint: str | None, peak, coco: str) -> None:
     if endpoint:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     from brainldm.data.trials import prepare_subject
 
-    prepare_subject(root, 1, out, overwrite=True, cache_dir=cache, progress=False)
+    prepare_subject(root, 1, out, overwrite=True, cache_dir=cache, progress=False, coco_annotations=coco)
     peak.value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the child's own, after exec
 
 
-def run_child(root: str, out: Path, cache: Path, endpoint: str | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of preparing subject 1 in a fresh process."""
+def run_child(root: str, out: Path, cache: Path, coco: Path, endpoint: str | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS GB) of preparing subject 1 in a fresh process, captions from the local ``coco``
+    archive (what is measured here is what comes from NSD's bucket)."""
     context = multiprocessing.get_context("spawn")
     peak = context.Value("d", 0.0)
     start = time.perf_counter()
-    child = context.Process(target=_prepare, args=(root, str(out), str(cache), endpoint, peak))
+    child = context.Process(target=_prepare, args=(root, str(out), str(cache), endpoint, peak, str(coco)))
     child.start()
     child.join()
     if child.exitcode != 0:
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     from brainldm.data.readers import nsd_voxel_table
     from brainldm.offline.bucket import FolderS3
     from brainldm.offline.rehearsal import write_full_size_subject
+    from brainldm.offline.synthetic import COCO_PATH, default_coco_root
 
     tree = Path(args.tree or tempfile.mkdtemp(prefix="bench-nsd-remote-"))
     if not nsd.betas_path(tree, 1, args.sessions, ".hdf5").exists():
@@ -86,12 +89,13 @@ def main(argv: list[str] | None = None) -> None:
         write_full_size_subject(tree, args.sessions, n_shared=100, thickness=args.cortex_thickness)
         print(f"wrote the synthetic subject to {tree} in {time.perf_counter() - start:.0f} s")
     work = Path(tempfile.mkdtemp(prefix="bench-remote-out-"))
+    coco = default_coco_root(tree) / COCO_PATH
     n_voxels = len(nsd_voxel_table(tree, 1).ijk)
 
     with FolderS3(tree, "natural-scenes-dataset", latency_ms=args.latency_ms) as s3:
-        wall, peak = run_child("s3://natural-scenes-dataset", work / "remote", work / "cache", s3.url)
+        wall, peak = run_child("s3://natural-scenes-dataset", work / "remote", work / "cache", coco, s3.url)
         sent, requests = dict(s3.bytes_sent), dict(s3.requests)
-    local_wall, _ = run_child(str(tree), work / "local", work / "cache")
+    local_wall, _ = run_child(str(tree), work / "local", work / "cache", coco)
     identical = same_files(work / "remote", work / "local")
 
     session_keys = [nsd.betas_file(1, s, ".hdf5") for s in range(1, args.sessions + 1)]

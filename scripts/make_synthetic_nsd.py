@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"wrote a synthetic NSD tree to {tree.root} ({len(tree.subjects)} subject(s), {tree.n_sessions} sessions "
-        f"x {tree.trials_per_session} trials, {tree.n_images} images) in {time.perf_counter() - start:.1f} s"
+        f"x {tree.trials_per_session} trials, {tree.n_images} images) in {time.perf_counter() - start:.1f} s; COCO's "
+        f"captions apart, as COCO ships them: {tree.coco_archive} (pass it to prepare_nsd.py --coco-annotations)"
     )
 
 

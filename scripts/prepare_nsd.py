@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Prepare one NSD subject as a Hugging Face `datasets` dataset (train/test Parquet shards + voxel table).
 
-Reads the raw NSD layout (betas, experiment design, stimuli, COCO captions, ROIs) one session at a time, resumes a
-killed run, and optionally pushes the subject to a Hub dataset repo (one config per subject).
+Reads the raw NSD layout (betas, experiment design, stimuli, ROIs) one session at a time, and the pictures' COCO
+captions, resumes a killed run, and optionally pushes the subject to a Hub dataset repo (one config per subject).
 
 --nsd-root is a local NSD folder, or NSD's public bucket s3://natural-scenes-dataset (or any fsspec URL): then only
 what the subject needs is fetched (its voxels' bytes of each session's HDF5 betas, the pictures it saw, the small
-files), read anonymously unless AWS credentials are configured, and kept in --cache-dir. You must agree to NSD's
-terms of use (https://naturalscenesdataset.org) before using its data.
+files), read anonymously unless AWS credentials are configured, and kept in --cache-dir.
+
+COCO's captions are not in NSD's bucket: they come from COCO's own annotations archive (--coco-annotations; by default
+the JSONs where nsd_access unpacks them in a local NSD root, else COCO's site, from which only the two caption
+members' bytes are fetched, once). You must agree to NSD's terms of use (https://naturalscenesdataset.org) before
+using its data.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 
 from brainldm import cli
 from brainldm.cards import NSD_CLAUSE_3
+from brainldm.data.coco import ARCHIVE_NAME, COCO_ANNOTATIONS_URL, NSD_ANNOTATIONS
 
 
 def sessions_argument(text: str) -> int | list[int]:
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         "--cache-dir", help="where files fetched from a URL are kept (default: $BRAINLDM_CACHE or ~/.cache/brainldm)"
     )
     parser.add_argument(
+        "--coco-annotations",
+        metavar="SOURCE",
+        help="where COCO's captions come from: a folder holding captions_train2017.json and captions_val2017.json, a "
+        f"local copy of {ARCHIVE_NAME}, or its URL (a mirror); default: NSD_ROOT/{NSD_ANNOTATIONS} if it holds them, "
+        f"else {COCO_ANNOTATIONS_URL}",
+    )
+    parser.add_argument(
         "--push", metavar="REPO_ID", help="upload to this Hub dataset repo when done (created private: see --public)"
     )
     parser.add_argument(
@@ -67,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    from brainldm.data.coco import CocoCaptions
     from brainldm.data.storage import Storage
     from brainldm.data.trials import prepare_subject, push_to_hub
 
     nsd_root = Storage(args.nsd_root, cache_dir=args.cache_dir, progress=True)
+    captions = CocoCaptions.for_nsd(nsd_root, args.coco_annotations, cache_dir=args.cache_dir, progress=True)
     folder = prepare_subject(
         nsd_root,
         args.subject,
@@ -79,10 +93,14 @@ def main(argv: list[str] | None = None) -> None:
         zscore=not args.no_zscore,
         overwrite=args.overwrite,
         whole_brain=args.whole_brain,
+        coco_annotations=captions,
     )
     print(f"wrote {folder}")
-    if nsd_root.remote:
-        print(f"fetched {nsd_root.bytes_fetched / 2**20:,.1f} MiB in {nsd_root.requests:,} requests from {nsd_root}")
+    for source in (nsd_root, captions):
+        if source.remote:
+            print(f"fetched {source.bytes_fetched / 2**20:,.1f} MiB in {source.requests:,} requests from {source}")
+    if not captions.remote:
+        print(f"captions read from {captions}")
     if args.push:
         url = push_to_hub(args.out, args.subject, args.push, public=args.public, whole_brain=args.whole_brain)
         print(f"pushed to {url}")

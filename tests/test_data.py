@@ -3,6 +3,7 @@
 import gzip
 import json
 import shutil
+import zipfile
 
 import datasets
 import h5py
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from brainldm.data import nsd
+from brainldm.data import coco, nsd
 from brainldm.data import trials as data
 from brainldm.data.trials import load_trials, load_voxels, prepare_subject
 from brainldm.offline.synthetic import write_nsd_tree
@@ -34,7 +35,7 @@ def _expected_betas(tree, subject, ijk, sessions, zscore=True):
 @pytest.fixture(scope="module")
 def prepared(nsd_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("trials")
-    prepare_subject(nsd_tree.root, 2, out, progress=False)
+    prepare_subject(nsd_tree.root, 2, out, progress=False, coco_annotations=nsd_tree.coco_archive)
     return out
 
 
@@ -79,7 +80,7 @@ def test_a_dataset_prepared_before_the_sessions_column_still_loads(prepared, tmp
 
 
 def test_fewer_sessions_give_partial_repetitions(nsd_tree, tmp_path):
-    prepare_subject(nsd_tree.root, 1, tmp_path, sessions=1, progress=False)
+    prepare_subject(nsd_tree.root, 1, tmp_path, sessions=1, progress=False, coco_annotations=nsd_tree.coco_archive)
     test = load_trials(tmp_path, 1, "test")
     first = nsd_tree.trial_images[1][: nsd_tree.trials_per_session]
     counts = {i: int((first == i).sum()) for i in nsd_tree.shared if (first == i).any()}
@@ -125,8 +126,8 @@ def test_zscore_is_per_session_and_a_dead_voxel_gives_zero(tmp_path, tiny):
     dead = tree.voxels[1]["early"][0]
     values[tuple(dead)] = 123  # constant within session 2
     nib.save(nib.Nifti1Image(values, image.affine), path)
-    prepare_subject(tree.root, 1, tmp_path / "z", progress=False)
-    prepare_subject(tree.root, 1, tmp_path / "raw", zscore=False, progress=False)
+    prepare_subject(tree.root, 1, tmp_path / "z", progress=False, coco_annotations=tree.coco_archive)
+    prepare_subject(tree.root, 1, tmp_path / "raw", zscore=False, progress=False, coco_annotations=tree.coco_archive)
     voxels = load_voxels(tmp_path / "z", 1)
     column = int(np.flatnonzero((voxels.ijk == dead).all(1))[0])
     train = load_trials(tmp_path / "z", 1, "train").with_format("numpy")
@@ -141,14 +142,21 @@ def test_zscore_is_per_session_and_a_dead_voxel_gives_zero(tmp_path, tiny):
     np.testing.assert_allclose(z, full[rows], atol=1e-5)
 
 
+def _copy_as_a_user_has_it(nsd_tree, copy):
+    """A local copy of the tree with COCO's captions where nsd_access unpacks COCO's archive, as users have them."""
+    shutil.copytree(nsd_tree.root, copy)
+    with zipfile.ZipFile(nsd_tree.coco_archive) as archive:
+        archive.extractall(copy / coco.NSD_ANNOTATIONS.rsplit("/", 1)[0])
+
+
 def test_hdf5_twin_gives_the_same_betas(tmp_path, tiny, nsd_tree):
     # nsd_tree has .hdf5 twins; remove them in a copy and compare
     copy = tmp_path / "nsd"
-    shutil.copytree(nsd_tree.root, copy)
+    _copy_as_a_user_has_it(nsd_tree, copy)
     for path in copy.rglob("betas_session*.hdf5"):
         path.unlink()
     prepare_subject(copy, 1, tmp_path / "nii", progress=False)
-    prepare_subject(nsd_tree.root, 1, tmp_path / "h5", progress=False)
+    prepare_subject(nsd_tree.root, 1, tmp_path / "h5", progress=False, coco_annotations=nsd_tree.coco_archive)
     a = np.asarray(load_trials(tmp_path / "nii", 1, "train").with_format("numpy")["betas"])
     b = np.asarray(load_trials(tmp_path / "h5", 1, "train").with_format("numpy")["betas"])
     np.testing.assert_array_equal(a, b)
@@ -166,17 +174,17 @@ def test_killed_run_resumes_without_redoing_finished_sessions(nsd_tree, tmp_path
 
     monkeypatch.setattr(nsd, "read_betas", dying_read)
     with pytest.raises(KeyboardInterrupt):
-        prepare_subject(nsd_tree.root, 1, tmp_path, progress=False)
+        prepare_subject(nsd_tree.root, 1, tmp_path, progress=False, coco_annotations=nsd_tree.coco_archive)
     assert not (tmp_path / "subj01").exists()  # the subject folder appears only when complete
 
     calls.clear()
     monkeypatch.setattr(nsd, "read_betas", lambda *a: (calls.append(a[2]), real_read(*a))[1])
-    prepare_subject(nsd_tree.root, 1, tmp_path, progress=False)
+    prepare_subject(nsd_tree.root, 1, tmp_path, progress=False, coco_annotations=nsd_tree.coco_archive)
     assert calls == [3]
     assert (tmp_path / "subj01" / "info.json").exists()
     assert not list(tmp_path.glob(".subj01*"))
     with pytest.raises(InputError, match="already exists"):
-        prepare_subject(nsd_tree.root, 1, tmp_path, progress=False)
+        prepare_subject(nsd_tree.root, 1, tmp_path, progress=False, coco_annotations=nsd_tree.coco_archive)
 
 
 # --- bad input: one clear error, nothing left behind ----------------------------------------------------------
@@ -185,7 +193,7 @@ def test_killed_run_resumes_without_redoing_finished_sessions(nsd_tree, tmp_path
 @pytest.fixture
 def broken_copy(nsd_tree, tmp_path):
     copy = tmp_path / "nsd"
-    shutil.copytree(nsd_tree.root, copy)
+    _copy_as_a_user_has_it(nsd_tree, copy)
     for path in copy.rglob("betas_session*.hdf5"):
         path.unlink()
     return copy
@@ -213,7 +221,7 @@ def test_missing_nsd_root(tmp_path):
         ("nsddata/experiments/nsd/nsd_expdesign.mat", "missing NSD experiment design"),
         ("nsddata/experiments/nsd/nsd_stim_info_merged.csv", "missing NSD stimulus info"),
         ("nsddata/ppdata/subj01/func1pt8mm/roi/streams.nii.gz", "missing subj01 streams ROI"),
-        ("nsddata_stimuli/stimuli/nsd/annotations/captions_val2017.json", "missing COCO val2017 captions"),
+        ("nsddata_stimuli/stimuli/nsd/annotations/captions_val2017.json", "annotations holds no captions_val2017.json"),
     ],
 )
 def test_missing_file_is_named(broken_copy, tmp_path, relative, match):
@@ -250,7 +258,7 @@ def test_corrupt_gzip_nifti(broken_copy, tmp_path):
 
 def test_truncated_hdf5(nsd_tree, tmp_path):
     copy = tmp_path / "nsd"
-    shutil.copytree(nsd_tree.root, copy)
+    _copy_as_a_user_has_it(nsd_tree, copy)
     _truncate(nsd.betas_path(copy, 1, 1, ".hdf5"))
     _assert_fails(copy, tmp_path, "betas_session01.hdf5.*truncated or corrupt")
 
@@ -258,8 +266,8 @@ def test_truncated_hdf5(nsd_tree, tmp_path):
 def test_captions_missing_for_a_coco_id(broken_copy, tmp_path, nsd_tree):
     info = pd.read_csv(nsd.stim_info_path(broken_copy), index_col=0)
     victim = int(info.cocoId[nsd_tree.trial_images[1][0]])  # an image subject 1 saw
-    for split in nsd.COCO_SPLITS:
-        path = nsd.captions_path(broken_copy, split)
+    for split in coco.COCO_SPLITS:
+        path = broken_copy / coco.NSD_ANNOTATIONS / coco.caption_name(split)
         document = json.loads(path.read_text())
         document["annotations"] = [a for a in document["annotations"] if a["image_id"] != victim]
         path.write_text(json.dumps(document))
@@ -267,8 +275,8 @@ def test_captions_missing_for_a_coco_id(broken_copy, tmp_path, nsd_tree):
 
 
 def test_dataset_card_lists_every_subject(nsd_tree, tmp_path):
-    prepare_subject(nsd_tree.root, 1, tmp_path, sessions=2, progress=False)
-    prepare_subject(nsd_tree.root, 2, tmp_path, progress=False, zscore=False)
+    prepare_subject(nsd_tree.root, 1, tmp_path, sessions=2, progress=False, coco_annotations=nsd_tree.coco_archive)
+    prepare_subject(nsd_tree.root, 2, tmp_path, progress=False, zscore=False, coco_annotations=nsd_tree.coco_archive)
     card = (tmp_path / "README.md").read_text()
     assert "config_name: subj01" in card and "config_name: subj02" in card
     assert "NSD Terms and Conditions" in card
@@ -315,7 +323,7 @@ def test_unknown_source_explains_offline_mode():
 )
 def test_trial_to_image_mapping_on_other_tree_shapes(tmp_path, tiny, shape):
     tree = write_nsd_tree(tmp_path / "nsd", subjects=(3,), ldm=tiny, seed=7, **shape)
-    prepare_subject(tree.root, 3, tmp_path / "out", progress=False)
+    prepare_subject(tree.root, 3, tmp_path / "out", progress=False, coco_annotations=tree.coco_archive)
     train, test = load_trials(tmp_path / "out", 3, "train"), load_trials(tmp_path / "out", 3, "test")
     images = tree.trial_images[3]
     for split in (train, test):
@@ -345,7 +353,7 @@ def _cut_session(root, subject, session, keep, formats=(".nii.gz", ".hdf5")):
 @pytest.mark.parametrize("betas", ["hdf5", "nifti"])
 def test_a_session_with_fewer_trials_than_the_design_is_an_error_naming_it(nsd_tree, tmp_path, session, betas):
     copy = tmp_path / "nsd"
-    shutil.copytree(nsd_tree.root, copy)
+    _copy_as_a_user_has_it(nsd_tree, copy)
     if betas == "nifti":
         for path in copy.rglob("betas_session*.hdf5"):
             path.unlink()
@@ -359,7 +367,9 @@ def test_a_session_with_fewer_trials_than_the_design_is_an_error_naming_it(nsd_t
 
 def test_sessions_out_of_order_or_missing_keep_the_designs_trial_numbers(nsd_tree, prepared, tmp_path):
     """Sessions 3 and 1 (2 withheld, as NSD withholds some): each trial keeps its number, image and betas."""
-    subset = prepare_subject(nsd_tree.root, 2, tmp_path / "subset", sessions=[3, 1], progress=False)
+    subset = prepare_subject(
+        nsd_tree.root, 2, tmp_path / "subset", sessions=[3, 1], progress=False, coco_annotations=nsd_tree.coco_archive
+    )
     full = load_trials(prepared, 2, "train").with_format("numpy")
     by_trial = {int(t[0]): i for i, t in enumerate(full["trials"])}
     part = load_trials(subset.parent, 2, "train").with_format("numpy")
@@ -378,7 +388,7 @@ def test_stim_info_that_misplaces_a_trial_is_caught_by_the_cross_check(nsd_tree,
     """Two trials' numbers swapped between their images in nsd_stim_info_merged.csv: the design and the file disagree
     on both, whichever direction is compared first."""
     copy = tmp_path / "nsd"
-    shutil.copytree(nsd_tree.root, copy)
+    _copy_as_a_user_has_it(nsd_tree, copy)
     info = pd.read_csv(nsd.stim_info_path(copy), index_col=0)
     images = nsd_tree.trial_images[1]
     a, b = 5, 1 + int(np.flatnonzero(images != images[4])[-1])  # 1-based trial numbers of two different images

@@ -18,7 +18,14 @@ from brainldm.validation import InputError
 @pytest.fixture(scope="module")
 def encoded(decoding_world, tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("encoding")
-    prepare_subject(decoding_world.tree.root, 1, root / "trials", whole_brain=True, progress=False)
+    prepare_subject(
+        decoding_world.tree.root,
+        1,
+        root / "trials",
+        whole_brain=True,
+        progress=False,
+        coco_annotations=decoding_world.tree.coco_archive,
+    )
     stimuli = SubjectStimuli(decoding_world.data, 1)  # the same images as the whole-brain dataset's
     specs = parse_features("z,c,zc@0.3,zc@0.9,unet.mid@0.5#1,unet.mid@0.5#3,unet.up0@0.5#3")
     extract_features(

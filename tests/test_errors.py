@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from brainldm.cli import EXIT_USER_ERROR
-from brainldm.data import nsd
+from brainldm.data import coco, nsd
 from brainldm.validation import InputError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -44,6 +45,8 @@ def tree(nsd_tree, tmp_path):
     """A private copy of the session's NSD tree, NIfTI betas only (no HDF5 twins), to damage."""
     root = tmp_path / "nsd"
     shutil.copytree(nsd_tree.root, root, ignore=shutil.ignore_patterns("betas_session*.hdf5"))
+    with zipfile.ZipFile(nsd_tree.coco_archive) as archive:  # COCO's captions where nsd_access unpacks them
+        archive.extractall(root / coco.NSD_ANNOTATIONS.rsplit("/", 1)[0])
     return root
 
 

@@ -311,7 +311,7 @@ def two_subjects(nsd_tree, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trials")
     for subject in (1, 2):
-        prepare_subject(nsd_tree.root, subject, out, sessions=1, progress=False)
+        prepare_subject(nsd_tree.root, subject, out, sessions=1, progress=False, coco_annotations=nsd_tree.coco_archive)
     return out
 
 

@@ -27,8 +27,8 @@ def s1_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("s1")
     ldm = load_ldm("toy", device="cpu")
     tree = write_nsd_tree(root / "nsd", n_sessions=3, trials_per_session=60, n_shared=20, ldm=ldm, anatomy="S1")
-    prepare_subject(tree.root, 1, root / "trials", progress=False)
-    prepare_subject(tree.root, 1, root / "trials", whole_brain=True, progress=False)
+    prepare_subject(tree.root, 1, root / "trials", progress=False, coco_annotations=tree.coco_archive)
+    prepare_subject(tree.root, 1, root / "trials", whole_brain=True, progress=False, coco_annotations=tree.coco_archive)
     stimuli = SubjectStimuli(root / "trials", 1)
     extract_features(ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features",
                      progress=False)  # fmt: skip

@@ -1,6 +1,7 @@
 """The synthetic NSD tree reads back like NSD: formats, shapes, index bases, and planted responses."""
 
 import json
+import zipfile
 
 import h5py
 import nibabel as nib
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.io
 
-from brainldm.data import nsd
+from brainldm.data import coco, nsd
 from brainldm.ldm.captioner import TINY_CAPTION_WORDS
 from brainldm.offline.synthetic import draw_picture, write_nsd_tree
 
@@ -60,11 +61,14 @@ def test_stimuli_are_natural_looking_uint8_pictures(nsd_tree):
     assert images.std(axis=0).mean() > 20
 
 
-def test_captions_cover_every_image_once(nsd_tree):
+def test_captions_cover_every_image_once_in_cocos_archive_not_in_nsds_tree(nsd_tree):
     info = pd.read_csv(nsd.stim_info_path(nsd_tree.root), index_col=0)
+    assert not [p for p in nsd_tree.root.rglob("*") if "caption" in p.name or "annotations" in p.name]
+    assert not nsd_tree.coco_archive.is_relative_to(nsd_tree.root)
     by_coco = {}
-    for split in nsd.COCO_SPLITS:
-        document = json.loads(nsd.captions_path(nsd_tree.root, split).read_text())
+    archive = zipfile.ZipFile(nsd_tree.coco_archive)
+    for split in coco.COCO_SPLITS:
+        document = json.loads(archive.read(coco.caption_member(split)))
         assert {im["id"] for im in document["images"]} == set(info.loc[info.cocoSplit == split, "cocoId"])
         for annotation in document["annotations"]:
             by_coco.setdefault(annotation["image_id"], []).append(annotation["caption"])

@@ -176,6 +176,13 @@ FREESURFER_FILES = ("mri/T1.mgz", "mri/aseg.mgz", "mri/wm.mgz") + tuple(
 )
 
 
+def nsd_freesurfer_files(subject: int, patch: str = "full") -> list[str]:
+    """The keys of an NSD subject's FreeSurfer files that pycortex reads: surfaces, volumes and flat patches."""
+    folder = f"nsddata/freesurfer/subj{subject:02d}"
+    patches = [f"{folder}/surf/{hemi}.{patch}.flat.patch.3d" for hemi in ("lh", "rh")]
+    return patches + [f"{folder}/{name}" for name in FREESURFER_FILES]
+
+
 def import_nsd_subject(
     nsd_root: str | Path | Storage, subject: int, patch: str = "full", cache_dir: str | Path | None = None
 ) -> CorticalSpace:
@@ -193,10 +200,10 @@ def import_nsd_subject(
     space = CorticalSpace.for_nsd(subject)
     storage = nsd_root if isinstance(nsd_root, Storage) else Storage(nsd_root, cache_dir=cache_dir, progress=True)
     folder = f"nsddata/freesurfer/{space.subject}"
-    for hemi in ("lh", "rh"):
-        storage.local(f"{folder}/surf/{hemi}.{patch}.flat.patch.3d", f"{hemi} flat patch")
+    for key in nsd_freesurfer_files(subject, patch):
+        storage.local(key, f"{space.subject} FreeSurfer file")
     reference = storage.local(nsd.roi_file(subject, "nsdgeneral"), f"{space.subject} nsdgeneral ROI")
-    freesurfer = storage.local_folder(folder, FREESURFER_FILES, f"{space.subject} FreeSurfer file").parent
+    freesurfer = ((storage.cache if storage.remote else storage.root) / folder).parent  # FreeSurfer's SUBJECTS_DIR
     if space.subject not in cortex.db.subjects:
         cortex.freesurfer.import_subj(space.subject, space.subject, str(freesurfer), "white", autoflatten=False)
         cortex.freesurfer.import_flat(

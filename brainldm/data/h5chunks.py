@@ -19,6 +19,7 @@ more bytes, and said on the progress line with its cost.
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 
@@ -38,24 +39,23 @@ FALLBACK_BYTES_PER_CHUNK = 1300
 
 def chunk_ranges(
     storage: Storage, rel: str, dataset: h5py.Dataset, coords: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """File offsets and sizes of the chunks at chunk-grid coordinates ``coords`` (n, rank); offset -1 for a chunk
-    never written (it reads as the fill value).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """File offsets, stored sizes and filter masks of the chunks at chunk-grid coordinates ``coords`` (n, rank);
+    offset -1 for a chunk never written (it reads as the fill value).
 
-    A contiguous dataset counts as chunked along its first axis, one chunk per index. Compressed (filtered)
-    datasets are refused: their bytes are not the values.
+    A contiguous dataset counts as chunked along its first axis, one chunk per index. A filtered (compressed)
+    dataset's chunks are its stored bytes: :class:`ChunkDecoder` turns them into values.
     """
     coords = np.asarray(coords, dtype=np.int64).reshape(len(coords), dataset.ndim)
     plist = dataset.id.get_create_plist()
-    if plist.get_nfilters():
-        raise InputError(f"{storage.url(rel)}: {dataset.name} is compressed; only uncompressed datasets are read")
+    no_masks = np.zeros(len(coords), dtype=np.int64)
     if plist.get_layout() == h5py.h5d.CONTIGUOUS:
         base = dataset.id.get_offset()
         row = int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize
         sizes = np.full(len(coords), row, dtype=np.int64)
         if base is None:  # nothing written yet
-            return np.full(len(coords), -1, dtype=np.int64), sizes
-        return base + coords[:, 0] * row, sizes
+            return np.full(len(coords), -1, dtype=np.int64), sizes, no_masks
+        return base + coords[:, 0] * row, sizes, no_masks
     if plist.get_layout() != h5py.h5d.CHUNKED:
         raise InputError(f"{storage.url(rel)}: {dataset.name} has a layout that cannot be read in parts")
     grid = tuple(-(-n // c) for n, c in zip(dataset.shape, dataset.chunks))
@@ -69,23 +69,26 @@ def chunk_ranges(
         )
         return _lookup_all(dataset, coords, grid)
     if index.root == UNDEFINED:
-        return np.full(len(coords), -1, dtype=np.int64), np.zeros(len(coords), dtype=np.int64)
+        return np.full(len(coords), -1, dtype=np.int64), np.zeros(len(coords), dtype=np.int64), no_masks
     return _walk(storage, rel, index, dataset.chunks, grid, coords)
 
 
-def _lookup_all(dataset: h5py.Dataset, coords: np.ndarray, grid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _lookup_all(
+    dataset: h5py.Dataset, coords: np.ndarray, grid: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """h5py's own walk over the whole chunk index, in file order: for indexes other than the version-1 B-tree."""
     offsets = np.full(int(np.prod(grid)), -1, dtype=np.int64)
     sizes = np.zeros(len(offsets), dtype=np.int64)
+    masks = np.zeros(len(offsets), dtype=np.int64)
     chunks = np.asarray(dataset.chunks)
 
     def visit(info) -> None:
         k = np.ravel_multi_index(tuple(np.asarray(info.chunk_offset) // chunks), grid)
-        offsets[k], sizes[k] = info.byte_offset, info.size
+        offsets[k], sizes[k], masks[k] = info.byte_offset, info.size, info.filter_mask
 
     dataset.id.chunk_iter(visit)
     wanted = np.ravel_multi_index(tuple(coords.T), grid)
-    return offsets[wanted], sizes[wanted]
+    return offsets[wanted], sizes[wanted], masks[wanted]
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def _walk(
     chunk_shape: tuple[int, ...],
     grid: tuple[int, ...],
     coords: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Walk the B-tree from its root down to the leaves that hold the wanted chunks, one level per round. Chunk
     offsets are returned as positions in the file (the base address added), as h5py reports them."""
     rank = len(chunk_shape)
@@ -188,6 +191,7 @@ def _walk(
     order = np.argsort(wanted, kind="stable")
     offsets = np.full(len(coords), -1, dtype=np.int64)
     sizes = np.zeros(len(coords), dtype=np.int64)
+    masks = np.zeros(len(coords), dtype=np.int64)
     n_children = 2 * index.k
     frontier = {index.root: order}  # node address -> positions in ``coords`` of the chunks under it
     while frontier:
@@ -213,5 +217,29 @@ def _walk(
                 found = first[at] == wanted[here]
                 offsets[here[found]] = index.base + entries["child"][at[found]].astype(np.int64)
                 sizes[here[found]] = entries["size"][at[found]]
+                masks[here[found]] = entries["mask"][at[found]]
         frontier = {a: np.concatenate(p) for a, p in following.items()}
-    return offsets, sizes
+    return offsets, sizes, masks
+
+
+class ChunkDecoder:
+    """A dataset's stored chunk bytes -> the chunk's values, through HDF5's own filter pipeline (gzip, shuffle,
+    Fletcher-32, scale-offset, or any filter h5py has): each chunk is written as-is into a one-chunk dataset of an
+    in-memory file that has the dataset's type and creation properties, and read back."""
+
+    def __init__(self, dataset: h5py.Dataset):
+        self.shape, self.dtype = dataset.chunks, dataset.dtype
+        self._file = h5py.File(io.BytesIO(), "w")
+        space = h5py.h5s.create_simple(self.shape)
+        self._chunk = h5py.h5d.create(
+            self._file.id, b"chunk", dataset.id.get_type(), space, dcpl=dataset.id.get_create_plist()
+        )
+
+    def __call__(self, stored: bytes, filter_mask: int = 0) -> np.ndarray:
+        self._chunk.write_direct_chunk((0,) * len(self.shape), stored, int(filter_mask))
+        values = np.empty(self.shape, dtype=self.dtype)
+        self._chunk.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
+        return values
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,13 +1,14 @@
 """The raw Natural Scenes Dataset layout: where each file lives and what its labels mean.
 
-Paths are relative to the NSD root, exactly as on NSD's public bucket. ``brainldm.offline.synthetic`` writes to
-these same paths, so the offline world and real NSD go through one reader.
+Paths are relative to the NSD root, exactly as on NSD's public bucket (checked against public listings of it:
+``tests/data/nsd_listing.json``). ``brainldm.offline.synthetic`` writes to these same paths, so the offline world and
+real NSD go through one reader. COCO's captions are not NSD's files: :mod:`brainldm.data.coco` reads them.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
+import itertools
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from brainldm.data.h5chunks import chunk_ranges
+from brainldm.data.h5chunks import ChunkDecoder, chunk_ranges
 from brainldm.data.storage import RangeFile, Storage, as_storage
 from brainldm.paths import atomic_path
 from brainldm.validation import InputError, oneline
@@ -40,17 +41,11 @@ STREAM_IDS = {name: label for label, name in STREAMS.items()}
 N_SUBJECTS = 8
 DESIGN_SESSIONS = 40  # NSD's design: 40 sessions of 750 trials for every subject (some subjects did fewer)
 BETAS_SCALE = 300.0  # stored int16 betas are percent signal change x 300
-COCO_SPLITS = ("train2017", "val2017")
 
 
 EXPDESIGN = "nsddata/experiments/nsd/nsd_expdesign.mat"
 STIM_INFO = "nsddata/experiments/nsd/nsd_stim_info_merged.csv"
 STIMULI = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
-
-
-def captions_file(coco_split: str) -> str:
-    """COCO 2017 caption annotations, as NSD ships them beside the stimuli."""
-    return f"nsddata_stimuli/stimuli/nsd/annotations/captions_{coco_split}.json"
 
 
 def roi_file(subject: int, name: str) -> str:
@@ -80,10 +75,6 @@ def stim_info_path(root: str | Path) -> Path:
 
 def stimuli_path(root: str | Path) -> Path:
     return Path(root) / STIMULI
-
-
-def captions_path(root: str | Path, coco_split: str) -> Path:
-    return Path(root) / captions_file(coco_split)
 
 
 def roi_path(root: str | Path, subject: int, name: str) -> Path:
@@ -173,32 +164,6 @@ def read_stim_info(root: str | Path | Storage) -> pd.DataFrame:
     return info.set_index("nsdId", drop=False)
 
 
-def read_captions(root: str | Path | Storage, coco_ids) -> dict[int, list[str]]:
-    """All COCO captions of each requested cocoId (whitespace-stripped), from the train2017 and val2017 files."""
-    storage = as_storage(root)
-    wanted = {int(c) for c in coco_ids}
-    captions: dict[int, list[str]] = {c: [] for c in wanted}
-    for split in COCO_SPLITS:
-        path = storage.local(captions_file(split), f"COCO {split} captions")
-        try:
-            annotations = json.loads(path.read_text())["annotations"]
-        except (ValueError, KeyError) as err:
-            raise InputError(
-                f"could not read {storage.url(captions_file(split))}: {err!r}; expected a COCO captions JSON"
-            ) from err
-        for a in annotations:
-            if a["image_id"] in captions:
-                captions[a["image_id"]].append((a["id"], a["caption"].strip()))
-    missing = sorted(c for c, caps in captions.items() if not caps)
-    if missing:
-        raise InputError(
-            f"no COCO captions for cocoId {missing[0]}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f" in {storage.url(captions_file('train2017')).rsplit('/', 1)[0]}; is the annotations folder complete?"
-        )
-    return {c: [text for _, text in sorted(caps)] for c, caps in captions.items()}  # COCO annotation order
-
-
 def _complete_npy(path: Path) -> bool:
     """Whether ``path`` is a whole ``.npy`` file: its header reads and its size is the header's plus the data's."""
     try:
@@ -250,23 +215,79 @@ class Stimuli:
             if "imgBrick" not in f:
                 raise InputError(f"{self.url} has no imgBrick; is it NSD's nsd_stimuli.hdf5?")
             brick = f["imgBrick"]
-            shape = brick.shape[1:]
-            if brick.chunks not in (None, (1, *shape)) or brick.dtype != np.uint8:
+            if brick.ndim != 4 or brick.shape[3] != 3 or brick.dtype != np.uint8:
                 raise InputError(
-                    f"{self.url}: imgBrick is stored as chunks {brick.chunks} of {brick.dtype}, not NSD's layout "
-                    "(uint8, one picture per chunk or contiguous); use a local copy"
+                    f"{self.url}: imgBrick is {brick.shape} {brick.dtype}, not pictures x H x W x 3 uint8 as NSD's"
                 )
-            coords = np.zeros((len(missing), brick.ndim), dtype=np.int64)
-            coords[:, 0] = missing
-            offsets, sizes = chunk_ranges(self.storage, STIMULI, brick, coords)
-            if (offsets < 0).any():
-                raise InputError(f"{self.url} holds no picture {missing[int(np.argmax(offsets < 0))]}")
-            for start in range(0, len(missing), batch):
-                part = slice(start, start + batch)
+            if max(missing) >= len(brick):
+                raise InputError(f"{self.url} holds {len(brick):,} pictures, not picture {max(missing)}")
+            filtered = brick.id.get_create_plist().get_nfilters() > 0
+            if brick.chunks in (None, (1, *brick.shape[1:])) and not filtered:
+                self._fetch_pictures(brick, missing, batch)
+            else:
+                self._fetch_chunks(brick, missing, batch)
+
+    def _write(self, nsd_id: int, picture: np.ndarray) -> None:
+        with atomic_path(self.folder / f"{nsd_id}.npy") as tmp:
+            np.save(tmp, picture)
+
+    def _fetch_pictures(self, brick, missing: list[int], batch: int) -> None:
+        """NSD's layout (contiguous, or one picture a chunk, unfiltered): each picture is one byte range."""
+        shape = brick.shape[1:]
+        coords = np.zeros((len(missing), brick.ndim), dtype=np.int64)
+        coords[:, 0] = missing
+        offsets, sizes, _ = chunk_ranges(self.storage, STIMULI, brick, coords)
+        if (offsets < 0).any():
+            raise InputError(f"{self.url} holds no picture {missing[int(np.argmax(offsets < 0))]}")
+        for start in range(0, len(missing), batch):
+            part = slice(start, start + batch)
+            blocks = self.storage.read_ranges(STIMULI, offsets[part], sizes[part])
+            for nsd_id, block in zip(missing[part], blocks):
+                self._write(nsd_id, np.frombuffer(block, np.uint8).reshape(shape))
+
+    def _fetch_chunks(self, brick, missing: list[int], batch: int) -> None:
+        """Any other chunking (several pictures a chunk, parts of pictures, partial chunks at the edges) and any
+        filters (gzip, shuffle, ...): the chunks that hold the pictures are fetched and decoded, nothing else."""
+        chunks, shape = brick.chunks, brick.shape
+        grid = [range(-(-n // c)) for n, c in zip(shape[1:], chunks[1:])]
+        rows = sorted({i // chunks[0] for i in missing})
+        coords = np.array([(r, *rest) for r in rows for rest in itertools.product(*grid)], dtype=np.int64)
+        offsets, sizes, masks = chunk_ranges(self.storage, STIMULI, brick, coords)
+        if (offsets < 0).any():
+            row = int(coords[np.argmax(offsets < 0), 0])
+            wanted = [i for i in missing if i // chunks[0] == row]
+            raise InputError(f"{self.url} holds no picture {wanted[0]} (its chunk was never written)")
+        filters = brick.compression or ("filtered" if brick.id.get_create_plist().get_nfilters() else "no filter")
+        picture_bytes = int(np.prod(shape[1:]))
+        self.storage.note(
+            f"{self.url}: imgBrick is stored in chunks of {chunks} ({filters}{', shuffled' if brick.shuffle else ''}), "
+            f"not one picture a chunk: fetching the {len(coords):,} chunks that hold the {len(missing):,} pictures, "
+            f"{sizes.sum() / 2**20:,.1f} MiB for {len(missing) * picture_bytes / 2**20:,.1f} MiB of pictures"
+        )
+        decode = ChunkDecoder(brick)
+        per_row = int(np.prod([len(g) for g in grid]))
+        wanted = set(missing)
+        try:
+            for first in range(0, len(rows), max(1, batch // chunks[0])):
+                part = slice(first * per_row, (first + max(1, batch // chunks[0])) * per_row)
                 blocks = self.storage.read_ranges(STIMULI, offsets[part], sizes[part])
-                for nsd_id, block in zip(missing[part], blocks):
-                    with atomic_path(self.folder / f"{nsd_id}.npy") as tmp:
-                        np.save(tmp, np.frombuffer(block, np.uint8).reshape(shape))
+                pictures: dict[int, np.ndarray] = {}
+                for coord, block, mask in zip(coords[part], blocks, masks[part]):
+                    values = decode(block, mask)
+                    corner = coord * chunks
+                    ends = np.minimum(corner + chunks, shape)
+                    for k in range(ends[0] - corner[0]):
+                        nsd_id = int(corner[0] + k)
+                        if nsd_id in wanted:
+                            picture = pictures.setdefault(nsd_id, np.empty(shape[1:], np.uint8))
+                            size = ends[1:] - corner[1:]
+                            picture[tuple(slice(c, e) for c, e in zip(corner[1:], ends[1:]))] = values[
+                                (k, *(slice(0, n) for n in size))
+                            ]
+                for nsd_id, picture in pictures.items():
+                    self._write(nsd_id, picture)
+        finally:
+            decode.close()
 
     def __getitem__(self, nsd_id: int) -> np.ndarray:
         try:
@@ -446,7 +467,7 @@ def _read_hdf5_betas(storage: Storage, rel: str, ijk: np.ndarray) -> np.ndarray:
             # NSD's layout: each voxel's trials are one chunk; read those chunks, nothing else
             coords = np.zeros((len(ijk), 4), dtype=np.int64)
             coords[:, 1:] = ijk[:, ::-1]
-            offsets, sizes = chunk_ranges(storage, rel, data, coords)
+            offsets, sizes, _ = chunk_ranges(storage, rel, data, coords)
             values = np.full((len(ijk), n_trials), data.fillvalue, dtype=data.dtype)
             stored = np.flatnonzero(offsets >= 0)
             if len(stored):

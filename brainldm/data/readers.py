@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from brainldm.data import nsd
-from brainldm.data.storage import Storage
+from brainldm.data.coco import CocoCaptions
+from brainldm.data.storage import AccessDenied, Storage
 from brainldm.data.voxels import VoxelTable
 from brainldm.validation import InputError, oneline, require_file
 
@@ -89,6 +90,9 @@ class NSDReader:
 
     ``root`` is a local NSD folder or a URL such as NSD's bucket ``s3://natural-scenes-dataset``, from which only
     what the subject needs is fetched (see :mod:`brainldm.data.storage`; ``cache_dir`` holds what was fetched).
+    ``coco_annotations`` is where COCO's captions come from (NSD's bucket does not hold them): a URL of COCO's
+    annotations archive, a local copy of it, or a folder of the caption JSONs; by default the JSONs a local NSD root
+    holds where ``nsd_access`` unpacks them, else COCO's own archive (see :mod:`brainldm.data.coco`).
     ``sessions``: use the first K sessions, or a list of session numbers in any order (default: all the subject's
     consecutive sessions). The test split is NSD's shared images (``sharedix``) seen in those sessions.
 
@@ -106,6 +110,7 @@ class NSDReader:
         whole_brain: bool = False,
         cache_dir: str | Path | None = None,
         progress: bool = False,
+        coco_annotations: str | Path | CocoCaptions | None = None,
     ):
         if isinstance(sessions, int) and sessions < 1:
             raise InputError(f"--sessions must be >= 1, got {sessions}")
@@ -120,7 +125,8 @@ class NSDReader:
         self.voxels = nsd_voxel_table(storage, subject, whole_brain)
         per_session = design.trials_per_session
         for session in self.sessions:
-            shape = nsd.betas_shape(storage, subject, session)
+            with self._refused(session):
+                shape = nsd.betas_shape(storage, subject, session)
             if tuple(shape[:3]) != self.voxels.grid_shape:
                 raise InputError(
                     f"{self.describe_session(session)} has grid {tuple(shape[:3])} but the ROIs of "
@@ -139,7 +145,8 @@ class NSDReader:
         self.trial_stimuli = design.trial_images(subject, trials)
         self._cross_check(design)
         coco_ids = self.info.loc[np.unique(self.trial_stimuli), "cocoId"].astype(np.int64)
-        self.captions = nsd.read_captions(storage, coco_ids.to_numpy())
+        self.coco = CocoCaptions.for_nsd(storage, coco_annotations, cache_dir=cache_dir, progress=progress)
+        self.captions = self.coco.read(coco_ids.to_numpy())
         self.test_stimuli = np.unique(self.trial_stimuli[np.isin(self.trial_stimuli, design.shared)])
 
     def params(self) -> dict:
@@ -153,7 +160,23 @@ class NSDReader:
         }
 
     def read_session(self, session: int) -> np.ndarray:
-        return nsd.read_betas(self.root, self.subject, session, self.voxels.ijk)
+        with self._refused(session):
+            return nsd.read_betas(self.root, self.subject, session, self.voxels.ijk)
+
+    @contextmanager
+    def _refused(self, session: int):
+        """A session the bucket lists but refuses to give (NSD held its last sessions back from public release for
+        years; the manual: "listable but not downloadable") is named, with the way round it."""
+        try:
+            yield
+        except AccessDenied as err:
+            before = [s for s in self.sessions if s < session] == list(range(1, session)) and session > 1
+            way = f"--sessions {session - 1} (the sessions before it)" if before else "--sessions with the others"
+            folder = self.root.url(nsd.betas_folder(self.subject))
+            raise InputError(
+                f"session {session} of subject {self.subject} is listed in {folder} but its betas were refused "
+                f"({self.describe_session(session)}: access denied), as NSD's withheld sessions are; pass {way}"
+            ) from err
 
     def describe_session(self, session: int) -> str:
         return self.root.url(nsd.betas_source(self.root, self.subject, session))

@@ -38,6 +38,10 @@ MAX_REQUEST = 16 * 2**20  # bytes: merged requests stop growing here, so that th
 METADATA_BLOCK = 64 * 1024  # bytes read at a time while h5py reads an HDF5 file's metadata
 
 
+class AccessDenied(InputError):
+    """The store refused to give an object it may list (no rights, or not yet released)."""
+
+
 def is_url(root: str | Path) -> bool:
     return "://" in str(root)
 
@@ -136,15 +140,11 @@ class Storage:
 
     def cached_version(self, entry: Path) -> str | None:
         """The version a cache entry (a file or folder under :attr:`cache`) was fetched from, or None if unknown."""
-        try:
-            return _version_record(entry).read_text()
-        except OSError:
-            return None
+        return cached_version(entry)
 
     def record_version(self, entry: Path, version: str) -> None:
         """Note that the cache entry ``entry`` holds the object of ``version`` (written after the entry itself)."""
-        with atomic_path(_version_record(entry)) as tmp:
-            tmp.write_text(version)
+        record_version(entry, version)
 
     def note(self, message: str) -> None:
         """A line on the progress output (kept in :attr:`notes`)."""
@@ -190,12 +190,6 @@ class Storage:
         if cached != version:
             return f"fetched from {cached}, the bucket now holds {version}"
         return "damaged: its size is not the object's"
-
-    def local_folder(self, rel: str, names: Sequence[str], what: str) -> Path:
-        """A local folder holding ``names`` (paths relative to ``rel``), fetching the missing ones when remote."""
-        for name in names:
-            self.local(f"{rel}/{name}", what)
-        return (self.cache if self.remote else self.root) / rel
 
     # --- parts of files ------------------------------------------------------------------------------------
 
@@ -299,7 +293,7 @@ class Storage:
                 "local copy"
             ) from err
         except PermissionError as err:
-            raise InputError(
+            raise AccessDenied(
                 f"access to {url} was denied ({oneline(err)}); NSD's bucket is readable by anyone who has agreed to "
                 "NSD's terms of use: check your AWS credentials (or unset them to read anonymously), or use a local "
                 "copy"
@@ -376,6 +370,20 @@ class RangeFile(io.RawIOBase):
 
 def _version_record(entry: Path) -> Path:
     return entry.with_name(f".{entry.name}.version")
+
+
+def cached_version(entry: Path) -> str | None:
+    """The version a cache entry (file or folder) was fetched from, as its source said then; None if unknown."""
+    try:
+        return _version_record(entry).read_text()
+    except OSError:
+        return None
+
+
+def record_version(entry: Path, version: str) -> None:
+    """Note that the cache entry ``entry`` holds its source's object of ``version`` (written after the entry)."""
+    with atomic_path(_version_record(entry)) as tmp:
+        tmp.write_text(version)
 
 
 def _object_tag(entry: dict) -> str:

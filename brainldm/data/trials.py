@@ -86,6 +86,7 @@ def prepare_subject(
     progress: bool = True,
     whole_brain: bool = False,
     cache_dir: str | Path | None = None,
+    coco_annotations=None,
 ) -> Path:
     """Build ``OUT/subjNN`` from raw NSD: :func:`prepare` with an :class:`~brainldm.data.readers.NSDReader`.
 
@@ -100,11 +101,16 @@ def prepare_subject(
         overwrite: rebuild ``OUT/subjNN`` if it exists.
         whole_brain: store every in-brain voxel (as ``OUT/subjNN-wholebrain``), for the encoding analysis.
         cache_dir: where files fetched from a URL are kept (default :func:`brainldm.data.storage.default_cache_dir`).
+        coco_annotations: where COCO's captions come from (a URL, a local archive or folder, or a
+            :class:`~brainldm.data.coco.CocoCaptions`); default: as :meth:`~brainldm.data.coco.CocoCaptions.for_nsd`.
     Returns:
         The subject folder.
     """
     _check_new(Path(out) / subject_name(subject, whole_brain), overwrite)  # before any file is read
-    reader = NSDReader(nsd_root, subject, sessions, whole_brain, cache_dir=cache_dir, progress=progress)
+    reader = NSDReader(
+        nsd_root, subject, sessions, whole_brain, cache_dir=cache_dir, progress=progress,
+        coco_annotations=coco_annotations,
+    )  # fmt: skip
     try:
         return prepare(reader, out, zscore, overwrite, progress)
     finally:

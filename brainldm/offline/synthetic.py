@@ -1,14 +1,20 @@
 """The offline world: a small Natural Scenes Dataset in NSD's real files, formats and paths.
 
-``write_nsd_tree(root)`` writes what :mod:`brainldm.data.nsd` reads (see ``shared/PAPER.md``):
+``write_nsd_tree(root)`` writes what :mod:`brainldm.data.nsd` reads (see ``shared/PAPER.md``), and nothing NSD's
+bucket lacks (``tests/data/nsd_listing.json``):
 
 - ``nsd_expdesign.mat`` with 1-based ``masterordering``, ``subjectim`` (8 x images per subject) and ``sharedix``;
 - ``nsd_stim_info_merged.csv`` (``nsdId`` 0-based, ``cocoId``, ``shared1000``, ``subjectS_repR`` 1-based trials);
 - ``nsd_stimuli.hdf5`` with ``imgBrick`` (n_images x H x W x 3 uint8), pictures of patterned animals on gradients;
-- COCO caption JSONs split into train2017 / val2017, captions describing each picture;
 - per subject, ``nsdgeneral`` and ``streams`` ROI NIfTIs (-1 outside the brain) and one gzipped int16 NIfTI of
   betas per session (percent signal change x 300, X x Y x Z x trials), optionally with its HDF5 twin in NSD's
   layout (one uncompressed chunk per voxel).
+
+COCO's captions are not NSD's files, so they are written apart, as COCO ships them: ``annotations_trainval2017.zip``
+in ``coco_root`` (default: the folder ``<root>-coco`` beside the tree) at the path it has on COCO's site
+(``annotations/``), holding ``annotations/captions_{train,val}2017.json`` (captions describing each picture) and,
+as COCO's does, larger members the captions do not need. :class:`brainldm.offline.site.FolderSite` serves that folder
+as COCO's site.
 
 Responses are planted: ``early`` voxels respond linearly to the image's z features, ``ventral`` voxels to its
 c features (both computed with the given LDM, the trained ``toy`` model by default), the intermediate, lateral and
@@ -23,6 +29,7 @@ The returned :class:`SyntheticNSD` carries the planted weights and features, so 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +40,7 @@ import pandas as pd
 import scipy.io
 
 from brainldm.analysis.surfaces import functional_layout
-from brainldm.data import nsd
+from brainldm.data import coco, nsd
 from brainldm.ldm.features import encode_c, encode_z
 from brainldm.ldm.loading import load_ldm
 from brainldm.validation import InputError
@@ -62,6 +69,7 @@ PATTERN_PERIOD = 1 / 10  # of the picture's width
 # from c). Early cortex is pure z and ventral pure c, as the paper found; the streams between lean accordingly.
 MIXED_STREAMS = {"midventral": 0.7, "midlateral": 0.6, "midparietal": 0.6, "lateral": 0.3, "parietal": 0.5}
 ANATOMIES = ("blob", "S1")
+COCO_PATH = "annotations/" + coco.ARCHIVE_NAME  # the archive's path on COCO's site (coco.COCO_ANNOTATIONS_URL)
 
 
 @dataclass
@@ -70,6 +78,7 @@ class SyntheticNSD:
 
     Attributes:
         root: the NSD root folder.
+        coco_root: the folder that stands for COCO's site: ``coco_archive`` lies in it at its path on COCO's site.
         subjects: subjects with betas and ROIs (1-based).
         n_sessions, trials_per_session, grid_shape: the betas' layout.
         n_images: images in ``imgBrick`` (the stand-in for NSD's 73k).
@@ -103,6 +112,12 @@ class SyntheticNSD:
     weights: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     voxels: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     snr: float = 1.0
+    coco_root: Path | None = None
+
+    @property
+    def coco_archive(self) -> Path:
+        """COCO's annotations archive of this world (``annotations_trainval2017.zip``, captions of every picture)."""
+        return self.coco_root / COCO_PATH
 
     def features(self, nsd_ids: np.ndarray | list[int], name: str) -> np.ndarray:
         """Planted features (``"z"`` or ``"c"``) of the given 0-based image ids, in that order."""
@@ -114,6 +129,12 @@ class SyntheticNSD:
         f = self.features(nsd_ids, name).reshape(len(nsd_ids), -1)
         f = (f - self.feature_mean[name]) / self.feature_std[name]
         return f @ self.weights[subject][name]
+
+
+def default_coco_root(root: str | Path) -> Path:
+    """Where :func:`write_nsd_tree` puts COCO's archive by default: the folder ``<root>-coco`` beside the NSD tree."""
+    root = Path(root)
+    return root.with_name(f"{root.name}-coco")
 
 
 def write_nsd_tree(
@@ -133,6 +154,7 @@ def write_nsd_tree(
     n_components: int = 32,
     seed: int = 0,
     anatomy: str = "blob",
+    coco_root: str | Path | None = None,
 ) -> SyntheticNSD:
     """Write a small NSD tree under ``root`` with planted responses. Returns what was written and planted.
 
@@ -146,12 +168,14 @@ def write_nsd_tree(
     ``anatomy="S1"`` lays every subject out on pycortex's S1 (needs pycortex; ``grid_shape`` and
     ``cortex_thickness`` are then S1's own). ``write_hdf5`` adds each session's HDF5 twin in NSD's layout
     (:func:`write_betas_hdf5`); ``write_nifti=False`` leaves out the ``.nii.gz`` (for benchmarks of the HDF5 path).
+    COCO's annotations archive goes to ``coco_root`` (default ``<root>-coco``), not into the NSD tree.
     """
     if features not in ("ldm", "random"):
         raise InputError(f"features must be 'ldm' or 'random', got {features!r}")
     if anatomy not in ANATOMIES:
         raise InputError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
     root = Path(root)
+    coco_root = Path(coco_root) if coco_root is not None else default_coco_root(root)
     subjects = tuple(int(s) for s in subjects)
     if not subjects or any(not 1 <= s <= nsd.N_SUBJECTS for s in subjects):
         raise InputError(f"subjects must be in 1..{nsd.N_SUBJECTS}, got {subjects}")
@@ -185,7 +209,7 @@ def write_nsd_tree(
     _write_expdesign(root, masterordering, subjectim, shared + 1)
     _write_stim_info(root, coco_ids, coco_split, shared, trial_images)
     _write_stimuli(root, np.stack(images))
-    _write_captions(root, coco_ids, coco_split, captions, rng)
+    write_coco_archive(coco_root / COCO_PATH, coco_ids, coco_split, captions, rng)
 
     # Planted features for every image a written subject saw
     feature_ids = np.unique(np.concatenate([trial_images[s] for s in subjects]))
@@ -215,6 +239,7 @@ def write_nsd_tree(
         feature_mean=mean,
         feature_std=std,
         snr=snr,
+        coco_root=coco_root,
     )
     mixing_rng = np.random.default_rng([seed, 1])  # its own stream, so the z- and c-only voxels stay as they were
     for subject in subjects:
@@ -447,25 +472,31 @@ def _write_stimuli(root: Path, images: np.ndarray) -> None:
         f.create_dataset("imgBrick", data=images, chunks=(1, *images.shape[1:]))
 
 
-def _write_captions(
-    root: Path, coco_ids: np.ndarray, coco_split: np.ndarray, captions: tuple[list[str], ...], rng
+def write_coco_archive(
+    path: Path, coco_ids: np.ndarray, coco_split: np.ndarray, captions: tuple[list[str], ...], rng
 ) -> None:
+    """COCO's annotations archive as COCO lays it out: ``annotations/captions_<split>.json`` for both splits, and
+    ``annotations/instances_<split>.json`` (random boxes, several times the captions' size, as COCO's instances files
+    are), which a reader of captions should never fetch."""
     annotation_id = int(rng.integers(1, 1000))
-    for split in nsd.COCO_SPLITS:
-        keep = np.flatnonzero(coco_split == split)
-        annotations = []
-        for i in keep:
-            for caption in captions[i]:
-                annotations.append({"image_id": int(coco_ids[i]), "id": annotation_id, "caption": caption})
-                annotation_id += 1
-        document = {
-            "info": {"description": "brainldm synthetic COCO-style captions", "year": 2017},
-            "images": [{"id": int(coco_ids[i]), "file_name": f"{int(coco_ids[i]):012d}.jpg"} for i in keep],
-            "annotations": annotations,
-        }
-        path = nsd.captions_path(root, split)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for split in coco.COCO_SPLITS:
+            keep = np.flatnonzero(coco_split == split)
+            annotations, boxes = [], []
+            for i in keep:
+                for caption in captions[i]:
+                    annotations.append({"image_id": int(coco_ids[i]), "id": annotation_id, "caption": caption})
+                    annotation_id += 1
+                for box in rng.uniform(0, 425, size=(200, 4)).round(2).tolist():
+                    boxes.append({"image_id": int(coco_ids[i]), "bbox": box, "category_id": int(rng.integers(1, 91))})
+            images = [{"id": int(coco_ids[i]), "file_name": f"{int(coco_ids[i]):012d}.jpg"} for i in keep]
+            info = {"description": "brainldm synthetic COCO-style annotations", "year": 2017}
+            document = {"info": info, "images": images, "annotations": annotations}
+            for name, content in ((coco.caption_member(split), document), (f"annotations/instances_{split}.json",
+                                  {**document, "annotations": boxes})):  # fmt: skip
+                member = zipfile.ZipInfo(name, date_time=(2017, 9, 1, 0, 0, 0))  # the same bytes for the same seed
+                archive.writestr(member, json.dumps(content), compress_type=zipfile.ZIP_DEFLATED)
 
 
 def _draw_rois(rng, grid_shape, thickness: float) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ def build_offline_world(
     root = Path(root)
     tree = write_nsd_tree(root / "nsd", subjects, ldm=ldm, **world)
     for subject in subjects:
-        prepare_subject(tree.root, subject, root / "trials", progress=progress)
+        prepare_subject(tree.root, subject, root / "trials", progress=progress, coco_annotations=tree.coco_archive)
     stimuli = SubjectStimuli(root / "trials", subjects)  # the shared pictures once
     extract_features(
         ldm, model_id, stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features",

@@ -1,0 +1,105 @@
+"""A plain HTTP server of a local folder, standing for COCO's site (``images.cocodataset.org``) in the offline world.
+
+It answers HEAD and GET as a static file server does (Content-Length, ETag, Last-Modified), with range requests
+(``Accept-Ranges: bytes``, status 206) or, with ``ranges=False``, as a server that ignores them (no Accept-Ranges,
+every GET answered with the whole file). Every GET is counted: requests, bytes sent and the ranges asked, by path.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import threading
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+class FolderSite:
+    """``with FolderSite(folder) as site:`` serves ``folder`` on ``site.url`` (``site.url + "/a/b.zip"`` is
+    ``folder/a/b.zip``)."""
+
+    def __init__(self, folder: str | Path, ranges: bool = True):
+        self.folder, self.ranges = Path(folder), ranges
+        self.bytes_sent: dict[str, int] = defaultdict(int)
+        self.requests: dict[str, int] = defaultdict(int)
+        self.ranges_asked: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> FolderSite:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def count(self, path: str, n_bytes: int, span: tuple[int, int] | None) -> None:
+        with self._lock:
+            self.bytes_sent[path] += n_bytes
+            self.requests[path] += 1
+            if span is not None:
+                self.ranges_asked[path].append(span)
+
+    def fetched(self) -> int:
+        """Bytes sent by GETs, all paths."""
+        return sum(self.bytes_sent.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bytes_sent.clear()
+            self.requests.clear()
+            self.ranges_asked.clear()
+
+
+def _handler(site: FolderSite):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def do_HEAD(self) -> None:
+            self._answer(head=True)
+
+        def do_GET(self) -> None:
+            self._answer(head=False)
+
+        def _answer(self, head: bool) -> None:
+            rel = unquote(urlsplit(self.path).path).lstrip("/")
+            path = site.folder / rel
+            if ".." in Path(rel).parts or not path.is_file():
+                body = b"Not Found"
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+                return
+            stat = path.stat()
+            start, end, status = 0, stat.st_size - 1, 200
+            if site.ranges and "Range" in self.headers and not head:
+                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+                start, end, status = int(first), min(int(last or stat.st_size - 1), stat.st_size - 1), 206
+            self.send_response(status)
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Content-Type", "application/zip")
+            self.send_header("ETag", f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"')
+            self.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
+            if site.ranges:
+                self.send_header("Accept-Ranges", "bytes")
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{stat.st_size}")
+            self.end_headers()
+            if head:
+                return
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read(end - start + 1)
+            self.wfile.write(body)
+            site.count(rel, len(body), (start, end + 1) if status == 206 else None)
+
+    return Handler
