@@ -31,6 +31,12 @@ def test_every_step_of_the_real_pipeline_runs_at_the_real_sizes(rehearsal):
     work, steps, _, lines = rehearsal
     assert list(steps) == ["prepare", "features", "fit", "reconstruct", "evaluate", "encoding", "app"]
     assert steps["prepare"].fetched_bytes > 0  # the data came through the S3 endpoint
+    assert 0 < steps["prepare"].coco_bytes  # and the captions from COCO's stand-in, by range requests: not the whole
+    assert (
+        steps["prepare"].coco_bytes
+        < (work / "nsd-coco" / "annotations" / "annotations_trainval2017.zip").stat().st_size
+    )
+    assert all(step.coco_bytes == 0 for name, step in steps.items() if name != "prepare")
     assert steps["prepare"].shapes["train"].startswith("18 x betas (16") and "425 px" in steps["prepare"].shapes["test"]
     assert steps["features"].shapes == {name: REAL_SHAPES[name] for name in ("z", "c", "blip", "dpt")}
     assert steps["fit"].shapes["z"].endswith("(4, 40, 40), dense") and "rank" in steps["fit"].shapes["dpt"]

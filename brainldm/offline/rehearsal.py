@@ -2,14 +2,15 @@
 architecture with seeded random weights, every step of the real pipeline run through its own script.
 
 :func:`rehearse` writes a synthetic subject at NSD's real size (:func:`write_full_size_subject`), serves it as
-``s3://natural-scenes-dataset`` (:class:`~brainldm.offline.bucket.FolderS3`), then runs ``scripts/prepare_nsd.py``,
+``s3://natural-scenes-dataset`` (:class:`~brainldm.offline.bucket.FolderS3`) with its COCO annotations archive on a
+stand-in for COCO's site (:class:`~brainldm.offline.site.FolderSite`; NSD's bucket holds no captions), then runs ``scripts/prepare_nsd.py``,
 ``extract_features.py`` (z, c, blip, dpt), ``fit_maps.py`` (the paper's and the follow-up's decoders, default ranks),
 ``reconstruct.py`` (``--rescale target`` and the follow-up), ``evaluate.py``, ``encoding.py`` and ``app.py`` (one
 reconstruction through its API), each in its own process. Only the model ids differ from a real run (``random-sd14``,
 ``random-blip``, ``random-dpt-large``, ``random-sd2-depth``; ``evaluate`` scores them with random-weight networks).
 
 Each step is measured from outside (wall time, the process's own peak RSS, GPU memory from ``nvidia-smi``
-where there is one, bytes fetched from the bucket and written to disk) and what it wrote is checked against the
+where there is one, bytes fetched from the bucket and from COCO's site, and written to disk) and what it wrote is checked against the
 shapes the real models give (:data:`REAL_SHAPES`): a step that fails or writes another shape stops the rehearsal.
 :func:`needs_table` then says what the real run needs: checkpoints, disk per subject and GPU memory.
 """
@@ -44,7 +45,8 @@ from brainldm.ldm.depth import DPT_MODEL, random_dpt_large, states_shape
 from brainldm.ldm.loading import DEPTH_MODEL, random_sd2_depth_ldm, random_sd14_ldm
 from brainldm.ldm.reconstruct import KINDS
 from brainldm.offline.bucket import FolderS3
-from brainldm.offline.synthetic import write_nsd_tree
+from brainldm.offline.site import FolderSite
+from brainldm.offline.synthetic import COCO_PATH, default_coco_root, write_nsd_tree
 from brainldm.paths import subject_name
 from brainldm.presets import TAKAGI2023
 from brainldm.validation import InputError
@@ -81,7 +83,8 @@ class Step:
     wall_s: float = 0.0
     peak_rss_gb: float = 0.0
     gpu_peak_gb: float | None = None
-    fetched_bytes: int = 0
+    fetched_bytes: int = 0  # from NSD's bucket
+    coco_bytes: int = 0  # from COCO's site
     written_bytes: int = 0
     shapes: dict[str, object] = field(default_factory=dict)
 
@@ -412,7 +415,7 @@ def rehearse(
     marker = nsd_root / ".complete"
     # a tenth of the pictures are test pictures, as in NSD; at least those reconstructed and those encoding needs
     n_shared = max(test_images, MIN_TEST_IMAGES, round(sessions * trials_per_session / 3 / 10))
-    key = json.dumps([sessions, trials_per_session, n_shared])
+    key = json.dumps([sessions, trials_per_session, n_shared, "coco-apart"])  # older trees held COCO's captions
     if not marker.exists() or marker.read_text() != key:
         if nsd_root.exists():
             shutil.rmtree(nsd_root)
@@ -421,14 +424,15 @@ def rehearse(
         marker.write_text(key)
         echo(f"wrote the synthetic subject at NSD's size in {time.perf_counter() - started:.0f} s ({nsd_root})")
 
-    with FolderS3(nsd_root, BUCKET) as bucket:
+    with FolderS3(nsd_root, BUCKET) as bucket, FolderSite(default_coco_root(nsd_root)) as coco_site:
         env = {**os.environ, "AWS_ENDPOINT_URL": bucket.url, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         followup = ",".join(f"{t}={roi}" for t, roi in TAKAGI2023.followup_decoders)
         paper = ",".join(f"{t}={roi}" for t, roi in TAKAGI2023.decoders)
         plan = [
             ("prepare", [str(scripts / "prepare_nsd.py"), "--nsd-root", f"s3://{BUCKET}", "--subject", "1",
-                         "--out", str(data), "--cache-dir", str(cache)], (data, cache)),
+                         "--out", str(data), "--cache-dir", str(cache),
+                         "--coco-annotations", f"{coco_site.url}/{COCO_PATH}"], (data, cache)),
             ("features", [str(scripts / "extract_features.py"), "--data", str(data), "--subject", "1",
                           "--model", "random-sd14", "--features", "z,c,blip,dpt", "--captioner", "random-blip",
                           "--depth-model", "random-dpt-large", "--out", str(features)], (features,)),
@@ -460,9 +464,11 @@ def rehearse(
             if name in notes:
                 echo(notes[name])
             bucket.reset()
+            coco_site.reset()
             before = folder_bytes(*outputs)
             step.wall_s, step.peak_rss_gb, step.gpu_peak_gb, _ = run_process(step.command, env, logs / f"{name}.log")
             step.fetched_bytes = sum(bucket.bytes_sent.values())
+            step.coco_bytes = coco_site.fetched()
             step.written_bytes = folder_bytes(*outputs) - before
             step.shapes = _shapes(name, out, data, features, maps_dir, recon, metrics, encoding, test_images)
             steps_done.append(step)
@@ -520,17 +526,21 @@ def describe(step: Step) -> str:
     shapes = "; ".join(f"{k} {v}" for k, v in step.shapes.items())
     return (
         f"  {step.name}: {step.wall_s:.0f} s, peak RSS {step.peak_rss_gb:.1f} GB{gpu}, fetched "
-        f"{_size(step.fetched_bytes)}, wrote {_size(step.written_bytes)}; {shapes}"
+        f"{_size(step.fetched_bytes)} from NSD's bucket and {_size(step.coco_bytes)} from COCO's site, wrote "
+        f"{_size(step.written_bytes)}; {shapes}"
     )
 
 
 def steps_table(steps: list[Step]) -> str:
-    lines = ["| step | wall | peak RSS | GPU peak | fetched | written | shapes |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| step | wall | peak RSS | GPU peak | from NSD | from COCO | written | shapes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for s in steps:
         gpu = "—" if s.gpu_peak_gb is None else f"{s.gpu_peak_gb:.1f} GB"
         shapes = "; ".join(f"{k} {v}" for k, v in s.shapes.items())
         lines.append(
             f"| {s.name} | {s.wall_s:.0f} s | {s.peak_rss_gb:.1f} GB | {gpu} | {_size(s.fetched_bytes)} | "
-            f"{_size(s.written_bytes)} | {shapes} |"
+            f"{_size(s.coco_bytes)} | {_size(s.written_bytes)} | {shapes} |"
         )
     return "\n".join(lines)
