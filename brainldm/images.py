@@ -1,5 +1,9 @@
 """Pictures in, tensors out: any image (PIL or array) to RGB uint8, and batches of them resized and
 normalised for a vision model. Used by the LDM's encoders, the captioner and the depth model alike.
+
+How each decoded target's pictures are prepared is :data:`PREPROCESSING`: the paper's code
+(github.com/yu-takagi/StableDiffusionReconstruction) as it does it, but for z's posterior mean (docs/pipeline.md says
+why). Feature stores and the maps fitted to them record it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,31 @@ from PIL import Image
 from brainldm.validation import InputError
 
 ImageLike = Image.Image | np.ndarray
+LANCZOS, BICUBIC = Image.Resampling.LANCZOS, Image.Resampling.BICUBIC
+
+REFERENCE_CODE = "github.com/yu-takagi/StableDiffusionReconstruction"
+PREPROCESSING = {
+    "z": {
+        "resize": "lanczos to the LDM's z size (320 px for SD-1.x)",
+        "pixels": "[-1, 1]",
+        "latent": "the VAE posterior's mean x scaling factor (the reference: a sample of it)",
+        "reference": "codes/utils/img2feat_sd.py",
+    },
+    "c": {
+        "captions": "mean of the CLIP text embeddings of every COCO caption",
+        "reference": "codes/utils/img2feat_sd.py",
+    },
+    "blip": {
+        "resize": "lanczos to 240 px",
+        "pixels": "[0, 1], not normalised (ToTensor only)",
+        "reference": "codes/caption/BLIP/img2feat_blip.py",
+    },
+    "dpt": {
+        "resize": "lanczos to 512 px, then bicubic to the model's 384 px (its image processor)",
+        "pixels": "DPT's normalisation (mean 0.5, std 0.5)",
+        "reference": "codes/depth/img2feat_dpt.py",
+    },
+}
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -38,12 +67,17 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     return array
 
 
-def images_to_tensor(images: Sequence[ImageLike], size: int, mean=None, std=None) -> torch.Tensor:
-    """Resize images to ``size`` x ``size`` (bicubic, as the reference code) -> (n, 3, size, size) in [-1, 1], or,
-    given a network's per-channel ``mean`` and ``std`` (of pixels in [0, 1]), normalised by them."""
-    arrays = [
-        np.asarray(Image.fromarray(to_rgb_array(im)).resize((size, size), Image.Resampling.BICUBIC)) for im in images
-    ]
+def resize(images: Sequence[ImageLike], size: int, resample: Image.Resampling = LANCZOS) -> list[np.ndarray]:
+    """Images as ``size`` x ``size`` x 3 uint8 arrays (Lanczos, as the reference code resizes every picture)."""
+    return [np.asarray(Image.fromarray(to_rgb_array(im)).resize((size, size), resample)) for im in images]
+
+
+def images_to_tensor(
+    images: Sequence[ImageLike], size: int, mean=None, std=None, resample: Image.Resampling = LANCZOS
+) -> torch.Tensor:
+    """Resize images to ``size`` x ``size`` (Lanczos by default, as the reference code) -> (n, 3, size, size) in
+    [-1, 1], or, given a network's per-channel ``mean`` and ``std`` (of pixels in [0, 1]), normalised by them."""
+    arrays = resize(images, size, resample)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
     if mean is None:
         return x / 127.5 - 1.0

@@ -141,3 +141,16 @@ def test_a_picture_without_captions_is_named(world, tmp_path):
     (tmp_path / "captions_train2017.json").write_text(json.dumps({"annotations": []}))
     with pytest.raises(InputError, match="holds no captions_val2017.json"):
         CocoCaptions(tmp_path)
+
+
+def test_cocos_own_url_is_the_default_and_honours_a_proxy(world, tmp_path, monkeypatch):
+    """COCO's URL as written, reached through an HTTP proxy (here the stand-in site answers as one): how the
+    rehearsal runs prepare_nsd.py exactly as the README writes it."""
+    tree, written = world
+    assert CocoCaptions.for_nsd(Storage(tree.root)).source == coco.COCO_ANNOTATIONS_URL  # the tree holds no captions
+    with FolderSite(tree.coco_root) as site:
+        monkeypatch.setenv("http_proxy", site.url)
+        monkeypatch.setenv("no_proxy", "")
+        captions = CocoCaptions.for_nsd(Storage(tree.root), cache_dir=tmp_path)
+        assert captions.read(written) == written
+        assert captions.bytes_fetched == site.fetched() > 0

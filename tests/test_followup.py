@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from brainldm.images import PREPROCESSING
 from brainldm.ldm.captioner import (
     TAKAGI_CAPTIONS,
     blip_embeddings,
@@ -168,7 +169,8 @@ def test_blip_and_dpt_are_stored_with_their_own_models_and_decoded_at_a_reduced_
 
     root, features = followup_world
     blip = FeatureStore(features, "blip")
-    assert blip.config == {"model_id": "tiny", "feature": "blip", "image_size": 240, "dtype": "float16"}
+    assert blip.config == {"model_id": "tiny", "feature": "blip", "image_size": 240, "dtype": "float16",
+                           "preprocessing": PREPROCESSING["blip"]}  # fmt: skip
     assert blip.feature_shape == (226, 32)  # 15 x 15 patches and the class token, at the reference code's 240 px
     dpt = FeatureStore(features, "dpt")
     assert dpt.feature_shape == (4, 17, 32)
@@ -182,6 +184,30 @@ def test_blip_and_dpt_are_stored_with_their_own_models_and_decoded_at_a_reduced_
     assert maps.config.targets["blip"].rank == 8 and maps.config.targets["blip"].roi == STREAMS6
     assert maps.config.targets["dpt"].model_id == "tiny" and maps.config.targets["z"].model_id is None
     assert maps.config.model_id == "tiny"
+    # each map says how its target's pictures were prepared (as the reference code, docs/pipeline.md)
+    for name in ("z", "c", "blip", "dpt"):
+        assert maps.config.targets[name].preprocessing == PREPROCESSING[name]
+        assert FeatureStore(features, name).config["preprocessing"] == PREPROCESSING[name]
+
+
+def test_pictures_are_prepared_as_the_reference_code_prepares_them():
+    """blip: Lanczos to 240 px, pixels in [0, 1] unnormalised (img2feat_blip.py); dpt: Lanczos to 512 px, then
+    bicubic to the model's size and DPT's normalisation (img2feat_dpt.py); z: Lanczos (img2feat_sd.py)."""
+    from PIL import Image
+
+    from brainldm.images import images_to_tensor
+    from brainldm.ldm.depth import _pixel_values
+
+    picture = np.random.default_rng(0).integers(0, 256, (425, 425, 3), dtype=np.uint8)
+    lanczos = np.asarray(Image.fromarray(picture).resize((240, 240), Image.Resampling.LANCZOS))
+    expected = torch.from_numpy(lanczos).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(pixel_values([picture], 240)[0], expected)
+    torch.testing.assert_close(images_to_tensor([picture], 240)[0], expected * 2 - 1)
+    model = tiny_depth_model()
+    size = model.config.image_size
+    at_512 = Image.fromarray(picture).resize((512, 512), Image.Resampling.LANCZOS)
+    twice = np.asarray(at_512.resize((size, size), Image.Resampling.BICUBIC))
+    torch.testing.assert_close(_pixel_values(model, [picture])[0], torch.from_numpy(twice).permute(2, 0, 1) / 127.5 - 1)
 
 
 def test_reconstruct_and_evaluate_make_and_score_xzt_and_xztd(followup_world, decoding_world, tmp_path):

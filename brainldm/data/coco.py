@@ -84,6 +84,7 @@ class CocoCaptions:
             where = urlsplit(self.source)
             self.cache = Path(cache_dir or default_cache_dir()) / "coco" / where.netloc.replace(":", "_")
             self.cache = self.cache / where.path.strip("/").removesuffix(".zip")
+            self._opener = urllib.request.build_opener()  # honours http_proxy / no_proxy as they are now
             return
         path = Path(source)
         if path.is_dir():
@@ -179,24 +180,30 @@ class CocoCaptions:
                 return paths
             except _WholeAnswer as answer:  # asked for a range, given the whole archive: keep it
                 self._note(f"{self.source} answered a range request with the whole archive; reading that")
-                self._unpack(self._download(answer.response, size), paths, version)
+                with answer.response as response:
+                    self._unpack(self._download(response, size), paths, version)
                 return paths
         with self._get() as response:
             self._unpack(self._download(response, size), paths, version)
         return paths
 
     def _fetch_members(self, size: int, paths: dict[str, Path], version: str) -> None:
+        """The caption members by range requests: the archive's end (its central directory), then each member."""
         remote = _RemoteZip(self, size)
         remote.prefetch(max(0, size - TAIL), size)
+        self._extract(io.BufferedReader(remote, buffer_size=BLOCK), paths, version)
+
+    def _extract(self, archive, paths: dict[str, Path], version: str) -> None:
+        """The two caption members of ``archive`` (a path or file) into the cache, each recorded as of ``version``."""
         try:
-            with zipfile.ZipFile(io.BufferedReader(remote, buffer_size=BLOCK)) as archive:
-                members = _caption_members(archive, self.source)
+            with zipfile.ZipFile(archive) as zipped:
+                members = _caption_members(zipped, self.source)
                 for split, path in paths.items():
-                    with archive.open(members[split]) as src, atomic_path(path) as tmp, open(tmp, "wb") as dst:
+                    with zipped.open(members[split]) as src, atomic_path(path) as tmp, open(tmp, "wb") as dst:
                         shutil.copyfileobj(src, dst, READ_BLOCK)
                     record_version(path, version)
         except zipfile.BadZipFile as err:
-            raise InputError(f"{self.source} is not a zip archive ({oneline(err)}); {_help()}") from err
+            raise InputError(f"{self.source} is not a readable zip archive ({oneline(err)}); {_help()}") from err
 
     def _download(self, response, size: int | None) -> Path:
         """Stream a GET's whole body into the cache (atomically); returns the archive's path."""
@@ -216,16 +223,9 @@ class CocoCaptions:
         return archive
 
     def _unpack(self, archive: Path, paths: dict[str, Path], version: str) -> None:
-        """The two caption members out of a downloaded archive into the cache; the archive itself is not kept."""
+        """The caption members out of a downloaded archive; the archive itself is not kept."""
         try:
-            with zipfile.ZipFile(archive) as zipped:
-                members = _caption_members(zipped, self.source)
-                for split, path in paths.items():
-                    with zipped.open(members[split]) as src, atomic_path(path) as tmp, open(tmp, "wb") as dst:
-                        shutil.copyfileobj(src, dst, READ_BLOCK)
-                    record_version(path, version)
-        except zipfile.BadZipFile as err:
-            raise InputError(f"{self.source} is not a zip archive ({oneline(err)}); {_help()}") from err
+            self._extract(archive, paths, version)
         finally:
             archive.unlink(missing_ok=True)
 
@@ -262,7 +262,7 @@ class CocoCaptions:
         for attempt in range(ATTEMPTS):
             self.requests += 1
             try:
-                return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+                return self._opener.open(request, timeout=TIMEOUT_S)
             except urllib.error.HTTPError as err:
                 if err.code < 500 or attempt == ATTEMPTS - 1:
                     raise InputError(f"could not fetch {self.source}: HTTP {err.code} {err.reason}; {_help()}") from err

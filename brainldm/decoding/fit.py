@@ -267,7 +267,9 @@ def fit_subject_maps(
             "prediction_std": float(fitted[name].prediction_std.square().mean().sqrt()),
         }
         source = store.config.get("model_id") if name in AUXILIARY else None
-        targets[name] = TargetConfig(roi, tuple(shape), len(selection), fitted[name].rank, spread, source)
+        targets[name] = TargetConfig(
+            roi, tuple(shape), len(selection), fitted[name].rank, spread, source, store.config.get("preprocessing")
+        )
         scores[name] = {"cv_r": cv_r}
     config = MapsConfig(
         subject=int(subject),

@@ -150,8 +150,9 @@ class TargetConfig:
     ``spread``: the training targets' and the out-of-fold predictions' overall standard deviation (root mean square
     over dimensions), ``{"target_std": ..., "prediction_std": ...}``; their ratio is what ``rescale="target"``
     multiplies by. None for maps fitted before brainldm stored it. ``model_id``: the model whose features the target
-    is, where that is not the LDM (the captioner for ``blip``, the depth model for ``dpt``). ``roi`` may be a union of
-    ROIs (``early+ventral``).
+    is, where that is not the LDM (the captioner for ``blip``, the depth model for ``dpt``). ``preprocessing``: how the
+    target's pictures were prepared, as its feature store recorded it (:data:`brainldm.images.PREPROCESSING`; None for
+    features computed before brainldm recorded it). ``roi`` may be a union of ROIs (``early+ventral``).
     """
 
     roi: str
@@ -160,6 +161,7 @@ class TargetConfig:
     rank: int | None = None
     spread: dict[str, float] | None = None
     model_id: str | None = None
+    preprocessing: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

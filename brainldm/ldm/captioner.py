@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from brainldm.images import images_to_tensor
+from brainldm.images import PREPROCESSING, images_to_tensor
 from brainldm.ldm.loading import TINY
 from brainldm.torch_utils import default_device
 from brainldm.validation import InputError
@@ -27,8 +27,6 @@ BLIP_MODEL = "Salesforce/blip-image-captioning-base"  # transformers' port of BL
 BLIP_IMAGE_SIZE = 240  # the reference code's (its BLIP decoder was built at 240 px: 226 tokens x 768)
 RANDOM_BLIP = "random-blip"  # BLIP's ViT-B captioner's architecture with random weights, for rehearsals
 MAX_IMAGE_SIZE = 1024  # px: 4,097 tokens for ViT-B, 18 x the reference code's 226
-BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's image normalisation (its processor's)
-BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # tiny's words: those of captions naming animals, the offline world's (brainldm.offline.synthetic) among them, so
 # that its captions tokenize whole (tests/test_synthetic.py checks they do)
@@ -193,9 +191,8 @@ def random_blip_captioner(seed: int = 0) -> Captioner:
 
 
 def pixel_values(images, size: int) -> torch.Tensor:
-    """Images -> (n, 3, size, size) normalised as BLIP was trained (bicubic resize)."""
-
-    return images_to_tensor(images, size, BLIP_MEAN, BLIP_STD)
+    """Images -> (n, 3, size, size) in [0, 1], as the reference code feeds BLIP (``PREPROCESSING["blip"]``)."""
+    return images_to_tensor(images, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 @torch.no_grad()
@@ -210,7 +207,8 @@ def blip_embeddings(captioner: Captioner, images) -> torch.Tensor:
 def blip_feature(captioner: Captioner, model_id: str) -> tuple[dict, Callable]:
     """The ``blip`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the
     captioner's id, the image size), and the function of a batch of images that computes it."""
-    return {"model_id": model_id, "image_size": captioner.image_size}, lambda images: blip_embeddings(captioner, images)
+    recorded = {"model_id": model_id, "image_size": captioner.image_size, "preprocessing": PREPROCESSING["blip"]}
+    return recorded, lambda images: blip_embeddings(captioner, images)
 
 
 @torch.no_grad()

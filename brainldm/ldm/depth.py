@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from brainldm.images import images_to_tensor
+from brainldm.images import BICUBIC, PREPROCESSING, images_to_tensor, resize
 from brainldm.ldm.loading import TINY
 from brainldm.presets import TAKAGI2023, Sampling
 from brainldm.torch_utils import default_device
@@ -29,6 +29,7 @@ from brainldm.validation import InputError
 DPT_MODEL = "Intel/dpt-large"
 RANDOM_DPT_LARGE = "random-dpt-large"  # DPT-large's architecture with random weights, for rehearsals
 DPT_MEAN = DPT_STD = (0.5, 0.5, 0.5)  # DPT-large's image normalisation (its processor's)
+DPT_REFERENCE_SIZE = 512  # the reference code's resize before DPT's processor (codes/depth/img2feat_dpt.py)
 
 
 def load_depth_model(model_id: str = DPT_MODEL, device=None):
@@ -95,7 +96,8 @@ def states_shape(model) -> tuple[int, int, int]:
 def _pixel_values(model, images) -> torch.Tensor:
 
     parameter = next(model.parameters())
-    x = images_to_tensor(images, model.config.image_size, DPT_MEAN, DPT_STD)
+    # as the reference code: Lanczos to 512 px, then the model's image processor (bicubic to its size, normalised)
+    x = images_to_tensor(resize(images, DPT_REFERENCE_SIZE), model.config.image_size, DPT_MEAN, DPT_STD, BICUBIC)
     return x.to(parameter.device, parameter.dtype)
 
 
@@ -117,7 +119,8 @@ def dpt_states(model, images) -> tuple[torch.Tensor, torch.Tensor]:
 def dpt_feature(model, model_id: str) -> tuple[dict, Callable]:
     """The ``dpt`` feature for :func:`brainldm.ldm.extraction.extract_features`: what its store records (the depth
     model's id, its image size), and the function of a batch of images that computes it."""
-    return {"model_id": model_id, "image_size": model.config.image_size}, lambda images: dpt_states(model, images)[0]
+    recorded = {"model_id": model_id, "image_size": model.config.image_size, "preprocessing": PREPROCESSING["dpt"]}
+    return recorded, lambda images: dpt_states(model, images)[0]
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from brainldm.data.features import AUXILIARY, REDUCTIONS, FeatureSpec, FeatureStore, check_step
+from brainldm.images import PREPROCESSING
 from brainldm.ldm.features import encode_c, encode_z, img2img_latents
 from brainldm.ldm.loading import ldm_sizes
 from brainldm.presets import TAKAGI2023
@@ -77,7 +78,7 @@ def extract_features(
             spec.kind in AUXILIARY
         ):  # wide targets, kept in half precision: DPT's are 4.7 MB a picture so, 47 GB a subject
             return dict(auxiliary[spec.kind][0], feature=spec.name, dtype="float16")
-        config = dict(common, feature=spec.name)
+        config = dict(common, feature=spec.name, preprocessing=PREPROCESSING["c" if spec.kind == "c" else "z"])
         if spec.kind in ("zc", "unet"):
             config.update(run, strength=spec.strength)
         if spec.kind == "unet":

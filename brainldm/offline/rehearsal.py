@@ -2,17 +2,18 @@
 architecture with seeded random weights, every step of the real pipeline run through its own script.
 
 :func:`rehearse` writes a synthetic subject at NSD's real size (:func:`write_full_size_subject`), serves it as
-``s3://natural-scenes-dataset`` (:class:`~brainldm.offline.bucket.FolderS3`) with its COCO annotations archive on a
-stand-in for COCO's site (:class:`~brainldm.offline.site.FolderSite`; NSD's bucket holds no captions), then runs ``scripts/prepare_nsd.py``,
-``extract_features.py`` (z, c, blip, dpt), ``fit_maps.py`` (the paper's and the follow-up's decoders, default ranks),
-``reconstruct.py`` (``--rescale target`` and the follow-up), ``evaluate.py``, ``encoding.py`` and ``app.py`` (one
-reconstruction through its API), each in its own process. Only the model ids differ from a real run (``random-sd14``,
-``random-blip``, ``random-dpt-large``, ``random-sd2-depth``; ``evaluate`` scores them with random-weight networks).
+``s3://natural-scenes-dataset`` (:class:`~brainldm.offline.bucket.FolderS3`) and its COCO annotations archive as
+COCO's site (:class:`~brainldm.offline.site.FolderSite`, reached as an HTTP proxy: NSD's bucket holds no captions),
+then runs ``scripts/prepare_nsd.py``, ``extract_features.py`` (z, c, blip, dpt), ``fit_maps.py`` (the paper's and the
+follow-up's decoders, default ranks), ``reconstruct.py`` (``--rescale target`` and the follow-up), ``evaluate.py``,
+``encoding.py`` and ``app.py`` (one reconstruction through its API), each in its own process. Only the model ids
+differ from a real run (``random-sd14``, ``random-blip``, ``random-dpt-large``, ``random-sd2-depth``; ``evaluate``
+scores them with random-weight networks).
 
-Each step is measured from outside (wall time, the process's own peak RSS, GPU memory from ``nvidia-smi``
-where there is one, bytes fetched from the bucket and from COCO's site, and written to disk) and what it wrote is checked against the
-shapes the real models give (:data:`REAL_SHAPES`): a step that fails or writes another shape stops the rehearsal.
-:func:`needs_table` then says what the real run needs: checkpoints, disk per subject and GPU memory.
+Each step is measured from outside (wall time, the process's own peak RSS, GPU memory from ``nvidia-smi`` where there
+is one, bytes fetched from the bucket and from COCO's site, bytes written to disk) and what it wrote is checked
+against the shapes the real models give (:data:`REAL_SHAPES`): a step that fails or writes another shape stops the
+rehearsal. :func:`needs_table` then says what the real run needs: checkpoints, disk per subject and GPU memory.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from brainldm.ldm.loading import DEPTH_MODEL, random_sd2_depth_ldm, random_sd14_
 from brainldm.ldm.reconstruct import KINDS
 from brainldm.offline.bucket import FolderS3
 from brainldm.offline.site import FolderSite
-from brainldm.offline.synthetic import COCO_PATH, default_coco_root, write_nsd_tree
+from brainldm.offline.synthetic import default_coco_root, write_nsd_tree
 from brainldm.paths import subject_name
 from brainldm.presets import TAKAGI2023
 from brainldm.validation import InputError
@@ -431,8 +432,7 @@ def rehearse(
         paper = ",".join(f"{t}={roi}" for t, roi in TAKAGI2023.decoders)
         plan = [
             ("prepare", [str(scripts / "prepare_nsd.py"), "--nsd-root", f"s3://{BUCKET}", "--subject", "1",
-                         "--out", str(data), "--cache-dir", str(cache),
-                         "--coco-annotations", f"{coco_site.url}/{COCO_PATH}"], (data, cache)),
+                         "--out", str(data), "--cache-dir", str(cache)], (data, cache)),
             ("features", [str(scripts / "extract_features.py"), "--data", str(data), "--subject", "1",
                           "--model", "random-sd14", "--features", "z,c,blip,dpt", "--captioner", "random-blip",
                           "--depth-model", "random-dpt-large", "--out", str(features)], (features,)),
@@ -466,7 +466,12 @@ def rehearse(
             bucket.reset()
             coco_site.reset()
             before = folder_bytes(*outputs)
-            step.wall_s, step.peak_rss_gb, step.gpu_peak_gb, _ = run_process(step.command, env, logs / f"{name}.log")
+            # COCO's URL (http://images.cocodataset.org/...) reaches the stand-in as through a proxy, so prepare runs
+            # as the README writes it, as AWS_ENDPOINT_URL sends s3://natural-scenes-dataset to the local bucket
+            coco = {"http_proxy": coco_site.url, "no_proxy": "127.0.0.1,localhost"} if name == "prepare" else {}
+            step.wall_s, step.peak_rss_gb, step.gpu_peak_gb, _ = run_process(
+                step.command, {**env, **coco}, logs / f"{name}.log"
+            )
             step.fetched_bytes = sum(bucket.bytes_sent.values())
             step.coco_bytes = coco_site.fetched()
             step.written_bytes = folder_bytes(*outputs) - before

@@ -123,7 +123,9 @@ def draw_pairs(n: int, seed: int, size: int, workers: int | None = None) -> tupl
 
 
 def resize(pictures: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize of uint8 pictures (n, H, W, 3), as :func:`brainldm.images.images_to_tensor` does."""
+    """Bicubic resize of uint8 pictures (n, H, W, 3): how toy was trained (the features' pictures are resized with
+    Lanczos, as the reference code does; on the world's 128 px pictures at toy's 80 px the two differ by 0.3 grey
+    levels on average)."""
     return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BICUBIC)) for p in pictures])
 
 
