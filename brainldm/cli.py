@@ -166,3 +166,10 @@ def _range(minimum, maximum, lower: str = "[") -> str:
         return infinity if value is None else str(value) if isinstance(value, int) else f"{value:g}"
 
     return f"{lower}{show(minimum, '-inf')}, {show(maximum, 'inf')}]"
+
+
+def byte_size(n_bytes: float) -> str:
+    """A number of bytes as people read it: kB, MB or GB (powers of 1000)."""
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.1f} GB"
+    return f"{n_bytes / 1e6:.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {folder}")
     for source in (nsd_root, captions):
         if source.remote:
-            print(f"fetched {source.bytes_fetched / 2**20:,.1f} MiB in {source.requests:,} requests from {source}")
+            print(f"fetched {cli.byte_size(source.bytes_fetched)} in {source.requests:,} requests from {source}")
     if not captions.remote:
         print(f"captions read from {captions}")
     if args.push:

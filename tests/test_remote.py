@@ -236,8 +236,8 @@ def test_the_script_reads_a_bucket_and_says_what_it_fetched(bucket, s3, coco_sit
     module.main(["--nsd-root", URL, "--subject", "1", "--sessions", "1", "--out", str(tmp_path / "out"),
                  "--cache-dir", str(tmp_path / "cache"), "--coco-annotations", coco_site.archive])  # fmt: skip
     out = capsys.readouterr().out
-    assert re.search(rf"fetched .* MiB in .* requests from {URL}\n", out)
-    assert re.search(rf"fetched .* MiB in .* requests from {re.escape(coco_site.archive)}\n", out)
+    assert re.search(rf"fetched [\d.]+ [kMG]B in .* requests from {URL}\n", out)
+    assert re.search(rf"fetched [\d.]+ [kMG]B in .* requests from {re.escape(coco_site.archive)}\n", out)
     assert (tmp_path / "out" / "subj01" / "info.json").exists()
     with pytest.raises(SystemExit) as exit:
         module.main(["--nsd-root", "s3://no-such-bucket", "--subject", "1", "--out", str(tmp_path / "bad")])

@@ -257,33 +257,32 @@ class Stimuli:
             row = int(coords[np.argmax(offsets < 0), 0])
             wanted = [i for i in missing if i // chunks[0] == row]
             raise InputError(f"{self.url} holds no picture {wanted[0]} (its chunk was never written)")
-        filters = brick.compression or ("filtered" if brick.id.get_create_plist().get_nfilters() else "no filter")
+        plist = brick.id.get_create_plist()
+        filters = ", ".join(plist.get_filter(k)[3].decode() for k in range(plist.get_nfilters())) or "no filters"
         picture_bytes = int(np.prod(shape[1:]))
         self.storage.note(
-            f"{self.url}: imgBrick is stored in chunks of {chunks} ({filters}{', shuffled' if brick.shuffle else ''}), "
-            f"not one picture a chunk: fetching the {len(coords):,} chunks that hold the {len(missing):,} pictures, "
+            f"{self.url}: imgBrick is stored in chunks of {chunks} ({filters}), not one picture a chunk: fetching "
+            f"the {len(coords):,} chunks that hold the {len(missing):,} pictures, "
             f"{sizes.sum() / 2**20:,.1f} MiB for {len(missing) * picture_bytes / 2**20:,.1f} MiB of pictures"
         )
         decode = ChunkDecoder(brick)
-        per_row = int(np.prod([len(g) for g in grid]))
+        per_row = len(coords) // len(rows)  # the chunks across one picture row of the chunk grid
+        rows_a_batch = max(1, batch // chunks[0])
         wanted = set(missing)
         try:
-            for first in range(0, len(rows), max(1, batch // chunks[0])):
-                part = slice(first * per_row, (first + max(1, batch // chunks[0])) * per_row)
+            for first in range(0, len(rows), rows_a_batch):
+                part = slice(first * per_row, (first + rows_a_batch) * per_row)
                 blocks = self.storage.read_ranges(STIMULI, offsets[part], sizes[part])
                 pictures: dict[int, np.ndarray] = {}
                 for coord, block, mask in zip(coords[part], blocks, masks[part]):
-                    values = decode(block, mask)
-                    corner = coord * chunks
-                    ends = np.minimum(corner + chunks, shape)
-                    for k in range(ends[0] - corner[0]):
-                        nsd_id = int(corner[0] + k)
-                        if nsd_id in wanted:
-                            picture = pictures.setdefault(nsd_id, np.empty(shape[1:], np.uint8))
-                            size = ends[1:] - corner[1:]
-                            picture[tuple(slice(c, e) for c, e in zip(corner[1:], ends[1:]))] = values[
-                                (k, *(slice(0, n) for n in size))
-                            ]
+                    values = decode(block, mask)  # a whole chunk: an edge chunk's values beyond the brick are padding
+                    start = coord * chunks
+                    stop = np.minimum(start + chunks, shape)
+                    inside = tuple(slice(0, n) for n in stop[1:] - start[1:])
+                    where = tuple(slice(a, b) for a, b in zip(start[1:], stop[1:]))
+                    for nsd_id in wanted.intersection(range(start[0], stop[0])):
+                        picture = pictures.setdefault(nsd_id, np.empty(shape[1:], np.uint8))
+                        picture[where] = values[(nsd_id - start[0], *inside)]
                 for nsd_id, picture in pictures.items():
                     self._write(nsd_id, picture)
         finally:

@@ -37,6 +37,7 @@ import torch
 from brainldm.analysis.encoding import MIN_TEST_IMAGES
 from brainldm.analysis.evaluate import CLIP_L14_VISION, CLIP_MODEL, METRICS, TORCHVISION_METRICS, check_torchvision
 from brainldm.analysis.reconstructions import load_trial_images
+from brainldm.cli import byte_size
 from brainldm.data import nsd
 from brainldm.data.features import FeatureStore
 from brainldm.data.trials import load_trials, load_voxels
@@ -319,22 +320,16 @@ STEP_MODELS = {  # which checkpoints each step holds on the GPU
 }  # fmt: skip
 
 
-def _size(n_bytes: float) -> str:
-    if n_bytes >= 1e9:
-        return f"{n_bytes / 1e9:.1f} GB"
-    return f"{n_bytes / 1e6:.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
-
-
 def needs_table(steps: list[Step], sizes: dict, checkpoint_rows: list[tuple[str, str, int]]) -> str:
     """What the real run needs, as markdown: checkpoints (fp32 download), disk per subject (measured per trial and per
     picture, scaled to a real subject) and each step's GPU memory in fp16 (parameters, and the measured peak)."""
     params = {row[0]: row[2] for row in checkpoint_rows}
     lines = ["| checkpoint | used for | parameters | fp32 (parameters x 4 B) |", "|---|---|---:|---:|"]
-    lines += [f"| {cid} | {what} | {n / 1e6:,.0f} M | {_size(4 * n)} |" for cid, what, n in checkpoint_rows]
-    lines += [f"| all | | {sum(params.values()) / 1e6:,.0f} M | {_size(4 * sum(params.values()))} |", ""]
+    lines += [f"| {cid} | {what} | {n / 1e6:,.0f} M | {byte_size(4 * n)} |" for cid, what, n in checkpoint_rows]
+    lines += [f"| all | | {sum(params.values()) / 1e6:,.0f} M | {byte_size(4 * sum(params.values()))} |", ""]
     lines += ["| disk per subject | rehearsal | a real subject (subj01: 27,750 trials, 10,000 pictures) |",
               "|---|---:|---:|"]  # fmt: skip
-    lines += [f"| {name} | {_size(measured)} | {_size(real)} |" for name, (measured, real) in sizes.items()]
+    lines += [f"| {name} | {byte_size(measured)} | {byte_size(real)} |" for name, (measured, real) in sizes.items()]
     lines += [
         "",
         "| step | fp16 parameters on the GPU | GPU peak measured | CPU peak RSS (fp32) |",
@@ -343,7 +338,7 @@ def needs_table(steps: list[Step], sizes: dict, checkpoint_rows: list[tuple[str,
     for step in steps:
         held = sum(params.get(cid, 0) for cid in STEP_MODELS.get(step.name, ()))
         gpu = "no GPU here" if step.gpu_peak_gb is None else f"{step.gpu_peak_gb:.1f} GB"
-        lines.append(f"| {step.name} | {_size(2 * held) if held else '-'} | {gpu} | {step.peak_rss_gb:.1f} GB |")
+        lines.append(f"| {step.name} | {byte_size(2 * held) if held else '-'} | {gpu} | {step.peak_rss_gb:.1f} GB |")
     return "\n".join(lines)
 
 
@@ -531,8 +526,8 @@ def describe(step: Step) -> str:
     shapes = "; ".join(f"{k} {v}" for k, v in step.shapes.items())
     return (
         f"  {step.name}: {step.wall_s:.0f} s, peak RSS {step.peak_rss_gb:.1f} GB{gpu}, fetched "
-        f"{_size(step.fetched_bytes)} from NSD's bucket and {_size(step.coco_bytes)} from COCO's site, wrote "
-        f"{_size(step.written_bytes)}; {shapes}"
+        f"{byte_size(step.fetched_bytes)} from NSD's bucket and {byte_size(step.coco_bytes)} from COCO's site, wrote "
+        f"{byte_size(step.written_bytes)}; {shapes}"
     )
 
 
@@ -545,7 +540,7 @@ def steps_table(steps: list[Step]) -> str:
         gpu = "—" if s.gpu_peak_gb is None else f"{s.gpu_peak_gb:.1f} GB"
         shapes = "; ".join(f"{k} {v}" for k, v in s.shapes.items())
         lines.append(
-            f"| {s.name} | {s.wall_s:.0f} s | {s.peak_rss_gb:.1f} GB | {gpu} | {_size(s.fetched_bytes)} | "
-            f"{_size(s.coco_bytes)} | {_size(s.written_bytes)} | {shapes} |"
+            f"| {s.name} | {s.wall_s:.0f} s | {s.peak_rss_gb:.1f} GB | {gpu} | {byte_size(s.fetched_bytes)} | "
+            f"{byte_size(s.coco_bytes)} | {byte_size(s.written_bytes)} | {shapes} |"
         )
     return "\n".join(lines)
