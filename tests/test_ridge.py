@@ -201,3 +201,39 @@ def test_out_of_fold_prediction_moments_are_those_of_the_held_out_predictions(sh
     np.testing.assert_allclose(model.cv_prediction_mean_.numpy(), held_out.mean(0), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(model.cv_prediction_std_.numpy(), about_intercept.std(0), rtol=1e-6)
     assert np.all(held_out.std(0) < Y.std(0))  # the shrinkage rescaling undoes
+
+
+def test_the_trial_space_solution_is_the_ridge_solution():
+    """TrialSpaceRidge (fewer trials than voxels) gives solve_ridge's predictions, intercept and map."""
+    from brainldm.decoding.ridge import TrialSpaceRidge, solve_ridge
+
+    rng = np.random.default_rng(3)
+    X = torch.from_numpy(rng.standard_normal((20, 50))).double()
+    Y = torch.from_numpy(rng.standard_normal((20, 7))).double()
+    alphas = torch.tensor([0.1, 1.0, 10.0, 100.0, 1.0, 3.0, 30.0], dtype=torch.float64)
+    coef, intercept = solve_ridge(X, Y, alphas)
+    d, predictions, trial_intercept = TrialSpaceRidge(X).solve(Y, alphas)
+    torch.testing.assert_close(predictions, (X - X.mean(0)) @ coef)
+    torch.testing.assert_close(trial_intercept, intercept)
+    torch.testing.assert_close(TrialSpaceRidge(X).left(d), coef)
+
+
+def test_a_rank_reduction_over_blocks_is_the_reduction_of_the_whole_map():
+    from brainldm.decoding.ridge import RankReduction, reduced_rank, symmetric_sqrt
+
+    rng = np.random.default_rng(4)
+    X = torch.from_numpy(rng.standard_normal((60, 12))).double()
+    W = torch.from_numpy(rng.standard_normal((12, 30))).double()
+    gram = X.T @ X
+    whole_left, whole_right = reduced_rank(W, gram, 4)
+    reduction, root = RankReduction(4), symmetric_sqrt(gram)
+    blocks = (W[:, :11], W[:, 11:25], W[:, 25:])
+    for block in blocks:
+        reduction.add(root @ block)
+    for block in blocks:
+        reduction.factor(block, root @ block)
+    left, right = reduction.factors()
+    torch.testing.assert_close(X @ left @ right, X @ whole_left @ whole_right)
+    best = torch.linalg.svd(X @ W)  # and it is the best rank-4 approximation of the predictions
+    truncated = best.U[:, :4] @ torch.diag(best.S[:4]) @ best.Vh[:4]
+    torch.testing.assert_close(X @ left @ right, truncated)

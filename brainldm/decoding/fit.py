@@ -15,7 +15,15 @@ import torch
 from brainldm.data.features import AUXILIARY, FeatureStore
 from brainldm.data.trials import load_trials, load_voxels
 from brainldm.decoding.maps import STORAGE_DTYPES, LinearMap, MapsConfig, SubjectMaps, TargetConfig, voxel_fingerprint
-from brainldm.decoding.ridge import RidgeCV, make_folds, ridge_cv_scores, solve_ridge
+from brainldm.decoding.ridge import (
+    RankReduction,
+    RidgeCV,
+    TrialSpaceRidge,
+    make_folds,
+    ridge_cv_scores,
+    solve_ridge,
+    symmetric_sqrt,
+)
 from brainldm.metrics import dimension_correlation, identification, pattern_correlation
 from brainldm.presets import TAKAGI2023
 from brainldm.torch_utils import default_device
@@ -39,8 +47,9 @@ def fit_linear_map(
     ``targets``: (n, T), or a function that returns an iterator over blocks of its columns in order ((n, width)
     arrays; called twice for a reduced-rank map), so that targets of any width (DPT's 2.4 million values per image)
     are fitted a block at a time: each target's ridge is its own. With ``rank`` below k and T, the map is stored as
-    the rank-r product closest to the ridge map in training predictions (:func:`~brainldm.decoding.ridge.reduced_rank`,
-    built here from the blocks without holding the dense map). The map keeps the training targets' mean and std and the
+    the rank-r product closest to the ridge map in training predictions
+    (:class:`~brainldm.decoding.ridge.RankReduction`, from the blocks without holding the dense map; in the trials'
+    space when there are fewer trials than voxels). The map keeps the training targets' mean and std and the
     out-of-fold predictions' (from the cross-validated fit, so no test data), from which :meth:`LinearMap.rescale`
     undoes ridge's shrinkage."""
     x = np.ascontiguousarray(betas[:, voxels], dtype=np.float32)
@@ -56,13 +65,12 @@ def fit_linear_map(
                   mean=torch.from_numpy(mean), std=torch.from_numpy(std))  # fmt: skip
     if rank is not None and len(x) <= x.shape[1]:
         return _reduced_rank_in_trial_space(x, blocks, groups, alphas, cv, rank, compute, common)
-    sqrt_gram = None
+    reduction = None
     if rank is not None:
         x_t = torch.from_numpy(x).to(compute)
         centred = x_t - x_t.mean(0)  # the ridge fit centres X; so does the Gram of the predictions it must preserve
-        e, v = torch.linalg.eigh(centred.T @ centred)
-        sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T  # X W and S W have the same right singular vectors and values
-        products = torch.zeros_like(sqrt_gram)  # S W W^T S, summed over blocks of W's columns
+        sqrt_gram = symmetric_sqrt(centred.T @ centred)
+        reduction = RankReduction(rank)
     fitted: dict[str, list[torch.Tensor]] = {}
     for y in blocks():
         ridge = RidgeCV(alphas=alphas, cv=cv, device=device).fit(x, y, groups=groups)
@@ -74,65 +82,49 @@ def fit_linear_map(
             prediction_std=ridge.cv_prediction_std_.float(),
             cv_r=ridge.cv_scores_.max(0).values.float(),
         )
-        if sqrt_gram is None:
+        if reduction is None:
             parts["weight"] = ridge.coef_.float()
         else:
-            m = sqrt_gram @ ridge.coef_.to(compute, sqrt_gram.dtype)
-            products += m @ m.T
+            reduction.add(sqrt_gram @ ridge.coef_.to(compute, sqrt_gram.dtype))
         for key, value in parts.items():
             fitted.setdefault(key, []).append(value)
     joined = {key: torch.cat(values, dim=-1) for key, values in fitted.items()}
     cv_r = float(joined.pop("cv_r").mean())
     common.update(joined)
-    if sqrt_gram is None:
+    if reduction is None:
         return LinearMap(**common), cv_r
-    # the rows of B: the top-r right singular vectors of X W, a block of W's columns at a time (W solved again)
-    lam, q = torch.linalg.eigh(products)
-    lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
-    norm = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None]
-    left, right, done = torch.zeros(x.shape[1], rank, device=compute), [], 0
+    done = 0  # pass 2: each block's weights solved again at its chosen alphas
     for y in blocks():
-        best = common["best_alphas"][done : done + y.shape[1]].to(compute)
-        weight = solve_ridge(x_t, y, best)[0].to(compute)
-        block_right = (q.T @ (sqrt_gram @ weight)) / norm
-        left += weight @ block_right.T
-        right.append(block_right.cpu())
+        weight = solve_ridge(x_t, y, common["best_alphas"][done : done + y.shape[1]].to(compute))[0].to(compute)
+        reduction.factor(weight, sqrt_gram @ weight)
         done += y.shape[1]
-    return LinearMap(left=left.cpu(), right=torch.cat(right, dim=1), **common), cv_r
+    left, right = reduction.factors()
+    return LinearMap(left=left.cpu(), right=right, **common), cv_r
 
 
 def _reduced_rank_in_trial_space(x, blocks, groups, alphas, cv, rank, compute, common) -> tuple[LinearMap, float]:
-    """:func:`fit_linear_map`'s reduced-rank map when there are fewer trials n than voxels k, without any k x T weights.
-
-    With X centred and X X^T = U diag(e) U^T, a block's ridge map is W = X^T U D, D = U^T Y / (e + alpha) (alpha per
-    target), and its training predictions X W = U diag(e) D: n x T like the targets. So the predictions' top-r right
-    singular vectors B come from an n x n matrix, and A = W B^T = X^T U (sum over blocks of D B^T). The same map as
-    the k x k path's, at a fraction of the work (the follow-up's DPT targets: 2.4 million per picture).
+    """:func:`fit_linear_map`'s reduced-rank map when there are fewer trials n than voxels k, without any k x T weights:
+    :class:`~brainldm.decoding.ridge.TrialSpaceRidge` solves each block, and the predictions X W (n x T, like the
+    targets) are the :class:`~brainldm.decoding.ridge.RankReduction`'s images, so its eigenproblem is n x n. The same
+    map as the k x k path's, at a fraction of the work (the follow-up's DPT targets: 2.4 million per picture).
     """
     x_t = torch.from_numpy(x).to(compute)
-    centred = x_t - x_t.mean(0)
-    e, u = torch.linalg.eigh(centred @ centred.T)
-    e = e.clamp_min(0)
+    trial_space = TrialSpaceRidge(x_t)
     alphas_t = torch.as_tensor(np.asarray(alphas, dtype=np.float32), device=compute)
     folds = make_folds(len(x), cv, groups)
-    to_eigenbasis = (x_t.mean(0) @ centred.T) @ u  # the training mean's row, for the intercept
 
-    def solve(y: np.ndarray, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(D, X W, intercept) of one block of targets at its alphas."""
-        y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(compute)
-        y_mean = y_t.mean(0)
-        d = (u.T @ (y_t - y_mean)) / (e[:, None] + best[None, :])
-        return d, u @ (e[:, None] * d), y_mean - to_eigenbasis @ d
+    def as_tensor(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(compute)
 
     fitted: dict[str, list[torch.Tensor]] = {}
-    products = torch.zeros(len(x), len(x), device=compute)  # X W W^T X^T, summed over blocks
+    reduction = RankReduction(rank)
     for y in blocks():
         check_finite("targets", y)
         scores, prediction_mean, prediction_std = ridge_cv_scores(x_t, y, alphas_t, folds, prediction_moments=True)
         best = scores.argmax(0)
         columns = torch.arange(scores.shape[1], device=scores.device)
-        _, predictions, intercept = solve(y, alphas_t[best])
-        products += predictions @ predictions.T
+        _, predictions, intercept = trial_space.solve(as_tensor(y), alphas_t[best])
+        reduction.add(predictions)
         parts = dict(
             intercept=intercept.cpu(),
             best_alphas=alphas_t[best].cpu(),
@@ -145,19 +137,13 @@ def _reduced_rank_in_trial_space(x, blocks, groups, alphas, cv, rank, compute, c
             fitted.setdefault(key, []).append(value)
     joined = {key: torch.cat(values, dim=-1) for key, values in fitted.items()}
     cv_r = float(joined.pop("cv_r").mean())
-    lam, q = torch.linalg.eigh(products)
-    rank = min(rank, len(x))  # X W has no more directions than trials
-    lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
-    norm = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None]
-    accumulated, right, done = torch.zeros(len(x), rank, device=compute), [], 0
+    done = 0
     for y in blocks():
-        d, predictions, _ = solve(y, joined["best_alphas"][done : done + y.shape[1]].to(compute))
-        block_right = (q.T @ predictions) / norm
-        accumulated += d @ block_right.T
-        right.append(block_right.cpu())
+        d, predictions, _ = trial_space.solve(as_tensor(y), joined["best_alphas"][done : done + y.shape[1]].to(compute))
+        reduction.factor(d, predictions)
         done += y.shape[1]
-    left = centred.T @ (u @ accumulated)
-    return LinearMap(left=left.cpu(), right=torch.cat(right, dim=1), **common, **joined), cv_r
+    dual, right = reduction.factors()
+    return LinearMap(left=trial_space.left(dual).cpu(), right=right, **common, **joined), cv_r
 
 
 def block_values(n_images: int, n_voxels: int, budget: int = 2**28) -> int:

@@ -223,19 +223,90 @@ def solve_ridge(
     return coef, intercept
 
 
+def symmetric_sqrt(gram: torch.Tensor) -> torch.Tensor:
+    """S = gram^(1/2) (symmetric): S W has the same right singular vectors and values as X W when gram = X^T X."""
+    e, v = torch.linalg.eigh(gram)
+    return (v * e.clamp_min(0).sqrt()) @ v.T
+
+
+class RankReduction:
+    """The rank-r map A B closest to a ridge map W in training predictions (argmin ||X (W - A B)||_F), built from
+    W's column blocks in two passes, so that no dense W need be held (DPT's 2.4 million targets a picture).
+
+    Each block is given as an *image* M_b whose Gram matrix M_b^T M_b is that of the block's training predictions
+    X W_b: in feature space M_b = S W_b (:func:`symmetric_sqrt`, k rows), in the trials' space the centred predictions
+    themselves (n rows, :class:`TrialSpaceRidge`). Pass 1 (:meth:`add`) sums M_b M_b^T; its top-r eigenvectors give
+    B's rows, the top-r right singular vectors of X W. Pass 2 (:meth:`factor`) gives each block's columns of B and
+    adds ``coef_b @ B_b^T`` to A, where ``coef_b`` is W_b (feature space) or the block's dual coefficients (trial
+    space: A is then ``X^T U`` times it, :meth:`TrialSpaceRidge.left`).
+    """
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self._products: torch.Tensor | None = None
+        self.left: torch.Tensor | None = None
+        self.right: list[torch.Tensor] = []
+
+    def add(self, image: torch.Tensor) -> None:
+        """Pass 1: one block's image (m, width)."""
+        product = image @ image.T
+        self._products = product if self._products is None else self._products + product
+
+    def factor(self, coef: torch.Tensor, image: torch.Tensor) -> None:
+        """Pass 2, in the blocks' order: one block's coefficients (rows, width) and its image (m, width)."""
+        if not self.right:
+            lam, q = torch.linalg.eigh(self._products)
+            rank = min(self.rank, len(lam))  # no more directions than the image has rows
+            lam, self._q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
+            self._norm = lam.clamp_min(torch.finfo(lam.dtype).tiny).sqrt()[:, None]
+        block_right = (self._q.T @ image) / self._norm
+        contribution = coef @ block_right.T
+        self.left = contribution if self.left is None else self.left + contribution
+        self.right.append(block_right.cpu())
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (rows, r), B (r, n_targets)) after pass 2."""
+        return self.left, torch.cat(self.right, dim=1)
+
+
 def reduced_rank(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rank-r map closest to ``weight`` in training predictions: argmin ||X (W - A B)||_F -> (A, B).
 
-    ``gram`` is X^T X of the (standardised) training data. The rows of B span the top-r right singular vectors
-    of X W, so X A B is the best rank-r approximation of the training predictions X W.
+    ``gram`` is X^T X of the (standardised, centred) training data: :class:`RankReduction` in feature space, one block.
     """
-    e, v = torch.linalg.eigh(gram)
-    sqrt_gram = (v * e.clamp_min(0).sqrt()) @ v.T
-    m = sqrt_gram @ weight  # X W and S W have the same right singular vectors and values
-    lam, q = torch.linalg.eigh(m @ m.T)
-    lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
-    right = (q.T @ m) / lam.clamp_min(torch.finfo(m.dtype).tiny).sqrt()[:, None]
-    return weight @ right.T, right
+    image = symmetric_sqrt(gram) @ weight
+    reduction = RankReduction(rank)
+    reduction.add(image)
+    reduction.factor(weight, image)
+    return reduction.factors()
+
+
+class TrialSpaceRidge:
+    """Ridge of standardised ``X`` (n, k) with an intercept, solved in the trials' space: for fewer trials than
+    voxels, without any k x n_targets weights.
+
+    With X centred and X X^T = U diag(e) U^T, the map of targets Y at alphas is W = X^T U D with D = U^T (Y - mean) /
+    (e + alpha) (one alpha per target): :meth:`solve` gives D (the dual coefficients), the centred training
+    predictions X W = U diag(e) D (n x width, like the targets) and the intercept; :meth:`left` turns dual
+    coefficients (n, r) into the map's (k, r).
+    """
+
+    def __init__(self, X: torch.Tensor):
+        self.X_mean = X.mean(0)
+        self.centred = X - self.X_mean
+        e, self.u = torch.linalg.eigh(self.centred @ self.centred.T)
+        self.e = e.clamp_min(0)
+        self._mean_row = (self.X_mean @ self.centred.T) @ self.u  # the training mean in the eigenbasis
+
+    def solve(self, Y: torch.Tensor, alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(D (n, width), X W centred (n, width), intercept (width,)) of targets ``Y`` (n, width) at ``alphas``."""
+        Y_mean = Y.mean(0)
+        d = (self.u.T @ (Y - Y_mean)) / (self.e[:, None] + alphas[None, :])
+        return d, self.u @ (self.e[:, None] * d), Y_mean - self._mean_row @ d
+
+    def left(self, dual: torch.Tensor) -> torch.Tensor:
+        """Dual coefficients (n, r) -> the map's coefficients X^T U dual (k, r)."""
+        return self.centred.T @ (self.u @ dual)
 
 
 def _to(array, like: torch.Tensor) -> torch.Tensor:
