@@ -19,6 +19,15 @@ from brainldm.validation import InputError
 ImageLike = Image.Image | np.ndarray
 LANCZOS, BICUBIC = Image.Resampling.LANCZOS, Image.Resampling.BICUBIC
 
+# Per-channel (mean, std) of pixels in [0, 1], as each network was trained
+NORMALISATIONS = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI CLIP's processor
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's ImageNet weights
+    "dpt": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # DPT-large's image processor
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # pixels in [0, 1] as they are: the reference code's BLIP input
+    "vae": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1]: Stable Diffusion's VAE
+}
+
 REFERENCE_CODE = "github.com/yu-takagi/StableDiffusionReconstruction"
 PREPROCESSING = {
     "z": {
@@ -72,13 +81,22 @@ def resize(images: Sequence[ImageLike], size: int, resample: Image.Resampling = 
     return [np.asarray(Image.fromarray(to_rgb_array(im)).resize((size, size), resample)) for im in images]
 
 
+def normalise(x: torch.Tensor, normalisation: str) -> torch.Tensor:
+    """Pixels in [0, 1] (n, 3, H, W) normalised as :data:`NORMALISATIONS` names (``clip``, ``imagenet``, ...)."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {sorted(NORMALISATIONS)}, got {normalisation!r}")
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device)[:, None, None] for v in NORMALISATIONS[normalisation])
+    return (x - mean) / std
+
+
+def pictures_to_tensor(pictures: torch.Tensor, normalisation: str) -> torch.Tensor:
+    """uint8 pictures (n, H, W, 3), already at the network's size -> normalised float (n, 3, H, W)."""
+    return normalise(pictures.permute(0, 3, 1, 2).float() / 255.0, normalisation)
+
+
 def images_to_tensor(
-    images: Sequence[ImageLike], size: int, mean=None, std=None, resample: Image.Resampling = LANCZOS
+    images: Sequence[ImageLike], size: int, normalisation: str = "vae", resample: Image.Resampling = LANCZOS
 ) -> torch.Tensor:
-    """Resize images to ``size`` x ``size`` (Lanczos by default, as the reference code) -> (n, 3, size, size) in
-    [-1, 1], or, given a network's per-channel ``mean`` and ``std`` (of pixels in [0, 1]), normalised by them."""
-    arrays = resize(images, size, resample)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    if mean is None:
-        return x / 127.5 - 1.0
-    return (x / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    """Resize images to ``size`` x ``size`` (Lanczos by default, as the reference code) -> (n, 3, size, size),
+    normalised as :data:`NORMALISATIONS` names (default ``vae``: [-1, 1])."""
+    return pictures_to_tensor(torch.from_numpy(np.stack(resize(images, size, resample))), normalisation)

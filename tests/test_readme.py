@@ -18,13 +18,19 @@ def _setup_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_ci_runs_exactly_the_readme_setup_commands():
+def _rehearsal_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Before you rent a GPU", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"^HF_HUB_OFFLINE=1 python -m pytest -m rehearsal$", section, re.M).group(0)
+
+
+def test_ci_runs_exactly_the_readme_setup_commands_then_the_rehearsal_it_names():
     ci = [
         line
         for line in (ROOT / ".ci/run").read_text().splitlines()
         if line and not line.startswith(("#", "set ", "cd "))
     ]
-    assert ci == _setup_commands()
+    assert ci == [*_setup_commands(), _rehearsal_command()]
 
 
 def test_every_page_the_readme_links_exists():

@@ -27,6 +27,7 @@ def rehearsal(tmp_path_factory):
     return work, {step.name: step for step in steps}, needs, lines
 
 
+@pytest.mark.rehearsal  # 18 minutes on 2 cores: its own CI line, -m rehearsal
 def test_every_step_of_the_real_pipeline_runs_at_the_real_sizes(rehearsal):
     work, steps, _, lines = rehearsal
     assert list(steps) == ["prepare", "features", "fit", "reconstruct", "evaluate", "encoding", "app"]
@@ -48,6 +49,7 @@ def test_every_step_of_the_real_pipeline_runs_at_the_real_sizes(rehearsal):
     assert table.count("\n") == 1 + len(steps)
 
 
+@pytest.mark.rehearsal  # 18 minutes on 2 cores: its own CI line, -m rehearsal
 def test_the_needs_table_names_every_checkpoint_and_the_disk_a_subject_takes(rehearsal):
     _, _, needs, _ = rehearsal
     for checkpoint in ("CompVis/stable-diffusion-v1-4", "Salesforce/blip-image-captioning-base", "Intel/dpt-large",

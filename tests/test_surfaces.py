@@ -128,7 +128,9 @@ def test_a_cortical_space_of_another_grid_is_refused_before_the_work(decoding_wo
 
 
 def test_import_nsd_subject_names_the_missing_freesurfer_file(tmp_path):
-    with pytest.raises(InputError, match=r"missing lh flat patch: .*nsddata/freesurfer/subj02/surf/lh.full.flat"):
+    with pytest.raises(
+        InputError, match=r"missing subj02 FreeSurfer file: .*nsddata/freesurfer/subj02/surf/lh.full.flat"
+    ):
         import_nsd_subject(tmp_path, 2)
 
 

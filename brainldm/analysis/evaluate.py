@@ -19,6 +19,7 @@ import torch
 
 from brainldm.analysis.reconstructions import is_done, load_trial_images
 from brainldm.data.features import FeatureStore, load_features
+from brainldm.images import normalise
 from brainldm.ldm.loading import clip_stand_in
 from brainldm.ldm.reconstruct import KINDS
 from brainldm.metrics import (
@@ -32,7 +33,6 @@ from brainldm.metrics import (
     ssim,
     two_way_identification,
 )
-from brainldm.torch_utils import CLIP_MEAN, CLIP_STD
 from brainldm.validation import InputError
 
 Extractor = Callable[[list[np.ndarray]], np.ndarray]
@@ -118,14 +118,10 @@ REFERENCE_ROWS = {
 # --- feature extractors, loaded lazily -----------------------------------------------------------------------
 
 
-def _batch(images: list[np.ndarray], size: int, mean, std, device) -> torch.Tensor:
-    """Images (uint8 (H, W, 3) or float (3, H, W) in [0, 1]) at ``size`` (:func:`~brainldm.metrics.as_evaluated`),
-    normalised by ``mean`` and ``std`` -> (n, 3, size, size) on ``device``."""
-    x = torch.from_numpy(np.stack([as_evaluated(im, size) for im in images]))
-    return ((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]).to(device)
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+def _batch(images: list[np.ndarray], size: int, normalisation: str, device) -> torch.Tensor:
+    """Images (uint8 (H, W, 3) or float (3, H, W) in [0, 1]) at ``size`` as the protocol resizes them
+    (:func:`~brainldm.metrics.as_evaluated`), normalised as ``normalisation`` names -> (n, 3, size, size)."""
+    return normalise(torch.from_numpy(np.stack([as_evaluated(im, size) for im in images])), normalisation).to(device)
 
 
 def torchvision_extractor(name: str, device="cpu", weights: str | None = "DEFAULT") -> Extractor:
@@ -148,7 +144,7 @@ def torchvision_extractor(name: str, device="cpu", weights: str | None = "DEFAUL
 
     @torch.no_grad()
     def extract(images):
-        return extractor(_batch(images, size, IMAGENET_MEAN, IMAGENET_STD, device))[node].flatten(1).cpu().numpy()
+        return extractor(_batch(images, size, "imagenet", device))[node].flatten(1).cpu().numpy()
 
     return extract
 
@@ -167,7 +163,7 @@ def swav_extractor(device="cpu", random_weights: bool = False) -> Extractor:
 
     @torch.no_grad()
     def extract(images):
-        x = _batch(images, METRICS["swav"].input_size, IMAGENET_MEAN, IMAGENET_STD, device)
+        x = _batch(images, METRICS["swav"].input_size, "imagenet", device)
         return model(x).cpu().numpy()
 
     return extract
@@ -188,7 +184,7 @@ def clip_extractor(model=None, model_id: str = CLIP_MODEL, device="cpu") -> Extr
 
     @torch.no_grad()
     def extract(images):
-        out = model(pixel_values=_batch(images, size, CLIP_MEAN, CLIP_STD, device))
+        out = model(pixel_values=_batch(images, size, "clip", device))
         embedding = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
         return embedding.cpu().numpy()
 

@@ -254,6 +254,10 @@ class Storage:
         if not self.exists(rel):
             raise InputError(f"missing {what}: {self.url(rel)} does not exist")
         raw = RangeFile(self, rel)
+        # the first block before h5py sees the file: an object the store refuses (or a missing one) fails here, in
+        # Python; failing inside h5py's open leaves HDF5 holding the file object, which crashes the interpreter's exit
+        raw.readinto(bytearray(1))
+        raw.seek(0)
         try:
             with h5py.File(raw, "r") as f:
                 yield f

@@ -192,7 +192,7 @@ def random_blip_captioner(seed: int = 0) -> Captioner:
 
 def pixel_values(images, size: int) -> torch.Tensor:
     """Images -> (n, 3, size, size) in [0, 1], as the reference code feeds BLIP (``PREPROCESSING["blip"]``)."""
-    return images_to_tensor(images, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return images_to_tensor(images, size, "unit")
 
 
 @torch.no_grad()

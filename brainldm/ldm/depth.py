@@ -28,7 +28,6 @@ from brainldm.validation import InputError
 
 DPT_MODEL = "Intel/dpt-large"
 RANDOM_DPT_LARGE = "random-dpt-large"  # DPT-large's architecture with random weights, for rehearsals
-DPT_MEAN = DPT_STD = (0.5, 0.5, 0.5)  # DPT-large's image normalisation (its processor's)
 DPT_REFERENCE_SIZE = 512  # the reference code's resize before DPT's processor (codes/depth/img2feat_dpt.py)
 
 
@@ -97,7 +96,7 @@ def _pixel_values(model, images) -> torch.Tensor:
 
     parameter = next(model.parameters())
     # as the reference code: Lanczos to 512 px, then the model's image processor (bicubic to its size, normalised)
-    x = images_to_tensor(resize(images, DPT_REFERENCE_SIZE), model.config.image_size, DPT_MEAN, DPT_STD, BICUBIC)
+    x = images_to_tensor(resize(images, DPT_REFERENCE_SIZE), model.config.image_size, "dpt", BICUBIC)
     return x.to(parameter.device, parameter.dtype)
 
 

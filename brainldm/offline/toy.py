@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from brainldm.analysis.evaluate import clip_extractor
+from brainldm.images import pictures_to_tensor
 from brainldm.ldm.features import encode_c, encode_z
 from brainldm.ldm.loading import byte_level_clip_tokenizer, ddim_scheduler, load_ldm, signal_to_noise
 from brainldm.ldm.reconstruct import Reconstructor
@@ -50,7 +51,7 @@ from brainldm.offline.synthetic import draw_picture
 from brainldm.offline.toy_card import toy_card, toy_reproduce
 from brainldm.paths import atomic_path
 from brainldm.presets import TAKAGI2023, Sampling
-from brainldm.torch_utils import clip_normalise, default_device
+from brainldm.torch_utils import default_device
 from brainldm.validation import InputError
 
 
@@ -338,7 +339,7 @@ def train_clip(clip, token_ids, caption_owner, pictures, stage: Stage) -> None:
         captions = first[items] + torch.randint(0, 1 << 30, (len(items),), generator=g) % counts[items]
         out = clip(
             input_ids=token_ids[captions].to(device),
-            pixel_values=clip_normalise(torch.from_numpy(pictures[items.numpy()])).to(device),
+            pixel_values=pictures_to_tensor(torch.from_numpy(pictures[items.numpy()]), "clip").to(device),
             return_loss=True,
         )
         _descend(stage.optimizer, out.loss, lr_at(step, config.clip_steps, config.clip_lr))
