@@ -120,13 +120,13 @@ def integers(minimum: int | None = None) -> Callable[[str], list[int]]:
     return parse
 
 
-def name_values(value: Callable[[str], object]) -> Callable[[str], dict]:
+def name_values(value: Callable[[str], object], example: str = "c=1024") -> Callable[[str], dict]:
     """An argparse type: comma-separated ``name=value`` pairs, each value read by ``value`` (e.g. ``c=1024``)."""
 
     def parse(text: str) -> dict:
         pairs = [part.split("=") for part in text.split(",") if part.strip()]
         if not pairs or any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
-            raise argparse.ArgumentTypeError(f"expected name=value pairs such as c=1024, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected name=value pairs such as {example}, got {text!r}")
         return {name.strip(): value(number.strip()) for name, number in pairs}
 
     return parse

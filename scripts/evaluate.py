@@ -16,7 +16,7 @@ from brainldm import cli
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.analysis.evaluate import METRICS
+    from brainldm.analysis.evaluate import FIRST_SESSIONS, METRICS, PROTOCOLS
     from brainldm.ldm.reconstruct import KINDS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", help="feature folder with true z and c: adds brain/image retrieval top-1")
     parser.add_argument(
         "--protocol",
-        choices=["mindeye2", "takagi"],
+        choices=list(PROTOCOLS),
         default="mindeye2",
         help="mindeye2 (default): sample 0 of each image, as the tables the field compares; takagi: each metric "
         "averaged over the samples of each image (reconstruct with --samples 5)",
@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--first-sessions",
         type=cli.positive,
-        default=37,
-        help="also score the images shown within the first N sessions, when the data run past them (default: 37, "
-        "NSD's 982-image test set of Takagi & Nishimoto and Brain-Diffuser; all 40 sessions give 1,000 images)",
+        default=FIRST_SESSIONS,
+        help="also score the images shown within the first N sessions, when the data run past them (default: "
+        "%(default)s, NSD's 982-image test set of Takagi & Nishimoto and Brain-Diffuser; all 40 sessions give 1,000 "
+        "images)",
     )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)

@@ -31,10 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--decoders",
-        default=",".join(f"{target}={roi}" for target, roi in TAKAGI2023.decoders),
+        type=cli.name_values(str, example="z=early,c=ventral"),
+        default=dict(TAKAGI2023.decoders),
         help="which ROI each target is decoded from, as target=roi pairs (default: the paper's, "
-        "%(default)s); ROI names are the dataset's own (NSD streams, or your experiment's masks), and a+b+c is their "
-        "union (the follow-up pipeline: blip=early+ventral+midventral+midlateral+lateral+parietal, dpt=...)",
+        f"{','.join(f'{t}={roi}' for t, roi in TAKAGI2023.decoders)}); ROI names are the dataset's own (NSD "
+        "streams, or your experiment's masks), and a+b+c is their union (the follow-up pipeline: "
+        "blip=early+ventral+midventral+midlateral+lateral+parietal, dpt=...)",
     )
     parser.add_argument("--cv", type=cli.integer(2), default=TAKAGI2023.cv_folds, help="CV folds (grouped by image)")
     parser.add_argument(
@@ -52,18 +54,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from brainldm.decoding.fit import fit_subject_maps
 
-    pairs = [pair.split("=") for pair in args.decoders.split(",")]
-    if any(len(pair) != 2 or not all(pair) for pair in pairs):
-        parser.error(f"--decoders: expected target=roi pairs such as z=early,c=ventral, got {args.decoders!r}")
-    needed = [f"{target}={roi}" for target, roi in TAKAGI2023.decoders if target not in {t for t, _ in pairs}]
+    if not all(args.decoders.values()):
+        parser.error(f"--decoders: every target needs an ROI (target=roi), got {args.decoders}")
+    needed = [f"{target}={roi}" for target, roi in TAKAGI2023.decoders if target not in args.decoders]
     if needed:  # maps are made here to reconstruct from, and every reconstruction starts from z and c
-        parser.error(f"--decoders {args.decoders} leaves out what every reconstruction needs: add {','.join(needed)}")
+        given = ",".join(f"{t}={roi}" for t, roi in args.decoders.items())
+        parser.error(f"--decoders {given} leaves out what every reconstruction needs: add {','.join(needed)}")
 
     maps = fit_subject_maps(
         args.data,
         args.features,
         args.subject,
-        decoders=tuple((target, roi) for target, roi in pairs),
+        decoders=tuple(args.decoders.items()),
         alphas=args.alphas,
         cv=args.cv,
         ranks=args.ranks,

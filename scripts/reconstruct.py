@@ -37,6 +37,7 @@ def parse_rows(text: str) -> list[int]:
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
+    from brainldm.decoding.maps import RESCALE_MODES
     from brainldm.presets import MAX_SAMPLES, TAKAGI2023
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.sampling.seed)
     parser.add_argument(
         "--rescale",
-        choices=["dimension", "target"],
+        choices=list(RESCALE_MODES),
         default=TAKAGI2023.rescale,
         help="rescale the decoded z and c to the training targets' spread (per dimension, as Brain-Diffuser, or one "
         "factor per target), with statistics fitted with the maps; default: off, as the paper",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainldm.analysis.reconstructions import is_done, load_trial_images
+from brainldm.analysis.reconstructions import finished_trials, load_trial_images, subject_folders, trial_name
 from brainldm.data.features import FeatureStore, load_features
 from brainldm.images import normalise
 from brainldm.ldm.loading import clip_stand_in
@@ -206,7 +206,8 @@ def stand_in_clip_extractor(model_id: str, device="cpu") -> Extractor | None:
 
 def recon_model_ids(recon: str | Path) -> set[str]:
     """The LDMs that made the finished reconstructions under a ``scripts/reconstruct.py`` output folder."""
-    return {json.loads(p.read_text()).get("model_id") for p in Path(recon).glob("subj[0-9][0-9]/*/meta.json")}
+    trials = [t for folder in subject_folders(recon) for t in finished_trials(folder)]
+    return {json.loads((t / "meta.json").read_text()).get("model_id") for t in trials}
 
 
 TORCHVISION_METRICS = ("alexnet2", "alexnet5", "inception", "effnet", "swav")  # swav: a torch.hub ResNet-50
@@ -265,7 +266,7 @@ def load_extractors(
 
 
 def load_subject_reconstructions(folder: Path) -> list[tuple[dict, dict[str, np.ndarray]]]:
-    trials = [load_trial_images(f) for f in sorted(folder.glob("*-*")) if f.is_dir() and is_done(f)]
+    trials = [load_trial_images(f) for f in finished_trials(folder)]
     if len(trials) < 2:
         raise InputError(f"{folder} holds {len(trials)} finished reconstructions; metrics need at least 2")
     return trials
@@ -397,7 +398,7 @@ def evaluate(
     extractors, unavailable = load_extractors(names, extractors, device, random_weights)
     if unavailable and not allow_unavailable:
         raise InputError(unavailable_message(names, unavailable))
-    folders = sorted(p for p in Path(recon).glob("subj[0-9][0-9]") if p.is_dir())
+    folders = subject_folders(recon)
     if not folders:
         raise InputError(f"no subjNN folders in {recon}; is it the output of scripts/reconstruct.py?")
     results = {
@@ -476,7 +477,7 @@ def _retrieval(folder: Path, trials, features) -> dict:
     the maps hold) that the trials saved and the feature store has."""
 
     def trial_folder(meta: dict) -> Path:
-        return folder / f"{meta['split']}-{meta['row']:05d}"
+        return folder / trial_name(meta["split"], meta["row"])
 
     saved = [{p.stem for p in trial_folder(meta).glob("*.npy")} for meta, _ in trials]
     names = sorted(set.intersection(*saved)) if saved else []

@@ -30,13 +30,28 @@ from brainldm.validation import InputError, oneline
 SETTINGS = (*(f.name for f in fields(Sampling)), "model_id", "rescale", "noise", "followup")
 
 
+def trial_name(split: str, row: int) -> str:
+    """A trial's folder name in its subject's folder: ``test-00007``."""
+    return f"{split}-{row:05d}"
+
+
 def trial_folder(out: str | Path, subject: int, split: str, row: int) -> Path:
-    return Path(out) / subject_name(subject) / f"{split}-{row:05d}"
+    return Path(out) / subject_name(subject) / trial_name(split, row)
 
 
 def is_done(folder: Path) -> bool:
     """meta.json is written last, so its presence means the trial's images are complete."""
     return (folder / "meta.json").exists()
+
+
+def subject_folders(out: str | Path) -> list[Path]:
+    """The ``subjNN`` folders of a reconstruction output folder."""
+    return sorted(p for p in Path(out).glob("subj[0-9][0-9]") if p.is_dir())
+
+
+def finished_trials(subject_folder: Path) -> list[Path]:
+    """A subject folder's finished trial folders, in order."""
+    return sorted(f for f in Path(subject_folder).glob("*-*") if f.is_dir() and is_done(f))
 
 
 def reconstruct_trials(
