@@ -127,6 +127,10 @@ def name_values(value: Callable[[str], object], example: str = "c=1024") -> Call
         pairs = [part.split("=") for part in text.split(",") if part.strip()]
         if not pairs or any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
             raise argparse.ArgumentTypeError(f"expected name=value pairs such as {example}, got {text!r}")
+        names = [name.strip() for name, _ in pairs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{text!r} names {', '.join(repeated)} more than once")
         return {name.strip(): value(number.strip()) for name, number in pairs}
 
     return parse

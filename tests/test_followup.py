@@ -314,7 +314,7 @@ def test_decoders_naming_a_target_twice_or_leaving_out_c_are_refused(followup_wo
     _, features = followup_world
     common = ["--data", decoding_world.data, "--features", features, "--subject", "1", "--out", tmp_path / "maps"]
     code, err = _run("fit_maps", [*common, "--decoders", "z=early,c=ventral,z=ventral"], capsys)
-    assert code == 2 and "name target 'z' more than once (z=early, c=ventral, z=ventral)" in _one_error_line(err)
+    assert code == 2 and "--decoders: 'z=early,c=ventral,z=ventral' names z more than once" in _one_error_line(err)
     code, err = _run("fit_maps", [*common, "--decoders", "z=early"], capsys)
     assert code == 2 and "leaves out what every reconstruction needs: add c=ventral" in _one_error_line(err)
     assert not (tmp_path / "maps").exists()

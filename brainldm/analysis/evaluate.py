@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from brainldm.analysis.reconstructions import finished_trials, load_trial_images, subject_folders, trial_name
+from brainldm.analysis.viz import save_figure
 from brainldm.data.features import FeatureStore, load_features
 from brainldm.images import normalise
 from brainldm.ldm.loading import clip_stand_in
@@ -563,11 +564,7 @@ def metrics_plot(results: dict, path: str | Path) -> Path:
             ax.axhline(METRICS[name].chance, color="gray", linestyle="--", linewidth=1)
             ax.set_ylim(0, 1)
     figure.suptitle("reconstruction metrics (average over subjects; * = mean over samples)", fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_report(results: dict, out: str | Path, names: Sequence[str] = tuple(METRICS)) -> dict[str, Path]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from brainldm.analysis.surfaces import check_space
+from brainldm.paths import atomic_path
 
 
 def contact_sheet(
@@ -45,23 +46,22 @@ def contact_sheet(
             if j == 0 and i < len(row_titles):
                 ax.set_ylabel(row_titles[i], fontsize=8)
     figure.tight_layout(pad=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=110, tight=False)
 
 
 # --- cortical maps and the encoding comparisons --------------------------------------------------------------
 
 
-def _save(figure, path: str | Path) -> Path:
-    """Lay the figure out, write it as a PNG at ``path`` and free it."""
+def save_figure(figure, path: str | Path, dpi: int = 100, tight: bool = True) -> Path:
+    """Every figure's way out: lay it out (``tight``), write it as a PNG at ``path`` (atomically, its folder made) and
+    free it."""
     import matplotlib.pyplot as plt
 
-    figure.tight_layout()
+    if tight:
+        figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=dpi, format="png")
     plt.close(figure)
     return path
 
@@ -103,10 +103,7 @@ def volume_mosaic(
     if image is not None:
         figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="r")
     figure.suptitle(title, fontsize=10)
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, tight=False)
 
 
 def roi_lines(series: dict[str, dict[float, float]], path: str | Path, xlabel: str, title: str) -> Path:
@@ -120,7 +117,7 @@ def roi_lines(series: dict[str, dict[float, float]], path: str | Path, xlabel: s
     ax.set_ylabel("mean test r")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def roi_bars(values: dict[str, dict[str, float]], path: str | Path, title: str) -> Path:
@@ -135,7 +132,7 @@ def roi_bars(values: dict[str, dict[str, float]], path: str | Path, title: str) 
     ax.set_ylabel("mean test r")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def group_rois(values: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str) -> Path:
@@ -162,7 +159,7 @@ def group_rois(values: dict[str, dict[str, dict[str, float]]], path: str | Path,
     axes[0][0].set_ylabel("mean test r")
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def group_lines(series: dict[str, dict[str, dict[float, float]]], path: str | Path, xlabel: str, title: str) -> Path:
@@ -191,7 +188,7 @@ def group_lines(series: dict[str, dict[str, dict[float, float]]], path: str | Pa
         row[0].set_ylabel("mean test r")
     axes[0][0].legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], path: str | Path, title: str) -> Path:
@@ -213,10 +210,7 @@ def winner_mosaic(winner: np.ndarray, brain: np.ndarray, names: Sequence[str], p
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
     figure.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
     figure.suptitle(title, fontsize=10)
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, tight=False)
 
 
 # --- pycortex flatmaps ----------------------------------------------------------------------------------------
@@ -321,7 +315,4 @@ def flatmaps(
         ax.set_xlabel(f"mean {label} per ROI", fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
     figure.suptitle(title, fontsize=14, y=1 - 0.12 / fig_h, va="top")
-    path = Path(path)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=80, tight=False)

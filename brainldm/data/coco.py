@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from brainldm.data.storage import Storage, cached_version, default_cache_dir, is_url, record_version
+from brainldm.data.storage import RemoteFile, Storage, cached_version, default_cache_dir, is_url, record_version
 from brainldm.paths import atomic_path
 from brainldm.validation import InputError, oneline
 
@@ -301,31 +301,17 @@ def _caption_members(archive: zipfile.ZipFile, where: str) -> dict[str, str]:
     return members
 
 
-class _RemoteZip(io.RawIOBase):
+class _RemoteZip(RemoteFile):
     """A read-only file over the archive at a URL, read by range requests: small pieces (the end record, the central
     directory, local headers) are kept; a member's data is fetched as asked, once."""
 
     def __init__(self, captions: CocoCaptions, size: int):
-        super().__init__()
-        self.captions, self.length, self.position = captions, size, 0
+        super().__init__(size)
+        self.captions = captions
         self.kept: list[tuple[int, bytes]] = []
 
     def prefetch(self, start: int, end: int) -> None:
         self.kept.append((start, self.captions.read_range(start, end)))
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
-        self.position = base + offset
-        return self.position
 
     def readinto(self, buffer) -> int:
         end = min(self.position + len(buffer), self.length)

@@ -321,17 +321,13 @@ def merge_ranges(starts: Sequence[int], sizes: Sequence[int], max_gap: int) -> l
     return spans
 
 
-class RangeFile(io.RawIOBase):
-    """A read-only file over a remote object, fetched in :data:`METADATA_BLOCK` blocks and kept: what h5py needs
-    to read an HDF5 file's metadata without downloading it."""
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable file of ``length`` bytes whose :meth:`readinto` fetches what is asked: the base of
+    :class:`RangeFile` and of :mod:`brainldm.data.coco`'s archive reader."""
 
-    def __init__(self, storage: Storage, rel: str, block: int = METADATA_BLOCK, keep: int = 256):
+    def __init__(self, length: int):
         super().__init__()
-        self.storage, self.rel, self.block, self.keep = storage, rel, block, keep
-        self.length = storage.size(rel)
-        self.position = 0
-        self.blocks: dict[int, bytes] = {}
-        self.error: InputError | None = None
+        self.length, self.position = length, 0
 
     def readable(self) -> bool:
         return True
@@ -346,6 +342,17 @@ class RangeFile(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
         self.position = base + offset
         return self.position
+
+
+class RangeFile(RemoteFile):
+    """A read-only file over a remote object, fetched in :data:`METADATA_BLOCK` blocks and kept: what h5py needs
+    to read an HDF5 file's metadata without downloading it."""
+
+    def __init__(self, storage: Storage, rel: str, block: int = METADATA_BLOCK, keep: int = 256):
+        super().__init__(storage.size(rel))
+        self.storage, self.rel, self.block, self.keep = storage, rel, block, keep
+        self.blocks: dict[int, bytes] = {}
+        self.error: InputError | None = None
 
     def readinto(self, buffer) -> int:
         end = min(self.position + len(buffer), self.length)

@@ -8,7 +8,6 @@ a fixed delay to every answer, to see how a client behaves at S3's round-trip ti
 
 from __future__ import annotations
 
-import email.utils
 import threading
 import time
 from collections import defaultdict
@@ -16,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
+
+from brainldm.offline.site import send_file
 
 
 class FolderS3:
@@ -72,31 +73,9 @@ def _handler(s3: FolderS3):
             path = s3.folder / key
             if not path.is_file():
                 return self._error(404, "NoSuchKey", head)
-            size = path.stat().st_size
-            start, end, status = 0, size - 1, 200
-            if "Range" in self.headers:
-                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
-                start, end, status = int(first), min(int(last or size - 1), size - 1), 206
-            headers = {
-                "Content-Length": str(end - start + 1),
-                "ETag": f'"{int(path.stat().st_mtime_ns)}"',
-                "Last-Modified": email.utils.formatdate(path.stat().st_mtime, usegmt=True),
-                "Accept-Ranges": "bytes",
-                "Content-Type": "binary/octet-stream",
-            }
-            if status == 206:
-                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            if head:
-                return
-            with open(path, "rb") as f:
-                f.seek(start)
-                body = f.read(end - start + 1)
-            self.wfile.write(body)
-            s3.count(key, len(body))
+            sent, _ = send_file(self, path, head, content_type="binary/octet-stream")
+            if not head:
+                s3.count(key, sent)
 
         def _list(self, query: dict, head: bool) -> None:
             prefix = query.get("prefix", [""])[0]

@@ -79,27 +79,38 @@ def _handler(site: FolderSite):
                 if not head:
                     self.wfile.write(body)
                 return
-            stat = path.stat()
-            start, end, status = 0, stat.st_size - 1, 200
-            if site.ranges and "Range" in self.headers and not head:
-                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
-                start, end, status = int(first), min(int(last or stat.st_size - 1), stat.st_size - 1), 206
-            self.send_response(status)
-            self.send_header("Content-Length", str(end - start + 1))
-            self.send_header("Content-Type", "application/zip")
-            self.send_header("ETag", f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"')
-            self.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
-            if site.ranges:
-                self.send_header("Accept-Ranges", "bytes")
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{stat.st_size}")
-            self.end_headers()
-            if head:
-                return
-            with open(path, "rb") as f:
-                f.seek(start)
-                body = f.read(end - start + 1)
-            self.wfile.write(body)
-            site.count(rel, len(body), (start, end + 1) if status == 206 else None)
+            sent, span = send_file(self, path, head, ranges=site.ranges)
+            if not head:
+                site.count(rel, sent, span)
 
     return Handler
+
+
+def send_file(
+    handler: BaseHTTPRequestHandler, path: Path, head: bool, ranges: bool = True, content_type: str = "application/zip"
+) -> tuple[int, tuple[int, int] | None]:
+    """Answer a HEAD or GET of the file at ``path`` as a static file server does (Content-Length, ETag, Last-Modified;
+    with ``ranges``, Accept-Ranges and a 206 for a Range request, else the whole file) -> (bytes sent, the range
+    [start, end) sent, or None for the whole file). Also :mod:`brainldm.offline.bucket`'s GetObject."""
+    stat = path.stat()
+    start, end, status = 0, stat.st_size - 1, 200
+    if ranges and "Range" in handler.headers and not head:
+        first, _, last = handler.headers["Range"].removeprefix("bytes=").partition("-")
+        start, end, status = int(first), min(int(last or stat.st_size - 1), stat.st_size - 1), 206
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(end - start + 1))
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("ETag", f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"')
+    handler.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
+    if ranges:
+        handler.send_header("Accept-Ranges", "bytes")
+    if status == 206:
+        handler.send_header("Content-Range", f"bytes {start}-{end}/{stat.st_size}")
+    handler.end_headers()
+    if head:
+        return 0, None
+    with open(path, "rb") as f:
+        f.seek(start)
+        body = f.read(end - start + 1)
+    handler.wfile.write(body)
+    return len(body), ((start, end + 1) if status == 206 else None)
