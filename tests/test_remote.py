@@ -330,29 +330,14 @@ def test_a_rerun_after_the_buckets_pictures_changed_reads_the_new_ones(own_bucke
 def test_damaged_cache_entries_are_fetched_again(own_bucket, s3, nsd_tree, tmp_path):
     name, root = own_bucket
     cache = tmp_path / "cache"
-    prepare_subject(
-        f"s3://{name}",
-        1,
-        tmp_path / "a",
-        sessions=1,
-        progress=False,
-        coco_annotations=nsd_tree.coco_archive,
-        cache_dir=cache,
-    )
+    args = dict(sessions=1, progress=False, coco_annotations=nsd_tree.coco_archive, cache_dir=cache)
+    prepare_subject(f"s3://{name}", 1, tmp_path / "a", **args)
     info = next(cache.rglob("nsd_stim_info_merged.csv"))
     info.write_bytes(info.read_bytes()[:100])  # cut short
     pictures = sorted(cache.rglob("nsd_stimuli.hdf5.images/*.npy"))
     pictures[0].write_bytes(pictures[0].read_bytes()[:1000])
     s3.requests.clear()
-    prepare_subject(
-        f"s3://{name}",
-        1,
-        tmp_path / "b",
-        sessions=1,
-        progress=False,
-        coco_annotations=nsd_tree.coco_archive,
-        cache_dir=cache,
-    )
+    prepare_subject(f"s3://{name}", 1, tmp_path / "b", **args)
     assert s3.fetched("nsd_stim_info_merged.csv") == nsd.stim_info_path(root).stat().st_size  # whole, once
     picture, metadata = 128 * 128 * 3, 512 * 1024
     assert picture <= s3.fetched("nsd_stimuli.hdf5") < picture + metadata  # that one picture, not the others
