@@ -18,7 +18,7 @@ import gradio as gr
 import numpy as np
 import spaces  # before brainldm imports torch: on a ZeroGPU Space it patches torch's CUDA
 
-from brainldm.demo import OFFLINE_BANNER, DemoBackend, Sources, find_subjects, gpu_seconds, offline_sources, ordinal
+from brainldm.demo import OFFLINE_BANNER, DemoBackend, gpu_seconds, ordinal, resolve_sources
 from brainldm.presets import TAKAGI2023, Sampling
 from brainldm.validation import MAX_SEED, InputError
 
@@ -92,21 +92,6 @@ def rank_line(ranks: dict[str, int], n: int, clip_name: str) -> str:
     return f"Presented picture ranked {' and '.join(said)}; chance is {(n + 1) / 2:g}"
 
 
-def resolve_sources(maps: str | None, data: str | None, model: str | None, subjects: str | None) -> Sources:
-    maps = maps or os.environ.get("BRAINLDM_MAPS") or "weights"
-    data = data or os.environ.get("BRAINLDM_DATA")
-    model = model or os.environ.get("BRAINLDM_MODEL")
-    if subjects:
-        chosen = [int(s) for s in subjects.split(",")]
-    elif "{subject" in maps:
-        chosen = list(TAKAGI2023.subjects)
-    else:
-        chosen = find_subjects(maps) if os.path.isdir(maps) else [1]
-    if not data or not chosen:
-        return offline_sources()
-    return Sources(maps=maps, data=data, model=model, subjects=chosen)
-
-
 def build_demo(backend: DemoBackend) -> gr.Blocks:
     sources = backend.sources
     paper = TAKAGI2023.sampling
@@ -166,12 +151,10 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
         return item["trial"], paper.strength, *shown(item)
 
     def cortical(choice):
-        subject = sources.subjects[0] if choice == "all subjects" else int(choice)
-        figures = backend.cortical_maps(subject)
         if choice == "all subjects":
-            figures = [f for f in figures if f[1].startswith("all subjects")] or figures
+            figures = backend.cortical_maps(sources.subjects[0], which="group")
         else:
-            figures = [f for f in figures if not f[1].startswith("all subjects")]
+            figures = backend.cortical_maps(int(choice), which="subject")
         note = (
             CORTICAL_NOTE
             if figures

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tempfile
 import threading
 from collections.abc import Callable
@@ -77,6 +78,23 @@ def maps_location(maps: str, subject: int) -> str:
     if folder.is_dir():
         return str(folder / subject_name(subject))
     return maps
+
+
+def resolve_sources(maps: str | None, data: str | None, model: str | None, subjects: str | None) -> Sources:
+    """The app's sources from its flags, else ``BRAINLDM_MAPS`` / ``BRAINLDM_DATA`` / ``BRAINLDM_MODEL`` (maps default
+    to ``weights/``); with no data or no subject with maps, the offline world (:func:`offline_sources`)."""
+    maps = maps or os.environ.get("BRAINLDM_MAPS") or "weights"
+    data = data or os.environ.get("BRAINLDM_DATA")
+    model = model or os.environ.get("BRAINLDM_MODEL")
+    if subjects:
+        chosen = [int(s) for s in subjects.split(",")]
+    elif "{subject" in maps:
+        chosen = list(TAKAGI2023.subjects)
+    else:
+        chosen = find_subjects(maps) if os.path.isdir(maps) else [1]
+    if not data or not chosen:
+        return offline_sources()
+    return Sources(maps=maps, data=data, model=model, subjects=chosen)
 
 
 def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = (1, 2)) -> Sources:
@@ -379,22 +397,25 @@ class DemoBackend:
             shown.append({**out, "trial": trial, "label": f"{label}: trial {trial}", "thumbnail": str(path)})
         return shown
 
-    def cortical_maps(self, subject: int) -> list[tuple[str, str]]:
+    def cortical_maps(self, subject: int, which: str = "all") -> list[tuple[str, str]]:
         """(PNG path, title) of the subject's cortical map figures, after the summary across subjects when there is
-        one. In a folder of subjects' maps, ``figures/`` holds what ``encoding.py --subjects`` writes (the group
-        summary, and each subject's figures in ``figures/subjNN``); ``subjNN/figures`` beside the maps, if there, is
-        used instead."""
+        one; ``which="group"``: the summary only (or, with none, the subject's), ``"subject"``: the subject's only.
+        In a folder of subjects' maps, ``figures/`` holds what ``encoding.py --subjects`` writes (the group summary,
+        and each subject's figures in ``figures/subjNN``); ``subjNN/figures`` beside the maps, if there, is used
+        instead."""
 
         group = Path(self.sources.maps) / "figures"
         # the summary across subjects: accuracy per ROI first, then the sweeps
         summaries = sorted(group.glob("group_*.png"), key=lambda p: (p.name != GROUP_FIGURE, p.name))
         captions = read_captions(group)
-        shown = [(str(p), "all subjects: " + captions.get(p.name, p.stem)) for p in summaries]
+        summary = [(str(p), "all subjects: " + captions.get(p.name, p.stem)) for p in summaries]
         own = Path(maps_location(self.sources.maps, int(subject))) / "figures"
         folder = own if own.is_dir() else group / subject_name(int(subject))
         if folder.is_dir():
             # flatmaps first: they are what people read these results from
             paths = sorted(folder.glob("*.png"), key=lambda p: (not p.stem.startswith("flatmap"), p.name))
             captions = read_captions(folder)
-            shown += [(str(p), f"subject {int(subject)}: " + captions.get(p.name, p.stem)) for p in paths]
-        return shown
+            own = [(str(p), f"subject {int(subject)}: " + captions.get(p.name, p.stem)) for p in paths]
+        else:
+            own = []
+        return {"all": summary + own, "group": summary or own, "subject": own}[which]

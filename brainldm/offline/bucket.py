@@ -73,9 +73,7 @@ def _handler(s3: FolderS3):
             path = s3.folder / key
             if not path.is_file():
                 return self._error(404, "NoSuchKey", head)
-            sent, _ = send_file(self, path, head, content_type="binary/octet-stream")
-            if not head:
-                s3.count(key, sent)
+            send_file(self, path, head, content_type="binary/octet-stream", sending=lambda n, _: s3.count(key, n))
 
         def _list(self, query: dict, head: bool) -> None:
             prefix = query.get("prefix", [""])[0]

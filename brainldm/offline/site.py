@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -79,19 +80,23 @@ def _handler(site: FolderSite):
                 if not head:
                     self.wfile.write(body)
                 return
-            sent, span = send_file(self, path, head, ranges=site.ranges)
-            if not head:
-                site.count(rel, sent, span)
+            send_file(self, path, head, ranges=site.ranges, sending=lambda n, span: site.count(rel, n, span))
 
     return Handler
 
 
 def send_file(
-    handler: BaseHTTPRequestHandler, path: Path, head: bool, ranges: bool = True, content_type: str = "application/zip"
-) -> tuple[int, tuple[int, int] | None]:
+    handler: BaseHTTPRequestHandler,
+    path: Path,
+    head: bool,
+    ranges: bool = True,
+    content_type: str = "application/zip",
+    sending: Callable[[int, tuple[int, int] | None], None] | None = None,
+) -> None:
     """Answer a HEAD or GET of the file at ``path`` as a static file server does (Content-Length, ETag, Last-Modified;
-    with ``ranges``, Accept-Ranges and a 206 for a Range request, else the whole file) -> (bytes sent, the range
-    [start, end) sent, or None for the whole file). Also :mod:`brainldm.offline.bucket`'s GetObject."""
+    with ``ranges``, Accept-Ranges and a 206 for a Range request, else the whole file). A GET calls ``sending`` with
+    the bytes and the range [start, end) (None: the whole file) before it sends them, so that a client that has its
+    answer finds it counted. Also :mod:`brainldm.offline.bucket`'s GetObject."""
     stat = path.stat()
     start, end, status = 0, stat.st_size - 1, 200
     if ranges and "Range" in handler.headers and not head:
@@ -108,9 +113,10 @@ def send_file(
         handler.send_header("Content-Range", f"bytes {start}-{end}/{stat.st_size}")
     handler.end_headers()
     if head:
-        return 0, None
+        return
     with open(path, "rb") as f:
         f.seek(start)
         body = f.read(end - start + 1)
+    if sending is not None:
+        sending(len(body), (start, end + 1) if status == 206 else None)
     handler.wfile.write(body)
-    return len(body), ((start, end + 1) if status == 206 else None)
