@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from brainldm.cards import PUBLIC_WARNING, dataset_card
+from brainldm.data.coco import CocoCaptions
 from brainldm.data.readers import NSDReader, Reader
 from brainldm.data.voxels import VoxelTable
 from brainldm.paths import atomic_path, subject_name
@@ -86,7 +87,7 @@ def prepare_subject(
     progress: bool = True,
     whole_brain: bool = False,
     cache_dir: str | Path | None = None,
-    coco_annotations=None,
+    coco_annotations: str | Path | CocoCaptions | None = None,
 ) -> Path:
     """Build ``OUT/subjNN`` from raw NSD: :func:`prepare` with an :class:`~brainldm.data.readers.NSDReader`.
 
