@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.io
 
 from brainldm.data.h5chunks import ChunkDecoder, chunk_ranges
-from brainldm.data.storage import RangeFile, Storage, as_storage
+from brainldm.data.storage import RangeFile, Storage, as_storage, cached_version, record_version
 from brainldm.paths import atomic_path
 from brainldm.validation import InputError, oneline
 
@@ -201,13 +201,13 @@ class Stimuli:
 
     def _fetch(self, nsd_ids: list[int], batch: int = 64) -> None:
         version = self.storage.version(STIMULI)
-        cached = self.storage.cached_version(self.folder)
+        cached = cached_version(self.folder)
         if self.folder.exists() and cached != version:
             said = "no record of what they came from" if cached is None else f"from {cached}, now {version}"
             self.storage.note(f"{self.url} is not what its cached pictures came from ({said}); fetching them again")
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.storage.record_version(self.folder, version)  # every picture in the folder is of this version
+        record_version(self.folder, version)  # every picture in the folder is of this version
         missing = [i for i in nsd_ids if not _complete_npy(self.folder / f"{i}.npy")]
         if not missing:
             return

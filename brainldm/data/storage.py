@@ -138,14 +138,6 @@ class Storage:
             raise InputError(f"missing file: {self.url(rel)} does not exist")
         return f"{entry[0]}:{entry[1]}"
 
-    def cached_version(self, entry: Path) -> str | None:
-        """The version a cache entry (a file or folder under :attr:`cache`) was fetched from, or None if unknown."""
-        return cached_version(entry)
-
-    def record_version(self, entry: Path, version: str) -> None:
-        """Note that the cache entry ``entry`` holds the object of ``version`` (written after the entry itself)."""
-        record_version(entry, version)
-
     def note(self, message: str) -> None:
         """A line on the progress output (kept in :attr:`notes`)."""
         self.notes.append(message)
@@ -164,7 +156,7 @@ class Storage:
             raise InputError(f"missing {what}: {self.url(rel)} does not exist")
         version, size = self.version(rel), self.size(rel)
         if path.is_file():
-            if self.cached_version(path) == version and path.stat().st_size == size:
+            if cached_version(path) == version and path.stat().st_size == size:
                 return path
             self.note(
                 f"{self.url(rel)}: the cached copy is not the bucket's ({self._why(path, version)}); fetching it again"
@@ -180,11 +172,11 @@ class Storage:
                     f"{self.url(rel)} changed while it was fetched ({tmp.stat().st_size:,} bytes, the listing said "
                     f"{size:,}); run again"
                 )
-        self.record_version(path, version)
+        record_version(path, version)
         return path
 
     def _why(self, entry: Path, version: str) -> str:
-        cached = self.cached_version(entry)
+        cached = cached_version(entry)
         if cached is None:
             return "no record of what it was fetched from"
         if cached != version:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from brainldm.offline.site import send_file
+from brainldm.offline.site import QuietHandler, send_file
 
 
 class FolderS3:
@@ -50,18 +50,7 @@ class FolderS3:
 
 
 def _handler(s3: FolderS3):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:  # quiet
-            pass
-
-        def do_HEAD(self) -> None:
-            self._answer(head=True)
-
-        def do_GET(self) -> None:
-            self._answer(head=False)
-
+    class Handler(QuietHandler):
         def _answer(self, head: bool) -> None:
             time.sleep(s3.latency)
             url = urlsplit(self.path)

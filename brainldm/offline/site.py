@@ -56,19 +56,27 @@ class FolderSite:
             self.ranges_asked.clear()
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP/1.1 handler that logs nothing and answers HEAD and GET with ``_answer(head)``: the base of both
+    offline servers' handlers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._answer(head=True)
+
+    def do_GET(self) -> None:
+        self._answer(head=False)
+
+    def _answer(self, head: bool) -> None:
+        raise NotImplementedError
+
+
 def _handler(site: FolderSite):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:  # quiet
-            pass
-
-        def do_HEAD(self) -> None:
-            self._answer(head=True)
-
-        def do_GET(self) -> None:
-            self._answer(head=False)
-
+    class Handler(QuietHandler):
         def _answer(self, head: bool) -> None:
             rel = unquote(urlsplit(self.path).path).lstrip("/")
             path = site.folder / rel
