@@ -26,33 +26,10 @@ import time
 
 
 def random_models(seed: int = 0):
-    """(captioner, DPT, SD-2-depth) at full size with seeded random weights."""
-    import torch
-    from diffusers import StableDiffusionDepth2ImgPipeline
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, DPTConfig, DPTForDepthEstimation
+    """(captioner, DPT, SD-2-depth) at full size with seeded random weights (the offline wing's random twins)."""
+    from brainldm.offline.twins import random_blip_captioner, random_dpt_large, random_sd2_depth_ldm
 
-    from brainldm.ldm.captioner import Captioner
-    from brainldm.ldm.loading import SD14_TEXT, SD14_UNET, SD14_VAE, _components
-
-    torch.manual_seed(seed)
-    blip_config = BlipConfig()
-    words = [f"w{i}" for i in range(blip_config.text_config.vocab_size - 6)]
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *words])}
-    tokenizer = BertTokenizer(vocab=vocab)
-    captioner = Captioner(BlipForConditionalGeneration(blip_config).eval(), tokenizer)
-    dpt = DPTForDepthEstimation(
-        DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024])
-    ).eval()  # fmt: skip
-    unet = dict(SD14_UNET, in_channels=5, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                use_linear_projection=True)  # fmt: skip
-    text = dict(SD14_TEXT, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                projection_dim=512, hidden_act="gelu")  # fmt: skip
-    pipe = StableDiffusionDepth2ImgPipeline(
-        **_components(unet, SD14_VAE, text, seed), depth_estimator=None, feature_extractor=None
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return captioner, dpt, pipe
+    return random_blip_captioner(seed), random_dpt_large(seed), random_sd2_depth_ldm(seed)
 
 
 def map_bytes(n_voxels: int, n_targets: int, rank: int | None, itemsize: int) -> int:

@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from brainldm.data.features import parse_features
     from brainldm.data.trials import SubjectStimuli, load_trials
     from brainldm.decoding.fit import fit_subject_maps
-    from brainldm.ldm.captioner import blip_feature, load_captioner
-    from brainldm.ldm.depth import dpt_feature, load_depth_model
-    from brainldm.ldm.extraction import extract_features
+    from brainldm.ldm.extraction import auxiliary_features, extract_features
     from brainldm.ldm.loading import load_ldm
     from brainldm.offline.world import build_offline_world
     from brainldm.presets import TAKAGI2023
@@ -39,15 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(work)
         ldm = load_ldm("toy", device="cpu")
         world = build_offline_world(root, ldm, "toy", n_sessions=6, trials_per_session=45, n_shared=20, seed=args.seed)
-        auxiliary = {
-            "blip": blip_feature(load_captioner("tiny", device="cpu"), "tiny"),
-            "dpt": dpt_feature(load_depth_model("tiny", device="cpu"), "tiny"),
-        }
+        specs = parse_features("blip,dpt")
+        auxiliary = auxiliary_features(specs, captioner="tiny", depth_model="tiny", device="cpu")
         stimuli = SubjectStimuli(world.data, (1,))
         extract_features(
-            ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("blip,dpt"), world.features,
-            progress=False, auxiliary=auxiliary,
-        )  # fmt: skip
+            ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, specs, world.features, progress=False, auxiliary=auxiliary
+        )
         print(f"{len(load_trials(world.data, 1, 'test'))} test images")
         print("| target | rank | weights (float32) | 2-way identification | pattern r |")
         print("|---|---|---|---|---|")

@@ -103,7 +103,7 @@ def run(work: Path, args, seed: int) -> tuple[dict[str, dict], float]:
     the presented pictures' pairwise r)."""
     import torch
 
-    from brainldm.analysis.evaluate import clip_extractor
+    from brainldm.analysis.extractors import clip_extractor
     from brainldm.data.features import load_features
     from brainldm.data.trials import SubjectStimuli, load_trials
     from brainldm.ldm.loading import load_ldm
@@ -117,7 +117,7 @@ def run(work: Path, args, seed: int) -> tuple[dict[str, dict], float]:
         reconstruction_scores,
     )
     from brainldm.offline.synthetic import OFFLINE_SNR
-    from brainldm.offline.toy import draw_pairs
+    from brainldm.offline.toy_parts import draw_pairs
     from brainldm.offline.world import build_offline_world
     from brainldm.presets import TAKAGI2023, Sampling
 

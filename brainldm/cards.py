@@ -1,5 +1,5 @@
 """The cards brainldm publishes on the Hub: the subject maps' model card and the trials' dataset card, with what every
-card shares (NSD's terms, the tags, the paper; the offline model's card, :mod:`brainldm.offline.toy_card`, uses them).
+card shares (NSD's terms, the tags, the paper; the offline wing's model card uses them too).
 """
 
 from __future__ import annotations

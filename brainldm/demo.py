@@ -24,16 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from brainldm.analysis.encoding import GROUP_FIGURE, read_captions, run_encoding, write_group_summary
-from brainldm.analysis.evaluate import clip_extractor, stand_in_clip_extractor
-from brainldm.analysis.surfaces import OFFLINE_SPACE
+from brainldm.analysis.encoding_job import GROUP_FIGURE, read_captions, run_encoding, write_group_summary
+from brainldm.analysis.extractors import clip_extractor, stand_in_clip_extractor
 from brainldm.data.trials import load_trials, load_voxels
 from brainldm.decoding.maps import WEIGHTS_FILE, SubjectMaps
 from brainldm.ldm.captioner import captioner_for, captions_from_embeddings
 from brainldm.ldm.loading import load_ldm
 from brainldm.ldm.reconstruct import Reconstruction, Reconstructor
 from brainldm.metrics import identification_rank, pixel_vectors
-from brainldm.offline.synthetic import OFFLINE_SNR
+from brainldm.offline.synthetic import OFFLINE_SNR, OFFLINE_SPACE
 from brainldm.offline.world import build_offline_world
 from brainldm.paths import atomic_path, subject_name
 from brainldm.presets import TAKAGI2023, Sampling

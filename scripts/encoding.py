@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
 
-    from brainldm.analysis.encoding import GROUP_FIGURE, run_encoding, run_group_encoding
+    from brainldm.analysis.encoding_job import GROUP_FIGURE, run_encoding, run_group_encoding
     from brainldm.analysis.surfaces import CorticalSpace
     from brainldm.data.features import parse_features
 

@@ -16,7 +16,8 @@ from brainldm import cli
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.analysis.evaluate import FIRST_SESSIONS, METRICS, PROTOCOLS
+    from brainldm.analysis.evaluate import FIRST_SESSIONS
+    from brainldm.analysis.protocol import METRICS, PROTOCOLS
     from brainldm.ldm.reconstruct import KINDS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from brainldm.analysis.evaluate import evaluate, metrics_table, write_report
+    from brainldm.analysis.evaluate import evaluate
+    from brainldm.analysis.report import metrics_table, write_report
 
     names = list(METRICS) if "all" in args.metrics else args.metrics
     options = dict(features=args.features, protocol=args.protocol, first_sessions=args.first_sessions)

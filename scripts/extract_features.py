@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset: a local folder or a Hub dataset repo id")
     cli.add_subjects(parser)
-    parser.add_argument("--model", default=TAKAGI2023.model_id, help="diffusers model id or folder, or 'tiny'")
+    parser.add_argument(
+        "--model", default=TAKAGI2023.model_id, help="diffusers model id or folder, or a registered name (e.g. 'tiny')"
+    )
     parser.add_argument(
         "--out", type=cli.output_folder, required=True, help="feature folder (one subfolder per feature)"
     )
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         "--unet-reduce", choices=REDUCTIONS, default="mean", help="U-Net tap reduction (default: mean over space)"
     )
     parser.add_argument(
-        "--captioner", default=BLIP_MODEL, help=f"BLIP captioner for blip features, or 'tiny' (default: {BLIP_MODEL})"
+        "--captioner",
+        default=BLIP_MODEL,
+        help=f"BLIP captioner for blip features, or a registered name (default: {BLIP_MODEL})",
     )
     parser.add_argument(
         "--blip-image-size",
@@ -63,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"image size for BLIP's embeddings (default: {BLIP_IMAGE_SIZE}, the reference code's)",
     )
     parser.add_argument(
-        "--depth-model", default=DPT_MODEL, help=f"DPT model for dpt features, or 'tiny' (default: {DPT_MODEL})"
+        "--depth-model",
+        default=DPT_MODEL,
+        help=f"DPT model for dpt features, or a registered name (default: {DPT_MODEL})",
     )
     args = parser.parse_args(argv)
 
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from brainldm.data.features import parse_features
     from brainldm.data.trials import SubjectStimuli
-    from brainldm.ldm.extraction import extract_features
+    from brainldm.ldm.extraction import auxiliary_features, extract_features
     from brainldm.ldm.loading import load_ldm
 
     specs = parse_features(args.features)
@@ -82,17 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     device = state.device if state.num_processes > 1 else args.device  # one device per process
     ldm = load_ldm(args.model, device=device, dtype=dtype)
-    kinds = {spec.kind for spec in specs}
-    auxiliary = {}
-    if "blip" in kinds:
-        from brainldm.ldm.captioner import blip_feature, load_captioner
-
-        captioner = load_captioner(args.captioner, device=ldm.unet.device, image_size=args.blip_image_size)
-        auxiliary["blip"] = blip_feature(captioner, args.captioner)
-    if "dpt" in kinds:
-        from brainldm.ldm.depth import dpt_feature, load_depth_model
-
-        auxiliary["dpt"] = dpt_feature(load_depth_model(args.depth_model, device=ldm.unet.device), args.depth_model)
+    auxiliary = auxiliary_features(specs, args.captioner, args.depth_model, ldm.unet.device, args.blip_image_size)
     stores = extract_features(
         ldm,
         args.model,

@@ -81,14 +81,14 @@ def main(argv: list[str] | None = None) -> None:
         "factor per target), with statistics fitted with the maps; default: off, as the paper",
     )
     parser.add_argument(
-        "--captioner", help="BLIP captioner for decoded blip, or 'tiny' (default: the one the maps were fitted to)"
+        "--captioner", help="BLIP captioner for decoded blip, or a registered name (default: the maps' own)"
     )
     parser.add_argument(
-        "--depth-model", help="DPT model for decoded dpt, or 'tiny' (default: the one the maps were fitted to)"
+        "--depth-model", help="DPT model for decoded dpt, or a registered name (default: the maps' own)"
     )
     parser.add_argument(
         "--depth-ldm",
-        help="Stable Diffusion 2 depth model for Xztd, or 'tiny' (default: stabilityai/stable-diffusion-2-depth)",
+        help="SD-2 depth model for Xztd, or a registered name (default: stabilityai/stable-diffusion-2-depth)",
     )
     parser.add_argument("--no-followup", action="store_true", help="only Xz, Xc and Xzc, whatever the maps decode")
     parser.add_argument("--overwrite", action="store_true", help="remake finished trials made with other settings")
@@ -100,12 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from accelerate import PartialState
 
-    from brainldm.analysis.reconstructions import reconstruct_trials, write_contact_sheet
+    from brainldm.analysis.viz import write_contact_sheet
     from brainldm.decoding.maps import SubjectMaps
     from brainldm.ldm.loading import load_ldm, optimize_ldm
     from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.paths import subject_name
     from brainldm.presets import Sampling
+    from brainldm.reconstruction.job import reconstruct_trials
     from brainldm.validation import InputError
 
     # cpu=True lets accelerate form a multi-process CPU group (gloo) when launched without GPUs

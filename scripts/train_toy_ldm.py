@@ -27,8 +27,10 @@ from brainldm.presets import TAKAGI2023
 
 @cli.script
 def main(argv: list[str] | None = None) -> None:
-    from brainldm.ldm.loading import TOY_DIR
-    from brainldm.offline.toy import ToyConfig, seed_work_from_model, train_toy
+    from brainldm.offline.toy import train_toy
+    from brainldm.offline.toy_growth import seed_work_from_model
+    from brainldm.offline.toy_parts import ToyConfig
+    from brainldm.offline.twins import TOY_DIR
 
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny():
-    from brainldm.ldm.loading import tiny_ldm
+    from brainldm.offline.twins import tiny_ldm
 
     return tiny_ldm()
 

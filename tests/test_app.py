@@ -240,7 +240,7 @@ def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeyp
 def test_cortical_maps_come_from_either_layout_with_the_group_summary_first(tmp_path):
     from types import SimpleNamespace
 
-    from brainldm.analysis.encoding import write_captions
+    from brainldm.analysis.encoding_job import write_captions
 
     group = ["figures/group_rois.png", "figures/group_sweep_noise.png", "figures/subj01/compare_rois.png",
              "figures/subj01/flatmap_z.png"]  # fmt: skip

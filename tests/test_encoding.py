@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from brainldm.analysis.encoding import fit_encoding, one_sided_p, pca_scores, run_encoding, significance
+from brainldm.analysis.encoding import fit_encoding, one_sided_p, pca_scores, significance
+from brainldm.analysis.encoding_job import run_encoding
 from brainldm.data.features import parse_features
 from brainldm.data.trials import SubjectStimuli, load_trials, load_voxels, prepare_subject
 from brainldm.ldm.extraction import extract_features
@@ -134,7 +135,8 @@ def test_several_subjects_get_their_own_results_and_a_group_summary(decoding_wor
 
 
 def test_the_group_summary_draws_each_sweep_with_every_subject(tmp_path):
-    from brainldm.analysis.encoding import EncodingResult, write_group_summary
+    from brainldm.analysis.encoding import EncodingResult
+    from brainldm.analysis.encoding_job import write_group_summary
 
     def result(name, early, ventral):
         rois = {"early": {"n_voxels": 5, "mean_r": early, "fraction_significant": 1.0},
@@ -227,7 +229,7 @@ def test_maps_summaries_and_figures_are_written(encoded):
 
 def test_every_figure_is_written_with_a_plain_caption_beside_it(encoded):
     # the app shows these captions under the figures, so a figure renamed or added here keeps its caption
-    from brainldm.analysis.encoding import read_captions
+    from brainldm.analysis.encoding_job import read_captions
 
     root, _, _ = encoded
     captions = read_captions(root / "out")

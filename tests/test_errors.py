@@ -179,9 +179,9 @@ def test_a_rank_above_the_maps_dimensions_is_refused(decoding_world, tmp_path):
 
 
 def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world, tiny, tmp_path):
-    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
+    from brainldm.reconstruction.job import reconstruct_trials
 
     recon = Reconstructor(tiny, output_size=64)
     common = dict(rows=[0], progress=False)
@@ -200,9 +200,9 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(decoding_world,
 
 
 def test_steps_beyond_the_schedulers_are_named_and_nothing_is_written(decoding_world, tiny, tmp_path):
-    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
+    from brainldm.reconstruction.job import reconstruct_trials
 
     with pytest.raises(InputError, match="steps must be in 1..1000 .*got 5000"):
         reconstruct_trials(Reconstructor(tiny), decoding_world.maps, decoding_world.data, 1, tmp_path / "out",
@@ -220,9 +220,9 @@ def test_a_config_json_that_is_not_json_is_named(decoding_world, tmp_path):
 
 
 def test_a_truncated_png_in_a_reconstruction_folder_is_named(decoding_world, tiny, tmp_path, capsys):
-    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
+    from brainldm.reconstruction.job import reconstruct_trials
 
     recon = Reconstructor(tiny, output_size=64)
     reconstruct_trials(recon, decoding_world.maps, decoding_world.data, 1, tmp_path / "recon", rows=[0, 1],

@@ -18,9 +18,9 @@ from brainldm.ldm.captioner import (
     pixel_values,
     strip_prompt,
 )
-from brainldm.ldm.depth import depth_from_states, depth_img2img, dpt_states, tiny_depth_model
-from brainldm.ldm.loading import tiny_depth_ldm
-from brainldm.offline.toy import draw_pairs
+from brainldm.ldm.depth import depth_from_states, depth_img2img, dpt_states
+from brainldm.offline.toy_parts import draw_pairs
+from brainldm.offline.twins import tiny_depth_ldm, tiny_depth_model
 from brainldm.presets import Sampling
 from brainldm.validation import InputError
 
@@ -321,10 +321,10 @@ def test_decoders_naming_a_target_twice_or_leaving_out_c_are_refused(followup_wo
 
 
 def test_maps_without_c_are_refused_by_reconstruct_before_any_work(decoding_world, tmp_path):
-    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.decoding.fit import fit_subject_maps
     from brainldm.ldm.loading import load_ldm
     from brainldm.ldm.reconstruct import Reconstructor
+    from brainldm.reconstruction.job import reconstruct_trials
 
     maps = fit_subject_maps(decoding_world.data, decoding_world.features, 1, decoders=(("z", "early"),), device="cpu")
     with pytest.raises(InputError, match=r"maps decode \['z'\], without c, which every reconstruction needs"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from brainldm.ldm.loading import ddim_scheduler, load_ldm, tiny_ldm
+from brainldm.ldm.loading import load_ldm
+from brainldm.offline.twins import ddim_scheduler, tiny_ldm
 from brainldm.presets import TAKAGI2023
 from brainldm.validation import InputError
 
@@ -77,12 +78,15 @@ def test_load_ldm_offline_and_not_cached_says_so(monkeypatch, tmp_path):
 def test_random_twins_have_the_real_models_architectures():
     """The rehearsal's models (seeded random weights, built without any download) at the sizes of the checkpoints a
     real run loads: shapes and parameter counts, built on the meta device (no memory, no compute)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from brainldm.analysis.evaluate import CLIP_L14_VISION
-    from brainldm.ldm.captioner import random_blip_captioner
-    from brainldm.ldm.depth import random_dpt_large, states_shape
-    from brainldm.ldm.loading import ldm_sizes, random_sd2_depth_ldm, random_sd14_ldm
+    from brainldm.ldm.depth import states_shape
+    from brainldm.ldm.loading import ldm_sizes
+    from brainldm.offline.twins import (
+        random_blip_captioner,
+        random_clip_l14,
+        random_dpt_large,
+        random_sd2_depth_ldm,
+        random_sd14_ldm,
+    )
 
     def count(module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -90,7 +94,7 @@ def test_random_twins_have_the_real_models_architectures():
     with torch.device("meta"):
         sd14, depth = random_sd14_ldm(), random_sd2_depth_ldm()
         captioner, dpt = random_blip_captioner(), random_dpt_large()
-        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION))
+        clip = random_clip_l14()
     assert count(sd14.unet) == 859_520_964 and count(sd14.text_encoder) == 123_060_480  # SD-1.4's
     assert ldm_sizes(sd14) == (320, 512) and sd14.unet.config.cross_attention_dim == 768  # z 4 x 40 x 40, c 77 x 768
     assert depth.unet.config.in_channels == 5 and depth.unet.config.cross_attention_dim == 1024

@@ -235,10 +235,10 @@ def test_a_third_target_flows_through_fit_card_evaluation_and_the_app(decoding_w
     """Targets are data: a decoder added to the preset (a new target from a new ROI) needs no code change."""
     import app as app_module
     from brainldm.analysis.evaluate import evaluate
-    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.demo import Subject
     from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
+    from brainldm.reconstruction.job import reconstruct_trials
 
     features = tmp_path / "features"
     shutil.copytree(decoding_world.features, features)

@@ -10,15 +10,10 @@ from PIL import Image
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
-from brainldm.analysis.evaluate import (
-    METRICS,
-    REFERENCE_ROWS,
-    clip_extractor,
-    evaluate,
-    metrics_table,
-    score_images,
-    write_report,
-)
+from brainldm.analysis.evaluate import evaluate, score_images
+from brainldm.analysis.extractors import clip_extractor
+from brainldm.analysis.protocol import METRICS, REFERENCE_ROWS
+from brainldm.analysis.report import metrics_table, write_report
 from brainldm.metrics import (
     correlation_distance,
     identification_rank,
@@ -137,9 +132,9 @@ def test_table_lays_out_rows_unavailable_metrics_and_quoted_references():
 
 @pytest.fixture(scope="module")
 def reconstructions(decoding_world, tiny, tmp_path_factory):
-    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
+    from brainldm.reconstruction.job import reconstruct_trials
 
     out = tmp_path_factory.mktemp("recon")
     reconstructor = Reconstructor(tiny, output_size=64)
@@ -185,10 +180,10 @@ def test_an_offline_models_own_clip_tower_stands_in_for_clip_and_nothing_else_do
     import shutil
 
     shutil.copytree(reconstructions, tmp_path / "toy")
-    for path in (tmp_path / "toy").rglob("meta.json"):  # as if toy had made them: toy's folder ships a stand-in
+    for path in (tmp_path / "toy").rglob("meta.json"):  # as if toy had made them: toy is registered with its own CLIP
         path.write_text(json.dumps({**json.loads(path.read_text()), "model_id": "toy"}))
     results = evaluate(tmp_path / "toy", ["clip"])
-    assert "toy model's CLIP vision tower" in results["stand_ins"]["clip"]
+    assert "toy's own CLIP vision tower" in results["stand_ins"]["clip"]
     assert 0 <= results["subjects"]["subj01"]["Xzc"]["clip"] <= 1
     # tiny ships none: CLIP ViT-L/14 is asked for, and offline it is unavailable, with the reason
     results = evaluate(reconstructions, ["clip"], allow_unavailable=True)

@@ -15,7 +15,7 @@ from brainldm.offline.meaning import (
     reconstruction_scores,
 )
 from brainldm.offline.synthetic import ANIMALS, coat_pattern, draw_picture
-from brainldm.offline.toy import draw_pairs
+from brainldm.offline.toy_parts import draw_pairs
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def toy_reconstructions(tmp_path_factory):
 
 @pytest.mark.parametrize("rescale", [None, "target"])
 def test_xz_carries_the_layout_xc_the_meaning_and_xzc_both(toy_reconstructions, reader, rescale):
-    from brainldm.analysis.evaluate import clip_extractor
+    from brainldm.analysis.extractors import clip_extractor
 
     pictures, out, ldm = toy_reconstructions
     clip = clip_extractor(ldm.image_encoder)

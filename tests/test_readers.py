@@ -79,13 +79,13 @@ def test_an_experiment_gives_the_same_trials_as_the_nsd_reader_on_the_same_data(
 
 
 def test_an_experiment_runs_features_fit_and_reconstruct_without_nsd_files(experiment, tiny, tmp_path):
-    from brainldm.analysis.reconstructions import reconstruct_trials
     from brainldm.data.features import parse_features
     from brainldm.data.trials import SubjectStimuli
     from brainldm.decoding.fit import fit_subject_maps
     from brainldm.ldm.extraction import extract_features
     from brainldm.ldm.reconstruct import Reconstructor
     from brainldm.presets import Sampling
+    from brainldm.reconstruction.job import reconstruct_trials
 
     folder, _, _ = experiment
     stimuli = SubjectStimuli(folder / "trials", 1)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from brainldm.analysis.reconstructions import reconstruct_trials
 from brainldm.data.features import steps_run
 from brainldm.ldm.features import encode_prompts
 from brainldm.ldm.reconstruct import Reconstructor
 from brainldm.presets import Sampling
+from brainldm.reconstruction.job import reconstruct_trials
 from brainldm.validation import InputError
 
 FAST = Sampling(num_inference_steps=5, guidance_scale=5.0)
@@ -83,7 +83,8 @@ def test_xzc_differs_from_xz_and_depends_on_c(reconstructor, zc):
 
 
 def test_speed_ups_keep_the_results(zc):
-    from brainldm.ldm.loading import optimize_ldm, tiny_ldm
+    from brainldm.ldm.loading import optimize_ldm
+    from brainldm.offline.twins import tiny_ldm
 
     plain = Reconstructor(tiny_ldm(), output_size=64)(*zc, FAST)
     fused = Reconstructor(optimize_ldm(tiny_ldm(), channels_last=True), output_size=64)(*zc, FAST)

@@ -1,11 +1,13 @@
 """The package's shape: wings stacked in the method's order, imports running only downward, and no cycles.
 
 brainldm's ground floor (presets, validation, ...) imports no wing; ``data`` imports only the ground; ``ldm`` and
-``decoding`` stand side by side on ``data`` and never import each other; ``analysis`` sits on both; ``offline``
+``decoding`` stand side by side on ``data`` and never import each other; ``reconstruction`` (the test-set job) sits on
+both; ``analysis`` on all of them; ``offline``
 (the synthetic world, toy) imports the product and the product never imports it, except the app's ``demo`` on top.
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "brainldm"
@@ -15,9 +17,10 @@ MAY_IMPORT = {
     "data": {""},
     "ldm": {"", "data"},
     "decoding": {"", "data"},
-    "analysis": {"", "data", "ldm", "decoding"},
-    "offline": {"", "data", "ldm", "decoding", "analysis"},
-    "demo": {"", "data", "ldm", "decoding", "analysis", "offline"},
+    "reconstruction": {"", "data", "ldm", "decoding"},
+    "analysis": {"", "data", "ldm", "decoding", "reconstruction"},
+    "offline": {"", "data", "ldm", "decoding", "reconstruction", "analysis"},
+    "demo": {"", "data", "ldm", "decoding", "reconstruction", "analysis", "offline"},
 }
 
 
@@ -92,3 +95,43 @@ def test_brainldm_modules_import_each_other_without_cycles():
     for name in sorted(imports):
         visit(name, [name])
     assert not cycles, cycles[:5]
+
+
+def offline_names() -> dict[str, set[str]]:
+    """What the offline wing provides, each name with the spellings that would name it: every model it registers
+    (``tiny``, ``toy``, ``random-sd14``, ...: as written, capitalised or as a constant's TINY), the ``random-`` prefix
+    they share, pycortex's demo subject ``S1`` that the offline subjects live in, and the synthetic world's animals (as
+    its captions write them: "ZEBRA" is a paper)."""
+    from brainldm.ldm import registry
+    from brainldm.offline.synthetic import ANIMALS, OFFLINE_SPACE
+
+    models = {name for kind in registry.KINDS for name in registry.names(kind)} | {"random-"}
+    names = {name: {name, name.capitalize(), name.upper()} for name in models}
+    return names | {OFFLINE_SPACE.subject: {OFFLINE_SPACE.subject}} | {animal: {animal} for animal in ANIMALS}
+
+
+def named_in(line: str, spellings: set[str]) -> bool:
+    """Whether one of ``spellings`` stands in ``line`` as a word of its own (underscores split words: TOY_DIR names
+    toy; a name ending in "-" is a prefix)."""
+    line = re.sub(r"finfo\([^)]*\)\.tiny", "", line)  # torch's smallest positive float is not the offline model
+    return any(
+        re.search(rf"(?<![A-Za-z0-9]){re.escape(s)}{'' if s.endswith('-') else '(?![A-Za-z0-9])'}", line)
+        for s in spellings
+    )
+
+
+def test_the_product_names_no_offline_thing():
+    """Nothing outside offline/ and demo.py names what the offline wing provides: not in code, strings, comments or
+    docstrings. The product's loaders know those models only through the registry the offline wing fills."""
+    names = offline_names()
+    assert {"tiny", "toy", "random-sd14", "S1", "zebra"} <= set(names)  # the check checks something
+    outside = ("offline", "demo.py")
+    product = [p for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(PACKAGE).parts[0] not in outside]
+    wrong = [
+        f"{path.relative_to(PACKAGE)}:{number}: {name!r} in {line.strip()[:80]!r}"
+        for path in product
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        for name, spellings in sorted(names.items())
+        if named_in(line, spellings)
+    ]
+    assert not wrong, "\n".join(wrong)

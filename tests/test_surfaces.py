@@ -118,7 +118,7 @@ def test_missing_subject_or_transform_says_how_to_import_it():
 
 
 def test_a_cortical_space_of_another_grid_is_refused_before_the_work(decoding_world, tmp_path):
-    from brainldm.analysis.encoding import run_encoding
+    from brainldm.analysis.encoding_job import run_encoding
 
     check_space(CorticalSpace("S1", "fullhead"), (100, 100, 31))  # S1's own functional grid fits
     with pytest.raises(InputError, match=r"S1/fullhead maps a \(100, 100, 31\) grid, but the data's voxels lie in"):

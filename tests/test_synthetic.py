@@ -11,8 +11,8 @@ import pytest
 import scipy.io
 
 from brainldm.data import coco, nsd
-from brainldm.ldm.captioner import TINY_CAPTION_WORDS
 from brainldm.offline.synthetic import draw_picture, write_nsd_tree
+from brainldm.offline.twins import TINY_CAPTION_WORDS
 
 
 def test_expdesign_is_one_based_and_maps_trials_to_images(nsd_tree):

@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from brainldm.analysis.evaluate import stand_in_clip_extractor
+from brainldm.analysis.extractors import stand_in_clip_extractor
+from brainldm.ldm import registry
 from brainldm.ldm.features import encode_c, encode_z
-from brainldm.ldm.loading import TOY_DIR, clip_stand_in, ddim_scheduler, ldm_sizes, load_ldm
+from brainldm.ldm.loading import ldm_sizes, load_ldm
 from brainldm.ldm.reconstruct import Reconstructor
 from brainldm.metrics import pixcorr, two_way_identification
-from brainldm.offline import toy
 from brainldm.offline.synthetic import ANIMALS, coat_pattern
-from brainldm.offline.toy import ToyConfig, build_unet, grow_unet
+from brainldm.offline.toy_growth import grow_unet, retime_unet
+from brainldm.offline.toy_parts import EMA, ToyConfig, build_unet, draw_pairs
+from brainldm.offline.toy_training import Stage, train_unet
+from brainldm.offline.twins import TOY_DIR, ddim_scheduler
 from brainldm.presets import Sampling
 from brainldm.validation import InputError
 
@@ -37,7 +40,7 @@ def ldm():
 @pytest.fixture(scope="module")
 def heldout():
     """Pictures and captions the model never saw (training draws from other seeds)."""
-    return toy.draw_pairs(12, seed=424242, size=128, workers=1)
+    return draw_pairs(12, seed=424242, size=128, workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +285,7 @@ def test_a_retimed_unet_reads_the_new_schedule_as_the_old_one():
 
     old = UNet2DConditionModel.from_pretrained(TOY_DIR / "unet").float().eval()
     new = copy.deepcopy(old)
-    toy.retime_unet(new, ddim_scheduler(), ddim_scheduler(4.0))
+    retime_unet(new, ddim_scheduler(), ddim_scheduler(4.0))
     # under x 4, t = 300, 600 and 900 have the SNRs that SD's schedule has at these (fractional) timesteps
     alpha_bar = ddim_scheduler().alphas_cumprod.double()
     log_snr = torch.log(alpha_bar / (1 - alpha_bar)).numpy()
@@ -320,8 +323,8 @@ def test_caption_mix_moves_each_condition_towards_other_pictures_meaning(mix):
     states, owner = torch.randn(12, 3, 5), np.repeat(np.arange(6), 2)
     empty, means = torch.randn(3, 5), states.reshape(6, 2, 3, 5).mean(1)
     unet = _Recorder()
-    stage = toy.Stage(torch.optim.SGD(unet.parameters(), lr=0.0), config, torch.device("cpu"))
-    toy.train_unet(unet, toy.EMA(unet, 0.9), torch.randn(6, 4, 2, 2), states, owner, empty, ddim_scheduler(), stage)
+    stage = Stage(torch.optim.SGD(unet.parameters(), lr=0.0), config, torch.device("cpu"))
+    train_unet(unet, EMA(unet, 0.9), torch.randn(6, 4, 2, 2), states, owner, empty, ddim_scheduler(), stage)
     conditions = torch.cat(unet.conditions).flatten(1)
     allowed = torch.cat([states, means, empty[None]]).flatten(1)
     exact = "donot_use_mm_for_euclid_dist"
@@ -335,9 +338,9 @@ def test_caption_mix_moves_each_condition_towards_other_pictures_meaning(mix):
         assert float(nearest.max()) <= mix * reach + 1e-5
 
 
-def test_a_clip_stand_in_is_a_property_of_the_models_folder(tmp_path):
-    # toy ships one (its image_encoder, beside the training.json its recipe writes); a model folder without does not
-    assert clip_stand_in("toy") == clip_stand_in(str(TOY_DIR)) == TOY_DIR / "image_encoder"
-    (tmp_path / "image_encoder").mkdir()
-    assert clip_stand_in(tmp_path) is None  # an image encoder alone (say, SD unCLIP's) is not a stand-in
-    assert clip_stand_in("CompVis/stable-diffusion-v1-4") is None
+def test_a_clip_stand_in_is_registered_with_the_model_by_name():
+    # toy is registered with its own CLIP tower (its image_encoder); a real model, or a folder, is scored by ViT-L/14
+    assert registry.builder("ldm", "toy").clip == "toy"
+    assert registry.builder("clip", "toy").build().config.projection_dim > 0
+    assert stand_in_clip_extractor(str(TOY_DIR)) is None  # an image encoder in a folder (SD unCLIP's) is no stand-in
+    assert stand_in_clip_extractor("CompVis/stable-diffusion-v1-4") is None

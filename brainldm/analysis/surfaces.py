@@ -1,10 +1,10 @@
 """Cortical surfaces through pycortex: which subject and transform a functional grid lives in, and its ROI layout.
 
 A :class:`CorticalSpace` names a pycortex subject and the transform from its surfaces to a functional grid: NSD's
-``subjNN`` with ``func1pt8_to_anat0pt8_autoFSbbr`` (imported once by ``scripts/import_nsd_subject.py``), or the
-offline world's ``S1`` with ``fullhead``, pycortex's demo subject. :func:`functional_layout` reads a subject's ROI
-outlines into the grid as NSD-style ``nsdgeneral`` and ``streams`` volumes, which is how the offline world gets
-real cortical anatomy. Flatmaps are drawn by :func:`brainldm.analysis.viz.flatmaps`.
+``subjNN`` with ``func1pt8_to_anat0pt8_autoFSbbr`` (imported once by ``scripts/import_nsd_subject.py``), or any
+subject in pycortex's database. :func:`functional_layout` reads a subject's ROI outlines into the grid as NSD-style
+``nsdgeneral`` and ``streams`` volumes (a brain's real anatomy for data that has none). Flatmaps are drawn by
+:func:`brainldm.analysis.viz.flatmaps`.
 
 pycortex is an optional dependency (``pip install "brainldm[cortex]"``); nothing else in brainldm needs it.
 """
@@ -22,19 +22,6 @@ from brainldm.validation import InputError
 
 NSD_TRANSFORM = "func1pt8_to_anat0pt8_autoFSbbr"
 
-# S1's ROI outlines as NSD `streams` labels. S1's overlay has no hV4, LO or V3A/B outlines, so the intermediate
-# streams take the nearest outlined ROI: midlateral <- OFA (inferior occipital, beside LO), midparietal <- OPA
-# (transverse occipital sulcus, beside V3A/B); midventral (hV4) stays empty. RSC is visual but in no stream.
-S1_STREAMS = {
-    "early": ("V1", "V2", "V3"),
-    "midlateral": ("OFA",),
-    "midparietal": ("OPA",),
-    "ventral": ("FFA", "PPA"),
-    "lateral": ("EBA",),
-    "parietal": ("IPS",),
-}
-S1_NSDGENERAL = ("RSC",)  # besides every ROI in S1_STREAMS
-
 
 @dataclass(frozen=True)
 class CorticalSpace:
@@ -50,17 +37,14 @@ class CorticalSpace:
 
     @classmethod
     def parse(cls, text: str) -> CorticalSpace:
-        """``"S1/fullhead"`` -> CorticalSpace("S1", "fullhead")."""
+        """``"subj01/func1pt8_to_anat0pt8_autoFSbbr"`` -> CorticalSpace("subj01", "func1pt8_to_anat0pt8_autoFSbbr")."""
         subject, _, transform = text.partition("/")
         if not subject or not transform:
-            raise InputError(f"a cortical space is SUBJECT/TRANSFORM, e.g. S1/fullhead; got {text!r}")
+            raise InputError(f"a cortical space is SUBJECT/TRANSFORM, e.g. subj01/{NSD_TRANSFORM}; got {text!r}")
         return cls(subject, transform)
 
     def __str__(self) -> str:
         return f"{self.subject}/{self.transform}"
-
-
-OFFLINE_SPACE = CorticalSpace("S1", "fullhead")
 
 
 def require_pycortex():
@@ -69,7 +53,7 @@ def require_pycortex():
         import cortex
     except ImportError as err:
         raise InputError(
-            'flatmaps and the S1 offline subject need pycortex: pip install "brainldm[cortex]" '
+            'flatmaps and cortical layouts need pycortex: pip install "brainldm[cortex]" '
             "(and apt-get install inkscape for ROI labels)"
         ) from err
     return cortex
@@ -118,12 +102,14 @@ class FunctionalLayout:
 
 
 def functional_layout(
-    space: CorticalSpace = OFFLINE_SPACE,
-    streams_rois: dict[str, tuple[str, ...]] = S1_STREAMS,
-    nsdgeneral_rois: tuple[str, ...] = S1_NSDGENERAL,
+    space: CorticalSpace,
+    streams_rois: dict[str, tuple[str, ...]],
+    nsdgeneral_rois: tuple[str, ...],
     depths: tuple[float, ...] = (0.25, 0.5, 0.75),
 ) -> FunctionalLayout:
-    """Voxels of ``space``'s grid that cortex passes through, labelled by the subject's ROI outlines.
+    """Voxels of ``space``'s grid that cortex passes through, labelled by the subject's ROI outlines: each stream of
+    ``streams_rois`` (NSD's ``streams`` names -> the outlines in it), and ``nsdgeneral`` over those and
+    ``nsdgeneral_rois``.
 
     Each surface vertex is sampled at ``depths`` between white matter (0) and pia (1) and mapped into the grid;
     a voxel is cortex when a sample lands in it, and takes the label most of its samples carry.

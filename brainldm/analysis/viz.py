@@ -13,6 +13,8 @@ import numpy as np
 
 from brainldm.analysis.surfaces import check_space
 from brainldm.paths import atomic_path
+from brainldm.reconstruction.folders import is_done, load_trial_images
+from brainldm.validation import InputError
 
 
 def contact_sheet(
@@ -50,6 +52,22 @@ def contact_sheet(
 
 
 # --- cortical maps and the encoding comparisons --------------------------------------------------------------
+
+
+def write_contact_sheet(folders: Sequence[Path], path: str | Path, max_rows: int = 12) -> Path:
+    """One row per trial: original, Xz, then Xc and Xzc for each sample."""
+
+    rows, titles, columns = [], [], []
+    for folder in [f for f in folders if is_done(f)][:max_rows]:
+        meta, images = load_trial_images(folder)
+        samples = range(meta["num_samples"])
+        columns = ["original", "Xz"] + [f"Xc {s}" for s in samples] + [f"Xzc {s}" for s in samples]
+        keys = ["original", "Xz"] + [f"Xc_{s}" for s in samples] + [f"Xzc_{s}" for s in samples]
+        rows.append([images[k] for k in keys])
+        titles.append(f"nsd {meta['nsd_id']}")
+    if not rows:
+        raise InputError("no finished reconstructions to put on a contact sheet")
+    return contact_sheet(rows, path, column_titles=columns, row_titles=titles)
 
 
 def save_figure(figure, path: str | Path, dpi: int = 100, tight: bool = True) -> Path:

@@ -59,7 +59,7 @@ INFO_FILE = "info.json"
 
 def zscore_sessionwise(betas: np.ndarray) -> np.ndarray:
     """z-score each voxel (column) over the session's trials (rows); a constant voxel gives 0, never NaN."""
-    betas = betas.astype(np.float64)  # float32 rounding would give a constant voxel a tiny, nonzero std
+    betas = betas.astype(np.float64)  # float32 rounding would give a constant voxel a small, nonzero std
     mean = betas.mean(axis=0, keepdims=True)
     std = betas.std(axis=0, keepdims=True)
     constant = std <= 1e-9 * np.maximum(np.abs(mean), 1.0)

@@ -6,8 +6,7 @@ decoder write a caption from the decoded embedding (beam search, 3 beams, 5 to 2
 after the prompt "a picture of "); the LDM's text encoder then embeds that caption as c.
 
 Here the captioner is transformers' :class:`~transformers.BlipForConditionalGeneration` with its tokenizer
-(:class:`Captioner`): ``load_captioner(model_id)`` for a Hub checkpoint, ``load_captioner("tiny")`` for a small one
-with seeded random weights (:func:`tiny_captioner`), for tests and the offline world.
+(:class:`Captioner`): ``load_captioner(model_id)`` for a Hub checkpoint or a name in :mod:`brainldm.ldm.registry`.
 """
 
 from __future__ import annotations
@@ -19,41 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from brainldm.images import PREPROCESSING, images_to_tensor
-from brainldm.ldm.loading import TINY
+from brainldm.ldm import registry
 from brainldm.torch_utils import default_device
 from brainldm.validation import InputError
 
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"  # transformers' port of BLIP's ViT-B captioner
 BLIP_IMAGE_SIZE = 240  # the reference code's (its BLIP decoder was built at 240 px: 226 tokens x 768)
-RANDOM_BLIP = "random-blip"  # BLIP's ViT-B captioner's architecture with random weights, for rehearsals
 MAX_IMAGE_SIZE = 1024  # px: 4,097 tokens for ViT-B, 18 x the reference code's 226
-
-# tiny's words: those of captions naming animals, the offline world's (brainldm.offline.synthetic) among them, so
-# that its captions tokenize whole (tests/test_synthetic.py checks they do)
-TINY_CAPTION_WORDS = (
-    ",",
-    ".",
-    ":",
-    "a",
-    "an",
-    "and",
-    "animals",
-    "giraffe",
-    "image",
-    "leopard",
-    "next",
-    "of",
-    "picture",
-    "sheep",
-    "showing",
-    "snake",
-    "some",
-    "standing",
-    "tiger",
-    "to",
-    "together",
-    "zebra",
-)
 
 
 @dataclass(frozen=True)
@@ -90,15 +61,13 @@ class Captioner:
 
 
 def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BLIP_IMAGE_SIZE) -> Captioner:
-    """A Hub BLIP captioner (or a local folder), ``"tiny"`` (:func:`tiny_captioner`) or ``"random-blip"``
-    (:func:`random_blip_captioner`), in eval mode on ``device``, taking its embeddings at ``image_size`` (position
-    embeddings interpolated where that is not the model's own)."""
+    """A Hub BLIP captioner (or a local folder, or a name registered in :mod:`brainldm.ldm.registry`), in eval mode
+    on ``device``, taking its embeddings at ``image_size`` (position embeddings interpolated where that is not the
+    model's own)."""
 
-    if model_id == TINY:
-        captioner = tiny_captioner()
-        captioner.image_size = image_size
-    elif model_id == RANDOM_BLIP:
-        captioner = random_blip_captioner()
+    entry = registry.builder("captioner", model_id)
+    if entry is not None:
+        captioner = entry.build()
         captioner.image_size = image_size
     else:
         from transformers import AutoTokenizer, BlipForConditionalGeneration
@@ -109,7 +78,7 @@ def load_captioner(model_id: str = BLIP_MODEL, device=None, image_size: int = BL
         except OSError as err:
             raise InputError(
                 f"could not load the BLIP captioner {model_id!r}: {err}; pass a Hub id or local folder of a "
-                "BlipForConditionalGeneration checkpoint (or 'tiny' offline)"
+                f"BlipForConditionalGeneration checkpoint{registry.alternatives('captioner')}"
             ) from err
         captioner = Captioner(model, tokenizer, image_size)
     check_image_size(captioner.model, image_size)
@@ -140,54 +109,6 @@ def captioner_for(target, model_id: str | None = None, device=None) -> Captioner
             f"{model_id or target.model_id!r} does not make; use the captioner the maps were fitted to"
         )
     return captioner
-
-
-def tiny_captioner(seed: int = 0) -> Captioner:
-    """A BLIP captioner with seeded random weights (vision width 32 at 64 px; text decoder width 32, 2 layers) and a
-    word-level BERT tokenizer over the prompt and :data:`TINY_CAPTION_WORDS`. Built in a second.
-    Its weights are drawn 10x wider than BLIP's initialisation, so that its captions depend on the image."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    vocabulary = specials + sorted(set(TAKAGI_CAPTIONS.prompt.split()) | set(TINY_CAPTION_WORDS))
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary)})
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    ids = {w: i for i, w in enumerate(vocabulary)}
-    config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=16, initializer_range=0.2),
-        text_config=dict(vocab_size=len(vocabulary), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                         bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"],
-                         eos_token_id=ids["[SEP]"], initializer_range=0.2),
-        projection_dim=32,
-        initializer_range=0.2,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = BlipForConditionalGeneration(config)
-    return Captioner(model.eval(), tokenizer, image_size=64)
-
-
-def random_blip_captioner(seed: int = 0) -> Captioner:
-    """BLIP's captioner architecture (:data:`BLIP_MODEL`: ViT-B/16 vision tower, BERT-base text decoder; transformers'
-    ``BlipConfig`` defaults) with seeded random weights, and a word-level tokenizer of the same vocabulary size
-    (placeholder words), built without any Hub file. For rehearsals: compute, memory and shapes are the real model's
-    (a 226 x 768 embedding at 240 px), the captions are random words."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
-
-    config = BlipConfig()
-    text = config.text_config
-    vocabulary = [f"w{i}" for i in range(text.vocab_size)]
-    for token, index in (("[PAD]", text.pad_token_id), ("[UNK]", 100), ("[CLS]", 101), ("[SEP]", text.sep_token_id),
-                         ("[MASK]", 103), ("[DEC]", text.bos_token_id)):  # fmt: skip
-        vocabulary[index] = token
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary)})
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = BlipForConditionalGeneration(config)
-    return Captioner(model.eval(), tokenizer, image_size=BLIP_IMAGE_SIZE)
 
 
 def pixel_values(images, size: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ conditions ``stabilityai/stable-diffusion-2-depth`` (as ``c_concat``) in img2img
 caption as the prompt (:mod:`brainldm.ldm.captioner`).
 
 Here DPT is transformers' :class:`~transformers.DPTForDepthEstimation`: ``load_depth_model(model_id)`` for a Hub
-checkpoint, ``"tiny"`` for a small one with seeded random weights (:func:`tiny_depth_model`). The SD-2-depth pipeline
+checkpoint or a name in :mod:`brainldm.ldm.registry`. The SD-2-depth pipeline
 is loaded by :func:`brainldm.ldm.loading.load_depth_ldm` without its depth estimator, so it can only use the maps it is
 given.
 """
@@ -21,24 +21,22 @@ import numpy as np
 import torch
 
 from brainldm.images import BICUBIC, PREPROCESSING, images_to_tensor, resize
-from brainldm.ldm.loading import TINY
+from brainldm.ldm import registry
 from brainldm.presets import TAKAGI2023, Sampling
 from brainldm.torch_utils import default_device
 from brainldm.validation import InputError
 
 DPT_MODEL = "Intel/dpt-large"
-RANDOM_DPT_LARGE = "random-dpt-large"  # DPT-large's architecture with random weights, for rehearsals
 DPT_REFERENCE_SIZE = 512  # the reference code's resize before DPT's processor (codes/depth/img2feat_dpt.py)
 
 
 def load_depth_model(model_id: str = DPT_MODEL, device=None):
-    """A Hub DPT depth model (or a local folder), ``"tiny"`` (:func:`tiny_depth_model`) or ``"random-dpt-large"``
-    (:func:`random_dpt_large`), in eval mode."""
+    """A Hub DPT depth model (or a local folder, or a name registered in :mod:`brainldm.ldm.registry`), in eval
+    mode."""
 
-    if model_id == TINY:
-        model = tiny_depth_model()
-    elif model_id == RANDOM_DPT_LARGE:
-        model = random_dpt_large()
+    entry = registry.builder("depth_model", model_id)
+    if entry is not None:
+        model = entry.build()
     else:
         from transformers import DPTForDepthEstimation
 
@@ -47,43 +45,9 @@ def load_depth_model(model_id: str = DPT_MODEL, device=None):
         except OSError as err:
             raise InputError(
                 f"could not load the DPT depth model {model_id!r}: {err}; pass a Hub id or local folder of a "
-                "DPTForDepthEstimation checkpoint (or 'tiny' offline)"
+                f"DPTForDepthEstimation checkpoint{registry.alternatives('depth_model')}"
             ) from err
     return model.eval().to(default_device(device))
-
-
-def tiny_depth_model(seed: int = 0):
-    """DPT with seeded random weights: a 4-layer ViT of width 32 at 64 px (17 tokens), every layer passed to a small
-    neck. Built in a second. Its weights are drawn 10x wider than DPT's initialisation, so that its depth maps are
-    of DPT-large's magnitude (hundreds) and differ between images, not ~1e-10."""
-    from transformers import DPTConfig, DPTForDepthEstimation
-
-    config = DPTConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64,
-        patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-        head_in_index=-1, initializer_range=0.2,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = DPTForDepthEstimation(config)
-    return model.eval()
-
-
-def random_dpt_large(seed: int = 0):
-    """DPT-large's architecture (:data:`DPT_MODEL`: ViT-L/16 at 384 px, layers 5, 11, 17 and 23 to the neck) with
-    seeded random weights. For rehearsals: compute, memory and the ``dpt`` target's shape (4 x 577 x 1024) are the
-    real model's, the depth maps are not."""
-    from transformers import DPTConfig, DPTForDepthEstimation
-
-    config = DPTConfig(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=384,
-        patch_size=16, backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
-        fusion_hidden_size=256, head_in_index=-1,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = DPTForDepthEstimation(config)
-    return model.eval()
 
 
 def states_shape(model) -> tuple[int, int, int]:

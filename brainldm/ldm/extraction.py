@@ -11,12 +11,34 @@ from tqdm.auto import tqdm
 
 from brainldm.data.features import AUXILIARY, REDUCTIONS, FeatureSpec, FeatureStore, check_step
 from brainldm.images import PREPROCESSING
+from brainldm.ldm.captioner import BLIP_IMAGE_SIZE, BLIP_MODEL, blip_feature, load_captioner
+from brainldm.ldm.depth import DPT_MODEL, dpt_feature, load_depth_model
 from brainldm.ldm.features import encode_c, encode_z, img2img_latents
 from brainldm.ldm.loading import ldm_sizes
 from brainldm.presets import TAKAGI2023
 from brainldm.validation import InputError, check_sampling
 
 # --- extraction ----------------------------------------------------------------------------------------------
+
+
+def auxiliary_features(
+    specs: Sequence[FeatureSpec],
+    captioner: str = BLIP_MODEL,
+    depth_model: str = DPT_MODEL,
+    device=None,
+    blip_image_size: int = BLIP_IMAGE_SIZE,
+) -> dict[str, tuple[dict, Callable]]:
+    """The follow-up's extractors that ``specs`` need, as :func:`extract_features` takes them (``auxiliary``): BLIP's
+    image embeddings from ``captioner`` at ``blip_image_size``, DPT's hidden states from ``depth_model``; each loaded
+    only when a spec asks for it."""
+    kinds = {spec.kind for spec in specs}
+    auxiliary = {}
+    if "blip" in kinds:
+        model = load_captioner(captioner, device=device, image_size=blip_image_size)
+        auxiliary["blip"] = blip_feature(model, captioner)
+    if "dpt" in kinds:
+        auxiliary["dpt"] = dpt_feature(load_depth_model(depth_model, device=device), depth_model)
+    return auxiliary
 
 
 def extract_features(
@@ -50,8 +72,7 @@ def extract_features(
             k, k + n, ...; each writes its own parts, and once ``wait_for_everyone()`` returns, process 0 merges
             them (:meth:`FeatureStore.merge_parts`) into the store one process would have written.
         auxiliary: for features of other models than the LDM (``blip``, ``dpt``), name -> (what their store records,
-            such as the model id, and a function of a batch of images -> its features):
-            :func:`brainldm.ldm.captioner.blip_feature`, :func:`brainldm.ldm.depth.dpt_feature`.
+            such as the model id, and a function of a batch of images -> its features): :func:`auxiliary_features`.
     Returns:
         name -> FeatureStore (``written``: the images this process computed; ``reused``: those the store held).
     """

@@ -2,7 +2,7 @@
 hooked img2img run that gives zc (the noisy latent at a strength) and the U-Net's layers.
 
 All functions take the LDM (a diffusers Stable Diffusion pipeline, see :mod:`brainldm.ldm.loading`) and read shapes
-from it, so SD-1.x (z 4x40x40, c 77x768), SD-2.x and ``tiny_ldm`` go through the same code.
+from it, so SD-1.x (z 4x40x40, c 77x768), SD-2.x and smaller models go through the same code.
 """
 
 from __future__ import annotations

@@ -35,22 +35,30 @@ import numpy as np
 import torch
 
 from brainldm.analysis.encoding import MIN_TEST_IMAGES
-from brainldm.analysis.evaluate import CLIP_L14_VISION, CLIP_MODEL, METRICS, TORCHVISION_METRICS, check_torchvision
-from brainldm.analysis.reconstructions import load_trial_images
+from brainldm.analysis.extractors import CLIP_MODEL, TORCHVISION_METRICS, check_torchvision
+from brainldm.analysis.protocol import METRICS
 from brainldm.cli import byte_size
 from brainldm.data import nsd
 from brainldm.data.features import FeatureStore
 from brainldm.data.trials import load_trials, load_voxels
 from brainldm.decoding.maps import SubjectMaps
-from brainldm.ldm.captioner import BLIP_MODEL, random_blip_captioner
-from brainldm.ldm.depth import DPT_MODEL, random_dpt_large, states_shape
-from brainldm.ldm.loading import DEPTH_MODEL, random_sd2_depth_ldm, random_sd14_ldm
+from brainldm.ldm.captioner import BLIP_MODEL
+from brainldm.ldm.depth import DPT_MODEL, states_shape
+from brainldm.ldm.loading import DEPTH_MODEL
 from brainldm.ldm.reconstruct import KINDS
 from brainldm.offline.bucket import FolderS3
 from brainldm.offline.site import FolderSite
 from brainldm.offline.synthetic import default_coco_root, write_nsd_tree
+from brainldm.offline.twins import (
+    random_blip_captioner,
+    random_clip_l14,
+    random_dpt_large,
+    random_sd2_depth_ldm,
+    random_sd14_ldm,
+)
 from brainldm.paths import subject_name
 from brainldm.presets import TAKAGI2023
+from brainldm.reconstruction.folders import load_trial_images
 from brainldm.validation import InputError
 
 BUCKET = "natural-scenes-dataset"
@@ -280,12 +288,10 @@ def _count(module: torch.nn.Module) -> int:
 def checkpoints() -> list[tuple[str, str, int]]:
     """(Hub id, what for, parameters) of every checkpoint the real run downloads, counted on the random twins built
     on the meta device (no memory, no download). torchvision's networks are counted where torchvision imports."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     with torch.device("meta"):
         sd14, depth = random_sd14_ldm(), random_sd2_depth_ldm()
         captioner, dpt = random_blip_captioner(), random_dpt_large()
-        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION))
+        clip = random_clip_l14()
     if states_shape(dpt) != REAL_SHAPES["dpt"] or captioner.embedding_shape != REAL_SHAPES["blip"]:
         raise StepFailed("the random twins no longer have the real models' shapes")
     rows = [

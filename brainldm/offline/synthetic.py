@@ -39,13 +39,26 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from brainldm.analysis.surfaces import functional_layout
+from brainldm.analysis.surfaces import CorticalSpace, functional_layout
 from brainldm.data import coco, nsd
 from brainldm.ldm.features import encode_c, encode_z
 from brainldm.ldm.loading import load_ldm
 from brainldm.validation import InputError
 
 REPS = 3  # NSD shows every image three times
+OFFLINE_SPACE = CorticalSpace("S1", "fullhead")  # pycortex's demo subject, the offline subjects' brain
+# S1's ROI outlines as NSD `streams` labels. S1's overlay has no hV4, LO or V3A/B outlines, so the intermediate
+# streams take the nearest outlined ROI: midlateral <- OFA (inferior occipital, beside LO), midparietal <- OPA
+# (transverse occipital sulcus, beside V3A/B); midventral (hV4) stays empty. RSC is visual but in no stream.
+S1_STREAMS = {
+    "early": ("V1", "V2", "V3"),
+    "midlateral": ("OFA",),
+    "midparietal": ("OPA",),
+    "ventral": ("FFA", "PPA"),
+    "lateral": ("EBA",),
+    "parietal": ("IPS",),
+}
+S1_NSDGENERAL = ("RSC",)  # besides every ROI in S1_STREAMS
 # The offline world's default noise level with the toy model: decoding is hard, as on NSD (on a 6 x 45-trial subject,
 # z and c 2-way identification of about 96%, and reconstructions that resemble the pictures without copying them).
 OFFLINE_SNR = 0.3
@@ -191,7 +204,7 @@ def write_nsd_tree(
         )
     rng = np.random.default_rng(seed)
     if anatomy == "S1":
-        layout = functional_layout()
+        layout = functional_layout(OFFLINE_SPACE, S1_STREAMS, S1_NSDGENERAL)
         grid_shape, affine = layout.grid_shape, layout.affine
         rois = {s: (layout.nsdgeneral, layout.streams) for s in subjects}
     else:

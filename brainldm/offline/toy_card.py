@@ -10,7 +10,7 @@ from brainldm.cards import LIBRARY
 
 
 def toy_reproduce(config, continued: list[int] = (), init: dict | None = None) -> list[str]:
-    """The commands that made a toy (``config``: its :class:`~brainldm.offline.toy.ToyConfig`; ``continued`` and
+    """The commands that made a toy (``config``: its :class:`~brainldm.offline.toy_parts.ToyConfig`; ``continued`` and
     ``init`` as
     :func:`toy_card` takes them), in order."""
     steps = [*continued, config.unet_steps]
@@ -42,7 +42,7 @@ def toy_card(
     continued: list[int] = (),
     init: dict | None = None,
 ) -> str:
-    """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.offline.toy.ToyConfig`): how it was
+    """The shipped ``toy`` model's README (``config``: its :class:`~brainldm.offline.toy_parts.ToyConfig`): how it was
     trained and what it scores. ``continued``: the U-Net step counts of earlier runs it was continued from; ``init``:
     the saved toy (``{"from", "unet_steps"}``) whose weights a run started from (``--init``), if any; a grown U-Net's
     also holds ``grown_from_levels`` and ``runs``, the commands that made that toy."""

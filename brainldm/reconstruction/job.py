@@ -1,7 +1,6 @@
-"""The test-set job and its folder format: every test trial of a subject reconstructed from its decoded features
-(:func:`reconstruct_trials`, behind ``scripts/reconstruct.py``), written one folder per trial (PNGs per kind, the
-decoded arrays, ``meta.json`` last), resumable and sharded over processes; :mod:`brainldm.analysis.evaluate` reads
-the same folders back (:func:`load_trial_images`).
+"""The test-set reconstruction job: every test trial of a subject decoded by its maps and reconstructed by the LDM
+(:func:`reconstruct_trials`, behind ``scripts/reconstruct.py``), one folder per trial in the format
+:mod:`brainldm.reconstruction.folders` owns, resumable and sharded over processes.
 """
 
 from __future__ import annotations
@@ -12,46 +11,25 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from brainldm.analysis.viz import contact_sheet
 from brainldm.data.features import AUXILIARY
 from brainldm.data.trials import load_trials, load_voxels
 from brainldm.ldm.depth import depth_image
 from brainldm.ldm.reconstruct import FollowUp, Reconstructor
-from brainldm.paths import atomic_path, subject_name
 from brainldm.presets import TAKAGI2023, Sampling
-from brainldm.validation import InputError, oneline
-
-# --- test-set runs: PNGs per trial, resumable, sharded over processes ----------------------------------------
+from brainldm.reconstruction.folders import (
+    finished_trials,
+    is_done,
+    subject_folder,
+    trial_folder,
+    trial_row,
+    write_trial,
+)
+from brainldm.validation import InputError
 
 # what a trial's meta.json records of how it was made; a folder's finished trials must agree on all of it
 SETTINGS = (*(f.name for f in fields(Sampling)), "model_id", "rescale", "noise", "followup")
-
-
-def trial_name(split: str, row: int) -> str:
-    """A trial's folder name in its subject's folder: ``test-00007``."""
-    return f"{split}-{row:05d}"
-
-
-def trial_folder(out: str | Path, subject: int, split: str, row: int) -> Path:
-    return Path(out) / subject_name(subject) / trial_name(split, row)
-
-
-def is_done(folder: Path) -> bool:
-    """meta.json is written last, so its presence means the trial's images are complete."""
-    return (folder / "meta.json").exists()
-
-
-def subject_folders(out: str | Path) -> list[Path]:
-    """The ``subjNN`` folders of a reconstruction output folder."""
-    return sorted(p for p in Path(out).glob("subj[0-9][0-9]") if p.is_dir())
-
-
-def finished_trials(subject_folder: Path) -> list[Path]:
-    """A subject folder's finished trial folders, in order."""
-    return sorted(f for f in Path(subject_folder).glob("*-*") if f.is_dir() and is_done(f))
 
 
 def reconstruct_trials(
@@ -110,12 +88,10 @@ def reconstruct_trials(
         settings["followup"] = followup.ids
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
     # every finished trial of the folder, not only this run's: a folder holds one kind of reconstruction
-    for folder in sorted((Path(out) / subject_name(subject)).glob(f"{split}-*")):
-        if not is_done(folder):
-            continue
+    for folder in finished_trials(subject_folder(out, subject), split):
         made = json.loads((folder / "meta.json").read_text())
         changed = {k: (made.get(k), settings.get(k)) for k in SETTINGS if made.get(k) != settings.get(k)}
-        row = int(folder.name.rsplit("-", 1)[1])
+        row = trial_row(folder)
         if changed and not (overwrite and row in rows):
             said = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
             remake = "--overwrite to make such trials again" + (
@@ -125,7 +101,7 @@ def reconstruct_trials(
         if changed and row in mine:
             todo.append(row)
     todo.sort()
-    log = Path(out) / subject_name(subject) / f"done.process{process_index}.txt"
+    log = subject_folder(out, subject) / f"done.process{process_index}.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"reconstruct [{process_index}]", unit="image", disable=not progress)
     for start in range(0, len(todo), batch_size):
@@ -164,56 +140,9 @@ def reconstruct_trials(
             }
             if "captions" in more:
                 meta["decoded_caption"] = more["captions"][k]
-            _write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
+            write_trial(trial_folder(out, subject, split, row), images, arrays, meta)
             with log.open("a") as f:
                 f.write(f"{row}\n")
         bar.update(len(batch))
     bar.close()
     return [trial_folder(out, subject, split, r) for r in mine]
-
-
-def _write_trial(folder: Path, images: dict[str, np.ndarray], arrays: dict[str, np.ndarray], meta: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, image in images.items():
-        with atomic_path(folder / f"{name}.png") as tmp:
-            Image.fromarray(image).save(tmp)
-    for name, array in arrays.items():
-        with atomic_path(folder / f"{name}.npy") as tmp:
-            np.save(tmp, array)
-    if "decoded_caption" in meta:
-        with atomic_path(folder / "caption.txt") as tmp:
-            tmp.write_text(meta["decoded_caption"] + "\n")
-    with atomic_path(folder / "meta.json") as tmp:  # written last: its presence marks the trial done
-        tmp.write_text(json.dumps(meta, indent=2))
-
-
-def load_trial_images(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, {name: image}) of a finished trial folder."""
-    folder = Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    images = {}
-    for path in sorted(folder.glob("*.png")):
-        try:
-            with Image.open(path) as image:
-                images[path.stem] = np.asarray(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
-            raise InputError(
-                f"cannot read {path}: {oneline(err)}; delete {folder} and rerun reconstruct.py to make it again"
-            ) from err
-    return meta, images
-
-
-def write_contact_sheet(folders: Sequence[Path], path: str | Path, max_rows: int = 12) -> Path:
-    """One row per trial: original, Xz, then Xc and Xzc for each sample."""
-
-    rows, titles, columns = [], [], []
-    for folder in [f for f in folders if is_done(f)][:max_rows]:
-        meta, images = load_trial_images(folder)
-        samples = range(meta["num_samples"])
-        columns = ["original", "Xz"] + [f"Xc {s}" for s in samples] + [f"Xzc {s}" for s in samples]
-        keys = ["original", "Xz"] + [f"Xc_{s}" for s in samples] + [f"Xzc_{s}" for s in samples]
-        rows.append([images[k] for k in keys])
-        titles.append(f"nsd {meta['nsd_id']}")
-    if not rows:
-        raise InputError("no finished reconstructions to put on a contact sheet")
-    return contact_sheet(rows, path, column_titles=columns, row_titles=titles)
