@@ -201,16 +201,16 @@ class DemoBackend:
     where ``spaces`` expects models to be moved to CUDA. Only :meth:`generate` touches the GPU; everything else
     (loading subjects, decoding z and c, thumbnails) runs in the main process, and the lock that guards the subject
     cache is never taken inside the GPU function (ZeroGPU forks a worker for it, and a lock copied into a fork while
-    held would never be released there).
+    held would never be released there). ``output_size``: the reconstructions' size in px (default: the LDM's own).
     """
 
-    def __init__(self, sources: Sources, device: str | None = None):
+    def __init__(self, sources: Sources, device: str | None = None, output_size: int | None = None):
         self.sources = sources
         self._subjects: dict[int, Subject] = {}
         self._lock = threading.Lock()
         self._thumbnails = Path(tempfile.mkdtemp(prefix="brainldm-thumbnails-"))
         self.model_id = sources.model or self._maps(sources.subjects[0]).model_id
-        self.reconstructor = Reconstructor(load_ldm(self.model_id, device=device))
+        self.reconstructor = Reconstructor(load_ldm(self.model_id, device=device), output_size)
         for pipe in (self.reconstructor.img2img, self.reconstructor.txt2img):
             pipe.set_progress_bar_config(disable=False, desc="denoising")  # gr.Progress follows tqdm
         self._clip: Callable | None = None

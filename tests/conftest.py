@@ -46,3 +46,13 @@ def decoding_world(tmp_path_factory, tiny):
         seed=1,
     )
     return SimpleNamespace(root=root, tree=world.tree, data=world.data, features=world.features, maps=world.maps[1])
+
+
+@pytest.fixture(scope="session")
+def offline_demo(tmp_path_factory):
+    """The offline world the app shows without maps or data (:func:`brainldm.demo.offline_sources`: toy, subjects 1 and
+    2, 6 x 45 trials, 20 test images, laid out on pycortex's S1 with its encoding figures), built once: the app's
+    offline test, the world's own tests and the flatmap tests share it."""
+    from brainldm.demo import offline_sources
+
+    return offline_sources(tmp_path_factory.mktemp("offline-demo"))

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = bool(os.environ.get("BRAINLDM_DOCS_SCREENSHOTS"))
 SCREENSHOTS = ROOT / ("docs" if DOCS else "outputs")
 AS_FITTED = "as fitted (the paper)"
+SIZE = 64  # px: tiny reconstructs at 512 by default, 40 times the work, and the tests look at no detail
 FAST = dict(strength=0.8, rescale=AS_FITTED, guidance=5.0, steps=10, seed=42)
 
 
@@ -45,7 +46,7 @@ def sources(decoding_world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(sources):
-    demo = app_module.build_demo(DemoBackend(sources, device="cpu"))
+    demo = app_module.build_demo(DemoBackend(sources, device="cpu", output_size=SIZE))
     port = _free_port()
     demo.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app_module.LAUNCH_OPTIONS
@@ -154,7 +155,7 @@ def test_twelve_visitors_at_once_each_get_their_own_answer(server):
 def browser_server(sources, tmp_path_factory):
     """The app the browser opens: the test world, or with DOCS the offline world `python app.py` shows."""
     if not DOCS:
-        demo = app_module.build_demo(DemoBackend(sources, device="cpu"))
+        demo = app_module.build_demo(DemoBackend(sources, device="cpu", output_size=SIZE))
     else:
         from brainldm.demo import offline_sources
 
@@ -220,12 +221,16 @@ def test_a_visitor_sees_the_result_at_a_glance_in_a_real_browser(browser_server)
     assert (SCREENSHOTS / "app_offline.png").stat().st_size > 10_000
 
 
-def test_without_maps_or_data_the_app_builds_the_offline_world(tmp_path, monkeypatch):
+def test_without_maps_or_data_the_app_builds_the_offline_world(offline_demo, tmp_path, monkeypatch):
+    import brainldm.demo
+
     for name in ("BRAINLDM_MAPS", "BRAINLDM_DATA", "BRAINLDM_MODEL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no weights/ here
+    built = []  # the world offline_sources() builds is the session's (built once, by the same call, for every test)
+    monkeypatch.setattr(brainldm.demo, "offline_sources", lambda *args: built.append(args) or offline_demo)
     sources = app_module.resolve_sources(None, None, None, None)
-    assert sources.offline and sources.model == "toy" and sources.subjects == [1, 2]
+    assert built == [()] and sources.offline and sources.model == "toy" and sources.subjects == [1, 2]
     backend = DemoBackend(sources, device="cpu")
     demo = app_module.build_demo(backend)
     assert any(getattr(block, "value", None) == OFFLINE_BANNER for block in demo.blocks.values())
@@ -278,7 +283,7 @@ def test_a_subject_loads_without_encoding_images_and_shows_its_fit_time_scores(d
 
 
 def test_the_gallery_sends_small_thumbnails_made_once(sources):
-    backend = DemoBackend(sources, device="cpu")
+    backend = DemoBackend(sources, device="cpu", output_size=SIZE)
     items = backend.gallery(1)
     first = [Path(path).stat().st_mtime_ns for path, _ in items]
     assert len(items) == 20 and all(caption for _, caption in items)
@@ -290,7 +295,7 @@ def test_the_gallery_sends_small_thumbnails_made_once(sources):
 def test_result_images_are_whole_files_named_by_their_content(sources):
     """The result panels get files, not arrays (Gradio rewrites an array's cache file in place, so two visitors
     shown the same image at once could get half of it): the same image is the same file, written once, whole."""
-    backend = DemoBackend(sources, device="cpu")
+    backend = DemoBackend(sources, device="cpu", output_size=SIZE)
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     path = backend.image_file(image)
     written = Path(path).stat().st_mtime_ns
@@ -310,7 +315,7 @@ def test_the_zerogpu_budget_follows_steps_and_samples():
 
 
 def test_the_gpu_function_gets_only_the_decoded_features_and_the_settings(sources):
-    backend = DemoBackend(sources, device="cpu")
+    backend = DemoBackend(sources, device="cpu", output_size=SIZE)
     calls = []
 
     def gpu(z, c, sampling, keys):  # what runs under @spaces.GPU on a ZeroGPU Space
@@ -328,7 +333,7 @@ def test_the_gpu_function_gets_only_the_decoded_features_and_the_settings(source
 def test_the_knobs_say_what_they_do_and_the_secondary_ones_are_advanced(sources):
     import gradio as gr
 
-    demo = app_module.build_demo(DemoBackend(sources, device="cpu"))
+    demo = app_module.build_demo(DemoBackend(sources, device="cpu", output_size=SIZE))
     sliders = {block.label: block for block in demo.blocks.values() if isinstance(block, gr.Slider)}
     noise = sliders["Noise level (img2img strength)"].info
     assert "Xzc only" in noise and "1.0" in noise and "not from Xc's" in noise  # true at every value
@@ -342,7 +347,7 @@ def test_the_knobs_say_what_they_do_and_the_secondary_ones_are_advanced(sources)
 
 
 def test_the_showcase_is_the_best_median_and_worst_trial_computed_once(sources):
-    backend = DemoBackend(sources, device="cpu")
+    backend = DemoBackend(sources, device="cpu", output_size=SIZE)
     calls = []
 
     def gpu(z, c, sampling, keys):
@@ -369,7 +374,8 @@ def test_maps_without_rescaling_statistics_fall_back_to_as_fitted_with_a_line_sa
     stats = ("target_mean", "target_std", "prediction_mean", "prediction_std")
     save_file({k: v for k, v in tensors.items() if k.split(".")[-1] not in stats}, folder / "maps.safetensors",
               metadata={"format": "brainldm-subject-maps/2"})  # fmt: skip
-    backend = DemoBackend(Sources(str(tmp_path / "weights"), str(decoding_world.data), "tiny", [1]), device="cpu")
+    sources = Sources(str(tmp_path / "weights"), str(decoding_world.data), "tiny", [1])
+    backend = DemoBackend(sources, device="cpu", output_size=SIZE)
     sampling = Sampling(num_inference_steps=4)
     out = backend.reconstruct(1, 0, sampling, rescale="target")  # the app's default
     assert "fitted before brainldm stored the rescaling statistics" in out["note"]
@@ -385,7 +391,7 @@ def test_samples_beyond_the_limit_are_refused_before_any_work(decoding_world):
     from brainldm.presets import MAX_SAMPLES
     from brainldm.validation import InputError
 
-    backend = DemoBackend(Sources(None, str(decoding_world.data), "tiny", [1]), device="cpu")
+    backend = DemoBackend(Sources(None, str(decoding_world.data), "tiny", [1]), device="cpu", output_size=SIZE)
     backend.subject = lambda subject: pytest.fail("decoded before refusing")
     with pytest.raises(InputError, match=f"samples must be in 1..{MAX_SAMPLES} per image.*got 1000"):
         backend.reconstruct(1, 0, Sampling(num_samples=1000))

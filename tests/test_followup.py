@@ -236,7 +236,8 @@ def test_the_app_shows_the_caption_decoded_from_the_brain(followup_world, decodi
     from brainldm.ldm.captioner import captioner_for
 
     root, _ = followup_world
-    backend = DemoBackend(Sources(str(root / "maps"), str(decoding_world.data), "tiny", [1]), device="cpu")
+    sources = Sources(str(root / "maps"), str(decoding_world.data), "tiny", [1])
+    backend = DemoBackend(sources, device="cpu", output_size=64)
     out = backend.reconstruct(1, 2, FAST)
     state = backend.subject(1)
     expected = captions_from_embeddings(captioner_for(state.maps.config.targets["blip"]), state.decode(2)["blip"])

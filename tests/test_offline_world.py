@@ -58,28 +58,26 @@ def test_the_worlds_meaning_is_read_from_the_pictures_but_not_from_z_sized_blurs
 
 
 @pytest.fixture(scope="module")
-def toy_reconstructions(tmp_path_factory):
-    """A fresh-seed world decoded with toy at the default noise level; Xz, Xc and Xzc of its 24 test images (15 DDIM
-    steps, for speed), from the decoded z and c as fitted and rescaled (one factor per target)."""
+def toy_reconstructions(offline_demo):
+    """The offline demo's subject 1 (the default noise level) decoded with toy; Xz, Xc and Xzc of its 20 test images
+    (15 DDIM steps, for speed), from the decoded z and c as fitted and rescaled (one factor per target)."""
+    from pathlib import Path
+
     from brainldm.data.trials import load_trials
+    from brainldm.decoding.maps import SubjectMaps
     from brainldm.ldm.loading import load_ldm
     from brainldm.ldm.reconstruct import Reconstructor
-    from brainldm.offline.synthetic import OFFLINE_SNR
-    from brainldm.offline.world import build_offline_world
     from brainldm.presets import Sampling
 
     ldm = load_ldm("toy", device="cpu")
-    world = build_offline_world(
-        tmp_path_factory.mktemp("toy-world"), ldm, "toy", n_sessions=6, trials_per_session=60, n_shared=24,
-        snr=OFFLINE_SNR, seed=23,
-    )  # fmt: skip
-    test = load_trials(world.data, 1, "test")
+    maps = SubjectMaps.from_pretrained(Path(offline_demo.maps) / "subj01")
+    test = load_trials(offline_demo.data, 1, "test")
     pictures = np.stack([np.asarray(im.convert("RGB").resize((128, 128))) for im in test["image"]])
     betas = np.asarray(test.with_format("numpy")["betas"])
     recon = Reconstructor(ldm)
     out = {}
     for rescale in (None, "target"):
-        decoded = world.maps[1].predict(betas, rescale=rescale)
+        decoded = maps.predict(betas, rescale=rescale)
         result = recon(decoded["z"], decoded["c"], Sampling(num_inference_steps=15), keys=list(test["nsd_id"]))
         out[rescale] = {"Xz": result.Xz, "Xc": result.Xc[:, 0], "Xzc": result.Xzc[:, 0]}
     return pictures, out, ldm

@@ -1,6 +1,5 @@
 """Cortical flatmaps: the S1-shaped offline subject, its encoding maps where the paper found them, pycortex errors."""
 
-import subprocess
 import sys
 
 import numpy as np
@@ -14,30 +13,25 @@ pytest.importorskip("cortex", reason='flatmaps need pip install "brainldm[cortex
 
 
 @pytest.fixture(scope="module")
-def s1_world(tmp_path_factory):
-    """An S1-shaped subject at the offline noise level: trials (ROI and whole-brain) and toy z, c features."""
+def s1_world(offline_demo, tmp_path_factory):
+    """The offline demo's subject 1 (laid out on S1, at the offline noise level, toy's z and c extracted), with its
+    whole-brain trials prepared beside."""
+    from pathlib import Path
     from types import SimpleNamespace
 
-    from brainldm.data.features import parse_features
-    from brainldm.data.trials import SubjectStimuli, prepare_subject
-    from brainldm.ldm.extraction import extract_features
-    from brainldm.ldm.loading import load_ldm
-    from brainldm.offline.synthetic import write_nsd_tree
+    from brainldm.data.trials import prepare_subject
+    from brainldm.offline.synthetic import COCO_PATH, default_coco_root
 
-    root = tmp_path_factory.mktemp("s1")
-    ldm = load_ldm("toy", device="cpu")
-    tree = write_nsd_tree(root / "nsd", n_sessions=3, trials_per_session=60, n_shared=20, ldm=ldm, anatomy="S1")
-    prepare_subject(tree.root, 1, root / "trials", progress=False, coco_annotations=tree.coco_archive)
-    prepare_subject(tree.root, 1, root / "trials", whole_brain=True, progress=False, coco_annotations=tree.coco_archive)
-    stimuli = SubjectStimuli(root / "trials", 1)
-    extract_features(ldm, "toy", stimuli.nsd_ids, stimuli.__getitem__, parse_features("z,c"), root / "features",
-                     progress=False)  # fmt: skip
-    return SimpleNamespace(root=root, tree=tree)
+    world = Path(offline_demo.data).parent  # nsd/, trials/, features/ and weights/
+    nsd_root, trials = world / "nsd", tmp_path_factory.mktemp("s1") / "trials"
+    coco = default_coco_root(nsd_root) / COCO_PATH
+    prepare_subject(nsd_root, 1, trials, whole_brain=True, progress=False, coco_annotations=coco)
+    return SimpleNamespace(nsd=nsd_root, trials=trials, features=world / "features")
 
 
 def test_s1_layout_has_cortex_and_nsd_streams(s1_world):
-    streams = np.asarray(nsd.read_roi(s1_world.tree.root, 1, "streams").dataobj)
-    general = np.asarray(nsd.read_roi(s1_world.tree.root, 1, "nsdgeneral").dataobj)
+    streams = np.asarray(nsd.read_roi(s1_world.nsd, 1, "streams").dataobj)
+    general = np.asarray(nsd.read_roi(s1_world.nsd, 1, "nsdgeneral").dataobj)
     assert streams.shape == (100, 100, 31)  # S1's fullhead grid, in NIfTI (X, Y, Z) order
     counts = {name: int((streams == label).sum()) for label, name in nsd.STREAMS.items()}
     assert counts["unknown"] > 20_000  # the rest of cortex
@@ -49,19 +43,20 @@ def test_s1_layout_has_cortex_and_nsd_streams(s1_world):
 
 
 def test_encoding_flatmaps_put_z_in_early_and_c_in_ventral_cortex(s1_world, tmp_path):
+    import importlib.util
+
     import nibabel as nib
     from PIL import Image
 
-    root, out = s1_world.root, tmp_path / "encoding"
-    run = subprocess.run(
-        [sys.executable, "scripts/encoding.py", "--data", str(root / "trials"), "--features", str(root / "features"),
-         "--subject", "1", "--names", "z,c", "--components", "32", "--out", str(out), "--device", "cpu",
-         "--flatmaps", "--cortical-space", "S1/fullhead"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    out = tmp_path / "encoding"
+    spec = importlib.util.spec_from_file_location("encoding_script", "scripts/encoding.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # run in this process: a subprocess would import torch and the rest again (8 s)
+    script.main(["--data", str(s1_world.trials), "--features", str(s1_world.features), "--subject", "1", "--names",
+                 "z,c", "--components", "32", "--out", str(out), "--device", "cpu", "--flatmaps", "--cortical-space",
+                 "S1/fullhead"])  # fmt: skip
 
-    streams = np.asarray(nsd.read_roi(s1_world.tree.root, 1, "streams").dataobj)
+    streams = np.asarray(nsd.read_roi(s1_world.nsd, 1, "streams").dataobj)
     early, ventral = streams == nsd.STREAM_IDS["early"], streams == nsd.STREAM_IDS["ventral"]
     r = {name: np.asarray(nib.load(out / f"r_{name}.nii.gz").dataobj) for name in ("z", "c")}
     # r maps hold r where FDR-significant and 0 elsewhere: compare ROI means of the saved volumes

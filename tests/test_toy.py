@@ -5,8 +5,6 @@ the paper's pattern show end to end (z gives layout, c gives meaning, zc both). 
 import copy
 import json
 import re
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,11 +98,18 @@ def test_vae_round_trip_keeps_every_animals_coat(ldm, kind):
     assert np.corrcoef(out.ravel(), coat.ravel())[0, 1] >= (0.6 if kind == "sheep" else 0.7)
 
 
-def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, clip_features):
+@pytest.fixture(scope="module")
+def from_true_features(ldm, heldout):
+    """Xz, Xc and Xzc of the held-out pictures' own z and c."""
+    pictures, captions = heldout
+    return Reconstructor(ldm)(encode_z(ldm, list(pictures)), encode_c(ldm, captions), FAST)
+
+
+def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, clip_features, from_true_features):
     pictures, captions = heldout
     recon = Reconstructor(ldm)
     z, c = encode_z(ldm, list(pictures)), encode_c(ldm, captions)
-    guided = recon(z, c, FAST).Xc[:, 0]
+    guided = from_true_features.Xc[:, 0]
     truth = clip_features(pictures)
     shuffled = recon(z, torch.roll(c, 1, dims=0), FAST).Xc[:, 0]  # another picture's caption
     matched = two_way_identification(clip_features(guided), truth).mean()
@@ -112,10 +117,10 @@ def test_text_to_image_follows_the_captions_and_guidance_matters(ldm, heldout, c
     assert matched >= 0.65 and other < matched - 0.15  # the CPU-trained toy: 0.80 and 0.51 measured
 
 
-def test_true_features_give_the_papers_pattern(ldm, heldout, clip_features):
+def test_true_features_give_the_papers_pattern(heldout, clip_features, from_true_features):
     """From true z and c: Xz keeps the layout (pixels), Xc the meaning (toy-CLIP), Xzc both."""
-    pictures, captions = heldout
-    out = Reconstructor(ldm)(encode_z(ldm, list(pictures)), encode_c(ldm, captions), FAST)
+    pictures, _ = heldout
+    out = from_true_features
     xz, xc, xzc = out.Xz, out.Xc[:, 0], out.Xzc[:, 0]
 
     def pixels(images):
@@ -140,17 +145,15 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     args = ["--out", str(out), "--work", str(work), "--n-train", "48", "--eval-pairs", "4", "--clip-steps", "2",
             "--clip-batch", "8", "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4",
             "--eval-steps", "2"]  # fmt: skip
-    first = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy_ldm.py"), *args], capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
-    assert first.returncode == 0, first.stderr[-2000:]
+    # in this process: a subprocess would spend 8 s importing torch, diffusers and transformers again
+    spec = importlib.util.spec_from_file_location("train_toy_ldm", ROOT / "scripts" / "train_toy_ldm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(args)
     assert torch.load(work / "unet.pt", weights_only=True)["step"] == 3
     trained = load_ldm(str(out), device="cpu")
     assert ldm_sizes(trained) == (80, 128)
     assert (out / "README.md").is_file() and json.loads((out / "training.json").read_text())["scores"]
-    # the reruns run in this process (the subprocess above already showed the script runs as a script)
-    spec = importlib.util.spec_from_file_location("train_toy_ldm", ROOT / "scripts" / "train_toy_ldm.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     # a rerun resumes from the checkpoints: no phase trains again, so no checkpoint is rewritten
     stamps = {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")}
     assert set(stamps) == {"clip.pt", "vae.pt", "latents.pt", "unet.pt"}

@@ -48,33 +48,30 @@ def load_ldm(
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to fp16 on CUDA and fp32 on CPU.
     """
-    device = default_device(device)
-    dtype = dtype or default_dtype(device)
-    entry = registry.builder("ldm", model_id_or_dir)
-    if entry is not None:
-        pipe = entry.build()
-    else:
-        # The safety checker belongs to text-to-image serving, not to reconstruction research.
-        pipe = _from_pretrained(
-            StableDiffusionImg2ImgPipeline, model_id_or_dir, dtype, safety_checker=None, requires_safety_checker=False
-        )
-    return _placed(pipe, device, dtype)
+    # The safety checker belongs to text-to-image serving, not to reconstruction research.
+    return _load("ldm", StableDiffusionImg2ImgPipeline, model_id_or_dir, device, dtype, "--model",
+                 safety_checker=None, requires_safety_checker=False)  # fmt: skip
 
 
-def _from_pretrained(
-    pipeline_class, model_id_or_dir: str, dtype: torch.dtype, flag: str = "--model", kind: str = "ldm", **components
-):
-    """A diffusers pipeline from the Hub or a folder, with the paper's DDIM scheduler and no progress bar.
+def _load(kind: str, pipeline_class, model_id_or_dir: str, device, dtype, flag: str, **components):
+    """A pipeline of ``kind``, built by the registry or loaded from the Hub or a folder (with the paper's DDIM
+    scheduler and no progress bar), placed on ``device`` in ``dtype`` (defaults: :func:`default_device`,
+    :func:`default_dtype`).
 
     A model that cannot be loaded is bad input (a wrong id or folder, or offline without it cached): an
     :class:`InputError` that says so and names ``flag``, the script option that chose it."""
+    device = default_device(device)
+    dtype = dtype or default_dtype(device)
+    entry = registry.builder(kind, model_id_or_dir)
+    if entry is not None:
+        return _placed(entry.build(), device, dtype)
     try:
         pipe = pipeline_class.from_pretrained(model_id_or_dir, dtype=dtype, **components)
     except (OSError, ValueError) as err:
         raise InputError(_load_error(model_id_or_dir, err, flag, kind)) from err
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _placed(pipe, device, dtype)
 
 
 def _placed(pipe, device: torch.device, dtype: torch.dtype):
@@ -94,22 +91,8 @@ def load_depth_ldm(model_id_or_dir: str = DEPTH_MODEL, device=None, dtype=None):
     :mod:`brainldm.ldm.registry` (kind ``"depth_ldm"``). Device and dtype default as :func:`load_ldm`'s."""
     from diffusers import StableDiffusionDepth2ImgPipeline
 
-    device = default_device(device)
-    dtype = dtype or default_dtype(device)
-    entry = registry.builder("depth_ldm", model_id_or_dir)
-    if entry is not None:
-        pipe = entry.build()
-    else:
-        pipe = _from_pretrained(
-            StableDiffusionDepth2ImgPipeline,
-            model_id_or_dir,
-            dtype,
-            flag="--depth-ldm",
-            kind="depth_ldm",
-            depth_estimator=None,
-            feature_extractor=None,
-        )
-    return _placed(pipe, device, dtype)
+    return _load("depth_ldm", StableDiffusionDepth2ImgPipeline, model_id_or_dir, device, dtype, "--depth-ldm",
+                 depth_estimator=None, feature_extractor=None)  # fmt: skip
 
 
 def _load_error(model_id_or_dir: str, err: Exception, flag: str, kind: str) -> str:

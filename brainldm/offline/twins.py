@@ -14,8 +14,9 @@ its CLIP vision tower as the stand-in that scores its reconstructions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
@@ -26,11 +27,20 @@ from brainldm.ldm.captioner import BLIP_IMAGE_SIZE, TAKAGI_CAPTIONS, Captioner
 from brainldm.ldm.loading import load_ldm
 from brainldm.presets import TAKAGI2023
 
+T = TypeVar("T")
 TOY_DIR = Path(__file__).parents[1] / "models" / "toy"  # the trained offline LDM, made by scripts/train_toy_ldm.py
 TINY_LATENT_GAIN = 24.0
 # CLIP ViT-L/14's vision tower (openai/clip-vit-large-patch14), the metric's network
 CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=224, patch_size=14, projection_dim=768)  # fmt: skip
+
+
+def seeded(seed: int, build: Callable[[], T]) -> T:
+    """``build()`` with torch's global RNG seeded, and that RNG left as it was: building a model must not move the
+    caller's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def ddim_scheduler(snr_shift: float = 1.0) -> DDIMScheduler:
@@ -92,12 +102,11 @@ def _components(unet_config: dict, vae_config: dict, text_config: dict, seed: in
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # fork_rng: building a model must not move the caller's global RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**vae_config, scaling_factor=TAKAGI2023.vae_scaling_factor)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    unet, vae, text_encoder = seeded(seed, lambda: (
+        UNet2DConditionModel(**unet_config),
+        AutoencoderKL(**vae_config, scaling_factor=TAKAGI2023.vae_scaling_factor),
+        CLIPTextModel(CLIPTextConfig(**text_config)),
+    ))  # fmt: skip
     return dict(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -258,9 +267,7 @@ def tiny_captioner(seed: int = 0) -> Captioner:
         projection_dim=32,
         initializer_range=0.2,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = BlipForConditionalGeneration(config)
+    model = seeded(seed, lambda: BlipForConditionalGeneration(config))
     return Captioner(model.eval(), tokenizer, image_size=64)
 
 
@@ -279,9 +286,7 @@ def random_blip_captioner(seed: int = 0) -> Captioner:
         vocabulary[index] = token
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary)})
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = BlipForConditionalGeneration(config)
+    model = seeded(seed, lambda: BlipForConditionalGeneration(config))
     return Captioner(model.eval(), tokenizer, image_size=BLIP_IMAGE_SIZE)
 
 
@@ -296,10 +301,7 @@ def tiny_depth_model(seed: int = 0):
         patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
         head_in_index=-1, initializer_range=0.2,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = DPTForDepthEstimation(config)
-    return model.eval()
+    return seeded(seed, lambda: DPTForDepthEstimation(config)).eval()
 
 
 def random_dpt_large(seed: int = 0):
@@ -313,10 +315,7 @@ def random_dpt_large(seed: int = 0):
         patch_size=16, backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
         fusion_hidden_size=256, head_in_index=-1,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        model = DPTForDepthEstimation(config)
-    return model.eval()
+    return seeded(seed, lambda: DPTForDepthEstimation(config)).eval()
 
 
 def random_clip_l14(seed: int = 0):
@@ -324,9 +323,7 @@ def random_clip_l14(seed: int = 0):
     metric's network in a rehearsal."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    with torch.random.fork_rng(devices=[]):  # building a model must not move the caller's global RNG
-        torch.manual_seed(seed)
-        return CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION)).eval()
+    return seeded(seed, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION))).eval()
 
 
 def toy_ldm() -> StableDiffusionImg2ImgPipeline:
