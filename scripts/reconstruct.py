@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=cli.seed, default=TAKAGI2023.sampling.seed)
     parser.add_argument(
+        "--output-size", type=cli.positive, help="reconstructions' size in px (default: the model's own, 512 for SD)"
+    )
+    parser.add_argument(
         "--rescale",
         choices=list(RESCALE_MODES),
         default=TAKAGI2023.rescale,
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
         followup = FollowUp.for_maps(maps, args.captioner, args.depth_model, args.depth_ldm, device=state.device)
     folders = reconstruct_trials(
-        Reconstructor(ldm),
+        Reconstructor(ldm, args.output_size),
         maps,
         args.data,
         args.subject,

@@ -215,7 +215,7 @@ def test_reconstruct_and_evaluate_make_and_score_xzt_and_xztd(followup_world, de
     out = tmp_path / "recon"
     script("reconstruct").main(
         ["--maps", str(root / "maps"), "--data", str(decoding_world.data), "--subject", "1", "--trials", "0:3",
-         "--out", str(out), "--steps", "5", "--depth-ldm", "tiny"]
+         "--out", str(out), "--steps", "5", "--depth-ldm", "tiny", "--output-size", "64"]
     )  # fmt: skip
     trial = out / "subj01" / "test-00000"
     meta = json.loads((trial / "meta.json").read_text())

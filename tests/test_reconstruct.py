@@ -189,7 +189,7 @@ def test_two_processes_under_accelerate_cover_every_trial_exactly_once(decoding_
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
         "scripts/reconstruct.py", "--maps", str(tmp_path / "maps"), "--data", str(decoding_world.data),
-        "--subject", "1", "--trials", "0:7", "--steps", "2", "--out", str(tmp_path / "out"),
+        "--subject", "1", "--trials", "0:7", "--steps", "2", "--output-size", "64", "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

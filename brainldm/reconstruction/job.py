@@ -29,7 +29,7 @@ from brainldm.reconstruction.folders import (
 from brainldm.validation import InputError
 
 # what a trial's meta.json records of how it was made; a folder's finished trials must agree on all of it
-SETTINGS = (*(f.name for f in fields(Sampling)), "model_id", "rescale", "noise", "followup")
+SETTINGS = (*(f.name for f in fields(Sampling)), "model_id", "output_size", "rescale", "noise", "followup")
 
 
 def reconstruct_trials(
@@ -83,7 +83,8 @@ def reconstruct_trials(
     voxels = load_voxels(data, subject)
     maps.check_voxels(voxels)
     mine = rows[process_index::num_processes]
-    settings = {**asdict(sampling), "model_id": maps.model_id, "rescale": rescale, "noise": "per image"}
+    settings = {**asdict(sampling), "model_id": maps.model_id, "output_size": reconstructor.output_size,
+                "rescale": rescale, "noise": "per image"}  # fmt: skip
     if followup is not None:
         settings["followup"] = followup.ids
     todo = [r for r in mine if not is_done(trial_folder(out, subject, split, r))]
