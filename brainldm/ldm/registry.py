@@ -2,7 +2,7 @@
 
 Every loader (:func:`~brainldm.ldm.loading.load_ldm`, :func:`~brainldm.ldm.loading.load_depth_ldm`,
 :func:`~brainldm.ldm.captioner.load_captioner`, :func:`~brainldm.ldm.depth.load_depth_model`, and the CLIP that
-scores reconstructions, :func:`~brainldm.analysis.evaluate.clip_extractor`) asks here first: a registered name is
+scores reconstructions, :func:`~brainldm.analysis.extractors.clip_extractor`) asks here first: a registered name is
 built by its builder; any other name is a Hub id or a local folder, loaded from pretrained weights.
 
 The product registers nothing itself. Packages register their models under the entry-point group

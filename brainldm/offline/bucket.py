@@ -8,35 +8,20 @@ a fixed delay to every answer, to see how a client behaves at S3's round-trip ti
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import defaultdict
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from brainldm.offline.site import QuietHandler, send_file
+from brainldm.offline.site import LocalServer, QuietHandler, send_file
 
 
-class FolderS3:
+class FolderS3(LocalServer):
     """``with FolderS3(folder, bucket) as s3:`` serves ``folder`` as ``s3://bucket`` on ``s3.url``."""
 
     def __init__(self, folder: str | Path, bucket: str, latency_ms: float = 0.0):
         self.folder, self.bucket, self.latency = Path(folder), bucket, latency_ms / 1000
-        self.bytes_sent: dict[str, int] = defaultdict(int)
-        self.requests: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-
-    def __enter__(self) -> FolderS3:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
+        super().__init__(_handler(self))
 
     def count(self, key: str, n_bytes: int) -> None:
         with self._lock:

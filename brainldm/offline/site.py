@@ -16,27 +16,36 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 
-class FolderSite:
-    """``with FolderSite(folder) as site:`` serves ``folder`` on ``site.url`` (``site.url + "/a/b.zip"`` is
-    ``folder/a/b.zip``)."""
+class LocalServer:
+    """A threaded HTTP server on a free port of 127.0.0.1 (``url``), serving while in a ``with`` block, every request
+    answered by ``handler`` (a :class:`QuietHandler` subclass); ``bytes_sent`` and ``requests`` count by path, under
+    ``_lock``. The base of both offline servers."""
 
-    def __init__(self, folder: str | Path, ranges: bool = True):
-        self.folder, self.ranges = Path(folder), ranges
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
         self.bytes_sent: dict[str, int] = defaultdict(int)
         self.requests: dict[str, int] = defaultdict(int)
-        self.ranges_asked: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}"
 
-    def __enter__(self) -> FolderSite:
+    def __enter__(self):
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class FolderSite(LocalServer):
+    """``with FolderSite(folder) as site:`` serves ``folder`` on ``site.url`` (``site.url + "/a/b.zip"`` is
+    ``folder/a/b.zip``)."""
+
+    def __init__(self, folder: str | Path, ranges: bool = True):
+        self.folder, self.ranges = Path(folder), ranges
+        self.ranges_asked: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        super().__init__(_handler(self))
 
     def count(self, path: str, n_bytes: int, span: tuple[int, int] | None) -> None:
         with self._lock:
