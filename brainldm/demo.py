@@ -32,6 +32,7 @@ from brainldm.ldm.captioner import captioner_for, captions_from_embeddings
 from brainldm.ldm.loading import load_ldm
 from brainldm.ldm.reconstruct import Reconstruction, Reconstructor
 from brainldm.metrics import identification_rank, pixel_vectors
+from brainldm.offline import twins
 from brainldm.offline.synthetic import OFFLINE_SNR, OFFLINE_SPACE
 from brainldm.offline.world import build_offline_world
 from brainldm.paths import atomic_path, subject_name
@@ -105,6 +106,7 @@ def offline_sources(root: str | Path | None = None, subjects: tuple[int, ...] = 
     """
     from importlib.util import find_spec
 
+    twins.register()  # the offline models by name, also where brainldm is not installed (see DemoBackend)
     root = Path(root or tempfile.mkdtemp(prefix="brainldm-offline-"))
     anatomy = "S1" if find_spec("cortex") else "blob"
     world = build_offline_world(
@@ -205,6 +207,9 @@ class DemoBackend:
     """
 
     def __init__(self, sources: Sources, device: str | None = None, output_size: int | None = None):
+        # A Space runs app.py from its checkout, where no package metadata registers the offline models through the
+        # entry point: the app registers them itself, so "toy" and "tiny" load there too
+        twins.register()
         self.sources = sources
         self._subjects: dict[int, Subject] = {}
         self._lock = threading.Lock()

@@ -221,6 +221,17 @@ def test_a_visitor_sees_the_result_at_a_glance_in_a_real_browser(browser_server)
     assert (SCREENSHOTS / "app_offline.png").stat().st_size > 10_000
 
 
+def test_the_app_knows_the_offline_models_where_brainldm_is_not_installed(sources, monkeypatch):
+    from brainldm.ldm import registry
+
+    # a Space runs app.py from its checkout: no package metadata, so no entry point registers the offline models
+    monkeypatch.setattr(registry, "_REGISTRY", {kind: {} for kind in registry.KINDS})
+    monkeypatch.setattr(registry, "_loaded", True)
+    assert registry.builder("ldm", "tiny") is None
+    backend = DemoBackend(sources, device="cpu", output_size=SIZE)
+    assert backend.model_id == "tiny" and registry.builder("ldm", "toy") is not None
+
+
 def test_without_maps_or_data_the_app_builds_the_offline_world(offline_demo, tmp_path, monkeypatch):
     import brainldm.demo
 
