@@ -2,8 +2,8 @@
 
 brainldm's ground floor (presets, validation, ...) imports no wing; ``data`` imports only the ground; ``ldm`` and
 ``decoding`` stand side by side on ``data`` and never import each other; ``reconstruction`` (the test-set job) sits on
-both; ``analysis`` on all of them; ``offline``
-(the synthetic world, toy) imports the product and the product never imports it, except the app's ``demo`` on top.
+both; ``analysis`` on all of them; ``offline`` (the synthetic world, toy) imports the product and the product never
+imports it, nor names what it provides, except the app's ``demo`` on top.
 """
 
 import ast
