@@ -489,8 +489,8 @@ def write_coco_archive(
     path: Path, coco_ids: np.ndarray, coco_split: np.ndarray, captions: tuple[list[str], ...], rng
 ) -> None:
     """COCO's annotations archive as COCO lays it out: ``annotations/captions_<split>.json`` for both splits, and
-    ``annotations/instances_<split>.json`` (random boxes, about 5 times the captions' size, as COCO's instances files
-    are: 448 against 92 MB for train2017), which a reader of captions should never fetch."""
+    ``annotations/instances_<split>.json`` (random boxes, several times the captions' size), which a reader of captions
+    should never fetch."""
     annotation_id = int(rng.integers(1, 1000))
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -502,7 +502,7 @@ def write_coco_archive(
                     annotations.append({"image_id": int(coco_ids[i]), "id": annotation_id, "caption": caption})
                     annotation_id += 1
                 # 200 boxes drawn, as the world always drew them (so every other file of a seed stays the same), and
-                # the first 25 written: enough for COCO's proportion, at an eighth of the cost
+                # the first 25 written: still several times the captions, at an eighth of the cost
                 xy = rng.uniform(0, 425, size=(200, 4)).round(2)[:25].tolist()
                 categories = rng.integers(1, 91, size=200)[:25].tolist()
                 boxes += [{"image_id": int(coco_ids[i]), "bbox": b, "category_id": k} for b, k in zip(xy, categories)]

@@ -102,6 +102,12 @@ def _vae_loss(vae, x: torch.Tensor, config: ToyConfig, g: torch.Generator):
     return F.l1_loss(recon, x) + F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean(), posterior
 
 
+def _vae_batch(pictures, small, config: ToyConfig, phase: str, step: int, device):
+    """(the step's generator, its batch of crops on ``device``): the same for a phase's step whenever it runs."""
+    g = step_generator(config.seed, phase, step)
+    return g, _vae_crops(pictures, small, config, g, step).to(device)
+
+
 def train_vae(vae, pictures, stage: Stage) -> None:
     """Reconstruction training on random crops of the pictures at the output size and at z's size (5/8 of it),
     so the VAE serves both Xz (decoded from z at 5/8) and img2img (at the output size).
@@ -110,8 +116,7 @@ def train_vae(vae, pictures, stage: Stage) -> None:
     small = resize(pictures, config.image_size * 5 // 8)
     vae.train()
     for step in range(stage.start, config.vae_steps):
-        g = step_generator(config.seed, "vae", step)
-        x = _vae_crops(pictures, small, config, g, step).to(device)
+        g, x = _vae_batch(pictures, small, config, "vae", step, device)
         loss, _ = _vae_loss(vae, x, config, g)
         _descend(stage.optimizer, loss, lr_at(step, config.vae_steps, config.vae_lr), vae.parameters())
         stage.report(step, config.vae_steps, loss.item())
@@ -134,8 +139,7 @@ def train_vae_refine(vae, anchor, pictures, stage: Stage) -> None:
     small = resize(pictures, config.image_size * 5 // 8)
     vae.train()
     for step in range(stage.start, config.vae_refine_steps):
-        g = step_generator(config.seed, "vae_refine", step)
-        x = _vae_crops(pictures, small, config, g, step).to(device)
+        g, x = _vae_batch(pictures, small, config, "vae_refine", step, device)
         mirrored = (torch.rand(len(x), generator=g) < 0.5).to(device)[:, None, None, None]
         x = torch.where(mirrored, x.flip(-1), x)
         loss, posterior = _vae_loss(vae, x, config, g)
