@@ -324,7 +324,12 @@ def _script():
     return module
 
 
-def test_extract_features_script_with_two_processes_under_accelerate(nsd_tree, two_subjects, tmp_path, capsys):
+def test_two_processes_under_accelerate_share_extraction_and_reconstruction(
+    nsd_tree, two_subjects, decoding_world, tmp_path
+):
+    """`extract_features.py` and `reconstruct.py` under `accelerate launch` with two processes (one launch for both,
+    see tests/launch_scripts.py): the features equal one process's, and every trial is reconstructed exactly once."""
+    import json
     import socket
     import subprocess
     import sys
@@ -336,13 +341,21 @@ def test_extract_features_script_with_two_processes_under_accelerate(nsd_tree, t
         port = str(s.getsockname()[1])
     args = ["--data", str(two_subjects), "--subjects", "1,2", "--model", "tiny", "--features", "z,c"]
     args += ["--batch-size", "4"]
+    decoding_world.maps.save_pretrained(tmp_path / "maps")
+    reconstruct = [
+        "scripts/reconstruct.py", "--maps", str(tmp_path / "maps"), "--data", str(decoding_world.data),
+        "--subject", "1", "--trials", "0:7", "--steps", "2", "--output-size", "64", "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-        "scripts/extract_features.py", *args, "--out", str(tmp_path / "two"),
+        "tests/launch_scripts.py", "scripts/extract_features.py", *args, "--out", str(tmp_path / "two"), "--",
+        *reconstruct,
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+
+    # the features: the same store as one process writes
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun runs each process: the same float summation order
     try:
@@ -361,6 +374,14 @@ def test_extract_features_script_with_two_processes_under_accelerate(nsd_tree, t
     z = load_features(tmp_path / "two", "z", ids[:2])
     np.testing.assert_allclose(z, nsd_tree.features(ids[:2], "z"), atol=1e-4)
     assert load_features(tmp_path / "two", "c", ids).shape == (len(ids), 77, 32)
+
+    # the reconstructions: each trial by one process
+    subject = tmp_path / "out" / "subj01"
+    per_process = [[int(line) for line in (subject / f"done.process{k}.txt").read_text().split()] for k in range(2)]
+    assert all(per_process)  # both processes worked
+    assert sorted(per_process[0] + per_process[1]) == list(range(7))  # every trial exactly once
+    assert sorted(json.loads((f / "meta.json").read_text())["row"] for f in subject.glob("test-*")) == list(range(7))
+    assert (subject / "contact_sheet.png").exists()
 
 
 def test_a_second_subject_reuses_the_shared_pictures(two_subjects, tmp_path, capsys):

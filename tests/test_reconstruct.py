@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -176,29 +174,6 @@ def test_out_of_range_trials_and_maps_of_another_subject_are_refused(decoding_wo
         reconstruct_trials(
             reconstructor, decoding_world.maps, decoding_world.data, 2, tmp_path, rows=[0], sampling=FAST
         )
-
-
-def test_two_processes_under_accelerate_cover_every_trial_exactly_once(decoding_world, tmp_path):
-    import socket
-
-    decoding_world.maps.save_pretrained(tmp_path / "maps")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-        "scripts/reconstruct.py", "--maps", str(tmp_path / "maps"), "--data", str(decoding_world.data),
-        "--subject", "1", "--trials", "0:7", "--steps", "2", "--output-size", "64", "--out", str(tmp_path / "out"),
-    ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    subject = tmp_path / "out" / "subj01"
-    per_process = [[int(line) for line in (subject / f"done.process{k}.txt").read_text().split()] for k in range(2)]
-    assert all(per_process)  # both processes worked
-    assert sorted(per_process[0] + per_process[1]) == list(range(7))  # every trial exactly once
-    assert sorted(json.loads((f / "meta.json").read_text())["row"] for f in subject.glob("test-*")) == list(range(7))
-    assert (subject / "contact_sheet.png").exists()
 
 
 def test_each_image_gets_its_own_noise_by_its_key_whatever_its_batch(reconstructor, zc):

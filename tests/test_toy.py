@@ -5,6 +5,7 @@ the paper's pattern show end to end (z gives layout, c gives meaning, zc both). 
 import copy
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     import importlib.util
 
     out, work = tmp_path / "toy", tmp_path / "work"
-    args = ["--out", str(out), "--work", str(work), "--n-train", "48", "--eval-pairs", "4", "--clip-steps", "2",
+    args = ["--out", str(out), "--work", str(work), "--n-train", "16", "--eval-pairs", "2", "--clip-steps", "2",
             "--clip-batch", "8", "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4",
             "--eval-steps", "2"]  # fmt: skip
     # in this process: a subprocess would spend 8 s importing torch, diffusers and transformers again
@@ -154,11 +155,17 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     trained = load_ldm(str(out), device="cpu")
     assert ldm_sizes(trained) == (80, 128)
     assert (out / "README.md").is_file() and json.loads((out / "training.json").read_text())["scores"]
-    # a rerun resumes from the checkpoints: no phase trains again, so no checkpoint is rewritten
-    stamps = {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")}
-    assert set(stamps) == {"clip.pt", "vae.pt", "latents.pt", "unet.pt"}
+    # a rerun of a finished run does nothing: no checkpoint and no saved file is rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in [*work.glob("*.pt"), *out.iterdir()]}
+    assert {"clip.pt", "vae.pt", "latents.pt", "unet.pt"} <= set(stamps)
     script.main(args)
-    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")} == stamps
+    assert {p.name: p.stat().st_mtime_ns for p in [*work.glob("*.pt"), *out.iterdir()]} == stamps
+    assert "nothing to do" in capsys.readouterr().out
+    # without its saved model, it resumes from the checkpoints (no phase trains again) and saves the model again
+    shutil.rmtree(out)
+    script.main(args)
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")} == {k: v for k, v in stamps.items() if ".pt" in k}
+    assert ldm_sizes(load_ldm(str(out), device="cpu")) == (80, 128)
     # other settings into the same checkpoints are refused, not mixed
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:

@@ -127,7 +127,8 @@ def train_toy(
     ``vae_refine_steps``) -> encode latents -> U-Net (noise
     prediction, conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on
     held-out pairs (``eval_steps`` DDIM steps) -> model card. Seeded and resumable: a rerun continues where a killed
-    run stopped; a rerun with other settings into the same ``work`` is refused, naming them. A ``work`` seeded by
+    run stopped, and does nothing if it finished and ``out`` still holds its model; a rerun with other settings into
+    the same ``work`` is refused, naming them. A ``work`` seeded by
     :func:`seed_work_from_model` continues a saved toy's U-Net.
     """
     out, work = Path(out), Path(work)
@@ -159,6 +160,18 @@ def train_toy(
             "delete it or pass another --work to start again"
         )
     stamp.write_text(json.dumps(config_dict(config), indent=1))
+    finished = work / "finished.json"  # where the last run in ``work`` to finish saved its model, and its record
+    if finished.exists():
+        last = json.loads(finished.read_text())
+        record = out / "training.json"
+        if (
+            last["out"] == str(out.resolve())
+            and last["record"]["config"] == settings
+            and record.is_file()
+            and json.loads(record.read_text()) == last["record"]
+        ):
+            print(f"{out} already holds the model this run makes (finished in {work}): nothing to do")
+            return
     print(f"training toy on {device}; checkpoints in {work}")
 
     # 1. pictures and captions
@@ -265,22 +278,19 @@ def train_toy(
         print(f"  {k}: {v:.3f}")
     size_mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
     (tmp / "README.md").write_text(toy_card(config, scores, minutes, str(device), size_mb, history, init))
-    (tmp / "training.json").write_text(
-        json.dumps(
-            {
-                "config": config_dict(config),
-                "scores": scores,
-                "train_minutes": minutes,
-                "device": str(device),
-                "unet_continued_from": history,
-                "init": init,
-            },
-            indent=1,
-        )  # fmt: skip
-    )
+    record = {
+        "config": config_dict(config),
+        "scores": scores,
+        "train_minutes": minutes,
+        "device": str(device),
+        "unet_continued_from": history,
+        "init": init,
+    }
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
+    finished.write_text(json.dumps({"out": str(out.resolve()), "record": record}))
     print(f"wrote {out} ({size_mb:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
 
 
