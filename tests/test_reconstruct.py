@@ -47,6 +47,11 @@ def test_the_same_seed_gives_the_same_images_and_another_seed_does_not(reconstru
     np.testing.assert_array_equal(a.Xc, b.Xc)
     assert not np.array_equal(a.Xzc, c.Xzc)
     np.testing.assert_array_equal(a.Xz, c.Xz)  # Xz is a plain decode: no noise
+    # Xc or Xzc alone, when only one is wanted: the same images, the other left empty
+    xc_only, xzc_only = (reconstructor(*zc, fast(seed=3), **{f"include_{k}": False}) for k in ("xzc", "xc"))
+    np.testing.assert_array_equal(xc_only.Xc, a.Xc)
+    np.testing.assert_array_equal(xzc_only.Xzc, a.Xzc)
+    assert xc_only.Xzc.shape[0] == xzc_only.Xc.shape[0] == 0
 
 
 @pytest.mark.parametrize("strength, steps", [(0.8, 10), (0.3, 10), (1.0, 4)])

@@ -138,11 +138,13 @@ class Reconstructor:
         sampling: Sampling = TAKAGI2023.sampling,
         include_xc: bool = True,
         keys: Sequence[int] | None = None,
+        include_xzc: bool = True,
     ) -> Reconstruction:
         """Reconstruct n images from z (n, 4, h, w) and c (n, 77, hidden) with the ``sampling`` settings.
 
         Returns Xz once per image and ``sampling.num_samples`` of Xc and Xzc. ``include_xc=False`` skips Xc (a
-        full-length generation) when only Xzc is wanted; Xc is then returned empty. ``keys`` (n,): what tells the
+        full-length generation) when only Xzc is wanted, ``include_xzc=False`` Xzc when only Xc is; the one skipped is
+        returned empty. ``keys`` (n,): what tells the
         images apart (their ``nsd_id``), so that each gets its own noise (:func:`noise_seed`); without them every
         image's sample k starts from the same noise (seeded ``seed + k``).
         """
@@ -181,18 +183,21 @@ class Reconstructor:
             xc = np.zeros((0, self.output_size, self.output_size, 3), dtype=np.float32)
 
         # 3. Xzc: img2img from Xz, conditioned on c
-        xzc = self.in_batches(
-            len(seeds),
-            lambda items: (
-                self.img2img(image=xz_items[items], strength=sampling.strength, **conditioned_on_c(items)).images
-            ),
-        )
+        if include_xzc:
+            xzc = self.in_batches(
+                len(seeds),
+                lambda items: (
+                    self.img2img(image=xz_items[items], strength=sampling.strength, **conditioned_on_c(items)).images
+                ),
+            )
+        else:
+            xzc = np.zeros((0, self.output_size, self.output_size, 3), dtype=np.float32)
 
         size = self.output_size
         return Reconstruction(
             Xz=to_uint8((xz.float().permute(0, 2, 3, 1).cpu().numpy() + 1) / 2),
             Xc=to_uint8(xc).reshape(n if include_xc else 0, num_samples, size, size, 3),
-            Xzc=to_uint8(xzc).reshape(n, num_samples, size, size, 3),
+            Xzc=to_uint8(xzc).reshape(n if include_xzc else 0, num_samples, size, size, 3),
         )
 
 

@@ -103,7 +103,8 @@ def score_toy(
         scores[key] = float(np.mean([pixcorr(a, b) for a, b in zip(back, originals)]))
     c = encode_c(ldm, captions)
     z = encode_z(ldm, list(pictures), image_size=z_size)
-    generated = recon(z, c, Sampling(guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed)).Xc[:, 0]
+    sampling = Sampling(guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed)
+    generated = recon(z, c, sampling, include_xzc=False).Xc[:, 0]
     scores["t2i_steps"], scores["t2i_guidance"] = steps, guidance_scale
 
     extract = clip_extractor(image_encoder)
