@@ -144,9 +144,8 @@ class Reconstructor:
 
         Returns Xz once per image and ``sampling.num_samples`` of Xc and Xzc. ``include_xc=False`` skips Xc (a
         full-length generation) when only Xzc is wanted, ``include_xzc=False`` Xzc when only Xc is; the one skipped is
-        returned empty. ``keys`` (n,): what tells the
-        images apart (their ``nsd_id``), so that each gets its own noise (:func:`noise_seed`); without them every
-        image's sample k starts from the same noise (seeded ``seed + k``).
+        returned empty. ``keys`` (n,): what tells the images apart (their ``nsd_id``), so that each gets its own noise
+        (:func:`noise_seed`); without them every image's sample k starts from the same noise (seeded ``seed + k``).
         """
         z, c = torch.as_tensor(z), torch.as_tensor(c)
         self.check_inputs(z, c, sampling)
@@ -175,14 +174,17 @@ class Reconstructor:
                 output_type="np",
             )
 
+        size = self.output_size
+        skipped = np.zeros((0, size, size, 3), dtype=np.float32)
+
         # 2. Xc: text-to-image from c alone
+        xc = skipped
         if include_xc:
-            size = dict(height=self.output_size, width=self.output_size)
-            xc = self.in_batches(len(seeds), lambda items: self.txt2img(**size, **conditioned_on_c(items)).images)
-        else:
-            xc = np.zeros((0, self.output_size, self.output_size, 3), dtype=np.float32)
+            shape = dict(height=size, width=size)
+            xc = self.in_batches(len(seeds), lambda items: self.txt2img(**shape, **conditioned_on_c(items)).images)
 
         # 3. Xzc: img2img from Xz, conditioned on c
+        xzc = skipped
         if include_xzc:
             xzc = self.in_batches(
                 len(seeds),
@@ -190,14 +192,11 @@ class Reconstructor:
                     self.img2img(image=xz_items[items], strength=sampling.strength, **conditioned_on_c(items)).images
                 ),
             )
-        else:
-            xzc = np.zeros((0, self.output_size, self.output_size, 3), dtype=np.float32)
 
-        size = self.output_size
         return Reconstruction(
             Xz=to_uint8((xz.float().permute(0, 2, 3, 1).cpu().numpy() + 1) / 2),
-            Xc=to_uint8(xc).reshape(n if include_xc else 0, num_samples, size, size, 3),
-            Xzc=to_uint8(xzc).reshape(n if include_xzc else 0, num_samples, size, size, 3),
+            Xc=to_uint8(xc).reshape(-1, num_samples, size, size, 3),  # (n or 0 images, samples, ...)
+            Xzc=to_uint8(xzc).reshape(-1, num_samples, size, size, 3),
         )
 
 

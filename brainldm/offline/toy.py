@@ -129,8 +129,8 @@ def train_toy(
     prediction, conditioned on the frozen text tower, EMA) -> save in diffusers format (fp16 safetensors) -> score on
     held-out pairs (``eval_steps`` DDIM steps) -> model card. Seeded and resumable: a rerun continues where a killed
     run stopped, and does nothing if it finished and ``out`` still holds its model; a rerun with other settings into
-    the same ``work`` is refused, naming them. A ``work`` seeded by
-    :func:`seed_work_from_model` continues a saved toy's U-Net.
+    the same ``work`` is refused, naming them. A ``work`` seeded by :func:`seed_work_from_model` continues a saved
+    toy's U-Net.
     """
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
