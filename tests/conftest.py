@@ -1,6 +1,9 @@
 """Shared fixtures: the offline world (a synthetic NSD tree and tiny_ldm), built once per test session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests never reach the Hub: set before huggingface_hub is imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -9,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # PNG and gzip, gradio, imports), and two torch threads per worker would only contend (set before torch is imported)
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ["OMP_NUM_THREADS"] = "1"
+# Gradio's servers cache the files they send, and gradio_client downloads what it receives, into one folder,
+# /tmp/gradio unless GRADIO_TEMP_DIR says otherwise (both read it when imported). Each test process gets its own:
+# a CI run under `-n 2` once saw a gallery file's download cut off after its headers, and nothing of one worker's
+# files should be in the other's way (nor left in /tmp after the run).
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="brainldm-tests-gradio-")
+atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
