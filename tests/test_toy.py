@@ -155,16 +155,20 @@ def test_training_script_runs_a_few_steps_resumes_and_writes_a_loadable_model(tm
     trained = load_ldm(str(out), device="cpu")
     assert ldm_sizes(trained) == (80, 128)
     assert (out / "README.md").is_file() and json.loads((out / "training.json").read_text())["scores"]
+
     # a rerun of a finished run does nothing: no checkpoint and no saved file is rewritten
-    stamps = {p.name: p.stat().st_mtime_ns for p in [*work.glob("*.pt"), *out.iterdir()]}
-    assert {"clip.pt", "vae.pt", "latents.pt", "unet.pt"} <= set(stamps)
+    def stamps(folder, pattern="*"):
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob(pattern)}
+
+    checkpoints, saved = stamps(work, "*.pt"), stamps(out)
+    assert set(checkpoints) == {"clip.pt", "vae.pt", "latents.pt", "unet.pt"}
     script.main(args)
-    assert {p.name: p.stat().st_mtime_ns for p in [*work.glob("*.pt"), *out.iterdir()]} == stamps
+    assert stamps(work, "*.pt") == checkpoints and stamps(out) == saved
     assert "nothing to do" in capsys.readouterr().out
     # without its saved model, it resumes from the checkpoints (no phase trains again) and saves the model again
     shutil.rmtree(out)
     script.main(args)
-    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.pt")} == {k: v for k, v in stamps.items() if ".pt" in k}
+    assert stamps(work, "*.pt") == checkpoints
     assert ldm_sizes(load_ldm(str(out), device="cpu")) == (80, 128)
     # other settings into the same checkpoints are refused, not mixed
     capsys.readouterr()

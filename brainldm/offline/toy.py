@@ -66,6 +66,7 @@ from brainldm.offline.toy_training import (
     train_vae_refine,
 )
 from brainldm.offline.twins import ddim_scheduler
+from brainldm.paths import atomic_path
 from brainldm.presets import TAKAGI2023, Sampling
 from brainldm.torch_utils import default_device
 from brainldm.validation import InputError
@@ -160,7 +161,7 @@ def train_toy(
             f"{work} holds checkpoints of a run with other settings: {changed}; resume with the same settings, or "
             "delete it or pass another --work to start again"
         )
-    stamp.write_text(json.dumps(config_dict(config), indent=1))
+    stamp.write_text(json.dumps(settings, indent=1))
     finished = work / "finished.json"  # where the last run in ``work`` to finish saved its model, and its record
     if finished.exists():
         last = json.loads(finished.read_text())
@@ -291,7 +292,8 @@ def train_toy(
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
-    finished.write_text(json.dumps({"out": str(out.resolve()), "record": record}))
+    with atomic_path(finished) as tmp_finished:  # a half-written record would stop every later rerun
+        tmp_finished.write_text(json.dumps({"out": str(out.resolve()), "record": record}))
     print(f"wrote {out} ({size_mb:.1f} MB) in {(time.time() - t0) / 60:.1f} min")
 
 
